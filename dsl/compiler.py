@@ -1,0 +1,391 @@
+"""From a schema-valid YAML document to a `Machine`, checking what a schema cannot.
+
+The checks: one kind per step, unique step ids, known `call` names (when a registry is given),
+templates that compile and only read names in scope, `steps.X` references to earlier steps,
+durations, cron expressions and timezones. Every problem is collected; none stops the others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from datetime import datetime
+from typing import Any
+
+from schemas import workflow_schema
+
+from .cron import CronError, check_cron, check_timezone
+from .durations import DurationError, parse_duration
+from .errors import Problem, TemplateError
+from .loader import Path, Positions, field_name
+from .model import COMPLETED, FAILED, STEP_KINDS, Machine, QueueSpec, RetryPolicy, State, Trigger
+from .schema_check import closest
+from .templates import compile_expression, is_template, references, when_expression
+
+__all__ = ["compile_document"]
+
+_SCOPE = frozenset({"payload", "steps", "run", "trigger", "env"})
+_JINJA_GLOBALS = frozenset({"range", "dict", "lipsum", "cycler", "joiner", "namespace", "loop"})
+_DEFAULT_RETRY = RetryPolicy()
+_STEP_KEYS = frozenset(workflow_schema()["$defs"]["step"]["properties"])
+_TRIGGER_KEYS = frozenset(workflow_schema()["properties"]["trigger"]["properties"])
+
+
+class _Checker:
+    def __init__(self, data: dict[str, Any], positions: Positions, path: str) -> None:
+        self.data = data
+        self.positions = positions
+        self.path = path
+        self.problems: list[Problem] = []
+        self.env = tuple(v for v in _list(data.get("env")) if isinstance(v, str))
+        self.registered: Collection[str] | None = None
+
+    def problem(self, where: Path, message: str, key: bool = False) -> None:
+        line, col = self.positions.of_key(where) if key else self.positions.of_value(where)
+        self.problems.append(Problem(self.path, line, col, field_name(where), message))
+
+    def duration(self, where: Path, value: Any) -> float | None:
+        if value is None:
+            return None
+        try:
+            return parse_duration(value)
+        except DurationError as exc:
+            self.problem(where, str(exc))
+            return None
+
+    def template(
+        self, where: Path, value: Any, earlier: Collection[str], extra: Collection[str] = ()
+    ) -> None:
+        """Check every template string in `value`: syntax, names in scope, step references."""
+        if isinstance(value, dict):
+            for k, v in value.items():
+                self.template((*where, k), v, earlier, extra)
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                self.template((*where, i), v, earlier, extra)
+        elif isinstance(value, str) and is_template(value):
+            try:
+                compile_expression(value, field_name(where))
+            except TemplateError as exc:
+                self.problem(where, exc.message)
+                return
+            self.scope(where, value, earlier, extra)
+
+    def scope(
+        self, where: Path, text: str, earlier: Collection[str], extra: Collection[str]
+    ) -> None:
+        refs = references(text)
+        allowed = _SCOPE | set(extra)
+        for name in sorted(refs.names - allowed - _JINJA_GLOBALS):
+            self.problem(where, f"unknown name `{name}`{closest(name, allowed)}")
+        for step_id in sorted(refs.steps - set(earlier)):
+            if step_id in self.all_step_ids:
+                self.problem(where, f"`steps.{step_id}` runs later; only earlier steps can be read")
+            else:
+                self.problem(
+                    where, f"unknown step `steps.{step_id}`{closest(step_id, self.all_step_ids)}"
+                )
+        for name in sorted(refs.env - set(self.env)):
+            self.problem(where, f"`env.{name}` is not listed in `env:`; add it there to read it")
+
+    @property
+    def all_step_ids(self) -> list[str]:
+        return [
+            s["id"]
+            for section in ("steps", "on_failure")
+            for s in _list(self.data.get(section))
+            if isinstance(s, dict) and isinstance(s.get("id"), str)
+        ]
+
+    def retry(self, where: Path, value: Any, default: RetryPolicy) -> RetryPolicy:
+        if not isinstance(value, dict):
+            return default
+        min_delay = self.duration((*where, "min_delay"), value.get("min_delay"))
+        max_delay = self.duration((*where, "max_delay"), value.get("max_delay"))
+        policy = RetryPolicy(
+            max_attempts=_int(value.get("max_attempts"), default.max_attempts),
+            factor=float(_num(value.get("factor"), default.factor)),
+            min_delay=default.min_delay if min_delay is None else min_delay,
+            max_delay=default.max_delay if max_delay is None else max_delay,
+            jitter=bool(value.get("jitter", default.jitter)),
+            on=tuple(str(v) for v in _list(value.get("on"))) or default.on,
+        )
+        if policy.min_delay > policy.max_delay:
+            self.problem(where, "min_delay is longer than max_delay")
+        return policy
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _int(value: Any, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def _num(value: Any, default: float) -> float:
+    return value if isinstance(value, int | float) and not isinstance(value, bool) else default
+
+
+def compile_document(
+    data: Any,
+    positions: Positions,
+    path: str,
+    registered: Collection[str] | None = None,
+    build: bool = True,
+) -> tuple[Machine | None, list[Problem]]:
+    """Check the meaning of a document and compile it.
+
+    `registered`, when given, is the set of `@step` names; unknown `call` names are problems.
+    `build=False` only checks (the document broke the schema, so it cannot be compiled).
+    Returns the machine, or None and the problems.
+    """
+    if not isinstance(data, dict):
+        return None, []  # the schema check says it must be a mapping
+    c = _Checker(data, positions, path)
+    c.registered = registered
+    trigger = _trigger(c, data.get("trigger"))
+    workflow_retry = c.retry(("retry",), data.get("retry"), _DEFAULT_RETRY)
+    run_timeout = c.duration(("timeout",), data.get("timeout"))
+    queue = _queue(c, data.get("queue"), str(data.get("id", "")))
+    if isinstance(data.get("concurrency_key"), str):
+        c.template(("concurrency_key",), data["concurrency_key"], earlier=())
+
+    seen: dict[str, Path] = {}
+    main = _steps(c, "steps", data.get("steps"), workflow_retry, seen, earlier=[])
+    main_ids = [s.id for s in main]
+    handlers = _steps(c, "on_failure", data.get("on_failure"), workflow_retry, seen, main_ids)
+    output = data.get("output")
+    if "output" in data:
+        c.template(("output",), output, earlier=main_ids)
+    if c.problems or not build:
+        return None, c.problems
+
+    failure_start = handlers[0].id if handlers else None
+    states = _link(main, COMPLETED, failure_start or FAILED) + _link(handlers, FAILED, None)
+    machine = Machine(
+        workflow_id=data["id"],
+        version=data["version"],
+        name=str(data.get("name") or data["id"]),
+        description=str(data.get("description") or ""),
+        trigger=trigger or Trigger("manual"),
+        schema=data.get("schema"),
+        queue=queue,
+        concurrency_key=data.get("concurrency_key"),
+        priority=_int(data.get("priority"), 0),
+        timeout=run_timeout,
+        env=c.env,
+        start=states[0].id,
+        failure_start=failure_start,
+        states=tuple(states),
+        output=output,
+        output_is_default="output" not in data,
+        source_path=path,
+    )
+    return machine, []
+
+
+def _link(states: list[State], end: str, on_error: str | None) -> list[State]:
+    """Chain states in order; a handler's failure moves on to the next handler."""
+    out = []
+    for i, s in enumerate(states):
+        nxt = states[i + 1].id if i + 1 < len(states) else end
+        out.append(State(**{**s.__dict__, "next": nxt, "on_error": on_error or nxt}))
+    return out
+
+
+def _trigger(c: _Checker, value: Any) -> Trigger | None:
+    if not isinstance(value, dict):
+        return None
+    kinds = [k for k in ("event", "cron", "manual") if k in value]
+    if not kinds and any(k not in _TRIGGER_KEYS for k in value):
+        return None  # the schema reports the unknown key, with the closest valid one
+    if len(kinds) != 1:
+        found = ", ".join(f"`{k}`" for k in kinds) or "none"
+        c.problem(
+            ("trigger",), f"a trigger has exactly one of `event`, `cron`, `manual` (found {found})"
+        )
+        return None
+    kind = kinds[0]
+    if kind != "cron":
+        for extra in ("timezone", "missed", "overlap"):
+            if extra in value:
+                c.problem(
+                    ("trigger", extra), f"`{extra}` applies to a `cron` trigger only", key=True
+                )
+    tz = str(value.get("timezone", "UTC"))
+    if kind == "cron" and isinstance(value.get("cron"), str):
+        try:
+            check_cron(value["cron"])
+        except CronError as exc:
+            c.problem(("trigger", "cron"), str(exc))
+        try:
+            check_timezone(tz)
+        except CronError as exc:
+            c.problem(("trigger", "timezone"), str(exc))
+    return Trigger(
+        kind=kind,
+        event=value.get("event") if kind == "event" else None,
+        cron=value.get("cron") if kind == "cron" else None,
+        timezone=tz,
+        missed=str(value.get("missed", "once")),
+        overlap=str(value.get("overlap", "allow")),
+    )
+
+
+def _queue(c: _Checker, value: Any, workflow_id: str) -> QueueSpec:
+    if isinstance(value, str):
+        return QueueSpec(value)
+    if not isinstance(value, dict):
+        return QueueSpec(f"workflow:{workflow_id}")
+    rate: dict[str, Any] = value["rate_limit"] if isinstance(value.get("rate_limit"), dict) else {}
+    period = c.duration(("queue", "rate_limit", "period"), rate.get("period"))
+    if period == 0:
+        c.problem(("queue", "rate_limit", "period"), "the rate-limit period must be longer than 0")
+    return QueueSpec(
+        name=str(value.get("name", f"workflow:{workflow_id}")),
+        concurrency=value.get("concurrency") if isinstance(value.get("concurrency"), int) else None,
+        rate_limit=rate.get("limit") if isinstance(rate.get("limit"), int) else None,
+        rate_period=period,
+    )
+
+
+def _steps(
+    c: _Checker,
+    section: str,
+    value: Any,
+    default_retry: RetryPolicy,
+    seen: dict[str, Path],
+    earlier: list[str],
+) -> list[State]:
+    states: list[State] = []
+    visible = list(earlier)
+    for i, raw in enumerate(_list(value)):
+        where: Path = (section, i)
+        if not isinstance(raw, dict):
+            continue
+        step_id = raw.get("id")
+        if isinstance(step_id, str):
+            if step_id in seen:
+                first = c.positions.of_value((*seen[step_id], "id"))[0]
+                c.problem(
+                    (*where, "id"), f"duplicate step id `{step_id}` (first used on line {first})"
+                )
+            else:
+                seen[step_id] = where
+        state = _step(c, where, raw, default_retry, visible, handler=section == "on_failure")
+        if state is not None:
+            states.append(state)
+        if isinstance(step_id, str):
+            visible.append(step_id)
+    return states
+
+
+def _step(
+    c: _Checker,
+    where: Path,
+    raw: dict[str, Any],
+    default_retry: RetryPolicy,
+    earlier: list[str],
+    handler: bool,
+) -> State | None:
+    kinds = [k for k in STEP_KINDS if k in raw]
+    if "for_each" in kinds and "call" in kinds:
+        kinds.remove("call")
+    if len(kinds) != 1:
+        if kinds:
+            listed = ", ".join(f"`{k}`" for k in kinds)
+            c.problem(where, f"a step has exactly one kind; this one has {listed}")
+        elif all(k in _STEP_KEYS for k in raw):  # else the unknown key is the mistake
+            c.problem(
+                where, "a step needs a kind: one of " + ", ".join(f"`{k}`" for k in STEP_KINDS)
+            )
+        return None
+    kind = kinds[0]
+    step_id = raw["id"] if isinstance(raw.get("id"), str) else f"step{where[1]}"
+    timeout = c.duration((*where, "timeout"), raw.get("timeout"))
+    when = None
+    if "when" in raw and isinstance(raw["when"], str | bool):
+        try:
+            when = when_expression(raw["when"], field_name((*where, "when"))).expression
+        except TemplateError as exc:
+            c.problem((*where, "when"), exc.message)
+        else:
+            if isinstance(raw["when"], str):
+                c.scope((*where, "when"), when or "", earlier, ())
+    config: dict[str, Any] = {}
+    retry: RetryPolicy | None = None
+    if kind in ("call", "for_each", "wait_for_event", "wait_for_token", "run_workflow"):
+        retry = c.retry((*where, "retry"), raw.get("retry"), default_retry)
+        if kind != "call" and "retry" not in raw:
+            retry = RetryPolicy(max_attempts=1)  # a wait or child fails once unless told otherwise
+
+    function = raw.get("call")
+    if c.registered is not None and isinstance(function, str) and function not in c.registered:
+        c.problem(
+            (*where, "call"),
+            f"no step is registered as `{function}`{closest(function, c.registered)}",
+        )
+
+    def tmpl(key: str, extra: Collection[str] = ()) -> Any:
+        c.template((*where, key), raw.get(key), earlier, extra)
+        return raw.get(key)
+
+    if kind == "log":
+        config = {"message": tmpl("log"), "level": raw.get("level", "info")}
+    elif kind == "call":
+        config = {"function": raw["call"], "with": tmpl("with") or {}}
+    elif kind == "wait":
+        config = {"seconds": c.duration((*where, "wait"), raw["wait"])}
+    elif kind == "wait_until":
+        at = tmpl("wait_until")
+        if isinstance(at, str) and not is_template(at):
+            try:
+                datetime.fromisoformat(at.replace("Z", "+00:00"))
+            except ValueError:
+                c.problem((*where, "wait_until"), f"{at!r} is not an ISO-8601 timestamp")
+        config = {"at": at}
+    elif kind == "wait_for_event":
+        config = {"event": raw["wait_for_event"], "match": tmpl("match") or {}}
+    elif kind == "wait_for_token":
+        spec = raw.get("wait_for_token")
+        token_timeout = spec.get("timeout") if isinstance(spec, dict) else None
+        timeout = c.duration((*where, "wait_for_token", "timeout"), token_timeout)
+        config = {}
+    elif kind == "send_event":
+        config = {"event": raw["send_event"], "payload": tmpl("payload") or {}}
+    elif kind == "run_workflow":
+        config = {"workflow": raw["run_workflow"], "payload": tmpl("payload") or {}}
+    elif kind == "for_each":
+        name = raw.get("as", "item")
+        if name in _SCOPE:
+            c.problem((*where, "as"), f"`{name}` is already a name in templates; choose another")
+        if "call" not in raw:
+            c.problem(where, "a `for_each` step needs `call`: the function run for each element")
+        items = raw["for_each"]
+        if isinstance(items, str):
+            if not is_template(items):
+                c.problem(
+                    (*where, "for_each"),
+                    'must be a template giving a list, e.g. "{{ payload.urls }}"',
+                )
+            tmpl("for_each")
+        config = {
+            "items": items,
+            "as": name,
+            "function": raw.get("call"),
+            "with": raw.get("with") or {},
+            "concurrency": raw.get("concurrency", 1),
+        }
+        c.template((*where, "with"), raw.get("with"), earlier, (name,))
+    return State(
+        id=step_id,
+        kind=kind,
+        config=config,
+        next="",
+        on_error="",
+        when=when,
+        retry=retry,
+        timeout=timeout,
+        handler=handler,
+        line=c.positions.of_value(where)[0],
+    )

@@ -1,0 +1,86 @@
+"""Pure cron arithmetic: when does a schedule fire next, in its own timezone.
+
+Rules for daylight-saving changes (documented in the README):
+- A local time that does not exist (the skipped hour of a spring-forward day) fires at the
+  instant the clock jumps to, so `30 2 * * *` fires at 03:30 that day: no fire is lost.
+- A local time that happens twice (the repeated hour of a fall-back day) fires once, at its
+  first occurrence - unless the hour field is `*`: an hourly-or-faster schedule follows real
+  time and fires in both passes of the repeated hour, as its interval says.
+- Instants are de-duplicated, so nothing fires twice.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from croniter import croniter
+
+__all__ = ["CronError", "check_cron", "check_timezone", "next_fire_after", "next_fires"]
+
+
+class CronError(ValueError):
+    """A cron expression or timezone is not valid; the message says why."""
+
+
+def check_cron(expr: str) -> None:
+    fields = expr.split()
+    if len(fields) != 5:
+        raise CronError(
+            f"cron {expr!r} has {len(fields)} fields; write 5: minute hour day-of-month month day-of-week"
+        )
+    if not croniter.is_valid(expr):
+        raise CronError(f"cron {expr!r} is not a valid expression")
+
+
+def check_timezone(name: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise CronError(
+            f"unknown timezone {name!r}; use an IANA name like Europe/Paris or UTC"
+        ) from None
+
+
+def _instants(naive: datetime, tz: ZoneInfo, follow_real_time: bool) -> list[datetime]:
+    """The UTC instants at which the local wall-clock time `naive` fires."""
+    first = naive.replace(tzinfo=tz, fold=0)
+    second = naive.replace(tzinfo=tz, fold=1)
+    first_utc = first.astimezone(timezone.utc)
+    if first.utcoffset() == second.utcoffset():
+        return [first_utc]
+    if first_utc.astimezone(tz).replace(tzinfo=None) != naive:
+        return [first_utc]  # does not exist locally: fires when the clock jumps past it
+    second_utc = second.astimezone(timezone.utc)
+    return [first_utc, second_utc] if follow_real_time else [first_utc]
+
+
+def next_fire_after(expr: str, tz_name: str, after: datetime) -> datetime:
+    """The first fire strictly after `after` (an aware datetime), as an aware UTC datetime."""
+    if after.tzinfo is None:
+        raise ValueError("`after` must be timezone-aware")
+    tz = check_timezone(tz_name)
+    follow_real_time = expr.split()[1] in ("*", "*/1")
+    after_utc = after.astimezone(timezone.utc)
+    local = after_utc.astimezone(tz).replace(tzinfo=None)
+    # Start a few hours early: a repeated or skipped hour maps local times across offsets.
+    it = croniter(expr, local - timedelta(hours=3))
+    best: datetime | None = None
+    while True:
+        naive: datetime = it.get_next(datetime)
+        if best is not None and naive > best.astimezone(tz).replace(tzinfo=None) + timedelta(
+            hours=3
+        ):
+            return best
+        for instant in _instants(naive, tz, follow_real_time):
+            if instant > after_utc and (best is None or instant < best):
+                best = instant
+
+
+def next_fires(expr: str, tz_name: str, after: datetime, count: int) -> list[datetime]:
+    """The next `count` fires after `after`, in order."""
+    out: list[datetime] = []
+    for _ in range(count):
+        after = next_fire_after(expr, tz_name, after)
+        out.append(after)
+    return out

@@ -1,0 +1,379 @@
+"""`durable-yaml`: parse options, call the engine, render the result. Nothing else."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from dsl import DslError, Problem, State, WorkflowInvalid, check_paths, render_graph
+
+from .errors import EngineError
+from .models import Run, RunStatus
+from .service import Engine
+from .settings import resolve_settings
+from .transitions import Done, Failed, Outcome, Skipped, Suspended
+from .views import iso, log_view, run_detail, run_summary
+
+__all__ = ["main"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+EXIT_WAITING = 3
+
+
+def settings_options(fn: F) -> F:
+    """--db, -m/--module and --workflows on every command that touches the engine."""
+    fn = click.option("--workflows", "workflows", metavar="DIR", help="Workflows folder.")(fn)
+    fn = click.option(
+        "-m",
+        "--module",
+        "modules",
+        multiple=True,
+        metavar="MODULE",
+        help="Python module registering @step functions (repeatable).",
+    )(fn)
+    fn = click.option(
+        "--db", "db", metavar="URL", help="Database URL (default: SQLite in .durable-yaml/)."
+    )(fn)
+    return fn
+
+
+def _engine(db: str | None, modules: tuple[str, ...], workflows: str | None) -> Engine:
+    return Engine(resolve_settings(db=db, modules=modules, workflows=workflows))
+
+
+def _json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def _read_payload(payload: str | None, payload_file: str | None) -> Any:
+    if payload is not None and payload_file is not None:
+        raise click.UsageError("give --payload or --payload-file, not both")
+    source, text = "--payload", payload
+    if payload_file is not None:
+        source = payload_file
+        try:
+            text = Path(payload_file).read_text("utf-8")
+        except OSError as exc:
+            raise click.UsageError(f"cannot read {payload_file}: {exc.strerror}") from None
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.UsageError(
+            f"{source} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
+
+
+class LiveReporter:
+    """Shows each step as it goes: attempt, duration, outcome."""
+
+    def __init__(self) -> None:
+        self.width = 18
+
+    def step_started(self, run: Run, state: State, attempt: int) -> None:
+        pass
+
+    def step_ended(
+        self, run: Run, state: State, attempt: int, outcome: Outcome, seconds: float
+    ) -> None:
+        took = f"{seconds * 1000:.0f}ms" if seconds < 1 else f"{seconds:.1f}s"
+        name = state.id.ljust(self.width)
+        tries = f" (attempt {attempt})" if attempt > 1 else ""
+        if isinstance(outcome, Done):
+            shown = json.dumps(outcome.output, default=str)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            click.echo(
+                f"  {click.style('✓', fg='green')} {name} {state.kind}{tries} {took}  {shown}"
+            )
+        elif isinstance(outcome, Skipped):
+            click.echo(f"  {click.style('-', fg='yellow')} {name} skipped (when is false)")
+        elif isinstance(outcome, Failed):
+            retry = state.retry
+            more = (
+                " - will retry"
+                if outcome.retryable and retry and attempt < retry.max_attempts
+                else ""
+            )
+            click.echo(
+                f"  {click.style('✗', fg='red')} {name} {state.kind}{tries} {took}  "
+                f"{outcome.error_type}: {outcome.message}{more}"
+            )
+        elif isinstance(outcome, Suspended):
+            pass
+
+    def waiting(self, run: Run, state: State, until: float | None) -> None:
+        name = state.id.ljust(self.width)
+        if until is None:
+            click.echo(f"  {click.style('…', fg='cyan')} {name} waiting ({state.label})")
+        else:
+            left = max(0.0, until - time.time())
+            click.echo(
+                f"  {click.style('…', fg='cyan')} {name} waiting {left:.1f}s (until {iso(until)})"
+            )
+
+
+def _finish(engine: Engine, run: Run) -> None:
+    """Print how a foreground run ended and exit with SPEC's code."""
+    took = (run.finished_at or time.time()) - run.created_at
+    if run.status == RunStatus.COMPLETED:
+        click.echo(f"{click.style('completed', fg='green')} run {run.id} in {took:.1f}s")
+        click.echo(f"output: {json.dumps(run.output, default=str)}")
+        return
+    if run.status == RunStatus.WAITING:
+        click.echo(f"{click.style('waiting', fg='cyan')} run {run.id} at step {run.current_step}")
+        click.echo(
+            f"continue it with the event, token or child it waits for, then: durable-yaml resume {run.id}"
+        )
+        sys.exit(EXIT_WAITING)
+    colour = "red" if run.status == RunStatus.FAILED else "yellow"
+    click.echo(f"{click.style(run.status.value, fg=colour)} run {run.id}: {run.error}")
+    click.echo(
+        f"after fixing the cause: durable-yaml resume {run.id}  (or: durable-yaml runs replay {run.id})"
+    )
+    sys.exit(1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="durable-yaml")
+def cli() -> None:
+    """Durable workflows: YAML steps, Python functions, state that survives anything."""
+
+
+@cli.command()
+@click.argument("paths", nargs=-1)
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@click.option(
+    "-m",
+    "--module",
+    "modules",
+    multiple=True,
+    metavar="MODULE",
+    help="Also check `call` names against the steps these modules register.",
+)
+@click.option("--workflows", "workflows", metavar="DIR")
+def validate(
+    paths: tuple[str, ...], fmt: str, modules: tuple[str, ...], workflows: str | None
+) -> None:
+    """Check workflow files or folders (default: the workflows folder)."""
+    settings = resolve_settings(modules=modules, workflows=workflows)
+    targets = list(paths) or [settings.workflows]
+    for target in targets:
+        if not Path(target).exists():
+            raise click.UsageError(f"no such file or folder: {target}")
+    registered = None
+    if settings.modules:
+        engine = Engine(settings)
+        registered = engine.registered()
+    catalog = check_paths(targets, registered)
+    problems: list[Problem] = catalog.problems
+    if fmt == "json":
+        _json(
+            {
+                "files": catalog.files,
+                "valid": not problems,
+                "workflows": sorted(catalog.workflows),
+                "problems": [p.as_dict() for p in problems],
+            }
+        )
+    else:
+        for p in problems:
+            click.echo(str(p))
+        files = {p.path for p in problems}
+        summary = (
+            f"{catalog.files} file(s) checked, {len(files)} with problems ({len(problems)} in all)"
+        )
+        click.echo(summary if problems else f"{catalog.files} file(s) valid", err=bool(problems))
+    if problems:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("workflow")
+@click.option("--format", "fmt", type=click.Choice(["mermaid", "dot"]), default="mermaid")
+@settings_options
+def graph(
+    workflow: str, fmt: str, db: str | None, modules: tuple[str, ...], workflows: str | None
+) -> None:
+    """Draw the compiled state machine of WORKFLOW (a file or an id)."""
+    engine = Engine(resolve_settings(db=db, modules=(), workflows=workflows), import_steps=False)
+    click.echo(render_graph(engine.workflow(workflow), fmt), nl=False)
+
+
+@cli.command()
+@click.argument("workflow")
+@click.option("--payload", help="The payload as JSON.")
+@click.option("--payload-file", type=str, help="A file holding the payload as JSON.")
+@settings_options
+def run(
+    workflow: str,
+    payload: str | None,
+    payload_file: str | None,
+    db: str | None,
+    modules: tuple[str, ...],
+    workflows: str | None,
+) -> None:
+    """Run WORKFLOW (a file or an id) now, in this process, to the end."""
+    data = _read_payload(payload, payload_file)
+    engine = _engine(db, modules, workflows)
+    machine = engine.workflow(workflow)
+    click.echo(
+        f"run of {machine.workflow_id} v{machine.version} ({len(machine.main_states())} steps)"
+    )
+    result = engine.run(machine, data, LiveReporter())
+    _finish(engine, result)
+
+
+@cli.command()
+@click.argument("run_id")
+@settings_options
+def resume(run_id: str, db: str | None, modules: tuple[str, ...], workflows: str | None) -> None:
+    """Continue RUN_ID from its persisted state."""
+    engine = _engine(db, modules, workflows)
+    before = engine.store.get_run(run_id)
+    click.echo(
+        f"resuming run {run_id} of {before.workflow_id} v{before.version} at step {before.current_step}"
+    )
+    _finish(engine, engine.resume(run_id, LiveReporter()))
+
+
+@cli.group()
+def runs() -> None:
+    """Inspect and control runs."""
+
+
+@runs.command("list")
+@click.option("--status", type=click.Choice([s.value for s in RunStatus]))
+@click.option("--workflow", "workflow_id")
+@click.option("--limit", type=click.IntRange(1, 10000), default=20)
+@click.option("--json", "as_json", is_flag=True)
+@settings_options
+def runs_list(
+    status: str | None,
+    workflow_id: str | None,
+    limit: int,
+    as_json: bool,
+    db: str | None,
+    modules: tuple[str, ...],
+    workflows: str | None,
+) -> None:
+    """The newest runs first."""
+    engine = Engine(resolve_settings(db=db, workflows=workflows), import_steps=False)
+    found = engine.store.list_runs(RunStatus(status) if status else None, workflow_id, limit)
+    if as_json:
+        _json([run_summary(r) for r in found])
+        return
+    for r in found:
+        click.echo(
+            f"{r.id}  {r.status.value:<9}  {r.workflow_id} v{r.version}  {iso(r.created_at)}"
+            + (f"  {r.error}" if r.error else "")
+        )
+
+
+@runs.command("show")
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True)
+@settings_options
+def runs_show(
+    run_id: str, as_json: bool, db: str | None, modules: tuple[str, ...], workflows: str | None
+) -> None:
+    """One run with its steps and attempts."""
+    engine = Engine(resolve_settings(db=db, workflows=workflows), import_steps=False)
+    detail = run_detail(engine.store, engine.store.get_run(run_id))
+    if as_json:
+        _json(detail)
+        return
+    click.echo(f"run {detail['id']}  {detail['workflow']} v{detail['version']}  {detail['status']}")
+    click.echo(f"created {detail['created_at']}  finished {detail['finished_at'] or '-'}")
+    click.echo(f"payload: {json.dumps(detail['payload'], default=str)}")
+    for s in detail["steps"]:
+        click.echo(
+            f"  {s['id']:<18} {s['status']:<9} attempts={s['attempts']}"
+            + (f"  error: {s['error']}" if s["error"] else "")
+        )
+    if detail["error"]:
+        click.echo(f"error: {detail['error']}")
+    click.echo(f"output: {json.dumps(detail['output'], default=str)}")
+
+
+@runs.command("logs")
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True)
+@settings_options
+def runs_logs(
+    run_id: str, as_json: bool, db: str | None, modules: tuple[str, ...], workflows: str | None
+) -> None:
+    """The logs of a run."""
+    engine = Engine(resolve_settings(db=db, workflows=workflows), import_steps=False)
+    engine.store.get_run(run_id)
+    entries = [log_view(e) for e in engine.store.get_logs(run_id, limit=1_000_000)]
+    if as_json:
+        _json(entries)
+        return
+    for e in entries:
+        where = f"{e['step']}#{e['attempt']}" if e["step"] else "-"
+        extra = f"  {json.dumps(e['extra'])}" if e["extra"] else ""
+        click.echo(f"{e['time']}  {e['level']:<7} {where:<20} {e['message']}{extra}")
+
+
+@runs.command("cancel")
+@click.argument("run_id")
+@settings_options
+def runs_cancel(
+    run_id: str, db: str | None, modules: tuple[str, ...], workflows: str | None
+) -> None:
+    """Cancel a run (and its child runs) at its next step boundary."""
+    engine = Engine(resolve_settings(db=db, workflows=workflows), import_steps=False)
+    run_ = engine.store.request_cancel(run_id, time.time())
+    if run_.status == RunStatus.CANCELLED:
+        click.echo(f"cancelled run {run_id}")
+    elif run_.finished:
+        click.echo(f"run {run_id} had already ended: {run_.status.value}")
+    else:
+        click.echo(f"run {run_id} is executing; it stops at its next step boundary")
+
+
+@runs.command("replay")
+@click.argument("run_id")
+@settings_options
+def runs_replay(
+    run_id: str, db: str | None, modules: tuple[str, ...], workflows: str | None
+) -> None:
+    """Run again with the same payload, as a new run, in this process."""
+    engine = _engine(db, modules, workflows)
+    click.echo(f"replaying run {run_id}")
+    _finish(engine, engine.replay(run_id, LiveReporter()))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: map every error a user can cause to a message and an exit code."""
+    try:
+        cli.main(args=argv, prog_name="durable-yaml", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo(
+            "\ninterrupted; the run's state is kept: continue it with `durable-yaml resume RUN_ID`",
+            err=True,
+        )
+        sys.exit(130)
+    except WorkflowInvalid as exc:
+        for p in exc.problems:
+            click.echo(str(p), err=True)
+        sys.exit(1)
+    except (EngineError, DslError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(getattr(exc, "exit_code", 1))
+    sys.exit(0)

@@ -1,0 +1,202 @@
+"""Domain types the store speaks: frozen dataclasses and enums, never ORM rows."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "ACTIVE_STATUSES",
+    "Attempt",
+    "Lease",
+    "LogEntry",
+    "NewLog",
+    "NewRun",
+    "Run",
+    "RunStatus",
+    "StepRecord",
+    "StepState",
+    "StepStatus",
+    "Transition",
+    "TransitionResult",
+]
+
+
+class RunStatus(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    WAITING = "waiting"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+ACTIVE_STATUSES = (RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.WAITING)
+
+
+class StepStatus(str, enum.Enum):
+    RUNNING = "running"
+    WAITING = "waiting"  # a timer, an event, a token or a child run
+    RETRYING = "retrying"  # failed, the next attempt is due at wake_at
+    COMPLETED = "completed"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Who executes a run: a unique owner, its host and pid, and how long a lease lasts."""
+
+    owner: str
+    host: str
+    pid: int
+    seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class Run:
+    id: str
+    workflow_id: str
+    version: str
+    definition_hash: str
+    status: RunStatus
+    payload: Any
+    output: Any
+    error: str | None
+    current_step: str | None
+    current_attempt: int
+    step_running: bool
+    queue: str
+    concurrency_key: str | None
+    priority: int
+    trigger: dict[str, Any]
+    parent_run_id: str | None
+    parent_step: str | None
+    idempotency_key: str | None
+    cancel_requested: bool
+    lease_owner: str | None
+    lease_expires_at: float | None
+    next_at: float | None
+    active_seconds: float
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    updated_at: float
+
+    @property
+    def finished(self) -> bool:
+        return self.status not in ACTIVE_STATUSES
+
+
+@dataclass(frozen=True)
+class StepState:
+    """A step that has ended, or is waiting; the running step lives on the run row."""
+
+    run_id: str
+    step_key: str
+    status: StepStatus
+    attempts: int
+    output: Any
+    error: str | None
+    started_at: float | None
+    finished_at: float | None
+    wake_at: float | None
+    wait: dict[str, Any] | None
+    resume_data: Any
+
+
+@dataclass(frozen=True)
+class Attempt:
+    run_id: str
+    step_key: str
+    attempt: int
+    status: str  # completed | failed | crashed | timed_out
+    started_at: float | None
+    finished_at: float | None
+    error_type: str | None
+    error_message: str | None
+    traceback: str | None
+
+
+@dataclass(frozen=True)
+class NewLog:
+    level: str
+    message: str
+    step_key: str | None = None
+    attempt: int | None = None
+    extra: dict[str, Any] | None = None
+    created_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    id: int
+    run_id: str
+    step_key: str | None
+    attempt: int | None
+    level: str
+    message: str
+    extra: dict[str, Any] | None
+    created_at: float
+
+
+@dataclass(frozen=True)
+class NewRun:
+    id: str
+    workflow_id: str
+    version: str
+    definition_hash: str
+    payload: Any
+    first_step: str
+    queue: str
+    concurrency_key: str | None = None
+    priority: int = 0
+    trigger: dict[str, Any] = field(default_factory=dict)
+    parent_run_id: str | None = None
+    parent_step: str | None = None
+    idempotency_key: str | None = None
+    available_at: float | None = None  # a delayed run is not claimable before this
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """The end (or the suspension) of one attempt of a step, written with its transition."""
+
+    step_key: str
+    status: StepStatus
+    attempt: int
+    started_at: float | None
+    output: Any = None
+    error: str | None = None
+    error_type: str | None = None
+    traceback: str | None = None
+    attempt_status: str | None = None  # written to `attempts` when set (failures, timeouts)
+    wake_at: float | None = None
+    wait: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Transition:
+    """Everything one step changes, committed in one transaction with the lease checked.
+
+    `record` ends or suspends a step; `begin` starts attempt `begin_attempt` of the next step
+    (the run row remembers it, so a crash during it is seen by whoever claims the run next).
+    """
+
+    status: RunStatus
+    record: StepRecord | None = None
+    current_step: str | None = None
+    begin_attempt: int = 0  # 0: no step is executing after this transition
+    next_at: float | None = None
+    release: bool = False  # give up the lease (a worker lets a waiting run go)
+    output: Any = None
+    error: str | None = None
+    active_seconds: float = 0.0
+    logs: tuple[NewLog, ...] = ()
+
+
+@dataclass(frozen=True)
+class TransitionResult:
+    cancel_requested: bool

@@ -1,0 +1,219 @@
+"""`@step`: registering Python functions that workflows `call`, and calling them."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from .errors import ConfigError, UnknownStep
+from .models import NewLog
+
+__all__ = [
+    "RegisteredStep",
+    "StepContext",
+    "StepLogger",
+    "get_step",
+    "import_modules",
+    "registered_names",
+    "step",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+_REGISTRY: dict[str, RegisteredStep] = {}
+_LEVELS = {
+    logging.DEBUG: "debug",
+    logging.INFO: "info",
+    logging.WARNING: "warning",
+    logging.ERROR: "error",
+    logging.CRITICAL: "error",
+}
+
+
+class StepLogger:
+    """A logger whose records are persisted with the run (with step and attempt)."""
+
+    def __init__(
+        self,
+        step_key: str | None = None,
+        attempt: int | None = None,
+        _shared: tuple[threading.Lock, list[NewLog]] | None = None,
+    ) -> None:
+        self.step_key = step_key
+        self.attempt = attempt
+        self._lock, self._buffer = _shared or (threading.Lock(), [])
+
+    def bind(self, step_key: str, attempt: int) -> StepLogger:
+        """A logger for one attempt that writes into this logger's buffer."""
+        return StepLogger(step_key, attempt, (self._lock, self._buffer))
+
+    def log(
+        self,
+        level: int | str,
+        message: str,
+        *args: Any,
+        extra: dict[str, Any] | None = None,
+        **_: Any,
+    ) -> None:
+        name = level if isinstance(level, str) else _LEVELS.get(level, "info")
+        text = message % args if args else str(message)
+        entry = NewLog(name, text, self.step_key, self.attempt, _jsonable(extra), time.time())
+        with self._lock:
+            self._buffer.append(entry)
+
+    def debug(self, message: str, *args: Any, **kw: Any) -> None:
+        self.log("debug", message, *args, **kw)
+
+    def info(self, message: str, *args: Any, **kw: Any) -> None:
+        self.log("info", message, *args, **kw)
+
+    def warning(self, message: str, *args: Any, **kw: Any) -> None:
+        self.log("warning", message, *args, **kw)
+
+    def error(self, message: str, *args: Any, **kw: Any) -> None:
+        self.log("error", message, *args, **kw)
+
+    exception = error
+
+    def drain(self) -> list[NewLog]:
+        with self._lock:
+            out = list(self._buffer)
+            self._buffer.clear()
+        return out
+
+
+def _jsonable(extra: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not extra:
+        return None
+    return {
+        k: v if isinstance(v, str | int | float | bool | type(None)) else repr(v)
+        for k, v in extra.items()
+    }
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What a step may know about its execution (pass a parameter named `ctx` to get it)."""
+
+    run_id: str
+    step_id: str
+    attempt: int
+    idempotency_key: str
+    logger: StepLogger = field(repr=False)
+
+
+class StepTimeout(TimeoutError):
+    pass
+
+
+@dataclass(frozen=True)
+class RegisteredStep:
+    name: str
+    fn: Callable[..., Any]
+    ctx_param: str | None
+    is_async: bool
+    module: str
+
+    def check_arguments(self, kwargs: dict[str, Any]) -> str | None:
+        """A message if `kwargs` cannot be passed to the function, else None."""
+        params = dict(kwargs)
+        if self.ctx_param:
+            params[self.ctx_param] = None
+        try:
+            inspect.signature(self.fn).bind(**params)
+        except TypeError as exc:
+            return f"{self.name}: {exc}"
+        return None
+
+    def invoke(self, kwargs: dict[str, Any], ctx: StepContext, timeout: float | None) -> Any:
+        """Call the function; TimeoutError after `timeout` seconds (a late result is dropped)."""
+        if self.ctx_param:
+            kwargs = {**kwargs, self.ctx_param: ctx}
+        if self.is_async:
+
+            async def bounded() -> Any:
+                return await asyncio.wait_for(self.fn(**kwargs), timeout)
+
+            try:
+                return asyncio.run(bounded())
+            except asyncio.TimeoutError:
+                raise StepTimeout(f"step timed out after {timeout:g}s") from None
+        if timeout is None:
+            return self.fn(**kwargs)
+        box: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                box["value"] = self.fn(**kwargs)
+            except BaseException as exc:  # re-raised in the caller's thread
+                box["error"] = exc
+
+        worker = threading.Thread(target=target, name=f"step:{self.name}", daemon=True)
+        worker.start()
+        worker.join(timeout)
+        if worker.is_alive():
+            raise StepTimeout(f"step timed out after {timeout:g}s")
+        if "error" in box:
+            raise box["error"]
+        return box.get("value")
+
+
+def step(name: str) -> Callable[[F], F]:
+    """Register `fn` under `name`, the value workflows give to `call:`."""
+
+    def register(fn: F) -> F:
+        existing = _REGISTRY.get(name)
+        if existing is not None and existing.fn.__qualname__ != fn.__qualname__:
+            raise ConfigError(
+                f"step `{name}` is registered twice: {existing.module}.{existing.fn.__qualname__} "
+                f"and {fn.__module__}.{fn.__qualname__}"
+            )
+        ctx_param = None
+        for param in inspect.signature(fn).parameters.values():
+            if param.name == "ctx" or param.annotation in (StepContext, "StepContext"):
+                ctx_param = param.name
+        _REGISTRY[name] = RegisteredStep(
+            name, fn, ctx_param, inspect.iscoroutinefunction(fn), fn.__module__
+        )
+        return fn
+
+    return register
+
+
+def registered_names() -> set[str]:
+    return set(_REGISTRY)
+
+
+def get_step(name: str) -> RegisteredStep:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        from dsl.schema_check import closest
+
+        raise UnknownStep(
+            name, closest(name, _REGISTRY) or "; pass the module that registers it with -m/--module"
+        ) from None
+
+
+def import_modules(modules: Iterable[str], cwd: str = ".") -> None:
+    """Import step modules with the current folder on sys.path; ConfigError on failure."""
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            raise ConfigError(f"cannot import step module `{module}`: {exc}") from None
+        except ConfigError:
+            raise
+        except Exception as exc:
+            raise ConfigError(
+                f"step module `{module}` failed while importing: {type(exc).__name__}: {exc}"
+            ) from None

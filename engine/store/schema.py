@@ -1,0 +1,219 @@
+"""The database schema: SQLAlchemy Core tables shared by SQLite and PostgreSQL.
+
+Times are seconds since the epoch (UTC) in double-precision columns: the same on every
+backend, cheap to compare, and free of timezone ambiguity.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+__all__ = ["SCHEMA_VERSION", "metadata"]
+
+SCHEMA_VERSION = 1
+Json = JSON().with_variant(JSONB(), "postgresql")
+metadata = MetaData()
+
+meta = Table(
+    "dy_meta",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+definitions = Table(
+    "dy_definitions",
+    metadata,
+    Column("hash", String(64), primary_key=True),
+    Column("workflow_id", String(200), nullable=False),
+    Column("version", String(100), nullable=False),
+    Column("machine", Json, nullable=False),
+    Column("source_path", Text, nullable=False, server_default=""),
+    Column("created_at", Float, nullable=False),
+)
+
+runs = Table(
+    "dy_runs",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("workflow_id", String(200), nullable=False),
+    Column("version", String(100), nullable=False),
+    Column("definition_hash", String(64), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("payload", Json),
+    Column("output", Json),
+    Column("error", Text),
+    Column("current_step", String(200)),
+    Column("current_attempt", Integer, nullable=False, server_default="0"),
+    Column("step_running", Boolean, nullable=False, server_default=text("false")),
+    Column("step_started_at", Float),
+    Column("queue", String(200), nullable=False),
+    Column("concurrency_key", String(500)),
+    Column("priority", Integer, nullable=False, server_default="0"),
+    Column("trigger", Json),
+    Column("parent_run_id", String(40)),
+    Column("parent_step", String(200)),
+    Column("idempotency_key", String(500)),
+    Column("cancel_requested", Boolean, nullable=False, server_default=text("false")),
+    Column("lease_owner", String(100)),
+    Column("lease_host", String(255)),
+    Column("lease_pid", Integer),
+    Column("lease_expires_at", Float),
+    # When the run next needs attention: queued -> available, waiting -> wake/timeout,
+    # leased -> lease expiry. NULL: nothing to do until something external happens.
+    Column("next_at", Float),
+    Column("active_seconds", Float, nullable=False, server_default="0"),
+    Column("created_at", Float, nullable=False),
+    Column("started_at", Float),
+    Column("finished_at", Float),
+    Column("updated_at", Float, nullable=False),
+)
+Index(
+    "dy_runs_claim",
+    runs.c.queue,
+    runs.c.priority,
+    runs.c.next_at,
+    postgresql_where=runs.c.next_at.isnot(None),
+    sqlite_where=runs.c.next_at.isnot(None),
+)
+Index(
+    "dy_runs_next",
+    runs.c.next_at,
+    postgresql_where=runs.c.next_at.isnot(None),
+    sqlite_where=runs.c.next_at.isnot(None),
+)
+Index("dy_runs_created", runs.c.created_at, runs.c.id)
+Index("dy_runs_status", runs.c.status, runs.c.created_at)
+Index("dy_runs_workflow", runs.c.workflow_id, runs.c.created_at)
+Index("dy_runs_parent", runs.c.parent_run_id)
+Index("dy_runs_queue_status", runs.c.queue, runs.c.status)
+
+steps = Table(
+    "dy_steps",
+    metadata,
+    Column("run_id", String(40), primary_key=True),
+    Column("step_key", String(220), primary_key=True),
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("output", Json),
+    Column("error", Text),
+    Column("started_at", Float),
+    Column("finished_at", Float),
+    Column("wake_at", Float),
+    Column("wait", Json),
+    Column("resume_data", Json),
+    Column("wait_event", String(200)),
+)
+Index(
+    "dy_steps_wait_event",
+    steps.c.wait_event,
+    postgresql_where=steps.c.wait_event.isnot(None),
+    sqlite_where=steps.c.wait_event.isnot(None),
+)
+
+attempts = Table(
+    "dy_attempts",
+    metadata,
+    Column("run_id", String(40), primary_key=True),
+    Column("step_key", String(220), primary_key=True),
+    Column("attempt", Integer, primary_key=True),
+    Column("status", String(16), nullable=False),
+    Column("started_at", Float),
+    Column("finished_at", Float),
+    Column("error_type", String(200)),
+    Column("error_message", Text),
+    Column("traceback", Text),
+)
+
+logs = Table(
+    "dy_logs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", String(40), nullable=False),
+    Column("step_key", String(220)),
+    Column("attempt", Integer),
+    Column("level", String(16), nullable=False),
+    Column("message", Text, nullable=False),
+    Column("extra", Json),
+    Column("created_at", Float, nullable=False),
+)
+Index("dy_logs_run", logs.c.run_id, logs.c.id)
+
+events = Table(
+    "dy_events",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("payload", Json),
+    Column("idempotency_key", String(500)),
+    Column("source_run_id", String(40)),
+    Column("source_step", String(220)),
+    Column("created_at", Float, nullable=False),
+)
+Index("dy_events_name", events.c.name, events.c.created_at)
+# send_event is exactly once per run step: the database refuses a second one.
+Index("dy_events_source", events.c.source_run_id, events.c.source_step, unique=True)
+
+tokens = Table(
+    "dy_tokens",
+    metadata,
+    Column("token", String(64), primary_key=True),
+    Column("run_id", String(40), nullable=False),
+    Column("step_key", String(220), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("completed_at", Float),
+    Column("data", Json),
+)
+
+idempotency_keys = Table(
+    "dy_idempotency_keys",
+    metadata,
+    Column("key", String(500), primary_key=True),
+    Column("run_ids", Json, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+)
+
+cron_fires = Table(
+    "dy_cron_fires",
+    metadata,
+    Column("workflow_id", String(200), primary_key=True),
+    Column("fire_at", Float, primary_key=True),  # one run per scheduled instant
+    Column("run_id", String(40)),
+    Column("created_at", Float, nullable=False),
+)
+
+queues = Table(
+    "dy_queues",
+    metadata,
+    Column("name", String(200), primary_key=True),
+    Column("concurrency", Integer),
+    Column("rate_limit", Integer),
+    Column("rate_period", Float),
+    Column("updated_at", Float, nullable=False),
+)
+
+workers = Table(
+    "dy_workers",
+    metadata,
+    Column("id", String(100), primary_key=True),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("queues", Json),
+    Column("concurrency", Integer, nullable=False),
+    Column("started_at", Float, nullable=False),
+    Column("heartbeat_at", Float, nullable=False),
+)

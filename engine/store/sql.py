@@ -1,0 +1,695 @@
+"""The store on SQLAlchemy Core: one query implementation for SQLite and PostgreSQL.
+
+Dialect hooks are kept to what really differs: SQLite takes its write lock at BEGIN
+(`BEGIN IMMEDIATE`, so concurrent claims serialise instead of deadlocking), PostgreSQL locks
+rows with `FOR UPDATE` (and `SKIP LOCKED` when claiming from a queue); upserts use each
+dialect's `ON CONFLICT`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy import and_, event, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine, make_url
+
+from ..errors import DatabaseError, LeaseLost, NotFound, RunBusy
+from ..models import (
+    ACTIVE_STATUSES,
+    Attempt,
+    Lease,
+    LogEntry,
+    NewLog,
+    NewRun,
+    Run,
+    RunStatus,
+    StepState,
+    StepStatus,
+    Transition,
+    TransitionResult,
+)
+from . import schema as t
+
+__all__ = ["SqlStore", "normalise_url"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+_ACTIVE = [s.value for s in ACTIVE_STATUSES]
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {}  # version -> upgrade from version-1
+
+
+def normalise_url(url: str) -> str:
+    """Accept postgres:// and postgresql:// (psycopg 3 is the driver) and plain sqlite paths."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def _translate(fn: Callable[P, R]) -> Callable[P, R]:
+    """Turn driver errors into DatabaseError with the (password-free) URL."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except sa.exc.SQLAlchemyError as exc:
+            store = args[0]
+            url = make_url(store.url).render_as_string(hide_password=True)  # type: ignore[attr-defined]
+            detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+            raise DatabaseError(f"database {url}: {detail}") from exc
+
+    return wrapper
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class SqlStore:
+    def __init__(self, url: str) -> None:
+        self.url = normalise_url(url)
+        parsed = make_url(self.url)
+        self.dialect = parsed.get_backend_name()
+        if self.dialect == "sqlite":
+            database = parsed.database or ""
+            if database and database != ":memory:" and not database.startswith("file:"):
+                Path(database).parent.mkdir(parents=True, exist_ok=True)
+            self.engine: Engine = sa.create_engine(
+                self.url, connect_args={"timeout": 60, "check_same_thread": False}
+            )
+            event.listen(self.engine, "connect", _sqlite_connect)
+            event.listen(self.engine, "begin", _sqlite_begin)
+        elif self.dialect == "postgresql":
+            self.engine = sa.create_engine(
+                self.url, pool_size=10, max_overflow=20, pool_pre_ping=True
+            )
+        else:
+            raise DatabaseError(
+                f"unsupported database {parsed.drivername!r}; use sqlite:/// or postgresql://"
+            )
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # schema -------------------------------------------------------------------------------
+    @_translate
+    def migrate(self) -> None:
+        with self.engine.begin() as c:
+            if self.dialect == "postgresql":
+                c.execute(sa.text("SELECT pg_advisory_xact_lock(7218391)"))
+            insp = sa.inspect(c)
+            if not insp.has_table(t.meta.name):
+                t.metadata.create_all(c)
+                c.execute(insert(t.meta).values(key="schema_version", value=str(t.SCHEMA_VERSION)))
+                return
+            found = int(
+                c.execute(
+                    select(t.meta.c.value).where(t.meta.c.key == "schema_version")
+                ).scalar_one()
+            )
+            if found > t.SCHEMA_VERSION:
+                raise DatabaseError(
+                    f"the database schema is version {found}, newer than this durable-yaml "
+                    f"(version {t.SCHEMA_VERSION}); upgrade durable-yaml"
+                )
+            for version in range(found + 1, t.SCHEMA_VERSION + 1):
+                MIGRATIONS[version](c)
+            if found != t.SCHEMA_VERSION:
+                c.execute(
+                    update(t.meta)
+                    .where(t.meta.c.key == "schema_version")
+                    .values(value=str(t.SCHEMA_VERSION))
+                )
+
+    # definitions --------------------------------------------------------------------------
+    @_translate
+    def save_definition(
+        self,
+        content_hash: str,
+        workflow_id: str,
+        version: str,
+        machine: dict[str, Any],
+        source_path: str,
+    ) -> None:
+        with self.engine.begin() as c:
+            self._insert_ignore(
+                c,
+                t.definitions,
+                {
+                    "hash": content_hash,
+                    "workflow_id": workflow_id,
+                    "version": version,
+                    "machine": machine,
+                    "source_path": source_path,
+                    "created_at": _now(),
+                },
+                ["hash"],
+            )
+
+    @_translate
+    def load_definition(self, content_hash: str) -> dict[str, Any]:
+        with self.engine.connect() as c:
+            row = c.execute(
+                select(t.definitions.c.machine).where(t.definitions.c.hash == content_hash)
+            ).first()
+        if row is None:
+            raise NotFound(f"no stored definition has hash {content_hash}")
+        machine: dict[str, Any] = row[0]
+        return machine
+
+    # runs ---------------------------------------------------------------------------------
+    @_translate
+    def create_run(self, new: NewRun, now: float, lease: Lease | None = None) -> Run:
+        values: dict[str, Any] = {
+            "id": new.id,
+            "workflow_id": new.workflow_id,
+            "version": new.version,
+            "definition_hash": new.definition_hash,
+            "status": RunStatus.QUEUED.value,
+            "payload": new.payload,
+            "current_step": new.first_step,
+            "current_attempt": 0,
+            "step_running": False,
+            "queue": new.queue,
+            "concurrency_key": new.concurrency_key,
+            "priority": new.priority,
+            "trigger": new.trigger,
+            "parent_run_id": new.parent_run_id,
+            "parent_step": new.parent_step,
+            "idempotency_key": new.idempotency_key,
+            "next_at": new.available_at if new.available_at is not None else now,
+            "active_seconds": 0.0,
+            "created_at": now,
+            "updated_at": now,
+            "cancel_requested": False,
+        }
+        if lease is not None:
+            values.update(
+                self._lease_values(lease, now),
+                status=RunStatus.RUNNING.value,
+                started_at=now,
+                current_attempt=1,
+                step_running=True,
+                step_started_at=now,
+            )
+        with self.engine.begin() as c:
+            c.execute(insert(t.runs).values(**values))
+        return _run(values)
+
+    @_translate
+    def claim_run(self, run_id: str, lease: Lease, now: float) -> Run:
+        with self.engine.begin() as c:
+            row = (
+                c.execute(self._locked(select(t.runs).where(t.runs.c.id == run_id)))
+                .mappings()
+                .first()
+            )
+            if row is None:
+                raise NotFound(f"no run has id {run_id}")
+            if row["status"] not in _ACTIVE:
+                return _run(row)
+            self._check_lease(row, lease, now)
+            values = {**self._lease_values(lease, now), "updated_at": now}
+            values.update(self._begin_current_step(c, row, now))
+            if row["started_at"] is None and values.get("status") == RunStatus.RUNNING.value:
+                values["started_at"] = now
+            c.execute(update(t.runs).where(t.runs.c.id == run_id).values(**values))
+        return _run({**row, **values})
+
+    def _check_lease(self, row: Any, lease: Lease, now: float) -> None:
+        owner = row["lease_owner"]
+        if owner is None or owner == lease.owner or (row["lease_expires_at"] or 0) <= now:
+            return
+        if row["lease_host"] == lease.host and not _pid_alive(row["lease_pid"]):
+            return  # its process died on this very machine: no need to wait for expiry
+        raise RunBusy(
+            f"run {row['id']} is being executed by process {row['lease_pid']} on "
+            f"{row['lease_host']} (lease until {row['lease_expires_at']:.0f}); try again later"
+        )
+
+    def _begin_current_step(self, c: Connection, row: Any, now: float) -> dict[str, Any]:
+        """Decide what claiming does to the current step; record a crashed attempt."""
+        step_key = row["current_step"]
+        if row["step_running"]:
+            c.execute(
+                insert(t.attempts).values(
+                    run_id=row["id"],
+                    step_key=step_key,
+                    attempt=row["current_attempt"],
+                    status="crashed",
+                    started_at=row["step_started_at"],
+                    finished_at=now,
+                    error_type="WorkerDied",
+                    error_message="the process executing this attempt stopped before it finished",
+                )
+            )
+            return {
+                "status": RunStatus.RUNNING.value,
+                "current_attempt": row["current_attempt"] + 1,
+                "step_running": True,
+                "step_started_at": now,
+            }
+        if step_key is None:
+            return {"status": RunStatus.RUNNING.value}
+        step = c.execute(
+            select(
+                t.steps.c.status, t.steps.c.attempts, t.steps.c.wake_at, t.steps.c.resume_data
+            ).where(t.steps.c.run_id == row["id"], t.steps.c.step_key == step_key)
+        ).first()
+        if step is None:
+            return {
+                "status": RunStatus.RUNNING.value,
+                "current_attempt": 1,
+                "step_running": True,
+                "step_started_at": now,
+            }
+        due = step.wake_at is not None and step.wake_at <= now
+        if step.status == StepStatus.RETRYING.value:
+            if not due:
+                return {"status": RunStatus.WAITING.value}
+            return {
+                "status": RunStatus.RUNNING.value,
+                "current_attempt": step.attempts + 1,
+                "step_running": True,
+                "step_started_at": now,
+            }
+        if step.status == StepStatus.WAITING.value and not due and step.resume_data is None:
+            return {"status": RunStatus.WAITING.value}
+        return {"status": RunStatus.RUNNING.value}
+
+    @_translate
+    def commit_transition(
+        self, run_id: str, lease: Lease, transition: Transition, now: float
+    ) -> TransitionResult:
+        tr = transition
+        values: dict[str, Any] = {
+            "status": tr.status.value,
+            "current_step": tr.current_step,
+            "updated_at": now,
+            "active_seconds": t.runs.c.active_seconds + tr.active_seconds,
+            "step_running": tr.begin_attempt > 0,
+        }
+        if tr.begin_attempt:
+            values.update(current_attempt=tr.begin_attempt, step_started_at=now)
+        if tr.error is not None:
+            values["error"] = tr.error
+        finished = tr.status not in ACTIVE_STATUSES
+        if finished:
+            values.update(output=tr.output, finished_at=now, next_at=None, **_NO_LEASE)
+        elif tr.release:
+            values.update(next_at=tr.next_at, **_NO_LEASE)
+        else:
+            values.update(self._lease_values(lease, now))
+        with self.engine.begin() as c:
+            stmt = (
+                update(t.runs)
+                .where(t.runs.c.id == run_id, t.runs.c.lease_owner == lease.owner)
+                .values(**values)
+                .returning(t.runs.c.cancel_requested, t.runs.c.parent_run_id, t.runs.c.parent_step)
+            )
+            row = c.execute(stmt).first()
+            if row is None:
+                raise LeaseLost(f"run {run_id}: this process no longer holds its lease")
+            if tr.record is not None:
+                self._record_step(c, run_id, tr.record, now)
+            if tr.logs:
+                self._insert_logs(c, run_id, tr.logs, now)
+            if finished and row.parent_run_id:
+                self._wake_parent(
+                    c,
+                    row.parent_run_id,
+                    row.parent_step,
+                    {
+                        "status": tr.status.value,
+                        "output": tr.output,
+                        "error": tr.error,
+                        "run_id": run_id,
+                    },
+                    now,
+                )
+        return TransitionResult(cancel_requested=bool(row.cancel_requested))
+
+    def _record_step(self, c: Connection, run_id: str, rec: Any, now: float) -> None:
+        terminal = rec.status in (
+            StepStatus.COMPLETED,
+            StepStatus.SKIPPED,
+            StepStatus.FAILED,
+            StepStatus.CANCELLED,
+        )
+        values = {
+            "run_id": run_id,
+            "step_key": rec.step_key,
+            "status": rec.status.value,
+            "attempts": rec.attempt,
+            "output": rec.output,
+            "error": rec.error,
+            "started_at": rec.started_at,
+            "finished_at": now if terminal else None,
+            "wake_at": rec.wake_at,
+            "wait": rec.wait,
+            "resume_data": None,
+            "wait_event": (rec.wait or {}).get("event")
+            if rec.status == StepStatus.WAITING
+            else None,
+        }
+        update_cols = [k for k in values if k not in ("run_id", "step_key", "started_at")]
+        if terminal or rec.status == StepStatus.RETRYING:
+            update_cols.append("started_at")
+        self._upsert(c, t.steps, values, ["run_id", "step_key"], update_cols)
+        if rec.attempt_status:
+            self._upsert(
+                c,
+                t.attempts,
+                {
+                    "run_id": run_id,
+                    "step_key": rec.step_key,
+                    "attempt": rec.attempt,
+                    "status": rec.attempt_status,
+                    "started_at": rec.started_at,
+                    "finished_at": now,
+                    "error_type": rec.error_type,
+                    "error_message": rec.error,
+                    "traceback": rec.traceback,
+                },
+                ["run_id", "step_key", "attempt"],
+                ["status", "finished_at", "error_type", "error_message", "traceback"],
+            )
+
+    def _wake_parent(
+        self, c: Connection, parent_id: str, step_key: str | None, data: dict[str, Any], now: float
+    ) -> None:
+        c.execute(
+            update(t.steps)
+            .where(
+                t.steps.c.run_id == parent_id,
+                t.steps.c.step_key == step_key,
+                t.steps.c.status == StepStatus.WAITING.value,
+                t.steps.c.resume_data.is_(None),
+            )
+            .values(resume_data=data)
+        )
+        c.execute(
+            update(t.runs)
+            .where(
+                t.runs.c.id == parent_id,
+                t.runs.c.status == RunStatus.WAITING.value,
+                t.runs.c.lease_owner.is_(None),
+            )
+            .values(next_at=now, updated_at=now)
+        )
+
+    def _insert_logs(self, c: Connection, run_id: str, logs: Sequence[NewLog], now: float) -> None:
+        c.execute(
+            insert(t.logs),
+            [
+                {
+                    "run_id": run_id,
+                    "step_key": log.step_key,
+                    "attempt": log.attempt,
+                    "level": log.level,
+                    "message": log.message,
+                    "extra": log.extra,
+                    "created_at": log.created_at or now,
+                }
+                for log in logs
+            ],
+        )
+
+    @_translate
+    def heartbeat(self, run_id: str, lease: Lease, now: float, logs: Sequence[NewLog]) -> bool:
+        with self.engine.begin() as c:
+            res = c.execute(
+                update(t.runs)
+                .where(t.runs.c.id == run_id, t.runs.c.lease_owner == lease.owner)
+                .values(**self._lease_values(lease, now))
+            )
+            if res.rowcount != 1:
+                return False
+            if logs:
+                self._insert_logs(c, run_id, logs, now)
+        return True
+
+    @_translate
+    def release(self, run_id: str, lease: Lease, now: float) -> None:
+        with self.engine.begin() as c:
+            c.execute(
+                update(t.runs)
+                .where(t.runs.c.id == run_id, t.runs.c.lease_owner == lease.owner)
+                .values(next_at=now, updated_at=now, **_NO_LEASE)
+            )
+
+    @_translate
+    def request_cancel(self, run_id: str, now: float) -> Run:
+        with self.engine.begin() as c:
+            row = (
+                c.execute(self._locked(select(t.runs).where(t.runs.c.id == run_id)))
+                .mappings()
+                .first()
+            )
+            if row is None:
+                raise NotFound(f"no run has id {run_id}")
+            pending = [row]
+            while pending:
+                current = pending.pop()
+                self._cancel_one(c, current, now)
+                pending += (
+                    c.execute(
+                        self._locked(
+                            select(t.runs).where(
+                                t.runs.c.parent_run_id == current["id"],
+                                t.runs.c.status.in_(_ACTIVE),
+                            )
+                        )
+                    )
+                    .mappings()
+                    .all()
+                )
+            result = c.execute(select(t.runs).where(t.runs.c.id == run_id)).mappings().one()
+        return _run(result)
+
+    def _cancel_one(self, c: Connection, row: Any, now: float) -> None:
+        if row["status"] not in _ACTIVE:
+            return
+        executing = row["lease_owner"] is not None and (row["lease_expires_at"] or 0) > now
+        if executing and row["status"] == RunStatus.RUNNING.value:
+            c.execute(
+                update(t.runs)
+                .where(t.runs.c.id == row["id"])
+                .values(cancel_requested=True, updated_at=now)
+            )
+            return
+        c.execute(
+            update(t.runs)
+            .where(t.runs.c.id == row["id"])
+            .values(
+                cancel_requested=True,
+                status=RunStatus.CANCELLED.value,
+                finished_at=now,
+                updated_at=now,
+                next_at=None,
+                step_running=False,
+                error="cancelled",
+                **_NO_LEASE,
+            )
+        )
+        if row["parent_run_id"]:
+            self._wake_parent(
+                c,
+                row["parent_run_id"],
+                row["parent_step"],
+                {
+                    "status": "cancelled",
+                    "output": None,
+                    "error": "child run was cancelled",
+                    "run_id": row["id"],
+                },
+                now,
+            )
+
+    # reading ------------------------------------------------------------------------------
+    @_translate
+    def get_run(self, run_id: str) -> Run:
+        with self.engine.connect() as c:
+            row = c.execute(select(t.runs).where(t.runs.c.id == run_id)).mappings().first()
+        if row is None:
+            raise NotFound(f"no run has id {run_id}")
+        return _run(row)
+
+    @_translate
+    def list_runs(
+        self,
+        status: RunStatus | None = None,
+        workflow_id: str | None = None,
+        limit: int = 50,
+        before: tuple[float, str] | None = None,
+        parent_run_id: str | None = None,
+    ) -> list[Run]:
+        q = select(t.runs)
+        if status is not None:
+            q = q.where(t.runs.c.status == status.value)
+        if workflow_id is not None:
+            q = q.where(t.runs.c.workflow_id == workflow_id)
+        if parent_run_id is not None:
+            q = q.where(t.runs.c.parent_run_id == parent_run_id)
+        if before is not None:
+            q = q.where(
+                or_(
+                    t.runs.c.created_at < before[0],
+                    and_(t.runs.c.created_at == before[0], t.runs.c.id < before[1]),
+                )
+            )
+        q = q.order_by(t.runs.c.created_at.desc(), t.runs.c.id.desc()).limit(limit)
+        with self.engine.connect() as c:
+            return [_run(r) for r in c.execute(q).mappings()]
+
+    @_translate
+    def get_steps(self, run_id: str) -> list[StepState]:
+        q = (
+            select(t.steps)
+            .where(t.steps.c.run_id == run_id)
+            .order_by(t.steps.c.started_at, t.steps.c.step_key)
+        )
+        with self.engine.connect() as c:
+            return [_step(r) for r in c.execute(q).mappings()]
+
+    @_translate
+    def get_attempts(self, run_id: str) -> list[Attempt]:
+        q = (
+            select(t.attempts)
+            .where(t.attempts.c.run_id == run_id)
+            .order_by(t.attempts.c.step_key, t.attempts.c.attempt)
+        )
+        with self.engine.connect() as c:
+            return [Attempt(**dict(r)) for r in c.execute(q).mappings()]
+
+    @_translate
+    def get_logs(self, run_id: str, after_id: int = 0, limit: int = 1000) -> list[LogEntry]:
+        q = (
+            select(t.logs)
+            .where(t.logs.c.run_id == run_id, t.logs.c.id > after_id)
+            .order_by(t.logs.c.id)
+            .limit(limit)
+        )
+        with self.engine.connect() as c:
+            return [LogEntry(**dict(r)) for r in c.execute(q).mappings()]
+
+    # dialect hooks ------------------------------------------------------------------------
+    def _locked(self, q: sa.Select[Any]) -> sa.Select[Any]:
+        return q.with_for_update() if self.dialect == "postgresql" else q
+
+    def _upsert(
+        self,
+        c: Connection,
+        table: sa.Table,
+        values: dict[str, Any],
+        keys: list[str],
+        update_cols: list[str],
+    ) -> None:
+        dialect_insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        stmt = dialect_insert(table).values(**values)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=keys, set_={k: stmt.excluded[k] for k in update_cols}
+        )
+        c.execute(stmt)
+
+    def _insert_ignore(
+        self, c: Connection, table: sa.Table, values: dict[str, Any], keys: list[str]
+    ) -> bool:
+        dialect_insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        res = c.execute(
+            dialect_insert(table).values(**values).on_conflict_do_nothing(index_elements=keys)
+        )
+        return bool(res.rowcount)
+
+    @staticmethod
+    def _lease_values(lease: Lease, now: float) -> dict[str, Any]:
+        expires = now + lease.seconds
+        return {
+            "lease_owner": lease.owner,
+            "lease_host": lease.host,
+            "lease_pid": lease.pid,
+            "lease_expires_at": expires,
+            "next_at": expires,
+        }
+
+
+_NO_LEASE: dict[str, Any] = {
+    "lease_owner": None,
+    "lease_host": None,
+    "lease_pid": None,
+    "lease_expires_at": None,
+}
+
+
+def _now() -> float:
+    import time
+
+    return time.time()
+
+
+def _run(row: Any) -> Run:
+    r = dict(row)
+    return Run(
+        id=r["id"],
+        workflow_id=r["workflow_id"],
+        version=r["version"],
+        definition_hash=r["definition_hash"],
+        status=RunStatus(r["status"]),
+        payload=r.get("payload"),
+        output=r.get("output"),
+        error=r.get("error"),
+        current_step=r.get("current_step"),
+        current_attempt=r.get("current_attempt") or 0,
+        step_running=bool(r.get("step_running")),
+        queue=r["queue"],
+        concurrency_key=r.get("concurrency_key"),
+        priority=r.get("priority") or 0,
+        trigger=r.get("trigger") or {},
+        parent_run_id=r.get("parent_run_id"),
+        parent_step=r.get("parent_step"),
+        idempotency_key=r.get("idempotency_key"),
+        cancel_requested=bool(r.get("cancel_requested")),
+        lease_owner=r.get("lease_owner"),
+        lease_expires_at=r.get("lease_expires_at"),
+        next_at=r.get("next_at"),
+        active_seconds=r.get("active_seconds") or 0.0,
+        created_at=r["created_at"],
+        started_at=r.get("started_at"),
+        finished_at=r.get("finished_at"),
+        updated_at=r["updated_at"],
+    )
+
+
+def _step(row: Any) -> StepState:
+    r = dict(row)
+    r.pop("wait_event", None)
+    r["status"] = StepStatus(r["status"])
+    return StepState(**r)
+
+
+def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
+    cur = dbapi_connection.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA busy_timeout=60000")
+    cur.close()
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    conn.exec_driver_sql("BEGIN IMMEDIATE")

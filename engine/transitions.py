@@ -1,0 +1,151 @@
+"""What happens after an attempt: the pure decision from (machine, state, outcome, now) to a
+`Transition` the store commits atomically."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from dsl import COMPLETED, FAILED, Machine, State, TemplateError
+
+from .models import NewLog, RunStatus, StepRecord, StepStatus, Transition
+from .retry import backoff_delay
+
+__all__ = ["Done", "Failed", "Outcome", "Skipped", "Suspended", "decide"]
+
+
+@dataclass(frozen=True)
+class Done:
+    output: Any
+
+
+@dataclass(frozen=True)
+class Skipped:
+    pass
+
+
+@dataclass(frozen=True)
+class Suspended:
+    """The step waits: until `wake_at` (a timer or a timeout), or for something external."""
+
+    wake_at: float | None
+    wait: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Failed:
+    error_type: str
+    message: str
+    retryable: bool
+    traceback: str | None = None
+    attempt_status: str = "failed"
+
+
+Outcome = Done | Skipped | Suspended | Failed
+
+
+def decide(
+    machine: Machine,
+    state: State,
+    attempt: int,
+    started_at: float | None,
+    outcome: Outcome,
+    now: float,
+    *,
+    run_error: str | None,
+    run_output: Callable[[], Any],
+    hold_lease: bool,
+    active_seconds: float = 0.0,
+    logs: tuple[NewLog, ...] = (),
+    rand: Callable[[], float] | None = None,
+) -> Transition:
+    """The transition after one attempt of `state`.
+
+    `run_output` computes the run's output when the machine completes; `hold_lease` keeps
+    the lease through a wait (the foreground `run`) instead of releasing the run to workers.
+    """
+    common: dict[str, Any] = {"active_seconds": active_seconds, "logs": logs}
+    if isinstance(outcome, Suspended):
+        record = StepRecord(
+            state.id,
+            StepStatus.WAITING,
+            attempt,
+            started_at,
+            wake_at=outcome.wake_at,
+            wait=outcome.wait,
+        )
+        return Transition(
+            RunStatus.WAITING,
+            record,
+            current_step=state.id,
+            release=not hold_lease,
+            next_at=outcome.wake_at,
+            error=run_error,
+            **common,
+        )
+    if isinstance(outcome, Failed):
+        policy = state.retry
+        if outcome.retryable and policy is not None and attempt < policy.max_attempts:
+            delay = backoff_delay(policy, attempt, *(() if rand is None else (rand,)))
+            record = StepRecord(
+                state.id,
+                StepStatus.RETRYING,
+                attempt,
+                started_at,
+                error=f"{outcome.error_type}: {outcome.message}",
+                error_type=outcome.error_type,
+                traceback=outcome.traceback,
+                attempt_status=outcome.attempt_status,
+                wake_at=now + delay,
+            )
+            return Transition(
+                RunStatus.WAITING,
+                record,
+                current_step=state.id,
+                release=not hold_lease,
+                next_at=now + delay,
+                error=run_error,
+                **common,
+            )
+        message = f"{outcome.error_type}: {outcome.message}"
+        record = StepRecord(
+            state.id,
+            StepStatus.FAILED,
+            attempt,
+            started_at,
+            error=message,
+            error_type=outcome.error_type,
+            traceback=outcome.traceback,
+            attempt_status=outcome.attempt_status,
+        )
+        error = run_error or f"step {state.id} failed: {message}"
+        return _move(machine, state.on_error, record, error, run_output, common)
+    if isinstance(outcome, Skipped):
+        record = StepRecord(state.id, StepStatus.SKIPPED, attempt, started_at)
+    else:
+        record = StepRecord(
+            state.id, StepStatus.COMPLETED, attempt, started_at, output=outcome.output
+        )
+    return _move(machine, state.next, record, run_error, run_output, common)
+
+
+def _move(
+    machine: Machine,
+    target: str,
+    record: StepRecord,
+    error: str | None,
+    run_output: Callable[[], Any],
+    common: dict[str, Any],
+) -> Transition:
+    if target == COMPLETED:
+        try:
+            output = run_output()
+        except TemplateError as exc:
+            return Transition(RunStatus.FAILED, record, error=f"run output failed: {exc}", **common)
+        return Transition(RunStatus.COMPLETED, record, output=output, **common)
+    if target == FAILED:
+        return Transition(RunStatus.FAILED, record, error=error, **common)
+    return Transition(
+        RunStatus.RUNNING, record, current_step=target, begin_attempt=1, error=error, **common
+    )

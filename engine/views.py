@@ -1,0 +1,108 @@
+"""Runs as JSON objects: the shape of `--json` in the CLI and of the HTTP API."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from dsl import Machine
+
+from .models import Attempt, LogEntry, Run, StepState
+from .store import Store
+
+__all__ = ["iso", "log_view", "run_detail", "run_summary"]
+
+
+def iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc).isoformat()
+
+
+def run_summary(run: Run) -> dict[str, Any]:
+    return {
+        "id": run.id,
+        "workflow": run.workflow_id,
+        "version": run.version,
+        "status": run.status.value,
+        "created_at": iso(run.created_at),
+        "started_at": iso(run.started_at),
+        "finished_at": iso(run.finished_at),
+        "output": run.output,
+        "error": run.error,
+        "current_step": run.current_step,
+        "queue": run.queue,
+        "parent_run_id": run.parent_run_id,
+        "definition_hash": run.definition_hash,
+    }
+
+
+def run_detail(store: Store, run: Run) -> dict[str, Any]:
+    """The run with its payload, trigger and every step in machine order, with attempts."""
+    machine = Machine.from_json(store.load_definition(run.definition_hash))
+    stored: dict[str, StepState] = {s.step_key: s for s in store.get_steps(run.id)}
+    attempts: dict[str, list[Attempt]] = {}
+    for a in store.get_attempts(run.id):
+        attempts.setdefault(a.step_key, []).append(a)
+    steps = []
+    for state in machine.states:
+        st = stored.get(state.id)
+        status, count = (st.status.value, st.attempts) if st else ("pending", 0)
+        if state.id == run.current_step and run.step_running:
+            status, count = "running", run.current_attempt
+        if st is None and state.handler and status == "pending":
+            continue
+        history = [_attempt(a) for a in attempts.get(state.id, [])]
+        if st is not None and st.status.value in ("completed", "skipped") and st.attempts:
+            history.append(
+                {
+                    "attempt": st.attempts,
+                    "status": st.status.value,
+                    "started_at": iso(st.started_at),
+                    "finished_at": iso(st.finished_at),
+                    "error": None,
+                }
+            )
+        steps.append(
+            {
+                "id": state.id,
+                "kind": state.kind,
+                "status": status,
+                "attempts": count,
+                "output": st.output if st else None,
+                "error": st.error if st else None,
+                "started_at": iso(st.started_at) if st else None,
+                "finished_at": iso(st.finished_at) if st else None,
+                "wake_at": iso(st.wake_at) if st else None,
+                "attempt_history": history,
+            }
+        )
+    return {
+        **run_summary(run),
+        "payload": run.payload,
+        "trigger": run.trigger,
+        "cancel_requested": run.cancel_requested,
+        "steps": steps,
+    }
+
+
+def _attempt(a: Attempt) -> dict[str, Any]:
+    return {
+        "attempt": a.attempt,
+        "status": a.status,
+        "started_at": iso(a.started_at),
+        "finished_at": iso(a.finished_at),
+        "error": a.error_message,
+        "error_type": a.error_type,
+        "traceback": a.traceback,
+    }
+
+
+def log_view(entry: LogEntry) -> dict[str, Any]:
+    return {
+        "id": entry.id,
+        "time": iso(entry.created_at),
+        "level": entry.level,
+        "step": entry.step_key,
+        "attempt": entry.attempt,
+        "message": entry.message,
+        "extra": entry.extra,
+    }
