@@ -77,6 +77,9 @@ class LiveReporter:
     def __init__(self) -> None:
         self.width = 18
 
+    def run_started(self, run: Run) -> None:
+        click.echo(f"run {run.id} of {run.workflow_id} v{run.version}")
+
     def step_started(self, run: Run, state: State, attempt: int) -> None:
         pass
 
@@ -223,9 +226,6 @@ def run(
     data = _read_payload(payload, payload_file)
     engine = _engine(db, modules, workflows)
     machine = engine.workflow(workflow)
-    click.echo(
-        f"run of {machine.workflow_id} v{machine.version} ({len(machine.main_states())} steps)"
-    )
     result = engine.run(machine, data, LiveReporter())
     _finish(engine, result)
 

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from dsl import Machine, State, TemplateError, compile_expression, render_value
 
 from .errors import EngineError, LeaseLost
-from .models import Lease, NewRun, Run, RunStatus, StepState, StepStatus, Transition
+from .models import Lease, NewRun, Run, RunStatus, StepRecord, StepState, StepStatus, Transition
 from .registry import StepContext, StepLogger, get_step
 from .retry import is_retryable
 from .store import Store
@@ -50,6 +50,7 @@ def new_lease(seconds: float = 30.0) -> Lease:
 
 
 class Reporter(Protocol):
+    def run_started(self, run: Run) -> None: ...
     def step_started(self, run: Run, state: State, attempt: int) -> None: ...
     def step_ended(
         self, run: Run, state: State, attempt: int, outcome: Outcome, seconds: float
@@ -58,6 +59,7 @@ class Reporter(Protocol):
 
 
 class _Silent:
+    def run_started(self, run: Run) -> None: ...
     def step_started(self, run: Run, state: State, attempt: int) -> None: ...
     def step_ended(
         self, run: Run, state: State, attempt: int, outcome: Outcome, seconds: float
@@ -159,6 +161,7 @@ class Runner:
             trigger=trigger or {"kind": "manual"},
         )
         run = self.store.create_run(new, self.clock(), lease=self.lease)
+        self.reporter.run_started(run)
         return self._drive(_Live(run, machine, {}, self.clock()))
 
     def drive(self, run_id: str) -> Run:
@@ -307,7 +310,7 @@ class Runner:
             outcome,
             self.clock(),
             run_error=live.run.error,
-            run_output=lambda: self._output(live),
+            run_output=lambda record: self._output(live, record),
             hold_lease=self.foreground,
             active_seconds=elapsed,
             logs=tuple(logger.drain()),
@@ -451,13 +454,18 @@ class Runner:
             "env": {name: os.environ[name] for name in machine.env if name in os.environ},
         }
 
-    def _output(self, live: _Live) -> Any:
+    def _output(self, live: _Live, last: StepRecord) -> Any:
+        """The run's output, with `last` (the step completing the run) in scope."""
         machine = live.machine
         if machine.output_is_default:
-            last = machine.main_states()[-1]
-            st = live.steps.get(last.id)
-            return st.output if st else None
-        return render_value(machine.output, self._scope(live), "output")
+            return last.output
+        scope = self._scope(live)
+        scope["steps"][last.step_key] = {
+            "output": last.output,
+            "status": last.status.value,
+            "attempts": last.attempt,
+        }
+        return render_value(machine.output, scope, "output")
 
 
 def _iso(ts: float) -> str:

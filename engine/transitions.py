@@ -54,7 +54,7 @@ def decide(
     now: float,
     *,
     run_error: str | None,
-    run_output: Callable[[], Any],
+    run_output: Callable[[StepRecord], Any],
     hold_lease: bool,
     active_seconds: float = 0.0,
     logs: tuple[NewLog, ...] = (),
@@ -62,7 +62,8 @@ def decide(
 ) -> Transition:
     """The transition after one attempt of `state`.
 
-    `run_output` computes the run's output when the machine completes; `hold_lease` keeps
+    `run_output` computes the run's output, given the final step's record, when the machine
+    completes; `hold_lease` keeps
     the lease through a wait (the foreground `run`) instead of releasing the run to workers.
     """
     common: dict[str, Any] = {"active_seconds": active_seconds, "logs": logs}
@@ -135,12 +136,12 @@ def _move(
     target: str,
     record: StepRecord,
     error: str | None,
-    run_output: Callable[[], Any],
+    run_output: Callable[[StepRecord], Any],
     common: dict[str, Any],
 ) -> Transition:
     if target == COMPLETED:
         try:
-            output = run_output()
+            output = run_output(record)
         except TemplateError as exc:
             return Transition(RunStatus.FAILED, record, error=f"run output failed: {exc}", **common)
         return Transition(RunStatus.COMPLETED, record, output=output, **common)

@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import pytest
+
+from dsl import TemplateError, compile_expression, parse_duration, render_value, when_expression
+from dsl.durations import DurationError
+from dsl.templates import references
+
+
+def test_single_expression_keeps_native_values() -> None:
+    scope = {"payload": {"code": "007", "n": 7, "xs": [1, 2], "d": {"a": None}, "ok": False}}
+    assert render_value("{{ payload.code }}", scope, "f") == "007"
+    assert render_value("{{ payload.n }}", scope, "f") == 7
+    assert render_value(" {{ payload.xs }} ", scope, "f") == [1, 2]
+    assert render_value("{{ payload.d }}", scope, "f") == {"a": None}
+    assert render_value("{{ payload.ok }}", scope, "f") is False
+    assert render_value("n={{ payload.n }}", scope, "f") == "n=7"
+    assert render_value({"a": ["{{ payload.n }}", "x"]}, scope, "f") == {"a": [7, "x"]}
+
+
+def test_undefined_is_an_error_naming_the_field() -> None:
+    with pytest.raises(TemplateError) as err:
+        render_value("{{ payload.missing }}", {"payload": {}}, "steps.a.with.url")
+    assert err.value.field == "steps.a.with.url"
+    assert "missing" in err.value.message
+    with pytest.raises(TemplateError):
+        render_value("x {{ nothing }}", {}, "f")
+
+
+def test_sandbox_blocks_unsafe_access() -> None:
+    with pytest.raises(TemplateError, match="unsafe"):
+        render_value("{{ payload.__class__.__mro__ }}", {"payload": {}}, "f")
+
+
+def test_when_rules() -> None:
+    assert when_expression("payload.n > 3", "w").evaluate({"payload": {"n": 4}}, "w") is True
+    assert when_expression("{{ payload.n > 3 }}", "w").evaluate({"payload": {"n": 1}}, "w") is False
+    with pytest.raises(TemplateError, match="bare expression"):
+        when_expression("yes {{ payload.n }}", "w")
+
+
+def test_references() -> None:
+    refs = references("{{ steps.a.output }} {{ steps['b'].status }} {{ env.API }} {{ item }}")
+    assert refs.steps == {"a", "b"} and refs.env == {"API"} and "item" in refs.names
+
+
+def test_syntax_error() -> None:
+    with pytest.raises(TemplateError, match="syntax"):
+        compile_expression("{{ a b }}", "f")
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("500ms", 0.5),
+        ("3s", 3),
+        ("5m", 300),
+        ("2h", 7200),
+        ("1d", 86400),
+        ("3 seconds", 3),
+        ("PT3S", 3),
+        ("PT1H30M", 5400),
+        ("P1D", 86400),
+        (10, 10),
+        (1.5, 1.5),
+        ("2 minutes", 120),
+    ],
+)
+def test_durations(text: object, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["soon", "3 fortnights", "-1", -1, "PT", True, "", None])
+def test_bad_durations(text: object) -> None:
+    with pytest.raises(DurationError):
+        parse_duration(text)
