@@ -178,7 +178,7 @@ class Runner:
         logger = StepLogger()
         try:
             with _Heartbeat(self.store, live.run.id, self.lease, logger) as beat:
-                while not live.run.finished:
+                while not live.run.finished and live.run.lease_owner == self.lease.owner:
                     if beat.lost:
                         raise LeaseLost(f"run {live.run.id}: lease lost")
                     if live.run.cancel_requested:
@@ -186,15 +186,14 @@ class Runner:
                             live, Transition(RunStatus.CANCELLED, error="cancelled"), logger
                         )
                         break
-                    if not self._step(live, logger):
-                        break
+                    self._step(live, logger)
         except KeyboardInterrupt:
             self.store.release(live.run.id, self.lease, self.clock())
             raise
         return live.run
 
-    def _step(self, live: _Live, logger: StepLogger) -> bool:
-        """Advance by one transition; False when the run is parked (waiting elsewhere)."""
+    def _step(self, live: _Live, logger: StepLogger) -> None:
+        """Advance by one transition (or park the run: the lease is then released)."""
         run, machine = live.run, live.machine
         state = machine.state(run.current_step or machine.start)
         stored = live.steps.get(state.id)
@@ -206,16 +205,20 @@ class Runner:
         ):
             due = stored.wake_at is not None and stored.wake_at <= now
             if stored.resume_data is None and not due:
-                return self._park(live, state, stored)
+                self._park(live, state, stored)
+                return
             if stored.status == StepStatus.RETRYING:  # back-off over: claiming begins an attempt
                 live.run = self.store.claim_run(run.id, self.lease, now)
-                return True
+                return
             resumed = self._resumed(state, stored)
             transition = self._decide(
                 live, state, stored.attempts, stored.started_at, resumed, logger, 0.0
             )
+            if transition.record is not None:  # keep what the step waited for, for history
+                kept = replace(transition.record, wake_at=stored.wake_at, wait=stored.wait)
+                transition = replace(transition, record=kept)
             self._commit(live, transition, logger)
-            return True
+            return
         attempt = run.current_attempt
         if state.retry and attempt > state.retry.max_attempts + MAX_INTERRUPTIONS:
             outcome: Outcome = Failed(
@@ -231,9 +234,8 @@ class Runner:
         self.reporter.step_ended(run, state, attempt, outcome, elapsed)
         transition = self._decide(live, state, attempt, now, outcome, logger, elapsed)
         self._commit(live, transition, logger)
-        return True
 
-    def _park(self, live: _Live, state: State, stored: StepState) -> bool:
+    def _park(self, live: _Live, state: State, stored: StepState) -> None:
         """A step that is not due: sleep through a timer in the foreground, else let go."""
         self.reporter.waiting(live.run, state, stored.wake_at)
         if (
@@ -243,7 +245,7 @@ class Runner:
         ):
             self.sleep(max(0.0, stored.wake_at - self.clock()))
             live.run = self.store.claim_run(live.run.id, self.lease, self.clock())
-            return True
+            return
         transition = Transition(
             RunStatus.WAITING,
             current_step=state.id,
@@ -252,7 +254,6 @@ class Runner:
             error=live.run.error,
         )
         self._commit(live, transition, StepLogger())
-        return False
 
     def _commit(self, live: _Live, transition: Transition, logger: StepLogger) -> None:
         logs = transition.logs + tuple(logger.drain())
@@ -286,6 +287,7 @@ class Runner:
             else live.run.output,
             active_seconds=live.run.active_seconds + transition.active_seconds,
             cancel_requested=result.cancel_requested,
+            lease_owner=None if transition.release else live.run.lease_owner,
             updated_at=now,
             finished_at=now
             if transition.status not in (RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.WAITING)

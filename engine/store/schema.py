@@ -24,7 +24,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 __all__ = ["SCHEMA_VERSION", "metadata"]
 
 SCHEMA_VERSION = 1
-Json = JSON().with_variant(JSONB(), "postgresql")
+Json = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
 metadata = MetaData()
 
 meta = Table(

@@ -1,0 +1,385 @@
+"""The runner in-process on both backends: retries, timeouts, bad outputs and templates,
+skips, failure handlers, durable waits, pinning, cancellation, commits per step."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import event
+
+from engine import NonRetryableError, StepContext, step
+from engine.models import RunStatus
+from engine.runner import Runner
+from engine.store import SqlStore
+from tests.engine.helpers import FakeClock, compile_text, store_for
+
+CALLS: dict[str, list[int]] = {}
+GATE = threading.Event()
+
+
+@step("rt.flaky")
+def flaky(fail_times: int, ctx: StepContext) -> dict[str, int]:
+    CALLS.setdefault(ctx.run_id, []).append(ctx.attempt)
+    if ctx.attempt <= fail_times:
+        raise ConnectionError(f"boom {ctx.attempt}")
+    return {"attempt": ctx.attempt}
+
+
+@step("rt.value_error")
+def value_error() -> None:
+    raise ValueError("bad value")
+
+
+@step("rt.fatal")
+def fatal() -> None:
+    raise NonRetryableError("not a picture")
+
+
+@step("rt.slow")
+def slow(seconds: float) -> str:
+    time.sleep(seconds)
+    return "done"
+
+
+@step("rt.echo")
+def echo(value: Any = None) -> Any:
+    return value
+
+
+@step("rt.not_json")
+def not_json() -> object:
+    return {"x": object()}
+
+
+@step("rt.gate")
+def gate() -> str:
+    GATE.wait(10)
+    return "opened"
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[SqlStore]:
+    s = store_for(db_url)
+    yield s
+    s.close()
+
+
+HEAD = 'id: wf\nversion: "1"\ntrigger: {manual: true}\n'
+
+
+def run_text(store: SqlStore, tmp_path: Path, text: str, payload: Any = None, **kw: Any) -> Any:
+    machine = compile_text(tmp_path, HEAD + text)
+    return Runner(store, **kw).start(machine, payload if payload is not None else {})
+
+
+def test_retry_then_success_records_every_attempt(store: SqlStore, tmp_path: Path) -> None:
+    run = run_text(
+        store,
+        tmp_path,
+        """
+steps:
+  - id: a
+    call: rt.flaky
+    with: {fail_times: 2}
+    retry: {max_attempts: 3, min_delay: 10ms, jitter: false}
+""",
+    )
+    assert run.status == RunStatus.COMPLETED and run.output == {"attempt": 3}
+    assert CALLS[run.id] == [1, 2, 3]
+    attempts = store.get_attempts(run.id)
+    assert [(a.attempt, a.status, a.error_type, a.error_message) for a in attempts] == [
+        (1, "failed", "ConnectionError", "ConnectionError: boom 1"),
+        (2, "failed", "ConnectionError", "ConnectionError: boom 2"),
+    ]
+    assert "Traceback" in (attempts[0].traceback or "")
+    assert store.get_steps(run.id)[0].attempts == 3
+
+
+def test_retries_exhausted_fail_the_run(store: SqlStore, tmp_path: Path) -> None:
+    run = run_text(
+        store,
+        tmp_path,
+        """
+steps:
+  - id: a
+    call: rt.flaky
+    with: {fail_times: 5}
+    retry: {max_attempts: 2, min_delay: 10ms}
+""",
+    )
+    assert run.status == RunStatus.FAILED
+    assert run.error == "step a failed: ConnectionError: boom 2"
+    assert CALLS[run.id] == [1, 2]
+
+
+def test_non_retryable_error_stops_at_once(store: SqlStore, tmp_path: Path) -> None:
+    run = run_text(store, tmp_path, "steps:\n  - id: a\n    call: rt.fatal\n")
+    assert run.status == RunStatus.FAILED
+    assert run.error == "step a failed: NonRetryableError: not a picture"
+    assert store.get_steps(run.id)[0].attempts == 1
+
+
+def test_retry_on_names_only_those_errors(store: SqlStore, tmp_path: Path) -> None:
+    run = run_text(
+        store,
+        tmp_path,
+        """
+steps:
+  - id: a
+    call: rt.value_error
+    retry: {max_attempts: 5, min_delay: 10ms, on: [TimeoutError, ConnectionError]}
+""",
+    )
+    assert run.status == RunStatus.FAILED and store.get_steps(run.id)[0].attempts == 1
+
+
+def test_step_timeout_fails_the_attempt(store: SqlStore, tmp_path: Path) -> None:
+    run = run_text(
+        store,
+        tmp_path,
+        """
+steps:
+  - id: a
+    call: rt.slow
+    with: {seconds: 2}
+    timeout: 200ms
+    retry: {max_attempts: 1}
+""",
+    )
+    assert run.status == RunStatus.FAILED
+    assert run.error == "step a failed: StepTimeout: step timed out after 0.2s"
+    assert [a.status for a in store.get_attempts(run.id)] == ["timed_out"]
+
+
+def test_run_timeout_counts_execution_time(store: SqlStore, tmp_path: Path) -> None:
+    run = run_text(
+        store,
+        tmp_path,
+        """
+timeout: 300ms
+steps:
+  - id: a
+    call: rt.slow
+    with: {seconds: 0.2}
+  - id: b
+    call: rt.slow
+    with: {seconds: 0.2}
+    retry: {max_attempts: 1}
+""",
+    )
+    assert run.status == RunStatus.FAILED
+    assert "step b failed" in (run.error or "")
+
+
+def test_non_json_output_names_step_and_type(store: SqlStore, tmp_path: Path) -> None:
+    run = run_text(store, tmp_path, "steps:\n  - id: make\n    call: rt.not_json\n")
+    assert run.status == RunStatus.FAILED
+    assert run.error is not None
+    assert "steps.make: `rt.not_json` returned a dict, which is not JSON data" in run.error
+    assert "object is not JSON serializable" in run.error
+    steps = store.get_steps(run.id)
+    assert steps[0].output is None and steps[0].attempts == 1
+
+
+def test_template_failing_at_run_time_names_the_field(store: SqlStore, tmp_path: Path) -> None:
+    run = run_text(
+        store,
+        tmp_path,
+        """
+steps:
+  - id: first
+    call: rt.echo
+    with: {value: 1}
+  - id: second
+    call: rt.echo
+    with: {value: "{{ payload.user.name }}"}
+""",
+        payload={"user": {}},
+    )
+    assert run.status == RunStatus.FAILED
+    assert run.error == (
+        "step second failed: TemplateError: steps.second.with.value: 'dict object' has no "
+        "attribute 'name' in '{{ payload.user.name }}'"
+    )
+    steps = {s.step_key: s for s in store.get_steps(run.id)}
+    assert steps["first"].status.value == "completed" and steps["second"].status.value == "failed"
+
+
+def test_when_false_skips_with_null_output(store: SqlStore, tmp_path: Path) -> None:
+    run = run_text(
+        store,
+        tmp_path,
+        """
+steps:
+  - id: maybe
+    call: rt.echo
+    with: {value: 5}
+    when: payload.go
+  - id: after
+    call: rt.echo
+    with: {value: "{{ steps.maybe.status }}/{{ steps.maybe.output }}"}
+""",
+        payload={"go": False},
+    )
+    assert run.status == RunStatus.COMPLETED
+    assert run.output == "skipped/None"
+
+
+def test_on_failure_handlers_see_run_error(store: SqlStore, tmp_path: Path) -> None:
+    run = run_text(
+        store,
+        tmp_path,
+        """
+steps:
+  - id: a
+    call: rt.fatal
+  - id: never
+    call: rt.echo
+on_failure:
+  - id: alert
+    call: rt.echo
+    with: {value: "alert: {{ run.error }}"}
+  - id: note
+    log: "handled {{ steps.alert.output }}"
+""",
+    )
+    assert run.status == RunStatus.FAILED
+    steps = {s.step_key: s for s in store.get_steps(run.id)}
+    assert "never" not in steps
+    assert steps["alert"].output == "alert: step a failed: NonRetryableError: not a picture"
+    assert steps["note"].status.value == "completed"
+    assert run.error == "step a failed: NonRetryableError: not a picture"
+
+
+def test_durable_wait_stores_the_wake_time_first(store: SqlStore, tmp_path: Path) -> None:
+    clock = FakeClock()
+    start = clock.now
+    run = run_text(
+        store,
+        tmp_path,
+        """
+steps:
+  - id: nap
+    wait: 90 minutes
+  - id: until
+    wait_until: "{{ payload.at }}"
+  - id: done
+    call: rt.echo
+    with: {value: ok}
+""",
+        payload={"at": "2027-01-16T00:00:00Z"},
+        clock=clock,
+        sleep=clock.sleep,
+    )
+    assert run.status == RunStatus.COMPLETED
+    steps = {s.step_key: s for s in store.get_steps(run.id)}
+    assert steps["nap"].wake_at == start + 5400
+    until = 1_800_057_600.0  # 2027-01-16T00:00:00Z, 16 h after the start
+    assert steps["until"].wake_at == until
+    assert clock.slept == [5400, until - (start + 5400)]
+    assert run.output == "ok"
+
+
+def test_background_runner_parks_a_wait_and_a_new_runner_finishes_it(
+    store: SqlStore, tmp_path: Path
+) -> None:
+    run = run_text(
+        store,
+        tmp_path,
+        """
+steps:
+  - id: nap
+    wait: 300ms
+  - id: done
+    call: rt.echo
+    with: {value: ok}
+""",
+        foreground=False,
+    )
+    assert run.status == RunStatus.WAITING
+    stored = store.get_run(run.id)
+    assert stored.lease_owner is None and stored.next_at is not None
+    time.sleep(0.35)
+    finished = Runner(store).drive(run.id)
+    assert finished.status == RunStatus.COMPLETED and finished.output == "ok"
+
+
+def test_run_is_pinned_to_its_definition(store: SqlStore, tmp_path: Path) -> None:
+    text = """
+steps:
+  - id: nap
+    wait: 200ms
+  - id: done
+    call: rt.echo
+    with: {value: "version one"}
+"""
+    run = run_text(store, tmp_path, text, foreground=False)
+    assert run.status == RunStatus.WAITING
+    (tmp_path / "wf.yaml").write_text(HEAD + text.replace("version one", "version two"))
+    time.sleep(0.25)
+    finished = Runner(store).drive(run.id)
+    assert finished.output == "version one"
+    assert store.get_run(run.id).definition_hash == run.definition_hash
+
+
+def test_cancel_stops_a_running_run_at_the_next_step_boundary(
+    store: SqlStore, tmp_path: Path
+) -> None:
+    GATE.clear()
+    machine = compile_text(
+        tmp_path,
+        HEAD
+        + """
+steps:
+  - id: blocked
+    call: rt.gate
+  - id: next
+    call: rt.echo
+    with: {value: should not run}
+""",
+    )
+    result: dict[str, Any] = {}
+    worker = threading.Thread(
+        target=lambda: result.setdefault("run", Runner(store).start(machine, {}))
+    )
+    worker.start()
+    deadline = time.time() + 10
+    while not store.list_runs() and time.time() < deadline:
+        time.sleep(0.01)
+    run_id = store.list_runs()[0].id
+    flagged = store.request_cancel(run_id, time.time())
+    assert flagged.status == RunStatus.RUNNING and flagged.cancel_requested
+    GATE.set()
+    worker.join(10)
+    run = result["run"]
+    assert run.status == RunStatus.CANCELLED
+    steps = {s.step_key: s for s in store.get_steps(run_id)}
+    assert steps["blocked"].output == "opened" and "next" not in steps
+
+
+def test_one_commit_per_step_beyond_the_claim(store: SqlStore, tmp_path: Path) -> None:
+    commits = []
+    event.listen(store.engine, "commit", lambda conn: commits.append(1))
+    machine = compile_text(
+        tmp_path,
+        HEAD
+        + """
+steps:
+  - {id: a, call: rt.echo, with: {value: 1}}
+  - {id: b, call: rt.echo, with: {value: 2}}
+  - {id: c, call: rt.echo, with: {value: 3}}
+""",
+    )
+    runner = Runner(store)
+    store.save_definition(
+        machine.content_hash, machine.workflow_id, machine.version, machine.to_json(), ""
+    )
+    commits.clear()
+    run = runner.start(machine, {})
+    assert run.status == RunStatus.COMPLETED and run.output == 3
+    assert len(commits) == 1 + 3 + 1  # create+claim, one per step, save_definition (no-op upsert)
