@@ -167,6 +167,6 @@ def test_heartbeat_fails_once_the_lease_is_taken(store: SqlStore) -> None:
 
 def test_unreachable_database_is_a_clear_error() -> None:
     with pytest.raises(
-        DatabaseError, match="database postgresql\\+psycopg://nobody:\\*\\*\\*@127.0.0.1:1/x"
+        DatabaseError, match=r"database postgresql\+psycopg://nobody:\*\*\*@127\.0\.0\.1:1/x"
     ):
         open_store("postgresql://nobody:secret@127.0.0.1:1/x")
