@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import inspect
 import logging
@@ -121,13 +122,17 @@ class RegisteredStep:
     is_async: bool
     module: str
 
+    @functools.cached_property
+    def signature(self) -> inspect.Signature:
+        return inspect.signature(self.fn)
+
     def check_arguments(self, kwargs: dict[str, Any]) -> str | None:
         """A message if `kwargs` cannot be passed to the function, else None."""
         params = dict(kwargs)
         if self.ctx_param:
             params[self.ctx_param] = None
         try:
-            inspect.signature(self.fn).bind(**params)
+            self.signature.bind(**params)
         except TypeError as exc:
             return f"{self.name}: {exc}"
         return None

@@ -141,14 +141,15 @@ class Runner:
         run_id: str | None = None,
     ) -> Run:
         """Create a run of `machine` leased to this runner (one commit) and drive it."""
-        self.store.save_definition(
-            machine.content_hash,
-            machine.workflow_id,
-            machine.version,
-            machine.to_json(),
-            machine.source_path,
-        )
-        self._machines[machine.content_hash] = machine
+        if machine.content_hash not in self._machines:  # stored once per runner
+            self.store.save_definition(
+                machine.content_hash,
+                machine.workflow_id,
+                machine.version,
+                machine.to_json(),
+                machine.source_path,
+            )
+            self._machines[machine.content_hash] = machine
         new = NewRun(
             id=run_id or new_run_id(),
             workflow_id=machine.workflow_id,

@@ -208,7 +208,7 @@ class SqlStore:
                 step_started_at=now,
             )
         with self.engine.begin() as c:
-            c.execute(insert(t.runs).values(**values))
+            c.execute(_INSERT_RUN, values)
         return _run(values)
 
     @_translate
@@ -301,8 +301,10 @@ class SqlStore:
             "status": tr.status.value,
             "current_step": tr.current_step,
             "updated_at": now,
-            "active_seconds": t.runs.c.active_seconds + tr.active_seconds,
             "step_running": tr.begin_attempt > 0,
+            "w_id": run_id,
+            "w_owner": lease.owner,
+            "w_active": tr.active_seconds,
         }
         if tr.begin_attempt:
             values.update(current_attempt=tr.begin_attempt, step_started_at=now)
@@ -316,13 +318,7 @@ class SqlStore:
         else:
             values.update(self._lease_values(lease, now))
         with self.engine.begin() as c:
-            stmt = (
-                update(t.runs)
-                .where(t.runs.c.id == run_id, t.runs.c.lease_owner == lease.owner)
-                .values(**values)
-                .returning(t.runs.c.cancel_requested, t.runs.c.parent_run_id, t.runs.c.parent_step)
-            )
-            row = c.execute(stmt).first()
+            row = c.execute(_MOVE_RUN, values).first()
             if row is None:
                 raise LeaseLost(f"run {run_id}: this process no longer holds its lease")
             if tr.record is not None:
@@ -600,12 +596,7 @@ class SqlStore:
         keys: list[str],
         update_cols: list[str],
     ) -> None:
-        dialect_insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
-        stmt = dialect_insert(table).values(**values)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=keys, set_={k: stmt.excluded[k] for k in update_cols}
-        )
-        c.execute(stmt)
+        c.execute(_upsert_statement(self.dialect, table, tuple(keys), tuple(update_cols)), values)
 
     def _insert_ignore(
         self, c: Connection, table: sa.Table, values: dict[str, Any], keys: list[str]
@@ -626,6 +617,28 @@ class SqlStore:
             "lease_expires_at": expires,
             "next_at": expires,
         }
+
+
+_INSERT_RUN = insert(t.runs)
+# The hot path: statements built once, executed with a dict of parameters (SQLAlchemy then
+# reuses the compiled form instead of coercing literal values on every call).
+_MOVE_RUN = (
+    update(t.runs)
+    .where(t.runs.c.id == sa.bindparam("w_id"), t.runs.c.lease_owner == sa.bindparam("w_owner"))
+    .values(active_seconds=t.runs.c.active_seconds + sa.bindparam("w_active", type_=sa.Float))
+    .returning(t.runs.c.cancel_requested, t.runs.c.parent_run_id, t.runs.c.parent_step)
+)
+
+
+@functools.cache
+def _upsert_statement(
+    dialect: str, table: sa.Table, keys: tuple[str, ...], update_cols: tuple[str, ...]
+) -> Any:
+    dialect_insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    stmt = dialect_insert(table)
+    return stmt.on_conflict_do_update(
+        index_elements=list(keys), set_={k: stmt.excluded[k] for k in update_cols}
+    )
 
 
 _NO_LEASE: dict[str, Any] = {

@@ -1,0 +1,44 @@
+"""DBOS side of the benchmarks, in its own process (DBOS is a process-wide singleton).
+
+usage: python bench/dbos_side.py DATABASE_URL RUNS  ->  prints workflows/s of a 3-step no-op
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from dbos import DBOS, DBOSConfig
+
+
+@DBOS.step()
+def noop(i: int) -> int:
+    return i
+
+
+@DBOS.workflow()
+def three_steps() -> int:
+    return noop(1) + noop(2) + noop(3)
+
+
+def main() -> None:
+    url, runs = sys.argv[1], int(sys.argv[2])
+    config: DBOSConfig = {
+        "name": "durable-yaml-bench",
+        "system_database_url": url,
+        "run_admin_server": False,
+    }
+    DBOS(config=config)
+    DBOS.launch()
+    for _ in range(20):
+        three_steps()
+    start = time.perf_counter()
+    for _ in range(runs):
+        three_steps()
+    elapsed = time.perf_counter() - start
+    print(f"{runs / elapsed:.1f}")
+    DBOS.destroy()
+
+
+if __name__ == "__main__":
+    main()
