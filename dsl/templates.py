@@ -30,9 +30,18 @@ __all__ = [
     "when_expression",
 ]
 
-_ENV = ImmutableSandboxedEnvironment(
-    undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True
-)
+
+class _Environment(ImmutableSandboxedEnvironment):
+    """Keys of a mapping win over its methods: `payload.items` is the payload's `items`
+    field, never `dict.items`."""
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        if isinstance(obj, Mapping) and attribute in obj:
+            return obj[attribute]
+        return super().getattr(obj, attribute)
+
+
+_ENV = _Environment(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True)
 _ENV.filters["tojson"] = lambda v: json.dumps(v, sort_keys=True)
 _ONE_EXPR = re.compile(r"^\s*\{\{(?P<expr>.*?)\}\}\s*$", re.DOTALL)
 

@@ -63,6 +63,10 @@ def _read_payload(payload: str | None, payload_file: str | None) -> Any:
             raise click.UsageError(f"cannot read {payload_file}: {exc.strerror}") from None
     if text is None:
         return None
+    return _read_json(text, source)
+
+
+def _read_json(text: str, source: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
@@ -111,9 +115,24 @@ class LiveReporter:
         elif isinstance(outcome, Suspended):
             pass
 
-    def waiting(self, run: Run, state: State, until: float | None) -> None:
+    def waiting(
+        self, run: Run, state: State, until: float | None, wait: dict[str, Any] | None
+    ) -> None:
         name = state.id.ljust(self.width)
-        if until is None:
+        wait = wait or {}
+        if wait.get("kind") == "token":
+            click.echo(f"  {click.style('…', fg='cyan')} {name} waiting for token {wait['token']}")
+        elif wait.get("kind") == "event":
+            click.echo(
+                f"  {click.style('…', fg='cyan')} {name} waiting for event {wait['event']}"
+                f" matching {json.dumps(wait.get('match') or {})}"
+            )
+        elif wait.get("kind") == "child":
+            click.echo(
+                f"  {click.style('…', fg='cyan')} {name} running child {wait['workflow']} "
+                f"({wait['run_id']})"
+            )
+        elif until is None:
             click.echo(f"  {click.style('…', fg='cyan')} {name} waiting ({state.label})")
         else:
             left = max(0.0, until - time.time())
@@ -131,9 +150,7 @@ def _finish(engine: Engine, run: Run) -> None:
         return
     if run.status == RunStatus.WAITING:
         click.echo(f"{click.style('waiting', fg='cyan')} run {run.id} at step {run.current_step}")
-        click.echo(
-            f"continue it with the event, token or child it waits for, then: durable-yaml resume {run.id}"
-        )
+        click.echo(_how_to_continue(engine, run))
         sys.exit(EXIT_WAITING)
     colour = "red" if run.status == RunStatus.FAILED else "yellow"
     click.echo(f"{click.style(run.status.value, fg=colour)} run {run.id}: {run.error}")
@@ -141,6 +158,20 @@ def _finish(engine: Engine, run: Run) -> None:
         f"after fixing the cause: durable-yaml resume {run.id}  (or: durable-yaml runs replay {run.id})"
     )
     sys.exit(1)
+
+
+def _how_to_continue(engine: Engine, run: Run) -> str:
+    step = next((s for s in engine.store.get_steps(run.id) if s.step_key == run.current_step), None)
+    wait = (step.wait if step else None) or {}
+    then = f"then `durable-yaml resume {run.id}` (or let a worker continue it)"
+    if wait.get("kind") == "event":
+        match = json.dumps(wait.get("match") or {})
+        return f"it waits for event {wait['event']}: `durable-yaml send {wait['event']} --payload '{match}'`, {then}"
+    if wait.get("kind") == "token":
+        return f"it waits for token {wait['token']}: `durable-yaml complete {wait['token']} --data JSON`, {then}"
+    if wait.get("kind") == "child":
+        return f"it waits for child run {wait['run_id']}: `durable-yaml resume {wait['run_id']}`, {then}"
+    return f"continue it with `durable-yaml resume {run.id}`"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -241,6 +272,116 @@ def resume(run_id: str, db: str | None, modules: tuple[str, ...], workflows: str
         f"resuming run {run_id} of {before.workflow_id} v{before.version} at step {before.current_step}"
     )
     _finish(engine, engine.resume(run_id, LiveReporter()))
+
+
+@cli.command()
+@click.argument("event")
+@click.option("--payload", help="The event payload as JSON (default {}).")
+@click.option("--idempotency-key", help="At most one set of runs per key (kept 30 days).")
+@settings_options
+def send(
+    event: str,
+    payload: str | None,
+    idempotency_key: str | None,
+    db: str | None,
+    modules: tuple[str, ...],
+    workflows: str | None,
+) -> None:
+    """Record EVENT: queue the runs it triggers, resume the runs waiting for it."""
+    data = _read_payload(payload, None)
+    engine = Engine(
+        resolve_settings(db=db, modules=modules, workflows=workflows), import_steps=False
+    )
+    sent = engine.send_event(event, {} if data is None else data, idempotency_key)
+    if sent.duplicate:
+        click.echo(
+            f"idempotency key {idempotency_key!r} was used already: nothing new was queued",
+            err=True,
+        )
+    for run_id in sent.run_ids:
+        click.echo(f"{'already queued' if sent.duplicate else 'queued'} {run_id}")
+    for run_id in sent.resumed:
+        click.echo(f"resumed {run_id}")
+    if not sent.run_ids and not sent.resumed and not sent.duplicate:
+        click.echo(
+            f"event {event} recorded; no workflow is triggered by it and no run waits for it"
+        )
+
+
+@cli.command()
+@click.argument("token")
+@click.option("--data", help="The step's output as JSON (default null).")
+@settings_options
+def complete(
+    token: str, data: str | None, db: str | None, modules: tuple[str, ...], workflows: str | None
+) -> None:
+    """Complete a wait_for_token step with DATA."""
+    value = None if data is None else _read_json(data, "--data")
+    engine = Engine(resolve_settings(db=db, workflows=workflows), import_steps=False)
+    run_id = engine.complete_token(token, value)
+    click.echo(
+        f"completed; run {run_id} continues (a worker picks it up, or: durable-yaml resume {run_id})"
+    )
+
+
+@cli.command()
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 1000),
+    default=4,
+    show_default=True,
+    help="Runs executed at once by this process.",
+)
+@click.option(
+    "--queue", "queues", multiple=True, metavar="Q", help="Only these queues (repeatable)."
+)
+@click.option(
+    "--grace",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="Seconds in-flight steps get to finish on SIGTERM/SIGINT.",
+)
+@click.option("--no-schedules", is_flag=True, help="Do not fire cron schedules here.")
+@click.option(
+    "--lease-seconds",
+    type=click.FloatRange(1, 3600),
+    default=30.0,
+    show_default=True,
+    help="How long a run stays leased without a heartbeat (then others take it).",
+)
+@settings_options
+def worker(
+    concurrency: int,
+    queues: tuple[str, ...],
+    grace: float,
+    no_schedules: bool,
+    lease_seconds: float,
+    db: str | None,
+    modules: tuple[str, ...],
+    workflows: str | None,
+) -> None:
+    """Execute queued runs, fire cron schedules and wake timers until stopped."""
+    import logging
+
+    from .worker import Worker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    engine = _engine(db, modules, workflows)
+    engine.refresh_catalog()
+    w = Worker(
+        engine,
+        concurrency=concurrency,
+        queues=queues,
+        grace=grace,
+        schedules=not no_schedules,
+        lease_seconds=lease_seconds,
+    )
+    click.echo(w.status_line())
+    for p in engine.catalog.problems:
+        click.echo(f"  skipped: {p}", err=True)
+    w.run()
+    click.echo("worker stopped")
 
 
 @cli.group()

@@ -16,6 +16,7 @@ __all__ = [
     "RunBusy",
     "StepFailed",
     "StepOutputInvalid",
+    "TokenError",
     "UnknownStep",
 ]
 
@@ -81,3 +82,7 @@ class LeaseLost(EngineError):
 
 class DatabaseError(EngineError):
     """The database cannot be reached or is in a state this version cannot use."""
+
+
+class TokenError(EngineError):
+    """A token is unknown or was completed already."""

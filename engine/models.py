@@ -11,10 +11,13 @@ __all__ = [
     "Attempt",
     "Lease",
     "LogEntry",
+    "NewEvent",
     "NewLog",
     "NewRun",
+    "QueueLimits",
     "Run",
     "RunStatus",
+    "Sent",
     "StepRecord",
     "StepState",
     "StepStatus",
@@ -200,3 +203,31 @@ class Transition:
 @dataclass(frozen=True)
 class TransitionResult:
     cancel_requested: bool
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    id: str
+    name: str
+    payload: Any
+    idempotency_key: str | None = None
+    source_run_id: str | None = None  # set when a run's send_event step emitted it
+    source_step: str | None = None
+
+
+@dataclass(frozen=True)
+class QueueLimits:
+    name: str
+    concurrency: int | None = None
+    rate_limit: int | None = None
+    rate_period: float | None = None
+
+
+@dataclass(frozen=True)
+class Sent:
+    """What recording an event or a trigger did."""
+
+    run_ids: tuple[str, ...]
+    resumed: tuple[str, ...] = ()
+    duplicate: bool = False  # the idempotency key had been used: nothing new was stored
+    event_id: str | None = None

@@ -8,12 +8,10 @@ one is executed again with the same idempotency key.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import threading
 import time
-import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -23,13 +21,23 @@ from typing import Any, Protocol
 from dsl import Machine, State, TemplateError, compile_expression, render_value
 
 from .errors import EngineError, LeaseLost
-from .models import Lease, NewRun, Run, RunStatus, StepRecord, StepState, StepStatus, Transition
-from .registry import StepContext, StepLogger, get_step
-from .retry import is_retryable
+from .executor import Attempt, Host, execute
+from .models import (
+    ACTIVE_STATUSES,
+    Lease,
+    NewRun,
+    Run,
+    RunStatus,
+    StepRecord,
+    StepState,
+    StepStatus,
+    Transition,
+)
+from .registry import StepLogger
 from .store import Store
 from .transitions import Done, Failed, Outcome, Skipped, Suspended, decide
 
-__all__ = ["Reporter", "Runner", "new_lease", "new_run_id"]
+__all__ = ["Host", "Reporter", "Runner", "new_lease", "new_run_id"]
 
 MAX_INTERRUPTIONS = 3  # extra attempts granted to a step whose process died mid-attempt
 TIMER_KINDS = ("wait", "wait_until")
@@ -55,7 +63,9 @@ class Reporter(Protocol):
     def step_ended(
         self, run: Run, state: State, attempt: int, outcome: Outcome, seconds: float
     ) -> None: ...
-    def waiting(self, run: Run, state: State, until: float | None) -> None: ...
+    def waiting(
+        self, run: Run, state: State, until: float | None, wait: dict[str, Any] | None
+    ) -> None: ...
 
 
 class _Silent:
@@ -64,7 +74,9 @@ class _Silent:
     def step_ended(
         self, run: Run, state: State, attempt: int, outcome: Outcome, seconds: float
     ) -> None: ...
-    def waiting(self, run: Run, state: State, until: float | None) -> None: ...
+    def waiting(
+        self, run: Run, state: State, until: float | None, wait: dict[str, Any] | None
+    ) -> None: ...
 
 
 @dataclass
@@ -107,23 +119,32 @@ class _Heartbeat:
 
 
 class Runner:
+    """Drives runs. `foreground` (the `run`/`resume` commands) sleeps through timers and
+    back-offs holding the lease and executes child runs inline; otherwise (a worker) every
+    wait releases the run to whoever claims it when it is due."""
+
     def __init__(
         self,
         store: Store,
         lease: Lease | None = None,
         *,
         foreground: bool = True,
+        host: Host | None = None,
         reporter: Reporter | None = None,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
+        should_stop: Callable[[], bool] = lambda: False,
     ) -> None:
         self.store = store
         self.lease = lease or new_lease()
         self.foreground = foreground
+        self.host = host
         self.reporter = reporter or _Silent()
         self.clock = clock
         self.sleep = sleep
+        self.should_stop = should_stop
         self._machines: dict[str, Machine] = {}
+        self._commit_lock = threading.Lock()
 
     # entry points -----------------------------------------------------------------------
     def machine(self, content_hash: str) -> Machine:
@@ -138,7 +159,7 @@ class Runner:
         machine: Machine,
         payload: Any,
         trigger: dict[str, Any] | None = None,
-        run_id: str | None = None,
+        new: NewRun | None = None,
     ) -> Run:
         """Create a run of `machine` leased to this runner (one commit) and drive it."""
         if machine.content_hash not in self._machines:  # stored once per runner
@@ -150,8 +171,8 @@ class Runner:
                 machine.source_path,
             )
             self._machines[machine.content_hash] = machine
-        new = NewRun(
-            id=run_id or new_run_id(),
+        new = new or NewRun(
+            id=new_run_id(),
             workflow_id=machine.workflow_id,
             version=machine.version,
             definition_hash=machine.content_hash,
@@ -166,12 +187,15 @@ class Runner:
         return self._drive(_Live(run, machine, {}, self.clock()))
 
     def drive(self, run_id: str) -> Run:
-        """Claim the run and drive it until it ends, waits for something external, or (in
-        the background) waits for a timer."""
-        run = self.store.claim_run(run_id, self.lease, self.clock())
-        if run.finished:
+        """Claim the run and drive it until it ends or waits for something that is not ours
+        to sleep through."""
+        return self.drive_claimed(self.store.claim_run(run_id, self.lease, self.clock()))
+
+    def drive_claimed(self, run: Run) -> Run:
+        """Drive a run this runner's lease already holds (claim_run or claim_next_run)."""
+        if run.finished or run.lease_owner != self.lease.owner:
             return run
-        steps = {s.step_key: s for s in self.store.get_steps(run_id)}
+        steps = {s.step_key: s for s in self.store.get_steps(run.id)}
         return self._drive(_Live(run, self.machine(run.definition_hash), steps, self.clock()))
 
     # the loop ---------------------------------------------------------------------------
@@ -186,6 +210,9 @@ class Runner:
                         self._commit(
                             live, Transition(RunStatus.CANCELLED, error="cancelled"), logger
                         )
+                        break
+                    if self.should_stop() and not live.run.step_running:
+                        self.store.release(live.run.id, self.lease, self.clock())
                         break
                     self._step(live, logger)
         except KeyboardInterrupt:
@@ -211,9 +238,14 @@ class Runner:
             if stored.status == StepStatus.RETRYING:  # back-off over: claiming begins an attempt
                 live.run = self.store.claim_run(run.id, self.lease, now)
                 return
-            resumed = self._resumed(state, stored)
             transition = self._decide(
-                live, state, stored.attempts, stored.started_at, resumed, logger, 0.0
+                live,
+                state,
+                stored.attempts,
+                stored.started_at,
+                self._resumed(state, stored),
+                logger,
+                0.0,
             )
             if transition.record is not None:  # keep what the step waited for, for history
                 kept = replace(transition.record, wake_at=stored.wake_at, wait=stored.wait)
@@ -235,65 +267,86 @@ class Runner:
         self.reporter.step_ended(run, state, attempt, outcome, elapsed)
         transition = self._decide(live, state, attempt, now, outcome, logger, elapsed)
         self._commit(live, transition, logger)
+        if isinstance(outcome, Suspended) and transition.release:
+            self.reporter.waiting(live.run, state, outcome.wake_at, outcome.wait)
+            if self.foreground and state.kind == "run_workflow":
+                self._park(live, state, live.steps[state.id])
 
     def _park(self, live: _Live, state: State, stored: StepState) -> None:
-        """A step that is not due: sleep through a timer in the foreground, else let go."""
-        self.reporter.waiting(live.run, state, stored.wake_at)
-        if (
-            self.foreground
-            and stored.wake_at is not None
-            and (state.kind in TIMER_KINDS or stored.status == StepStatus.RETRYING)
-        ):
-            self.sleep(max(0.0, stored.wake_at - self.clock()))
+        """A step that is not due: sleep through a timer in the foreground, run a child
+        inline in the foreground, else let the run go."""
+        if live.run.lease_owner == self.lease.owner:
+            self.reporter.waiting(live.run, state, stored.wake_at, stored.wait)
+        timer = state.kind in TIMER_KINDS or stored.status == StepStatus.RETRYING
+        if self.foreground and timer and stored.wake_at is not None:
+            if live.run.lease_owner == self.lease.owner:
+                self.sleep(max(0.0, stored.wake_at - self.clock()))
             live.run = self.store.claim_run(live.run.id, self.lease, self.clock())
             return
-        transition = Transition(
-            RunStatus.WAITING,
-            current_step=state.id,
-            release=True,
-            next_at=stored.wake_at,
-            error=live.run.error,
-        )
-        self._commit(live, transition, StepLogger())
+        if live.run.lease_owner == self.lease.owner:
+            self._commit(
+                live,
+                Transition(
+                    RunStatus.WAITING,
+                    current_step=state.id,
+                    release=True,
+                    next_at=stored.wake_at,
+                    error=live.run.error,
+                ),
+                StepLogger(),
+            )
+        child = (stored.wait or {}).get("run_id")
+        if self.foreground and state.kind == "run_workflow" and child:
+            Runner(
+                self.store,
+                foreground=True,
+                host=self.host,
+                reporter=self.reporter,
+                clock=self.clock,
+                sleep=self.sleep,
+            ).drive(child)
+            reclaimed = self.store.claim_run(live.run.id, self.lease, self.clock())
+            if reclaimed.lease_owner == self.lease.owner and not reclaimed.finished:
+                live.run = reclaimed
+                live.steps = {s.step_key: s for s in self.store.get_steps(live.run.id)}
 
     def _commit(self, live: _Live, transition: Transition, logger: StepLogger) -> None:
-        logs = transition.logs + tuple(logger.drain())
-        transition = replace(transition, logs=logs)
-        now = self.clock()
-        result = self.store.commit_transition(live.run.id, self.lease, transition, now)
-        rec = transition.record
-        if rec is not None:
-            live.steps[rec.step_key] = StepState(
-                live.run.id,
-                rec.step_key,
-                rec.status,
-                rec.attempt,
-                rec.output,
-                rec.error,
-                rec.started_at,
-                now,
-                rec.wake_at,
-                rec.wait,
-                None,
+        with self._commit_lock:
+            logs = transition.logs + tuple(logger.drain())
+            transition = replace(transition, logs=logs)
+            now = self.clock()
+            result = self.store.commit_transition(live.run.id, self.lease, transition, now)
+            rec = transition.record
+            if rec is not None:
+                live.steps[rec.step_key] = StepState(
+                    live.run.id,
+                    rec.step_key,
+                    rec.status,
+                    rec.attempt,
+                    rec.output,
+                    rec.error,
+                    rec.started_at,
+                    now,
+                    rec.wake_at,
+                    rec.wait,
+                    None,
+                )
+            live.run = replace(
+                live.run,
+                status=transition.status,
+                current_step=transition.current_step,
+                current_attempt=transition.begin_attempt or live.run.current_attempt,
+                step_running=transition.begin_attempt > 0,
+                error=transition.error if transition.error is not None else live.run.error,
+                output=transition.output
+                if transition.status == RunStatus.COMPLETED
+                else live.run.output,
+                active_seconds=live.run.active_seconds + transition.active_seconds,
+                cancel_requested=result.cancel_requested,
+                lease_owner=None if transition.release else live.run.lease_owner,
+                updated_at=now,
+                finished_at=now if transition.status not in ACTIVE_STATUSES else None,
             )
-        live.run = replace(
-            live.run,
-            status=transition.status,
-            current_step=transition.current_step,
-            current_attempt=transition.begin_attempt or live.run.current_attempt,
-            step_running=transition.begin_attempt > 0,
-            error=transition.error if transition.error is not None else live.run.error,
-            output=transition.output
-            if transition.status == RunStatus.COMPLETED
-            else live.run.output,
-            active_seconds=live.run.active_seconds + transition.active_seconds,
-            cancel_requested=result.cancel_requested,
-            lease_owner=None if transition.release else live.run.lease_owner,
-            updated_at=now,
-            finished_at=now
-            if transition.status not in (RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.WAITING)
-            else None,
-        )
 
     def _decide(
         self,
@@ -305,6 +358,10 @@ class Runner:
         logger: StepLogger,
         elapsed: float,
     ) -> Transition:
+        # The foreground keeps its lease through timers and back-offs it sleeps through; any
+        # other wait releases the run at once, so whatever ends the wait can wake it.
+        timer = isinstance(outcome, Suspended) and outcome.wait.get("kind") == "timer"
+        hold = self.foreground and (timer or isinstance(outcome, Failed))
         return decide(
             live.machine,
             state,
@@ -314,7 +371,7 @@ class Runner:
             self.clock(),
             run_error=live.run.error,
             run_output=lambda record: self._output(live, record),
-            hold_lease=self.foreground,
+            hold_lease=hold,
             active_seconds=elapsed,
             logs=tuple(logger.drain()),
         )
@@ -325,7 +382,7 @@ class Runner:
     ) -> Outcome:
         field = f"steps.{state.id}"
         machine = live.machine
-        remaining = None
+        timeout = state.timeout
         if machine.timeout is not None:
             remaining = machine.timeout - live.run.active_seconds
             if remaining <= 0:
@@ -334,85 +391,51 @@ class Runner:
                     f"the run exceeded its timeout of {machine.timeout:g}s",
                     retryable=False,
                 )
+            if state.kind in ("call", "for_each"):
+                timeout = remaining if timeout is None else min(timeout, remaining)
+        scope = self._scope(live)
         try:
-            scope = self._scope(live)
             if state.when is not None and not compile_expression(
                 "{{ " + state.when + " }}", f"{field}.when"
             ).evaluate(scope, f"{field}.when"):
                 return Skipped()
-            cfg = state.config
-            if state.kind == "log":
-                message = str(render_value(cfg["message"], scope, f"{field}.log"))
-                logger.bind(state.id, attempt).log(cfg.get("level", "info"), message)
-                return Done(message)
-            if state.kind == "call":
-                timeout = (
-                    state.timeout
-                    if remaining is None
-                    else min(state.timeout or remaining, remaining)
-                )
-                kwargs = render_value(cfg["with"], scope, f"{field}.with")
-                return self._call(
-                    live.run,
-                    state,
-                    cfg["function"],
-                    kwargs,
-                    attempt,
-                    timeout,
-                    logger.bind(state.id, attempt),
-                )
-            if state.kind == "wait":
-                return self._timer(now + float(cfg["seconds"]), now)
-            if state.kind == "wait_until":
-                at = render_value(cfg["at"], scope, f"{field}.wait_until")
-                return self._timer(_parse_instant(at, f"{field}.wait_until"), now)
         except TemplateError as exc:
             return Failed("TemplateError", str(exc), retryable=False)
-        return Failed(
-            "Unsupported",
-            f"step kind `{state.kind}` is not executed by this version of durable-yaml yet",
-            retryable=False,
+        done_items = (
+            {
+                int(key[len(state.id) + 1 : -1]): st.output
+                for key, st in live.steps.items()
+                if key.startswith(state.id + "[") and st.status == StepStatus.COMPLETED
+            }
+            if state.kind == "for_each"
+            else {}
         )
 
-    def _timer(self, wake_at: float, now: float) -> Outcome:
-        return Done(None) if wake_at <= now else Suspended(wake_at, {"kind": "timer"})
+        def record_item(index: int, item_attempt: int, started: float, output: Any) -> None:
+            record = StepRecord(
+                f"{state.id}[{index}]", StepStatus.COMPLETED, item_attempt, started, output=output
+            )
+            self._commit(
+                live,
+                Transition(RunStatus.RUNNING, record, current_step=state.id, begin_attempt=attempt),
+                logger,
+            )
 
-    def _call(
-        self,
-        run: Run,
-        state: State,
-        function: str,
-        kwargs: dict[str, Any],
-        attempt: int,
-        timeout: float | None,
-        logger: StepLogger,
-    ) -> Outcome:
-        try:
-            registered = get_step(function)
-        except EngineError as exc:
-            return Failed("UnknownStep", f"{exc} (steps.{state.id}.call)", retryable=False)
-        problem = registered.check_arguments(kwargs)
-        if problem:
-            return Failed("TypeError", f"{problem} (steps.{state.id}.with)", retryable=False)
-        ctx = StepContext(run.id, state.id, attempt, f"{run.id}:{state.id}", logger)
-        try:
-            value = registered.invoke(kwargs, ctx, timeout)
-        except Exception as exc:
-            retryable = state.retry is not None and is_retryable(state.retry, exc)
-            status = "timed_out" if isinstance(exc, TimeoutError) else "failed"
-            return Failed(
-                type(exc).__name__, str(exc) or repr(exc), retryable, traceback.format_exc(), status
+        return execute(
+            Attempt(
+                live.run,
+                state,
+                attempt,
+                scope,
+                logger,
+                now,
+                timeout,
+                self.host,
+                done_items,
+                record_item,
+                self.sleep,
             )
-        try:
-            json.dumps(value, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            return Failed(
-                "StepOutputInvalid",
-                f"steps.{state.id}: `{function}` returned a "
-                f"{type(value).__name__}, which is not JSON data ({exc})",
-                retryable=False,
-            )
-        return Done(value)
+        )
 
     def _resumed(self, state: State, stored: StepState) -> Outcome:
         if stored.resume_data is None:  # the wake time passed
@@ -420,14 +443,18 @@ class Runner:
                 return Done(None)
             return Failed(
                 "TimeoutError",
-                f"steps.{state.id} timed out waiting",
+                f"steps.{state.id} timed out after {state.timeout or 0:g}s waiting",
                 retryable=True,
                 attempt_status="timed_out",
             )
         data = stored.resume_data
         if isinstance(data, dict) and data.get("status") in ("failed", "cancelled"):
-            return Failed("ChildFailed", str(data.get("error")), retryable=True)
-        return Done(data.get("output") if isinstance(data, dict) and "output" in data else data)
+            return Failed(
+                "ChildFailed",
+                f"child run {data.get('run_id')} {data['status']}: {data.get('error')}",
+                retryable=True,
+            )
+        return Done(data.get("output") if isinstance(data, dict) else data)
 
     # templates ------------------------------------------------------------------------------
     def _scope(self, live: _Live) -> dict[str, Any]:
@@ -473,15 +500,3 @@ class Runner:
 
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat()
-
-
-def _parse_instant(value: Any, field: str) -> float:
-    if not isinstance(value, str):
-        raise TemplateError(field, f"expected an ISO-8601 timestamp, got {value!r}")
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise TemplateError(field, f"{value!r} is not an ISO-8601 timestamp") from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
-    return parsed.timestamp()

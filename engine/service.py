@@ -12,12 +12,20 @@ from typing import Any
 
 import jsonschema
 
-from dsl import Catalog, Machine, WorkflowInvalid, check_file, check_paths
+from dsl import (
+    Catalog,
+    Machine,
+    TemplateError,
+    WorkflowInvalid,
+    check_file,
+    check_paths,
+    render_value,
+)
 
 from .errors import ConfigError, NotFound, PayloadInvalid
-from .models import Run
+from .models import NewEvent, NewRun, QueueLimits, Run, Sent
 from .registry import import_modules, registered_names
-from .runner import Reporter, Runner
+from .runner import Reporter, Runner, new_run_id
 from .settings import Settings, resolve_settings
 from .store import SqlStore, open_store
 
@@ -47,6 +55,7 @@ class Engine:
             import_modules(self.settings.modules, self.settings.project_dir)
         self._store: SqlStore | None = None
         self._catalog: Catalog | None = None
+        self._saved: set[str] = set()
 
     @property
     def store(self) -> SqlStore:
@@ -72,6 +81,31 @@ class Engine:
             )
         return self._catalog
 
+    def _folder_signature(self) -> tuple[tuple[str, float], ...]:
+        folder = Path(self.settings.workflows)
+        if not folder.is_dir():
+            return ()
+        return tuple(
+            sorted(
+                (str(p), p.stat().st_mtime)
+                for p in folder.rglob("*")
+                if p.suffix in (".yaml", ".yml")
+            )
+        )
+
+    def refresh_catalog(self) -> bool:
+        """Re-read the workflows folder if a file was added, changed or removed."""
+        signature = self._folder_signature()
+        if signature == getattr(self, "_signature", None):
+            return False
+        self._signature = signature
+        self._catalog = None
+        return True
+
+    def save_all_definitions(self) -> None:
+        for machine in self.catalog.workflows.values():
+            self._save(machine)
+
     def workflow(self, ref: str) -> Machine:
         """A workflow by file path or by id in the workflows folder; invalid -> WorkflowInvalid."""
         path = Path(ref)
@@ -95,6 +129,140 @@ class Engine:
                 f"no workflow has id `{ref}` in {self.settings.workflows} (known: {known}){hint}"
             )
         return machine
+
+    def event_workflows(self, name: str) -> list[Machine]:
+        """Workflows of the folder triggered by event `name`."""
+        return [
+            m
+            for m in self.catalog.workflows.values()
+            if m.trigger.kind == "event" and m.trigger.event == name
+        ]
+
+    def _save(self, machine: Machine) -> None:
+        """Store the definition and its queue's limits once per process."""
+        if machine.content_hash in self._saved:
+            return
+        self.store.save_definition(
+            machine.content_hash,
+            machine.workflow_id,
+            machine.version,
+            machine.to_json(),
+            machine.source_path,
+        )
+        q = machine.queue
+        self.store.save_queue_limits(
+            [QueueLimits(q.name, q.concurrency, q.rate_limit, q.rate_period)]
+        )
+        self._saved.add(machine.content_hash)
+
+    def new_run(
+        self,
+        machine: Machine,
+        payload: Any,
+        trigger: dict[str, Any],
+        *,
+        idempotency_key: str | None = None,
+        delay: float | None = None,
+        parent: tuple[str, str] | None = None,
+        run_id: str | None = None,
+        now: float | None = None,
+    ) -> NewRun:
+        """A run ready to store: payload checked, concurrency key rendered, definition saved."""
+        now = time.time() if now is None else now
+        validate_payload(machine, payload)
+        key = None
+        if machine.concurrency_key is not None:
+            try:
+                rendered = render_value(
+                    machine.concurrency_key,
+                    {"payload": payload, "trigger": trigger},
+                    "concurrency_key",
+                )
+            except TemplateError as exc:
+                raise PayloadInvalid(machine.workflow_id, "concurrency_key", exc.message) from None
+            key = None if rendered is None else str(rendered)
+        self._save(machine)
+        return NewRun(
+            id=run_id or new_run_id(),
+            workflow_id=machine.workflow_id,
+            version=machine.version,
+            definition_hash=machine.content_hash,
+            payload=payload,
+            first_step=machine.start,
+            queue=machine.queue.name,
+            concurrency_key=key,
+            priority=machine.priority,
+            trigger=trigger,
+            parent_run_id=parent[0] if parent else None,
+            parent_step=parent[1] if parent else None,
+            idempotency_key=idempotency_key,
+            available_at=now + delay if delay else None,
+        )
+
+    def send_event(
+        self,
+        name: str,
+        payload: Any,
+        idempotency_key: str | None = None,
+        source: tuple[str, str] | None = None,
+    ) -> Sent:
+        """Queue a run of every workflow `name` triggers and resume every matching wait.
+        Every payload is checked first: all or nothing."""
+        now = time.time()
+        trigger = {"kind": "event", "event": name}
+        event = NewEvent(
+            new_run_id(),
+            name,
+            payload,
+            idempotency_key,
+            source[0] if source else None,
+            source[1] if source else None,
+        )
+        trigger["event_id"] = event.id
+        runs = [
+            self.new_run(m, payload, trigger, idempotency_key=idempotency_key, now=now)
+            for m in self.event_workflows(name)
+        ]
+        return self.store.send(runs, now, event=event, idempotency_key=idempotency_key)
+
+    def trigger(
+        self,
+        workflow_id: str,
+        payload: Any,
+        idempotency_key: str | None = None,
+        delay: float | None = None,
+    ) -> Sent:
+        """Queue one run of a workflow (for workers to execute)."""
+        machine = self.workflow(workflow_id)
+        now = time.time()
+        payload, trigger = self.initial_payload(machine, payload, now)
+        new = self.new_run(
+            machine, payload, trigger, idempotency_key=idempotency_key, delay=delay, now=now
+        )
+        return self.store.send([new], now, idempotency_key=idempotency_key)
+
+    def complete_token(self, token: str, data: Any) -> str:
+        return self.store.complete_token(token, data, time.time())
+
+    # Host: what steps may ask of the engine -------------------------------------------------
+    def emit_event(self, name: str, payload: Any, source: tuple[str, str]) -> Sent:
+        return self.send_event(name, payload, source=source)
+
+    def start_child(
+        self, workflow_id: str, payload: Any, parent: tuple[str, str], child_id: str
+    ) -> None:
+        """Queue the child run `child_id` unless it exists (a re-executed step)."""
+        try:
+            self.store.get_run(child_id)
+            return
+        except NotFound:
+            pass
+        machine = self.catalog.get(workflow_id)
+        if machine is None:
+            raise NotFound(f"no workflow has id `{workflow_id}` in {self.settings.workflows}")
+        trigger = {"kind": "parent", "run_id": parent[0], "step": parent[1]}
+        new = self.new_run(machine, payload, trigger, parent=parent, run_id=child_id)
+        self.store.send([new], time.time())
 
     # runs ---------------------------------------------------------------------------------
     def initial_payload(
@@ -120,12 +288,14 @@ class Engine:
         """Validate the payload, then create and drive a run in this process."""
         now = time.time()
         payload, trigger = self.initial_payload(machine, payload, now)
-        validate_payload(machine, payload)
-        runner = Runner(self.store, foreground=True, reporter=reporter)
-        return runner.start(machine, payload, trigger)
+        new = self.new_run(machine, payload, trigger, now=now)
+        return self.runner(reporter).start(machine, payload, new=new)
+
+    def runner(self, reporter: Reporter | None = None) -> Runner:
+        return Runner(self.store, foreground=True, host=self, reporter=reporter)
 
     def resume(self, run_id: str, reporter: Reporter | None = None) -> Run:
-        return Runner(self.store, foreground=True, reporter=reporter).drive(run_id)
+        return self.runner(reporter).drive(run_id)
 
     def replay(self, run_id: str, reporter: Reporter | None = None) -> Run:
         """A new run with the same payload, on the workflow's current definition if it is in
@@ -134,9 +304,9 @@ class Engine:
         machine = self.catalog.get(original.workflow_id)
         if machine is None:
             machine = Machine.from_json(self.store.load_definition(original.definition_hash))
-        validate_payload(machine, original.payload)
-        runner = Runner(self.store, foreground=True, reporter=reporter)
-        return runner.start(machine, original.payload, {**original.trigger, "replay_of": run_id})
+        trigger = {**original.trigger, "replay_of": run_id}
+        new = self.new_run(machine, original.payload, trigger)
+        return self.runner(reporter).start(machine, original.payload, new=new)
 
     def check_modules(self) -> None:
         if not self.settings.modules:

@@ -72,6 +72,7 @@ def run_detail(store: Store, run: Run) -> dict[str, Any]:
                 "started_at": iso(st.started_at) if st else None,
                 "finished_at": iso(st.finished_at) if st else None,
                 "wake_at": iso(st.wake_at) if st else None,
+                "wait": st.wait if st else None,
                 "attempt_history": history,
             }
         )

@@ -99,7 +99,9 @@ Index("dy_runs_created", runs.c.created_at, runs.c.id)
 Index("dy_runs_status", runs.c.status, runs.c.created_at)
 Index("dy_runs_workflow", runs.c.workflow_id, runs.c.created_at)
 Index("dy_runs_parent", runs.c.parent_run_id)
-Index("dy_runs_queue_status", runs.c.queue, runs.c.status)
+Index("dy_runs_queue_status", runs.c.queue, runs.c.status, runs.c.concurrency_key)
+Index("dy_runs_queue_started", runs.c.queue, runs.c.started_at)
+Index("dy_runs_idempotency", runs.c.idempotency_key)
 
 steps = Table(
     "dy_steps",

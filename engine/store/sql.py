@@ -8,8 +8,6 @@ dialect's `ON CONFLICT`.
 
 from __future__ import annotations
 
-import functools
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
@@ -35,6 +33,22 @@ from ..models import (
     TransitionResult,
 )
 from . import schema as t
+from .events import EventOps, new_run_values
+from .queueing import QueueOps
+from .schedules import ScheduleOps
+from .sqlutil import (
+    INSERT_RUN,
+    MOVE_RUN,
+    NO_LEASE,
+    now_ts,
+    pid_alive,
+    run_from_row,
+    sqlite_begin,
+    sqlite_connect,
+    step_from_row,
+    translate,
+    upsert_statement,
+)
 
 __all__ = ["SqlStore", "normalise_url"]
 
@@ -52,35 +66,7 @@ def normalise_url(url: str) -> str:
     return url
 
 
-def _translate(fn: Callable[P, R]) -> Callable[P, R]:
-    """Turn driver errors into DatabaseError with the (password-free) URL."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return fn(*args, **kwargs)
-        except sa.exc.SQLAlchemyError as exc:
-            store = args[0]
-            url = make_url(store.url).render_as_string(hide_password=True)  # type: ignore[attr-defined]
-            detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-            raise DatabaseError(f"database {url}: {detail}") from exc
-
-    return wrapper
-
-
-def _pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class SqlStore:
+class SqlStore(QueueOps, EventOps, ScheduleOps):
     def __init__(self, url: str) -> None:
         self.url = normalise_url(url)
         parsed = make_url(self.url)
@@ -92,8 +78,8 @@ class SqlStore:
             self.engine: Engine = sa.create_engine(
                 self.url, connect_args={"timeout": 60, "check_same_thread": False}
             )
-            event.listen(self.engine, "connect", _sqlite_connect)
-            event.listen(self.engine, "begin", _sqlite_begin)
+            event.listen(self.engine, "connect", sqlite_connect)
+            event.listen(self.engine, "begin", sqlite_begin)
         elif self.dialect == "postgresql":
             self.engine = sa.create_engine(
                 self.url, pool_size=10, max_overflow=20, pool_pre_ping=True
@@ -107,7 +93,7 @@ class SqlStore:
         self.engine.dispose()
 
     # schema -------------------------------------------------------------------------------
-    @_translate
+    @translate
     def migrate(self) -> None:
         with self.engine.begin() as c:
             if self.dialect == "postgresql":
@@ -137,7 +123,7 @@ class SqlStore:
                 )
 
     # definitions --------------------------------------------------------------------------
-    @_translate
+    @translate
     def save_definition(
         self,
         content_hash: str,
@@ -156,12 +142,12 @@ class SqlStore:
                     "version": version,
                     "machine": machine,
                     "source_path": source_path,
-                    "created_at": _now(),
+                    "created_at": now_ts(),
                 },
                 ["hash"],
             )
 
-    @_translate
+    @translate
     def load_definition(self, content_hash: str) -> dict[str, Any]:
         with self.engine.connect() as c:
             row = c.execute(
@@ -173,31 +159,9 @@ class SqlStore:
         return machine
 
     # runs ---------------------------------------------------------------------------------
-    @_translate
+    @translate
     def create_run(self, new: NewRun, now: float, lease: Lease | None = None) -> Run:
-        values: dict[str, Any] = {
-            "id": new.id,
-            "workflow_id": new.workflow_id,
-            "version": new.version,
-            "definition_hash": new.definition_hash,
-            "status": RunStatus.QUEUED.value,
-            "payload": new.payload,
-            "current_step": new.first_step,
-            "current_attempt": 0,
-            "step_running": False,
-            "queue": new.queue,
-            "concurrency_key": new.concurrency_key,
-            "priority": new.priority,
-            "trigger": new.trigger,
-            "parent_run_id": new.parent_run_id,
-            "parent_step": new.parent_step,
-            "idempotency_key": new.idempotency_key,
-            "next_at": new.available_at if new.available_at is not None else now,
-            "active_seconds": 0.0,
-            "created_at": now,
-            "updated_at": now,
-            "cancel_requested": False,
-        }
+        values = new_run_values(new, now)
         if lease is not None:
             values.update(
                 self._lease_values(lease, now),
@@ -208,10 +172,10 @@ class SqlStore:
                 step_started_at=now,
             )
         with self.engine.begin() as c:
-            c.execute(_INSERT_RUN, values)
-        return _run(values)
+            c.execute(INSERT_RUN, values)
+        return run_from_row(values)
 
-    @_translate
+    @translate
     def claim_run(self, run_id: str, lease: Lease, now: float) -> Run:
         with self.engine.begin() as c:
             row = (
@@ -222,20 +186,20 @@ class SqlStore:
             if row is None:
                 raise NotFound(f"no run has id {run_id}")
             if row["status"] not in _ACTIVE:
-                return _run(row)
+                return run_from_row(row)
             self._check_lease(row, lease, now)
             values = {**self._lease_values(lease, now), "updated_at": now}
             values.update(self._begin_current_step(c, row, now))
             if row["started_at"] is None and values.get("status") == RunStatus.RUNNING.value:
                 values["started_at"] = now
             c.execute(update(t.runs).where(t.runs.c.id == run_id).values(**values))
-        return _run({**row, **values})
+        return run_from_row({**row, **values})
 
     def _check_lease(self, row: Any, lease: Lease, now: float) -> None:
         owner = row["lease_owner"]
         if owner is None or owner == lease.owner or (row["lease_expires_at"] or 0) <= now:
             return
-        if row["lease_host"] == lease.host and not _pid_alive(row["lease_pid"]):
+        if row["lease_host"] == lease.host and not pid_alive(row["lease_pid"]):
             return  # its process died on this very machine: no need to wait for expiry
         raise RunBusy(
             f"run {row['id']} is being executed by process {row['lease_pid']} on "
@@ -292,7 +256,7 @@ class SqlStore:
             return {"status": RunStatus.WAITING.value}
         return {"status": RunStatus.RUNNING.value}
 
-    @_translate
+    @translate
     def commit_transition(
         self, run_id: str, lease: Lease, transition: Transition, now: float
     ) -> TransitionResult:
@@ -312,13 +276,13 @@ class SqlStore:
             values["error"] = tr.error
         finished = tr.status not in ACTIVE_STATUSES
         if finished:
-            values.update(output=tr.output, finished_at=now, next_at=None, **_NO_LEASE)
+            values.update(output=tr.output, finished_at=now, next_at=None, **NO_LEASE)
         elif tr.release:
-            values.update(next_at=tr.next_at, **_NO_LEASE)
+            values.update(next_at=tr.next_at, **NO_LEASE)
         else:
             values.update(self._lease_values(lease, now))
         with self.engine.begin() as c:
-            row = c.execute(_MOVE_RUN, values).first()
+            row = c.execute(MOVE_RUN, values).first()
             if row is None:
                 raise LeaseLost(f"run {run_id}: this process no longer holds its lease")
             if tr.record is not None:
@@ -367,6 +331,19 @@ class SqlStore:
         if terminal or rec.status == StepStatus.RETRYING:
             update_cols.append("started_at")
         self._upsert(c, t.steps, values, ["run_id", "step_key"], update_cols)
+        wait = rec.wait or {}
+        if rec.status == StepStatus.WAITING and wait.get("kind") == "token":
+            self._insert_ignore(
+                c,
+                t.tokens,
+                {
+                    "token": wait["token"],
+                    "run_id": run_id,
+                    "step_key": rec.step_key,
+                    "created_at": now,
+                },
+                ["token"],
+            )
         if rec.attempt_status:
             self._upsert(
                 c,
@@ -426,7 +403,7 @@ class SqlStore:
             ],
         )
 
-    @_translate
+    @translate
     def heartbeat(self, run_id: str, lease: Lease, now: float, logs: Sequence[NewLog]) -> bool:
         with self.engine.begin() as c:
             res = c.execute(
@@ -440,16 +417,16 @@ class SqlStore:
                 self._insert_logs(c, run_id, logs, now)
         return True
 
-    @_translate
+    @translate
     def release(self, run_id: str, lease: Lease, now: float) -> None:
         with self.engine.begin() as c:
             c.execute(
                 update(t.runs)
                 .where(t.runs.c.id == run_id, t.runs.c.lease_owner == lease.owner)
-                .values(next_at=now, updated_at=now, **_NO_LEASE)
+                .values(next_at=now, updated_at=now, **NO_LEASE)
             )
 
-    @_translate
+    @translate
     def request_cancel(self, run_id: str, now: float) -> Run:
         with self.engine.begin() as c:
             row = (
@@ -476,7 +453,7 @@ class SqlStore:
                     .all()
                 )
             result = c.execute(select(t.runs).where(t.runs.c.id == run_id)).mappings().one()
-        return _run(result)
+        return run_from_row(result)
 
     def _cancel_one(self, c: Connection, row: Any, now: float) -> None:
         if row["status"] not in _ACTIVE:
@@ -500,7 +477,7 @@ class SqlStore:
                 next_at=None,
                 step_running=False,
                 error="cancelled",
-                **_NO_LEASE,
+                **NO_LEASE,
             )
         )
         if row["parent_run_id"]:
@@ -518,15 +495,15 @@ class SqlStore:
             )
 
     # reading ------------------------------------------------------------------------------
-    @_translate
+    @translate
     def get_run(self, run_id: str) -> Run:
         with self.engine.connect() as c:
             row = c.execute(select(t.runs).where(t.runs.c.id == run_id)).mappings().first()
         if row is None:
             raise NotFound(f"no run has id {run_id}")
-        return _run(row)
+        return run_from_row(row)
 
-    @_translate
+    @translate
     def list_runs(
         self,
         status: RunStatus | None = None,
@@ -551,9 +528,9 @@ class SqlStore:
             )
         q = q.order_by(t.runs.c.created_at.desc(), t.runs.c.id.desc()).limit(limit)
         with self.engine.connect() as c:
-            return [_run(r) for r in c.execute(q).mappings()]
+            return [run_from_row(r) for r in c.execute(q).mappings()]
 
-    @_translate
+    @translate
     def get_steps(self, run_id: str) -> list[StepState]:
         q = (
             select(t.steps)
@@ -561,9 +538,9 @@ class SqlStore:
             .order_by(t.steps.c.started_at, t.steps.c.step_key)
         )
         with self.engine.connect() as c:
-            return [_step(r) for r in c.execute(q).mappings()]
+            return [step_from_row(r) for r in c.execute(q).mappings()]
 
-    @_translate
+    @translate
     def get_attempts(self, run_id: str) -> list[Attempt]:
         q = (
             select(t.attempts)
@@ -573,7 +550,7 @@ class SqlStore:
         with self.engine.connect() as c:
             return [Attempt(**dict(r)) for r in c.execute(q).mappings()]
 
-    @_translate
+    @translate
     def get_logs(self, run_id: str, after_id: int = 0, limit: int = 1000) -> list[LogEntry]:
         q = (
             select(t.logs)
@@ -596,7 +573,7 @@ class SqlStore:
         keys: list[str],
         update_cols: list[str],
     ) -> None:
-        c.execute(_upsert_statement(self.dialect, table, tuple(keys), tuple(update_cols)), values)
+        c.execute(upsert_statement(self.dialect, table, tuple(keys), tuple(update_cols)), values)
 
     def _insert_ignore(
         self, c: Connection, table: sa.Table, values: dict[str, Any], keys: list[str]
@@ -617,92 +594,3 @@ class SqlStore:
             "lease_expires_at": expires,
             "next_at": expires,
         }
-
-
-_INSERT_RUN = insert(t.runs)
-# The hot path: statements built once, executed with a dict of parameters (SQLAlchemy then
-# reuses the compiled form instead of coercing literal values on every call).
-_MOVE_RUN = (
-    update(t.runs)
-    .where(t.runs.c.id == sa.bindparam("w_id"), t.runs.c.lease_owner == sa.bindparam("w_owner"))
-    .values(active_seconds=t.runs.c.active_seconds + sa.bindparam("w_active", type_=sa.Float))
-    .returning(t.runs.c.cancel_requested, t.runs.c.parent_run_id, t.runs.c.parent_step)
-)
-
-
-@functools.cache
-def _upsert_statement(
-    dialect: str, table: sa.Table, keys: tuple[str, ...], update_cols: tuple[str, ...]
-) -> Any:
-    dialect_insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt = dialect_insert(table)
-    return stmt.on_conflict_do_update(
-        index_elements=list(keys), set_={k: stmt.excluded[k] for k in update_cols}
-    )
-
-
-_NO_LEASE: dict[str, Any] = {
-    "lease_owner": None,
-    "lease_host": None,
-    "lease_pid": None,
-    "lease_expires_at": None,
-}
-
-
-def _now() -> float:
-    import time
-
-    return time.time()
-
-
-def _run(row: Any) -> Run:
-    r = dict(row)
-    return Run(
-        id=r["id"],
-        workflow_id=r["workflow_id"],
-        version=r["version"],
-        definition_hash=r["definition_hash"],
-        status=RunStatus(r["status"]),
-        payload=r.get("payload"),
-        output=r.get("output"),
-        error=r.get("error"),
-        current_step=r.get("current_step"),
-        current_attempt=r.get("current_attempt") or 0,
-        step_running=bool(r.get("step_running")),
-        queue=r["queue"],
-        concurrency_key=r.get("concurrency_key"),
-        priority=r.get("priority") or 0,
-        trigger=r.get("trigger") or {},
-        parent_run_id=r.get("parent_run_id"),
-        parent_step=r.get("parent_step"),
-        idempotency_key=r.get("idempotency_key"),
-        cancel_requested=bool(r.get("cancel_requested")),
-        lease_owner=r.get("lease_owner"),
-        lease_expires_at=r.get("lease_expires_at"),
-        next_at=r.get("next_at"),
-        active_seconds=r.get("active_seconds") or 0.0,
-        created_at=r["created_at"],
-        started_at=r.get("started_at"),
-        finished_at=r.get("finished_at"),
-        updated_at=r["updated_at"],
-    )
-
-
-def _step(row: Any) -> StepState:
-    r = dict(row)
-    r.pop("wait_event", None)
-    r["status"] = StepStatus(r["status"])
-    return StepState(**r)
-
-
-def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
-    dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
-    cur = dbapi_connection.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=FULL")
-    cur.execute("PRAGMA busy_timeout=60000")
-    cur.close()
-
-
-def _sqlite_begin(conn: Connection) -> None:
-    conn.exec_driver_sql("BEGIN IMMEDIATE")

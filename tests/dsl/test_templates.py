@@ -74,3 +74,10 @@ def test_durations(text: object, seconds: float) -> None:
 def test_bad_durations(text: object) -> None:
     with pytest.raises(DurationError):
         parse_duration(text)
+
+
+def test_mapping_keys_win_over_dict_methods() -> None:
+    scope = {"payload": {"items": [1, 2], "keys": "k", "get": 3}}
+    assert render_value("{{ payload.items }}", scope, "f") == [1, 2]
+    assert render_value("{{ payload.keys }}/{{ payload.get }}", scope, "f") == "k/3"
+    assert render_value("{{ payload.values() | list }}", {"payload": {"a": 1}}, "f") == [1]

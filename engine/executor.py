@@ -1,0 +1,279 @@
+"""Executing one attempt of a step, by kind: from a rendered step to an `Outcome`.
+
+Nothing here commits: the runner turns the outcome into one transition. The exceptions are
+`for_each` items, each stored as it finishes (through `record_item`) so a crash never runs a
+finished item again, and the two kinds that act on other runs through the `Host`:
+`send_event` (stored once per run step) and `run_workflow` (a child with a deterministic id).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+from dsl import State, TemplateError, render_value
+
+from .errors import EngineError
+from .models import Run, Sent
+from .registry import StepContext, StepLogger, get_step
+from .retry import backoff_delay, is_retryable
+from .transitions import Done, Failed, Outcome, Suspended
+
+__all__ = ["Attempt", "Host", "child_run_id", "execute"]
+
+
+class Host(Protocol):
+    """What a step may ask of the engine beyond its own run."""
+
+    def emit_event(self, name: str, payload: Any, source: tuple[str, str]) -> Sent: ...
+
+    def start_child(
+        self, workflow_id: str, payload: Any, parent: tuple[str, str], child_id: str
+    ) -> None: ...
+
+
+@dataclass
+class Attempt:
+    run: Run
+    state: State
+    attempt: int
+    scope: dict[str, Any]
+    logger: StepLogger
+    now: float
+    timeout: float | None  # the step's timeout, capped by what is left of the run's
+    host: Host | None
+    done_items: dict[int, Any]
+    record_item: Callable[[int, int, float, Any], None]
+    sleep: Callable[[float], None] = time.sleep
+
+    @property
+    def field(self) -> str:
+        return f"steps.{self.state.id}"
+
+    def render(self, value: Any, key: str, scope: dict[str, Any] | None = None) -> Any:
+        return render_value(value, scope or self.scope, f"{self.field}.{key}")
+
+
+def child_run_id(run_id: str, step_id: str, attempt: int) -> str:
+    """The same child for the same parent attempt, whatever crashes in between."""
+    return hashlib.sha256(f"{run_id}:{step_id}:{attempt}".encode()).hexdigest()[:28]
+
+
+def execute(a: Attempt) -> Outcome:
+    try:
+        return _KINDS[a.state.kind](a)
+    except TemplateError as exc:
+        return Failed("TemplateError", str(exc), retryable=False)
+
+
+def _log(a: Attempt) -> Outcome:
+    message = str(a.render(a.state.config["message"], "log"))
+    a.logger.bind(a.state.id, a.attempt).log(a.state.config.get("level", "info"), message)
+    return Done(message)
+
+
+def _call(a: Attempt) -> Outcome:
+    kwargs = a.render(a.state.config["with"], "with")
+    return call_function(
+        a.run,
+        a.state,
+        a.state.config["function"],
+        kwargs,
+        a.attempt,
+        a.timeout,
+        a.logger.bind(a.state.id, a.attempt),
+        a.state.id,
+    )
+
+
+def call_function(
+    run: Run,
+    state: State,
+    function: str,
+    kwargs: Any,
+    attempt: int,
+    timeout: float | None,
+    logger: StepLogger,
+    key: str,
+) -> Outcome:
+    try:
+        registered = get_step(function)
+    except EngineError as exc:
+        return Failed("UnknownStep", f"{exc} (steps.{state.id}.call)", retryable=False)
+    if not isinstance(kwargs, dict):
+        return Failed("TypeError", f"steps.{state.id}.with must give a mapping", retryable=False)
+    problem = registered.check_arguments(kwargs)
+    if problem:
+        return Failed("TypeError", f"{problem} (steps.{state.id}.with)", retryable=False)
+    ctx = StepContext(run.id, state.id, attempt, f"{run.id}:{key}", logger)
+    try:
+        value = registered.invoke(kwargs, ctx, timeout)
+    except Exception as exc:
+        retryable = state.retry is not None and is_retryable(state.retry, exc)
+        status = "timed_out" if isinstance(exc, TimeoutError) else "failed"
+        return Failed(
+            type(exc).__name__, str(exc) or repr(exc), retryable, traceback.format_exc(), status
+        )
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        return Failed(
+            "StepOutputInvalid",
+            f"steps.{key}: `{function}` returned a {type(value).__name__}, "
+            f"which is not JSON data ({exc})",
+            retryable=False,
+        )
+    return Done(value)
+
+
+def _timer(wake_at: float, now: float) -> Outcome:
+    return Done(None) if wake_at <= now else Suspended(wake_at, {"kind": "timer"})
+
+
+def _wait(a: Attempt) -> Outcome:
+    return _timer(a.now + float(a.state.config["seconds"]), a.now)
+
+
+def _wait_until(a: Attempt) -> Outcome:
+    return _timer(
+        parse_instant(a.render(a.state.config["at"], "wait_until"), f"{a.field}.wait_until"), a.now
+    )
+
+
+def _deadline(a: Attempt) -> float | None:
+    return a.now + a.state.timeout if a.state.timeout is not None else None
+
+
+def _wait_for_event(a: Attempt) -> Outcome:
+    match = a.render(a.state.config["match"], "match")
+    return Suspended(
+        _deadline(a), {"kind": "event", "event": a.state.config["event"], "match": match}
+    )
+
+
+def _wait_for_token(a: Attempt) -> Outcome:
+    return Suspended(_deadline(a), {"kind": "token", "token": secrets.token_urlsafe(18)})
+
+
+def _send_event(a: Attempt) -> Outcome:
+    payload = a.render(a.state.config["payload"], "payload")
+    if a.host is None:
+        return Failed("Unsupported", f"{a.field}: send_event needs the engine", retryable=False)
+    try:
+        sent = a.host.emit_event(a.state.config["event"], payload, (a.run.id, a.state.id))
+    except EngineError as exc:
+        return Failed(type(exc).__name__, f"{a.field}: {exc}", retryable=False)
+    return Done(
+        {"event_id": sent.event_id, "runs": list(sent.run_ids), "resumed": list(sent.resumed)}
+    )
+
+
+def _run_workflow(a: Attempt) -> Outcome:
+    payload = a.render(a.state.config["payload"], "payload")
+    if a.host is None:
+        return Failed("Unsupported", f"{a.field}: run_workflow needs the engine", retryable=False)
+    child = child_run_id(a.run.id, a.state.id, a.attempt)
+    try:
+        a.host.start_child(a.state.config["workflow"], payload, (a.run.id, a.state.id), child)
+    except EngineError as exc:
+        return Failed(type(exc).__name__, f"{a.field}: {exc}", retryable=False)
+    return Suspended(
+        _deadline(a), {"kind": "child", "run_id": child, "workflow": a.state.config["workflow"]}
+    )
+
+
+def _for_each(a: Attempt) -> Outcome:
+    cfg = a.state.config
+    items = a.render(cfg["items"], "for_each")
+    if not isinstance(items, list):
+        return Failed(
+            "TypeError",
+            f"{a.field}.for_each must give a list, not "
+            f"{type(items).__name__}: {json.dumps(items, default=str)[:80]}",
+            retryable=False,
+        )
+    failures: list[Failed] = []
+    lock = threading.Lock()
+
+    def one(index: int) -> None:
+        scope = {**a.scope, cfg["as"]: items[index]}
+        key = f"{a.state.id}[{index}]"
+        attempt = 1
+        while True:
+            started = time.time()
+            kwargs = a.render(cfg["with"], "with", scope)
+            outcome = call_function(
+                a.run,
+                a.state,
+                cfg["function"],
+                kwargs,
+                attempt,
+                a.timeout,
+                a.logger.bind(key, attempt),
+                key,
+            )
+            if isinstance(outcome, Done):
+                a.record_item(index, attempt, started, outcome.output)
+                with lock:
+                    a.done_items[index] = outcome.output
+                return
+            assert isinstance(outcome, Failed)
+            policy = a.state.retry
+            if not outcome.retryable or policy is None or attempt >= policy.max_attempts:
+                with lock:
+                    failures.append(
+                        Failed(
+                            outcome.error_type,
+                            f"item {index}: {outcome.message}",
+                            False,
+                            outcome.traceback,
+                        )
+                    )
+                return
+            a.sleep(backoff_delay(policy, attempt))
+            attempt += 1
+
+    pending = [i for i in range(len(items)) if i not in a.done_items]
+    workers = max(1, int(cfg.get("concurrency") or 1))
+    with ThreadPoolExecutor(
+        max_workers=workers, thread_name_prefix=f"for_each:{a.state.id}"
+    ) as pool:
+        for future in [pool.submit(one, i) for i in pending]:
+            future.result()
+    if failures:
+        return min(failures, key=lambda f: f.message)
+    return Done([a.done_items[i] for i in range(len(items))])
+
+
+def parse_instant(value: Any, field: str) -> float:
+    if not isinstance(value, str):
+        raise TemplateError(field, f"expected an ISO-8601 timestamp, got {value!r}")
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise TemplateError(field, f"{value!r} is not an ISO-8601 timestamp") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed.timestamp()
+
+
+_KINDS: dict[str, Callable[[Attempt], Outcome]] = {
+    "log": _log,
+    "call": _call,
+    "wait": _wait,
+    "wait_until": _wait_until,
+    "wait_for_event": _wait_for_event,
+    "wait_for_token": _wait_for_token,
+    "send_event": _send_event,
+    "run_workflow": _run_workflow,
+    "for_each": _for_each,
+}

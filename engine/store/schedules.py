@@ -1,0 +1,86 @@
+"""Cron fires: exactly one per (workflow, scheduled instant), by the database's primary key."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import func, select
+
+from ..models import ACTIVE_STATUSES, NewRun
+from . import schema as t
+from .events import new_run_values
+from .sqlutil import INSERT_RUN, translate
+
+__all__ = ["ScheduleOps"]
+
+_ACTIVE = [s.value for s in ACTIVE_STATUSES]
+
+
+class ScheduleOps:
+    engine: sa.Engine
+    dialect: str
+
+    def notify(self, c: sa.Connection) -> None:
+        raise NotImplementedError
+
+    def _insert_ignore(
+        self, c: sa.Connection, table: sa.Table, values: dict[str, Any], keys: list[str]
+    ) -> bool:
+        raise NotImplementedError
+
+    @translate
+    def fire_cron(
+        self, workflow_id: str, fire_at: float, new: NewRun, now: float, *, skip_if_active: bool
+    ) -> str | None:
+        """Record the fire of `workflow_id` at `fire_at` and create its run, atomically.
+        None if another scheduler fired this instant already, or (with `skip_if_active`)
+        the schedule's previous run is still active: the fire is then recorded as skipped."""
+        with self.engine.begin() as c:
+            if not self._insert_ignore(
+                c,
+                t.cron_fires,
+                {"workflow_id": workflow_id, "fire_at": fire_at, "run_id": None, "created_at": now},
+                ["workflow_id", "fire_at"],
+            ):
+                return None
+            if skip_if_active:
+                active = c.execute(
+                    select(t.runs.c.id)
+                    .join(t.cron_fires, t.cron_fires.c.run_id == t.runs.c.id)
+                    .where(t.cron_fires.c.workflow_id == workflow_id, t.runs.c.status.in_(_ACTIVE))
+                    .limit(1)
+                ).first()
+                if active is not None:
+                    return None
+            c.execute(INSERT_RUN, new_run_values(new, now))
+            c.execute(
+                sa.update(t.cron_fires)
+                .where(t.cron_fires.c.workflow_id == workflow_id, t.cron_fires.c.fire_at == fire_at)
+                .values(run_id=new.id)
+            )
+            self.notify(c)
+            return new.id
+
+    @translate
+    def last_fires(self) -> dict[str, float]:
+        """The latest recorded fire instant of every scheduled workflow."""
+        with self.engine.connect() as c:
+            rows = c.execute(
+                select(t.cron_fires.c.workflow_id, func.max(t.cron_fires.c.fire_at)).group_by(
+                    t.cron_fires.c.workflow_id
+                )
+            ).all()
+        return {r[0]: float(r[1]) for r in rows}
+
+    @translate
+    def fires(self, workflow_id: str, limit: int = 100) -> list[tuple[float, str | None]]:
+        """(instant, run id or None if skipped), newest first."""
+        with self.engine.connect() as c:
+            rows = c.execute(
+                select(t.cron_fires.c.fire_at, t.cron_fires.c.run_id)
+                .where(t.cron_fires.c.workflow_id == workflow_id)
+                .order_by(t.cron_fires.c.fire_at.desc())
+                .limit(limit)
+            ).all()
+        return [(float(r[0]), r[1]) for r in rows]

@@ -1,0 +1,152 @@
+"""Helpers shared by the SQL store's modules: error translation, row mapping, statements
+built once, SQLite connection set-up."""
+
+from __future__ import annotations
+
+__all__ = [
+    "INSERT_RUN",
+    "MOVE_RUN",
+    "NO_LEASE",
+    "now_ts",
+    "pid_alive",
+    "run_from_row",
+    "sqlite_begin",
+    "sqlite_connect",
+    "step_from_row",
+    "translate",
+    "upsert_statement",
+]
+
+import functools
+import os
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy import insert, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, make_url
+
+from ..errors import DatabaseError
+from ..models import Run, RunStatus, StepState, StepStatus
+from . import schema as t
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def translate(fn: Callable[P, R]) -> Callable[P, R]:
+    """Turn driver errors into DatabaseError with the (password-free) URL."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except sa.exc.SQLAlchemyError as exc:
+            store = args[0]
+            url = make_url(store.url).render_as_string(hide_password=True)  # type: ignore[attr-defined]
+            detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+            raise DatabaseError(f"database {url}: {detail}") from exc
+
+    return wrapper
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+INSERT_RUN = insert(t.runs)
+# The hot path: statements built once, executed with a dict of parameters (SQLAlchemy then
+# reuses the compiled form instead of coercing literal values on every call).
+MOVE_RUN = (
+    update(t.runs)
+    .where(t.runs.c.id == sa.bindparam("w_id"), t.runs.c.lease_owner == sa.bindparam("w_owner"))
+    .values(active_seconds=t.runs.c.active_seconds + sa.bindparam("w_active", type_=sa.Float))
+    .returning(t.runs.c.cancel_requested, t.runs.c.parent_run_id, t.runs.c.parent_step)
+)
+
+
+@functools.cache
+def upsert_statement(
+    dialect: str, table: sa.Table, keys: tuple[str, ...], update_cols: tuple[str, ...]
+) -> Any:
+    dialect_insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    stmt = dialect_insert(table)
+    return stmt.on_conflict_do_update(
+        index_elements=list(keys), set_={k: stmt.excluded[k] for k in update_cols}
+    )
+
+
+NO_LEASE: dict[str, Any] = {
+    "lease_owner": None,
+    "lease_host": None,
+    "lease_pid": None,
+    "lease_expires_at": None,
+}
+
+
+def now_ts() -> float:
+    import time
+
+    return time.time()
+
+
+def run_from_row(row: Any) -> Run:
+    r = dict(row)
+    return Run(
+        id=r["id"],
+        workflow_id=r["workflow_id"],
+        version=r["version"],
+        definition_hash=r["definition_hash"],
+        status=RunStatus(r["status"]),
+        payload=r.get("payload"),
+        output=r.get("output"),
+        error=r.get("error"),
+        current_step=r.get("current_step"),
+        current_attempt=r.get("current_attempt") or 0,
+        step_running=bool(r.get("step_running")),
+        queue=r["queue"],
+        concurrency_key=r.get("concurrency_key"),
+        priority=r.get("priority") or 0,
+        trigger=r.get("trigger") or {},
+        parent_run_id=r.get("parent_run_id"),
+        parent_step=r.get("parent_step"),
+        idempotency_key=r.get("idempotency_key"),
+        cancel_requested=bool(r.get("cancel_requested")),
+        lease_owner=r.get("lease_owner"),
+        lease_expires_at=r.get("lease_expires_at"),
+        next_at=r.get("next_at"),
+        active_seconds=r.get("active_seconds") or 0.0,
+        created_at=r["created_at"],
+        started_at=r.get("started_at"),
+        finished_at=r.get("finished_at"),
+        updated_at=r["updated_at"],
+    )
+
+
+def step_from_row(row: Any) -> StepState:
+    r = dict(row)
+    r.pop("wait_event", None)
+    r["status"] = StepStatus(r["status"])
+    return StepState(**r)
+
+
+def sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
+    cur = dbapi_connection.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA busy_timeout=60000")
+    cur.close()
+
+
+def sqlite_begin(conn: Connection) -> None:
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
