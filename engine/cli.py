@@ -18,7 +18,7 @@ from .models import Run, RunStatus
 from .service import Engine
 from .settings import resolve_settings
 from .transitions import Done, Failed, Outcome, Skipped, Suspended
-from .views import iso, log_view, run_detail, run_summary
+from .views import iso, log_view, run_detail, run_summary, schedule_views
 
 __all__ = ["main"]
 
@@ -382,6 +382,60 @@ def worker(
         click.echo(f"  skipped: {p}", err=True)
     w.run()
     click.echo("worker stopped")
+
+
+@cli.command()
+@click.argument("directory", default=".")
+def init(directory: str) -> None:
+    """Create a starter project in DIRECTORY: a workflow, its steps module and config."""
+    from importlib import resources
+
+    target = Path(directory)
+    files = {
+        target / "workflows" / "hello.yaml": "hello.yaml",
+        target / "workflows" / "steps.py": "steps.py",
+    }
+    existing = [str(p) for p in [*files, target / "pyproject.toml"] if p.exists()]
+    if existing:
+        raise click.UsageError(f"{', '.join(existing)} already exist(s); nothing was written")
+    (target / "workflows").mkdir(parents=True, exist_ok=True)
+    starter = resources.files("engine").joinpath("starter")
+    for path, name in files.items():
+        path.write_text(starter.joinpath(name).read_text("utf-8"), "utf-8")
+    (target / "workflows" / "__init__.py").write_text("")
+    (target / "pyproject.toml").write_text(
+        '[tool.durable-yaml]\nmodules = ["workflows.steps"]\nworkflows = "workflows"\n'
+        '# db = "postgresql://user@host/db"   # default: sqlite:///.durable-yaml/state.db\n'
+    )
+    click.echo(f"created {target / 'workflows'} and {target / 'pyproject.toml'}; try:")
+    click.echo(f'  cd {directory} && durable-yaml run hello --payload \'{{"name": "Ada"}}\'')
+
+
+@cli.group()
+def schedules() -> None:
+    """Cron workflows."""
+
+
+@schedules.command("list")
+@click.option("--count", type=click.IntRange(1, 100), default=5, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@settings_options
+def schedules_list(
+    count: int, as_json: bool, db: str | None, modules: tuple[str, ...], workflows: str | None
+) -> None:
+    """Cron workflows with their next fire times (UTC and local) and last fire."""
+    engine = Engine(resolve_settings(db=db, workflows=workflows), import_steps=False)
+    listed = schedule_views(engine, time.time(), count)
+    if as_json:
+        _json(listed)
+        return
+    if not listed:
+        click.echo(f"no cron workflows in {engine.settings.workflows}")
+    for s in listed:
+        last = s["last_fire"] or "never"
+        click.echo(f"{s['workflow']:<24} {s['cron']:<16} {s['timezone']:<18} last {last}")
+        for fire in s["next"]:
+            click.echo(f"    next {fire['utc']}  ({fire['local']})")
 
 
 @cli.group()

@@ -238,14 +238,12 @@ class Runner:
             if stored.status == StepStatus.RETRYING:  # back-off over: claiming begins an attempt
                 live.run = self.store.claim_run(run.id, self.lease, now)
                 return
+            resumed = self._resumed(state, stored)
+            self.reporter.step_ended(
+                run, state, stored.attempts, resumed, now - (stored.started_at or now)
+            )
             transition = self._decide(
-                live,
-                state,
-                stored.attempts,
-                stored.started_at,
-                self._resumed(state, stored),
-                logger,
-                0.0,
+                live, state, stored.attempts, stored.started_at, resumed, logger, 0.0
             )
             if transition.record is not None:  # keep what the step waited for, for history
                 kept = replace(transition.record, wake_at=stored.wake_at, wait=stored.wait)

@@ -10,7 +10,7 @@ from dsl import Machine
 from .models import Attempt, LogEntry, Run, StepState
 from .store import Store
 
-__all__ = ["iso", "log_view", "run_detail", "run_summary"]
+__all__ = ["iso", "log_view", "run_detail", "run_summary", "schedule_views"]
 
 
 def iso(ts: float | None) -> str | None:
@@ -107,3 +107,35 @@ def log_view(entry: LogEntry) -> dict[str, Any]:
         "message": entry.message,
         "extra": entry.extra,
     }
+
+
+def schedule_views(engine: Any, now: float, count: int = 5) -> list[dict[str, Any]]:
+    """Each cron workflow with its next `count` fires (UTC and local) and its last fire."""
+    from zoneinfo import ZoneInfo
+
+    from dsl import next_fires
+
+    last = engine.store.last_fires()
+    out = []
+    for machine in sorted(engine.catalog.workflows.values(), key=lambda m: m.workflow_id):
+        trigger = machine.trigger
+        if trigger.kind != "cron" or trigger.cron is None:
+            continue
+        tz = ZoneInfo(trigger.timezone)
+        fires = next_fires(
+            trigger.cron, trigger.timezone, datetime.fromtimestamp(now, tz=timezone.utc), count
+        )
+        out.append(
+            {
+                "workflow": machine.workflow_id,
+                "cron": trigger.cron,
+                "timezone": trigger.timezone,
+                "missed": trigger.missed,
+                "overlap": trigger.overlap,
+                "last_fire": iso(last.get(machine.workflow_id)),
+                "next": [
+                    {"utc": f.isoformat(), "local": f.astimezone(tz).isoformat()} for f in fires
+                ],
+            }
+        )
+    return out

@@ -406,12 +406,13 @@ class SqlStore(QueueOps, EventOps, ScheduleOps):
     @translate
     def heartbeat(self, run_id: str, lease: Lease, now: float, logs: Sequence[NewLog]) -> bool:
         with self.engine.begin() as c:
-            res = c.execute(
+            held = c.execute(
                 update(t.runs)
                 .where(t.runs.c.id == run_id, t.runs.c.lease_owner == lease.owner)
                 .values(**self._lease_values(lease, now))
-            )
-            if res.rowcount != 1:
+                .returning(t.runs.c.id)
+            ).first()
+            if held is None:
                 return False
             if logs:
                 self._insert_logs(c, run_id, logs, now)
@@ -578,11 +579,11 @@ class SqlStore(QueueOps, EventOps, ScheduleOps):
     def _insert_ignore(
         self, c: Connection, table: sa.Table, values: dict[str, Any], keys: list[str]
     ) -> bool:
+        """Insert unless the key exists; True if inserted. (RETURNING, because a driver's
+        rowcount for ON CONFLICT DO NOTHING is not reliable: psycopg reports -1.)"""
         dialect_insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
-        res = c.execute(
-            dialect_insert(table).values(**values).on_conflict_do_nothing(index_elements=keys)
-        )
-        return bool(res.rowcount)
+        stmt = dialect_insert(table).values(**values).on_conflict_do_nothing(index_elements=keys)
+        return c.execute(stmt.returning(table.c[keys[0]])).first() is not None
 
     @staticmethod
     def _lease_values(lease: Lease, now: float) -> dict[str, Any]:
