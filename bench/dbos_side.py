@@ -1,6 +1,8 @@
 """DBOS side of the benchmarks, in its own process (DBOS is a process-wide singleton).
 
-usage: python bench/dbos_side.py DATABASE_URL RUNS  ->  prints workflows/s of a 3-step no-op
+usage: python bench/dbos_side.py DATABASE_URL RUNS [queue]
+  -> prints workflows/s of a 3-step no-op, called directly or (with `queue`) enqueued on a
+     DBOS Queue and executed by this process's queue workers.
 """
 
 from __future__ import annotations
@@ -17,6 +19,11 @@ def noop(i: int) -> int:
 
 
 @DBOS.workflow()
+def one_step() -> int:
+    return noop(1)
+
+
+@DBOS.workflow()
 def three_steps() -> int:
     return noop(1) + noop(2) + noop(3)
 
@@ -30,6 +37,16 @@ def main() -> None:
     }
     DBOS(config=config)
     DBOS.launch()
+    queue = DBOS.register_queue("bench", concurrency=16)
+    if len(sys.argv) > 3 and sys.argv[3] == "queue":
+        start = time.perf_counter()
+        handles = [queue.enqueue(one_step) for _ in range(runs)]
+        for h in handles:
+            h.get_result()
+        elapsed = time.perf_counter() - start
+        print(f"{runs / elapsed:.1f}")
+        DBOS.destroy()
+        return
     for _ in range(20):
         three_steps()
     start = time.perf_counter()

@@ -77,6 +77,8 @@ class Worker:
             self._spawn(scheduler.run_forever, "scheduler", self.stopping)
         if self.engine.store.dialect == "postgresql":
             self._spawn(self._listen, "listener")
+        else:
+            self._spawn(self._watch_sqlite, "watcher")
         self._spawn(self._refresh_workflows, "reloader")
 
     def _spawn(self, target: Any, name: str, *args: Any) -> None:
@@ -179,6 +181,28 @@ class Worker:
             except psycopg.Error as exc:
                 log.warning("LISTEN failed (%s); polling until it is back", exc)
                 self.stopping.wait(self.poll_interval)
+
+    def _watch_sqlite(self) -> None:
+        """SQLite has no NOTIFY: `PRAGMA data_version` changes when another connection
+        commits, so a cheap look every 50 ms wakes executors soon after a send."""
+        import sqlite3
+
+        path = self.engine.store.engine.url.database
+        if not path or path == ":memory:":
+            return
+        conn = sqlite3.connect(path, timeout=5)
+        try:
+            last = None
+            while not self.stopping.wait(0.05):
+                try:
+                    version = conn.execute("PRAGMA data_version").fetchone()[0]
+                except sqlite3.Error:
+                    continue
+                if version != last and last is not None:
+                    self.wake()
+                last = version
+        finally:
+            conn.close()
 
     def _refresh_workflows(self) -> None:
         """Every 2 s: reload changed workflow files; free leases of dead local processes."""

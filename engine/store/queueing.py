@@ -25,8 +25,7 @@ from .sqlutil import pid_alive, run_from_row, translate
 __all__ = ["QueueOps"]
 
 _ACTIVE = [s.value for s in ACTIVE_STATUSES]
-CANDIDATES = 16
-LOOKS = 4
+LOOKS = (2, 8, 32, 128)  # candidates per look: widen only when limits block the first ones
 
 
 class QueueOps:
@@ -76,9 +75,9 @@ class QueueOps:
         current step, atomically. None when nothing can run now."""
         full_queues: set[str] = set()
         full_keys: set[str] = set()
-        for _ in range(LOOKS):
+        for width in LOOKS:
             with self.engine.begin() as c:
-                candidates = self._candidates(c, now, queues, full_queues, full_keys)
+                candidates = self._candidates(c, now, queues, full_queues, full_keys, width)
                 if not candidates:
                     return None
                 limits = self._limits(c, {row["queue"] for row in candidates})
@@ -101,8 +100,14 @@ class QueueOps:
         queues: Sequence[str] | None,
         full_queues: set[str],
         full_keys: set[str],
+        width: int,
     ) -> list[Any]:
-        q = select(t.runs).where(t.runs.c.next_at <= now, t.runs.c.status.in_(_ACTIVE))
+        # next_at is set exactly while a run is active (finishing clears it), so no status
+        # filter is needed and the claim index is read in order
+        due = t.runs.c.next_at <= now
+        if self.dialect == "sqlite":  # keep its planner on the ordered claim index: no sort
+            due = sa.and_(t.runs.c.next_at.isnot(None), (t.runs.c.next_at + 0) <= now)
+        q = select(t.runs).where(due)
         if queues:
             q = q.where(t.runs.c.queue.in_(list(queues)))
         if full_queues:
@@ -114,7 +119,7 @@ class QueueOps:
                     t.runs.c.concurrency_key.not_in(list(full_keys)),
                 )
             )
-        q = q.order_by(t.runs.c.priority.desc(), t.runs.c.next_at, t.runs.c.id).limit(CANDIDATES)
+        q = q.order_by(t.runs.c.priority.desc(), t.runs.c.next_at, t.runs.c.id).limit(width)
         if self.dialect == "postgresql":
             q = q.with_for_update(skip_locked=True)
         return list(c.execute(q).mappings().all())

@@ -81,11 +81,22 @@ runs = Table(
     Column("finished_at", Float),
     Column("updated_at", Float, nullable=False),
 )
+# Claiming reads runs in exactly this order (priority first, then FIFO by next_at), so the
+# scan stops after the first few due rows however many runs are queued.
 Index(
     "dy_runs_claim",
-    runs.c.queue,
-    runs.c.priority,
+    runs.c.priority.desc(),
     runs.c.next_at,
+    runs.c.id,
+    postgresql_where=runs.c.next_at.isnot(None),
+    sqlite_where=runs.c.next_at.isnot(None),
+)
+Index(
+    "dy_runs_claim_queue",
+    runs.c.queue,
+    runs.c.priority.desc(),
+    runs.c.next_at,
+    runs.c.id,
     postgresql_where=runs.c.next_at.isnot(None),
     sqlite_where=runs.c.next_at.isnot(None),
 )
