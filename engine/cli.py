@@ -411,6 +411,40 @@ def init(directory: str) -> None:
     click.echo(f'  cd {directory} && durable-yaml run hello --payload \'{{"name": "Ada"}}\'')
 
 
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@settings_options
+def serve(
+    host: str, port: int, db: str | None, modules: tuple[str, ...], workflows: str | None
+) -> None:
+    """The HTTP API (/api, /openapi.json) and the dashboard (/)."""
+    import os
+
+    from .server.security import is_loopback
+
+    key = os.environ.get("DURABLE_YAML_API_KEY") or None
+    if key is None and not is_loopback(host):
+        raise click.UsageError(
+            f"refusing to listen on {host} without an API key: set DURABLE_YAML_API_KEY "
+            "(clients send it as `Authorization: Bearer ...`), or listen on 127.0.0.1"
+        )
+    import uvicorn
+
+    from .server import create_app
+
+    engine = Engine(
+        resolve_settings(db=db, modules=modules, workflows=workflows), import_steps=False
+    )
+    engine.refresh_catalog()
+    engine.save_all_definitions()
+    if key is None:
+        click.echo("no DURABLE_YAML_API_KEY: listening on loopback only, without authentication")
+    url = engine.store.engine.url.render_as_string(hide_password=True)
+    click.echo(f"dashboard http://{host}:{port}/  API http://{host}:{port}/api  database {url}")
+    uvicorn.run(create_app(engine, key), host=host, port=port, log_level="warning")
+
+
 @cli.group()
 def schedules() -> None:
     """Cron workflows."""

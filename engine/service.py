@@ -308,6 +308,17 @@ class Engine:
         new = self.new_run(machine, original.payload, trigger)
         return self.runner(reporter).start(machine, original.payload, new=new)
 
+    def queue_replay(self, run_id: str) -> str:
+        """Like `replay`, but queued for workers; the new run's id."""
+        original = self.store.get_run(run_id)
+        machine = self.catalog.get(original.workflow_id)
+        if machine is None:
+            machine = Machine.from_json(self.store.load_definition(original.definition_hash))
+        trigger = {**original.trigger, "replay_of": run_id}
+        new = self.new_run(machine, original.payload, trigger)
+        self.store.send([new], time.time())
+        return new.id
+
     def check_modules(self) -> None:
         if not self.settings.modules:
             raise ConfigError(

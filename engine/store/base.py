@@ -83,6 +83,7 @@ class Store(Protocol):
         limit: int = 50,
         before: tuple[float, str] | None = None,
         parent_run_id: str | None = None,
+        since: float | None = None,
     ) -> list[Run]:
         """Newest first; `before` is the (created_at, id) keyset cursor."""
 

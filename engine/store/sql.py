@@ -512,8 +512,11 @@ class SqlStore(QueueOps, EventOps, ScheduleOps):
         limit: int = 50,
         before: tuple[float, str] | None = None,
         parent_run_id: str | None = None,
+        since: float | None = None,
     ) -> list[Run]:
         q = select(t.runs)
+        if since is not None:
+            q = q.where(t.runs.c.created_at >= since)
         if status is not None:
             q = q.where(t.runs.c.status == status.value)
         if workflow_id is not None:

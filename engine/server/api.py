@@ -1,0 +1,216 @@
+"""The JSON API (SPEC §5): the same validation and messages as the CLI, never a 500 for a
+user's mistake. Run objects have the fields of the CLI's `--json`."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from dsl import WorkflowInvalid
+
+from ..durations import to_seconds
+from ..errors import NotFound, PayloadInvalid, TokenError
+from ..models import RunStatus
+from ..service import Engine
+from ..views import log_view, run_detail, run_summary, schedule_views
+
+__all__ = ["error_response", "router"]
+
+
+class EventIn(BaseModel):
+    name: str = Field(min_length=1, description="Event name.")
+    payload: Any = Field(default=None, description="Event payload (JSON); default {}.")
+    idempotency_key: str | None = Field(
+        default=None, description="At most one set of runs per key."
+    )
+
+
+class TriggerIn(BaseModel):
+    payload: Any = Field(default=None, description="The run's payload (JSON).")
+    idempotency_key: str | None = None
+    delay: float | str | None = Field(default=None, description="Seconds or text like '5m'.")
+
+
+class TokenIn(BaseModel):
+    data: Any = Field(default=None, description="The wait_for_token step's output.")
+
+
+def engine_of(request: Request) -> Engine:
+    engine: Engine = request.app.state.engine
+    return engine
+
+
+def require_key(request: Request) -> None:
+    keys = request.app.state.keys
+    if not keys.bearer_ok(request.headers.get("authorization")) and not keys.session_ok(
+        request.cookies.get("durable_yaml_session")
+    ):
+        raise HTTPException(
+            401,
+            "missing or wrong API key: send Authorization: Bearer $DURABLE_YAML_API_KEY",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+EngineDep = Annotated[Engine, Depends(engine_of)]
+router = APIRouter(prefix="/api", dependencies=[Depends(require_key)])
+
+
+def error_response(exc: Exception) -> JSONResponse:
+    """Engine errors as JSON with the status a client can act on."""
+    if isinstance(exc, PayloadInvalid):
+        return JSONResponse(
+            {"error": str(exc), "field": exc.field, "workflow": exc.workflow_id}, 422
+        )
+    if isinstance(exc, WorkflowInvalid):
+        return JSONResponse(
+            {"error": "workflow file is invalid", "problems": [p.as_dict() for p in exc.problems]},
+            422,
+        )
+    if isinstance(exc, NotFound):
+        return JSONResponse({"error": str(exc)}, 404)
+    if isinstance(exc, TokenError):
+        return JSONResponse({"error": str(exc)}, 409)
+    status = 503 if type(exc).__name__ == "DatabaseError" else 400
+    return JSONResponse({"error": str(exc)}, status)
+
+
+def encode_cursor(created_at: float, run_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{created_at!r}|{run_id}".encode()).decode()
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        created, run_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
+        return float(created), run_id
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise HTTPException(422, f"cursor {cursor!r} is not a cursor this API returned") from None
+
+
+def _instant(value: str | None, name: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise HTTPException(422, f"{name}: {value!r} is not an ISO-8601 timestamp") from None
+    return parsed.timestamp() if parsed.tzinfo else parsed.replace(tzinfo=None).timestamp()
+
+
+@router.post("/events", status_code=202, summary="Send an event")
+def send_event(body: EventIn, engine: EngineDep) -> Any:
+    sent = engine.send_event(
+        body.name, {} if body.payload is None else body.payload, body.idempotency_key
+    )
+    return JSONResponse(
+        {"runs": list(sent.run_ids), "resumed": list(sent.resumed), "duplicate": sent.duplicate},
+        200 if sent.duplicate else 202,
+    )
+
+
+@router.post("/workflows/{workflow_id}/runs", status_code=201, summary="Trigger one run")
+def trigger(workflow_id: str, body: TriggerIn, engine: EngineDep) -> Any:
+    if engine.catalog.get(workflow_id) is None:
+        raise NotFound(f"no workflow has id `{workflow_id}`")
+    sent = engine.trigger(workflow_id, body.payload, body.idempotency_key, to_seconds(body.delay))
+    run = run_summary(engine.store.get_run(sent.run_ids[0]))
+    return JSONResponse({**run, "duplicate": sent.duplicate}, 200 if sent.duplicate else 201)
+
+
+@router.get("/runs", summary="List runs, newest first")
+def list_runs(
+    engine: EngineDep,
+    status: RunStatus | None = None,
+    workflow: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: str | None = None,
+    created_after: str | None = None,
+    created_before: str | None = None,
+) -> dict[str, Any]:
+    before = decode_cursor(cursor) if cursor else None
+    upper = _instant(created_before, "created_before")
+    if upper is not None and (before is None or upper < before[0]):
+        before = (upper, "")
+    runs = engine.store.list_runs(
+        status, workflow, limit + 1, before, since=_instant(created_after, "created_after")
+    )
+    page = runs[:limit]
+    more = len(runs) > limit
+    return {
+        "runs": [run_summary(r) for r in page],
+        "next_cursor": encode_cursor(page[-1].created_at, page[-1].id) if more else None,
+    }
+
+
+@router.get("/runs/{run_id}", summary="One run with its steps and attempts")
+def get_run(run_id: str, engine: EngineDep) -> dict[str, Any]:
+    return run_detail(engine.store, engine.store.get_run(run_id))
+
+
+@router.get("/runs/{run_id}/logs", summary="A run's logs")
+def get_logs(
+    run_id: str,
+    engine: EngineDep,
+    after: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
+) -> dict[str, Any]:
+    engine.store.get_run(run_id)
+    entries = engine.store.get_logs(run_id, after, limit)
+    return {
+        "logs": [log_view(e) for e in entries],
+        "next_after": entries[-1].id if len(entries) == limit else None,
+    }
+
+
+@router.post("/runs/{run_id}/cancel", summary="Cancel a run")
+def cancel(run_id: str, engine: EngineDep) -> dict[str, Any]:
+    return run_summary(engine.store.request_cancel(run_id, time.time()))
+
+
+@router.post(
+    "/runs/{run_id}/replay", status_code=201, summary="Queue a new run with the same payload"
+)
+def replay(run_id: str, engine: EngineDep) -> dict[str, Any]:
+    return run_summary(engine.store.get_run(engine.queue_replay(run_id)))
+
+
+@router.post("/tokens/{token}/complete", summary="Complete a wait_for_token step")
+def complete_token(token: str, body: TokenIn, engine: EngineDep) -> dict[str, Any]:
+    return {"run_id": engine.complete_token(token, body.data)}
+
+
+@router.get("/workflows", summary="The workflows of the folder")
+def workflows(engine: EngineDep) -> dict[str, Any]:
+    return {
+        "workflows": [
+            {
+                "id": m.workflow_id,
+                "name": m.name,
+                "version": m.version,
+                "description": m.description,
+                "trigger": m.trigger.__dict__,
+                "queue": m.queue.name,
+                "steps": [s.id for s in m.main_states()],
+                "hash": m.content_hash,
+            }
+            for m in sorted(engine.catalog.workflows.values(), key=lambda m: m.workflow_id)
+        ],
+        "problems": [str(p) for p in engine.catalog.problems],
+    }
+
+
+@router.get("/schedules", summary="Cron workflows and their next fires")
+def schedules(engine: EngineDep) -> dict[str, Any]:
+    return {"schedules": schedule_views(engine, time.time())}
+
+
+@router.get("/queues", summary="Queues: depth, running, limits")
+def queues(engine: EngineDep) -> dict[str, Any]:
+    return {"queues": engine.store.queue_stats()}

@@ -1,0 +1,148 @@
+"""Pictures for the dashboard, drawn as SVG on the server: a run's step timeline and a
+workflow's state machine."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from html import escape
+from typing import Any
+
+from dsl import COMPLETED, FAILED, Machine
+
+__all__ = ["machine_svg", "timeline_svg"]
+
+COLORS = {
+    "completed": "#2e9d57",
+    "failed": "#d64545",
+    "crashed": "#e08a1e",
+    "timed_out": "#c2571a",
+    "skipped": "#9aa4af",
+    "wait": "#4a7fd1",
+    "backoff": "#c9ced6",
+    "running": "#7d5fd3",
+}
+
+
+def _ts(value: str | None) -> float | None:
+    return None if value is None else datetime.fromisoformat(value).timestamp()
+
+
+def _segments(step: dict[str, Any], now: float) -> list[tuple[float, float, str, str]]:
+    """(start, end, kind, tooltip) of each attempt, back-off and wait of one step."""
+    out: list[tuple[float, float, str, str]] = []
+    previous_end = None
+    for a in step["attempt_history"]:
+        start, end = _ts(a["started_at"]), _ts(a["finished_at"]) or now
+        if start is None:
+            continue
+        if previous_end is not None and start > previous_end:
+            out.append((previous_end, start, "backoff", f"back-off {start - previous_end:.1f}s"))
+        tip = f"attempt {a['attempt']}: {a['status']} in {end - start:.2f}s"
+        if a.get("error"):
+            tip += f" - {a['error']}"
+        out.append((start, end, a["status"], tip))
+        previous_end = end
+    started, finished = _ts(step["started_at"]), _ts(step["finished_at"])
+    waited = step["kind"] in (
+        "wait",
+        "wait_until",
+        "wait_for_event",
+        "wait_for_token",
+        "run_workflow",
+    )
+    if waited and started is not None:
+        end = finished or now
+        out.append((started, end, "wait", f"{step['kind']}: waited {end - started:.1f}s"))
+    elif step["status"] == "running" and not out:
+        out.append((started or now, now, "running", "running"))
+    return out
+
+
+def timeline_svg(detail: dict[str, Any], width: int = 900) -> str:
+    """One row per step that ran: attempts (by outcome), back-offs and waits, to scale."""
+    now = time.time()
+    rows = [(s, _segments(s, now)) for s in detail["steps"] if s["status"] != "pending"]
+    start = _ts(detail["created_at"]) or now
+    end = max(
+        [start + 0.001]
+        + [e for _, segs in rows for _, e, _, _ in segs]
+        + [_ts(detail["finished_at"]) or start]
+    )
+    label_w, row_h = 170, 26
+    scale = (width - label_w - 20) / (end - start)
+    height = row_h * len(rows) + 30
+    parts = [
+        f'<svg class="timeline" xmlns="http://www.w3.org/2000/svg" width="{width}" '
+        f'height="{height}" role="img" aria-label="step timeline">'
+    ]
+    for i, (step, segments) in enumerate(rows):
+        y = 10 + i * row_h
+        parts.append(f'<text x="4" y="{y + 15}" font-size="12">{escape(step["id"])}</text>')
+        for s, e, kind, tip in segments:
+            x = label_w + (s - start) * scale
+            w = max(2.0, (e - s) * scale)
+            dash = ' stroke-dasharray="3,2" stroke="#8a939e"' if kind == "backoff" else ""
+            parts.append(
+                f'<rect class="seg seg-{kind}" x="{x:.1f}" y="{y + 3}" width="{w:.1f}" '
+                f'height="16" rx="3" fill="{COLORS.get(kind, "#888")}"{dash}>'
+                f"<title>{escape(tip)}</title></rect>"
+            )
+    total = end - start
+    parts.append(f'<text x="{label_w}" y="{height - 4}" font-size="11" fill="#666">0s</text>')
+    parts.append(
+        f'<text x="{width - 60}" y="{height - 4}" font-size="11" fill="#666">'
+        f"{total:.1f}s</text></svg>"
+    )
+    return "".join(parts)
+
+
+def machine_svg(machine: Machine) -> str:
+    """Main states top to bottom; failure handlers in a column beside them."""
+    main, handlers = machine.main_states(), [s for s in machine.states if s.handler]
+    box_w, box_h, gap = 250, 34, 22
+    col2 = 330
+    rows = max(len(main), len(handlers)) + 1
+    height = rows * (box_h + gap) + 40
+    parts = [
+        f'<svg class="machine" xmlns="http://www.w3.org/2000/svg" width="{col2 + box_w + 20}" '
+        f'height="{height}"><defs><marker id="arrow" markerWidth="8" markerHeight="8" refX="7" '
+        'refY="4" orient="auto"><path d="M0,0 L8,4 L0,8 z" fill="#555"/></marker></defs>'
+    ]
+    pos: dict[str, tuple[float, float]] = {}
+    for col, states in ((10, main), (col2, handlers)):
+        for i, s in enumerate(states):
+            x, y = float(col), float(10 + i * (box_h + gap))
+            pos[s.id] = (x, y)
+            fill = "#fff4e5" if s.handler else "#eef3fb"
+            parts.append(
+                f'<rect x="{x}" y="{y}" width="{box_w}" height="{box_h}" rx="6" fill="{fill}" '
+                f'stroke="#7a8ca5"/><text x="{x + 10}" y="{y + 21}" font-size="12">'
+                f"{escape(s.id)}: {escape(s.label)}</text>"
+            )
+    end_y = 10 + len(main) * (box_h + gap)
+    pos[COMPLETED] = (10, end_y)
+    pos[FAILED] = (col2, 10 + len(handlers) * (box_h + gap))
+    for node, color in ((COMPLETED, "#2e9d57"), (FAILED, "#d64545")):
+        x, y = pos[node]
+        parts.append(
+            f'<rect x="{x}" y="{y}" width="{box_w}" height="{box_h}" rx="17" fill="none" '
+            f'stroke="{color}" stroke-width="2"/><text x="{x + 10}" y="{y + 21}" '
+            f'font-size="12" fill="{color}">{node.lstrip("$")}</text>'
+        )
+    for s in machine.states:
+        x, y = pos[s.id]
+        for target, color in ((s.next, "#555"), (s.on_error, "#d64545")):
+            if target == s.next and color == "#d64545":
+                continue
+            tx, ty = pos[target]
+            x1, y1 = x + box_w / 2, y + box_h
+            x2, y2 = tx + box_w / 2, ty
+            if tx != x:  # across to the handler column
+                x1, y1, x2, y2 = x + box_w, y + box_h / 2, tx, ty + box_h / 2
+            parts.append(
+                f'<line x1="{x1}" y1="{y1}" x2="{x2}" y2="{y2}" stroke="{color}" '
+                'marker-end="url(#arrow)"/>'
+            )
+    parts.append("</svg>")
+    return "".join(parts)
