@@ -48,12 +48,13 @@ class PayloadInvalid(EngineError):
 
     exit_code = 2
 
-    def __init__(self, workflow_id: str, field: str, message: str) -> None:
+    def __init__(self, workflow_id: str, field: str, message: str, subject: str = "") -> None:
         self.workflow_id = workflow_id
         self.field = field
         self.message = message
         where = f" at `{field}`" if field else ""
-        super().__init__(f"payload for workflow `{workflow_id}` is invalid{where}: {message}")
+        subject = subject or f"workflow `{workflow_id}`"
+        super().__init__(f"payload for {subject} is invalid{where}: {message}")
 
 
 class UnknownStep(EngineError):

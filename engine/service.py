@@ -5,6 +5,7 @@ The CLI, the `Client` and the HTTP server are thin layers over this.
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -130,6 +131,16 @@ class Engine:
             )
         return machine
 
+    def _storable(self, workflow_id: str, payload: Any, subject: str = "") -> None:
+        """PostgreSQL cannot store the NUL character in JSON or text: say so up front."""
+        if self.store.dialect == "postgresql" and "\\u0000" in json.dumps(payload):
+            raise PayloadInvalid(
+                workflow_id,
+                "payload",
+                "contains the NUL character (\\u0000), which PostgreSQL cannot store",
+                subject,
+            )
+
     def event_workflows(self, name: str) -> list[Machine]:
         """Workflows of the folder triggered by event `name`."""
         return [
@@ -170,6 +181,7 @@ class Engine:
         """A run ready to store: payload checked, concurrency key rendered, definition saved."""
         now = time.time() if now is None else now
         validate_payload(machine, payload)
+        self._storable(machine.workflow_id, payload)
         key = None
         if machine.concurrency_key is not None:
             try:
@@ -209,6 +221,9 @@ class Engine:
         """Queue a run of every workflow `name` triggers and resume every matching wait.
         Every payload is checked first: all or nothing."""
         now = time.time()
+        if self.store.dialect == "postgresql" and "\x00" in name + (idempotency_key or ""):
+            raise ConfigError("an event name or idempotency key cannot contain the NUL character")
+        self._storable("", payload, f"event `{name}`")
         trigger = {"kind": "event", "event": name}
         event = NewEvent(
             new_run_id(),

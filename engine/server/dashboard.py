@@ -26,7 +26,7 @@ from .security import COOKIE, Keys
 
 __all__ = ["router"]
 
-LOG_PAGE = 500
+LOG_PAGE = 100  # log lines per run page; "More logs" pages through the rest
 templates = Environment(
     loader=FileSystemLoader(Path(__file__).parent / "templates"),
     autoescape=select_autoescape(["html"]),

@@ -8,7 +8,7 @@ dialect's `ON CONFLICT`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -34,6 +34,7 @@ from ..models import (
 )
 from . import schema as t
 from .events import EventOps, new_run_values
+from .migrations import MIGRATIONS
 from .queueing import QueueOps
 from .schedules import ScheduleOps
 from .sqlutil import (
@@ -55,7 +56,6 @@ __all__ = ["SqlStore", "normalise_url"]
 P = ParamSpec("P")
 R = TypeVar("R")
 _ACTIVE = [s.value for s in ACTIVE_STATUSES]
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {}  # version -> upgrade from version-1
 
 
 def normalise_url(url: str) -> str:

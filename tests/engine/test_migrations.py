@@ -1,0 +1,50 @@
+"""A database written by version 1 of durable-yaml is upgraded in place and keeps its runs."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from engine.models import RunStatus
+from engine.store import open_store
+from engine.store import schema as t
+from tests.conftest import ROOT, cli
+
+FIXTURE = Path(__file__).parent / "fixtures" / "v1-state.db"
+
+
+def test_v1_database_is_upgraded_and_keeps_its_runs(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    shutil.copy(FIXTURE, db)
+    url = f"sqlite:///{db}"
+    store = open_store(url)
+    with store.engine.connect() as c:
+        assert c.execute(sa.select(t.meta.c.value)).scalar_one() == str(t.SCHEMA_VERSION)
+        indexes = {i["name"] for i in sa.inspect(c).get_indexes("dy_runs")}
+        nulls = c.execute(
+            sa.text("SELECT count(*) FROM dy_steps WHERE resume_data = 'null'")
+        ).scalar_one()
+    assert {"dy_runs_claim", "dy_runs_claim_queue", "dy_runs_queue_started"} <= indexes
+    assert nulls == 0
+    runs = {r.status: r for r in store.list_runs()}
+    assert set(runs) == {RunStatus.COMPLETED, RunStatus.FAILED}
+    done = runs[RunStatus.COMPLETED]
+    assert done.output == {"processed_url": "https://cdn.example.com/f408a30e0ad1.webp"}
+    assert {s.step_key for s in store.get_steps(done.id)} == {
+        "start",
+        "pause",
+        "call_image_api",
+        "done",
+    }
+    # the old failed run can still be replayed on its pinned definition
+    from dsl import Machine
+
+    machine = Machine.from_json(store.load_definition(runs[RunStatus.FAILED].definition_hash))
+    assert machine.workflow_id == "process-image"
+    shown = cli("runs", "show", done.id, "--json", "--db", url, cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    store.migrate()  # idempotent
+    store.close()
+    assert ROOT.exists()

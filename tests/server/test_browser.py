@@ -1,0 +1,165 @@
+"""The dashboard in real headless Chromium (Debian's `chromium`, driven by Playwright) against
+a real `durable-yaml serve` and a real worker: the runs list, a failed run's attempts and
+error, approving a waiting human step, cancelling a running run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from engine.service import Engine
+from engine.settings import resolve_settings
+from tests.conftest import ROOT
+
+FLOWS = Path(__file__).parent / "flows"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+pytestmark = pytest.mark.skipif(
+    not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (.ci/run installs it)"
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[tuple[str, Engine]]:
+    db = f"sqlite:///{tmp_path}/state.db"
+    env = {
+        **os.environ,
+        "DURABLE_YAML_DB": db,
+        "DURABLE_YAML_MODULES": "uisteps",
+        "DURABLE_YAML_WORKFLOWS": str(FLOWS),
+        "PYTHONPATH": f"{ROOT}:{FLOWS}",
+    }
+    env.pop("DURABLE_YAML_API_KEY", None)
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "engine", "serve", "--port", str(port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        ),
+        subprocess.Popen(
+            [sys.executable, "-m", "engine", "worker", "--no-schedules"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        ),
+    ]
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(base + "/healthz", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.2)
+    engine = Engine(resolve_settings(db=db, workflows=str(FLOWS)), import_steps=False)
+    try:
+        yield base, engine
+    finally:
+        engine.close()
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(30)
+
+
+@pytest.fixture
+def page() -> Iterator[object]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
+        yield browser.new_page()
+        browser.close()
+
+
+def _wait_status(engine: Engine, run_id: str, status: str, timeout: float = 30) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if engine.store.get_run(run_id).status.value == status:
+            return
+        time.sleep(0.1)
+    raise AssertionError(
+        f"run {run_id} is {engine.store.get_run(run_id).status.value}, not {status}"
+    )
+
+
+def test_runs_list_and_a_failed_run(stack: tuple[str, Engine], page: object) -> None:
+    from playwright.sync_api import Page, expect
+
+    assert isinstance(page, Page)
+    base, engine = stack
+    (run_id,) = engine.send_event("boom.requested", {}).run_ids
+    _wait_status(engine, run_id, "failed")
+    page.goto(base + "/")
+    row = page.locator(f"tr.run-row:has(a[href='/runs/{run_id}'])")
+    expect(row).to_contain_text("boom")
+    expect(row.locator(".badge")).to_have_text("failed")
+    row.locator("a").click()
+    expect(page.locator("#run-status")).to_have_text("failed")
+    expect(page.locator("#run-error")).to_contain_text(
+        "step call_upstream failed: ConnectionError: upstream refused the connection"
+    )
+    attempts = page.locator("tr.step[data-step='call_upstream'] details.attempt")
+    expect(attempts).to_have_count(2)
+    expect(attempts.nth(0)).to_contain_text("attempt 1: failed")
+    attempts.nth(1).locator("summary").click()
+    expect(attempts.nth(1).locator("pre")).to_contain_text("Traceback")
+    expect(page.locator("svg.timeline rect.seg-failed")).to_have_count(2)
+
+
+def test_approve_a_waiting_human_step(stack: tuple[str, Engine], page: object) -> None:
+    from playwright.sync_api import Page, expect
+
+    assert isinstance(page, Page)
+    base, engine = stack
+    (run_id,) = engine.send_event("review.requested", {}).run_ids
+    _wait_status(engine, run_id, "waiting")
+    page.goto(f"{base}/runs/{run_id}")
+    expect(page.locator("#human-step")).to_contain_text("Waiting for a person")
+    page.fill("#human-step input[name=comment]", "looks good")
+    page.click("#approve")
+    expect(page.locator("#run-status")).to_have_text("completed", timeout=20000)
+    run = engine.store.get_run(run_id)
+    assert run.output == {"approved": True, "comment": "looks good"}
+    expect(page.locator("#output")).to_contain_text('"approved": true')
+
+
+def test_cancel_a_running_run(stack: tuple[str, Engine], page: object) -> None:
+    from playwright.sync_api import Page, expect
+
+    assert isinstance(page, Page)
+    base, engine = stack
+    (run_id,) = engine.send_event("slow.requested", {}).run_ids
+    _wait_status(engine, run_id, "running")
+    page.goto(f"{base}/runs/{run_id}")
+    page.click("#cancel")
+    expect(page.locator("#run-status")).to_have_text("cancelled", timeout=20000)
+    steps = {s.step_key for s in engine.store.get_steps(run_id)}
+    assert "third" not in steps
