@@ -90,30 +90,48 @@ class _Live:
 
 
 class _Heartbeat:
-    """Extends the lease and flushes step logs while a long step or a sleep goes on."""
+    """Extends the lease and flushes step logs of the run being driven, every third of the
+    lease, while a long step or a sleep goes on. One daemon thread per runner, started on
+    first use and kept: starting and joining a thread per run would cost more than a step."""
 
-    def __init__(self, store: Store, run_id: str, lease: Lease, logger: StepLogger) -> None:
-        self.store, self.run_id, self.lease, self.logger = store, run_id, lease, logger
-        self.lost = False
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"heartbeat:{run_id}", daemon=True)
+    def __init__(self, store: Store, lease: Lease) -> None:
+        self.store, self.lease = store, lease
+        self._lock = threading.Lock()
+        self._current: tuple[str, StepLogger] | None = None
+        self._lost: set[str] = set()
+        self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> _Heartbeat:
-        self._thread.start()
-        return self
+    def watch(self, run_id: str, logger: StepLogger) -> None:
+        with self._lock:
+            self._current = (run_id, logger)
+            self._lost.discard(run_id)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+                self._thread.start()
 
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+    def unwatch(self) -> None:
+        with self._lock:
+            self._current = None
+
+    def lost(self, run_id: str) -> bool:
+        return run_id in self._lost
+
+    def renew(self, run_id: str) -> None:
+        """The run was claimed again after a deliberate release: it is ours again."""
+        with self._lock:
+            self._lost.discard(run_id)
 
     def _beat(self) -> None:
-        while not self._stop.wait(self.lease.seconds / 3):
+        while True:
+            time.sleep(self.lease.seconds / 3)
+            with self._lock:
+                current = self._current
+            if current is None:
+                continue
+            run_id, logger = current
             try:
-                if not self.store.heartbeat(
-                    self.run_id, self.lease, time.time(), self.logger.drain()
-                ):
-                    self.lost = True
-                    return
+                if not self.store.heartbeat(run_id, self.lease, time.time(), logger.drain()):
+                    self._lost.add(run_id)
             except EngineError:
                 continue  # the database may be restarting; the lease outlives a short outage
 
@@ -145,6 +163,7 @@ class Runner:
         self.should_stop = should_stop
         self._machines: dict[str, Machine] = {}
         self._commit_lock = threading.Lock()
+        self._heartbeat = _Heartbeat(store, self.lease)
 
     # entry points -----------------------------------------------------------------------
     def machine(self, content_hash: str) -> Machine:
@@ -201,23 +220,23 @@ class Runner:
     # the loop ---------------------------------------------------------------------------
     def _drive(self, live: _Live) -> Run:
         logger = StepLogger()
+        self._heartbeat.watch(live.run.id, logger)
         try:
-            with _Heartbeat(self.store, live.run.id, self.lease, logger) as beat:
-                while not live.run.finished and live.run.lease_owner == self.lease.owner:
-                    if beat.lost:
-                        raise LeaseLost(f"run {live.run.id}: lease lost")
-                    if live.run.cancel_requested:
-                        self._commit(
-                            live, Transition(RunStatus.CANCELLED, error="cancelled"), logger
-                        )
-                        break
-                    if self.should_stop() and not live.run.step_running:
-                        self.store.release(live.run.id, self.lease, self.clock())
-                        break
-                    self._step(live, logger)
+            while not live.run.finished and live.run.lease_owner == self.lease.owner:
+                if self._heartbeat.lost(live.run.id):
+                    raise LeaseLost(f"run {live.run.id}: lease lost")
+                if live.run.cancel_requested:
+                    self._commit(live, Transition(RunStatus.CANCELLED, error="cancelled"), logger)
+                    break
+                if self.should_stop() and not live.run.step_running:
+                    self.store.release(live.run.id, self.lease, self.clock())
+                    break
+                self._step(live, logger)
         except KeyboardInterrupt:
             self.store.release(live.run.id, self.lease, self.clock())
             raise
+        finally:
+            self._heartbeat.unwatch()
         return live.run
 
     def _step(self, live: _Live, logger: StepLogger) -> None:
@@ -236,7 +255,7 @@ class Runner:
                 self._park(live, state, stored)
                 return
             if stored.status == StepStatus.RETRYING:  # back-off over: claiming begins an attempt
-                live.run = self.store.claim_run(run.id, self.lease, now)
+                live.run = self._reclaim(run.id)
                 return
             resumed = self._resumed(state, stored)
             self.reporter.step_ended(
@@ -279,7 +298,7 @@ class Runner:
         if self.foreground and timer and stored.wake_at is not None:
             if live.run.lease_owner == self.lease.owner:
                 self.sleep(max(0.0, stored.wake_at - self.clock()))
-            live.run = self.store.claim_run(live.run.id, self.lease, self.clock())
+            live.run = self._reclaim(live.run.id)
             return
         if live.run.lease_owner == self.lease.owner:
             self._commit(
@@ -303,10 +322,15 @@ class Runner:
                 clock=self.clock,
                 sleep=self.sleep,
             ).drive(child)
-            reclaimed = self.store.claim_run(live.run.id, self.lease, self.clock())
+            reclaimed = self._reclaim(live.run.id)
             if reclaimed.lease_owner == self.lease.owner and not reclaimed.finished:
                 live.run = reclaimed
                 live.steps = {s.step_key: s for s in self.store.get_steps(live.run.id)}
+
+    def _reclaim(self, run_id: str) -> Run:
+        run = self.store.claim_run(run_id, self.lease, self.clock())
+        self._heartbeat.renew(run_id)
+        return run
 
     def _commit(self, live: _Live, transition: Transition, logger: StepLogger) -> None:
         with self._commit_lock:

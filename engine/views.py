@@ -76,8 +76,10 @@ def run_detail(store: Store, run: Run) -> dict[str, Any]:
                 "attempt_history": history,
             }
         )
+    children = [c.id for c in store.list_runs(parent_run_id=run.id, limit=1000)]
     return {
         **run_summary(run),
+        "children": children,
         "payload": run.payload,
         "trigger": run.trigger,
         "cancel_requested": run.cancel_requested,

@@ -41,6 +41,7 @@ from .sqlutil import (
     INSERT_RUN,
     MOVE_RUN,
     NO_LEASE,
+    move_and_record_statement,
     now_ts,
     pid_alive,
     run_from_row,
@@ -282,11 +283,22 @@ class SqlStore(QueueOps, EventOps, ScheduleOps):
         else:
             values.update(self._lease_values(lease, now))
         with self.engine.begin() as c:
-            row = c.execute(MOVE_RUN, values).first()
+            if tr.record is not None and self.dialect == "postgresql":
+                # one round trip: the step is written only if the lease-checked UPDATE matched
+                step, step_updates = _step_values(run_id, tr.record, now)
+                row = c.execute(
+                    move_and_record_statement(tuple(values), tuple(step), tuple(step_updates)),
+                    {**values, **{f"s_{k}": v for k, v in step.items()}},
+                ).first()
+            else:
+                row = c.execute(MOVE_RUN, values).first()
             if row is None:
                 raise LeaseLost(f"run {run_id}: this process no longer holds its lease")
             if tr.record is not None:
-                self._record_step(c, run_id, tr.record, now)
+                if self.dialect != "postgresql":
+                    step, step_updates = _step_values(run_id, tr.record, now)
+                    self._upsert(c, t.steps, step, ["run_id", "step_key"], step_updates)
+                self._record_step_extras(c, run_id, tr.record, now)
             if tr.logs:
                 self._insert_logs(c, run_id, tr.logs, now)
             if finished and row.parent_run_id:
@@ -304,33 +316,8 @@ class SqlStore(QueueOps, EventOps, ScheduleOps):
                 )
         return TransitionResult(cancel_requested=bool(row.cancel_requested))
 
-    def _record_step(self, c: Connection, run_id: str, rec: Any, now: float) -> None:
-        terminal = rec.status in (
-            StepStatus.COMPLETED,
-            StepStatus.SKIPPED,
-            StepStatus.FAILED,
-            StepStatus.CANCELLED,
-        )
-        values = {
-            "run_id": run_id,
-            "step_key": rec.step_key,
-            "status": rec.status.value,
-            "attempts": rec.attempt,
-            "output": rec.output,
-            "error": rec.error,
-            "started_at": rec.started_at,
-            "finished_at": now if terminal else None,
-            "wake_at": rec.wake_at,
-            "wait": rec.wait,
-            "resume_data": None,
-            "wait_event": (rec.wait or {}).get("event")
-            if rec.status == StepStatus.WAITING
-            else None,
-        }
-        update_cols = [k for k in values if k not in ("run_id", "step_key", "started_at")]
-        if terminal or rec.status == StepStatus.RETRYING:
-            update_cols.append("started_at")
-        self._upsert(c, t.steps, values, ["run_id", "step_key"], update_cols)
+    def _record_step_extras(self, c: Connection, run_id: str, rec: Any, now: float) -> None:
+        """What a step record writes beside its row: a token, a failed attempt."""
         wait = rec.wait or {}
         if rec.status == StepStatus.WAITING and wait.get("kind") == "token":
             self._insert_ignore(
@@ -598,3 +585,31 @@ class SqlStore(QueueOps, EventOps, ScheduleOps):
             "lease_expires_at": expires,
             "next_at": expires,
         }
+
+
+def _step_values(run_id: str, rec: Any, now: float) -> tuple[dict[str, Any], list[str]]:
+    """A step record as its row's values, and the columns an existing row takes from it."""
+    terminal = rec.status in (
+        StepStatus.COMPLETED,
+        StepStatus.SKIPPED,
+        StepStatus.FAILED,
+        StepStatus.CANCELLED,
+    )
+    values = {
+        "run_id": run_id,
+        "step_key": rec.step_key,
+        "status": rec.status.value,
+        "attempts": rec.attempt,
+        "output": rec.output,
+        "error": rec.error,
+        "started_at": rec.started_at,
+        "finished_at": now if terminal else None,
+        "wake_at": rec.wake_at,
+        "wait": rec.wait,
+        "resume_data": None,
+        "wait_event": (rec.wait or {}).get("event") if rec.status == StepStatus.WAITING else None,
+    }
+    updates = [k for k in values if k not in ("run_id", "step_key", "started_at")]
+    if terminal or rec.status == StepStatus.RETRYING:
+        updates.append("started_at")
+    return values, updates

@@ -7,6 +7,7 @@ __all__ = [
     "INSERT_RUN",
     "MOVE_RUN",
     "NO_LEASE",
+    "move_and_record_statement",
     "now_ts",
     "pid_alive",
     "run_from_row",
@@ -72,6 +73,40 @@ MOVE_RUN = (
     .values(active_seconds=t.runs.c.active_seconds + sa.bindparam("w_active", type_=sa.Float))
     .returning(t.runs.c.cancel_requested, t.runs.c.parent_run_id, t.runs.c.parent_step)
 )
+
+
+@functools.cache
+def move_and_record_statement(
+    run_keys: tuple[str, ...], step_cols: tuple[str, ...], step_updates: tuple[str, ...]
+) -> Any:
+    """PostgreSQL: move the run (lease-checked) and upsert its step in one statement.
+
+    `run_keys` are MOVE_RUN's parameter names; the step's values come as `s_<column>`.
+    """
+    set_: dict[str, Any] = {
+        k: sa.bindparam(k, type_=t.runs.c[k].type) for k in run_keys if not k.startswith("w_")
+    }
+    set_["active_seconds"] = t.runs.c.active_seconds + sa.bindparam("w_active", type_=sa.Float)
+    moved = (
+        update(t.runs)
+        .where(t.runs.c.id == sa.bindparam("w_id"), t.runs.c.lease_owner == sa.bindparam("w_owner"))
+        .values(set_)
+        .returning(t.runs.c.cancel_requested, t.runs.c.parent_run_id, t.runs.c.parent_step)
+        .cte("moved")
+    )
+    source = sa.select(
+        *[
+            sa.cast(sa.bindparam(f"s_{k}", type_=t.steps.c[k].type), t.steps.c[k].type).label(k)
+            for k in step_cols
+        ]
+    ).select_from(moved)
+    record = postgresql.insert(t.steps).from_select(list(step_cols), source)
+    record = record.on_conflict_do_update(
+        index_elements=["run_id", "step_key"], set_={k: record.excluded[k] for k in step_updates}
+    )
+    return sa.select(moved.c.cancel_requested, moved.c.parent_run_id, moved.c.parent_step).add_cte(
+        record.cte("recorded")
+    )
 
 
 @functools.cache

@@ -106,6 +106,10 @@ def test_child_run_inline_in_the_foreground(engine: Engine) -> None:
     assert run.status == RunStatus.COMPLETED and run.output == 20
     (child,) = engine.store.list_runs(parent_run_id=run_id)
     assert child.workflow_id == "child" and child.output == 10
+    from engine.views import run_detail
+
+    assert run_detail(engine.store, run)["children"] == [child.id]
+    assert run_detail(engine.store, child)["parent_run_id"] == run_id
     assert child.definition_hash == engine.workflow("child").content_hash
 
 
