@@ -2,7 +2,8 @@
 
 - ceiling: a single-row INSERT + COMMIT per iteration through SQLAlchemy on the same database
   (same engine settings: SQLite in WAL mode with synchronous=FULL);
-- durable-yaml: a 3-step no-op workflow driven by the runner; durable steps/s and commits/step;
+- durable-yaml: a 3-step no-op workflow driven by the runner; durable steps/s and commits
+  (transactions: explicit COMMITs and autocommit statements) per step;
 - DBOS (if installed: `pip install -e '.[bench]'`): the same 3-step workflow, workflows/s.
 
 Medians of 3 rounds. Aims: engine steps/s >= 0.5 x ceiling; engine workflows/s >= 3 x DBOS.
@@ -30,6 +31,7 @@ from dsl import load_workflow  # noqa: E402
 from engine import step  # noqa: E402
 from engine.runner import Runner  # noqa: E402
 from engine.store import SqlStore, open_store  # noqa: E402
+from engine.store.sqlutil import TransactionCounter  # noqa: E402
 
 RUNS = int(os.environ.get("BENCH_RUNS", "300"))
 ROUNDS = 3
@@ -96,20 +98,15 @@ def engine_rate(store: SqlStore, runs: int, folder: Path) -> tuple[float, float]
     runner = Runner(store)
     for _ in range(10):
         runner.start(machine, {})
-    commits = [0]
-
-    def count(conn: object) -> None:
-        commits[0] += 1
-
-    sa.event.listen(store.engine, "commit", count)
+    counter = TransactionCounter(store.engine)  # COMMITs and autocommit statements
     start = time.perf_counter()
     for _ in range(runs):
         run = runner.start(machine, {})
         assert run.output == 3
     elapsed = time.perf_counter() - start
-    sa.event.remove(store.engine, "commit", count)
+    counter.close()
     steps = runs * 3
-    return steps / elapsed, commits[0] / steps
+    return steps / elapsed, counter.count / steps
 
 
 def dbos_rate(url: str, runs: int) -> float | None:

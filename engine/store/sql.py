@@ -172,8 +172,12 @@ class SqlStore(QueueOps, EventOps, ScheduleOps):
                 step_running=True,
                 step_started_at=now,
             )
-        with self.engine.begin() as c:
-            c.execute(INSERT_RUN, values)
+        if self.dialect == "postgresql":  # one statement: autocommit, no BEGIN/COMMIT trips
+            with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+                c.execute(INSERT_RUN, values)
+        else:
+            with self.engine.begin() as c:
+                c.execute(INSERT_RUN, values)
         return run_from_row(values)
 
     @translate
@@ -282,6 +286,24 @@ class SqlStore(QueueOps, EventOps, ScheduleOps):
             values.update(next_at=tr.next_at, **NO_LEASE)
         else:
             values.update(self._lease_values(lease, now))
+        if (
+            self.dialect == "postgresql"
+            and tr.record is not None
+            and not finished
+            and not tr.logs
+            and not tr.record.attempt_status
+            and (tr.record.wait or {}).get("kind") != "token"
+        ):
+            # The common step: one statement is a whole transaction, so PostgreSQL runs it in
+            # autocommit - atomic and durable, without BEGIN and COMMIT round trips.
+            step, step_updates = _step_values(run_id, tr.record, now)
+            params = {**values, **{f"s_{k}": v for k, v in step.items()}}
+            statement = move_and_record_statement(tuple(values), tuple(step), tuple(step_updates))
+            with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+                row = c.execute(statement, params).first()
+            if row is None:
+                raise LeaseLost(f"run {run_id}: this process no longer holds its lease")
+            return TransitionResult(cancel_requested=bool(row.cancel_requested))
         with self.engine.begin() as c:
             if tr.record is not None and self.dialect == "postgresql":
                 # one round trip: the step is written only if the lease-checked UPDATE matched

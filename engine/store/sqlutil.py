@@ -7,6 +7,7 @@ __all__ = [
     "INSERT_RUN",
     "MOVE_RUN",
     "NO_LEASE",
+    "TransactionCounter",
     "move_and_record_statement",
     "now_ts",
     "pid_alive",
@@ -185,3 +186,27 @@ def sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
 
 def sqlite_begin(conn: Connection) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+class TransactionCounter:
+    """Counts the transactions an engine commits: explicit COMMITs and statements run in
+    autocommit (each its own transaction). For tests and benchmarks."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+        self.count = 0
+        sa.event.listen(engine, "commit", self._commit)
+        sa.event.listen(engine, "after_cursor_execute", self._statement)
+
+    def _commit(self, conn: Any) -> None:
+        self.count += 1
+
+    def _statement(
+        self, conn: Any, cursor: Any, statement: str, params: Any, context: Any, executemany: bool
+    ) -> None:
+        if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+            self.count += 1
+
+    def close(self) -> None:
+        sa.event.remove(self.engine, "commit", self._commit)
+        sa.event.remove(self.engine, "after_cursor_execute", self._statement)

@@ -195,14 +195,35 @@ def test_send_rejects_a_bad_payload_and_dedupes_keys(project: tuple[Path, dict[s
     cwd, env = project
     bad = cli("send", "process.image", "--payload", '{"url": "x"}', cwd=cwd, env=env)
     assert bad.returncode == 2
-    assert "payload for workflow `process-image` is invalid at `payload`: 'userId' is a required property" in bad.stderr
+    assert (
+        "payload for workflow `process-image` is invalid at `payload`: 'userId' is a required property"
+        in bad.stderr
+    )
     _ok(bad)
     assert _count_runs(env) == 0
     payload = '{"url": "https://a.io/1.png", "userId": "u"}'
-    first = cli("send", "process.image", "--payload", payload, "--idempotency-key", "order-1", cwd=cwd, env=env)
+    first = cli(
+        "send",
+        "process.image",
+        "--payload",
+        payload,
+        "--idempotency-key",
+        "order-1",
+        cwd=cwd,
+        env=env,
+    )
     assert first.returncode == 0 and first.stdout.startswith("queued ")
     run_id = first.stdout.split()[1]
-    again = cli("send", "process.image", "--payload", payload, "--idempotency-key", "order-1", cwd=cwd, env=env)
+    again = cli(
+        "send",
+        "process.image",
+        "--payload",
+        payload,
+        "--idempotency-key",
+        "order-1",
+        cwd=cwd,
+        env=env,
+    )
     assert again.returncode == 0
     assert f"already queued {run_id}" in again.stdout
     assert "idempotency key 'order-1' was used already: nothing new was queued" in again.stderr

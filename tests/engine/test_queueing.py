@@ -27,11 +27,33 @@ def lease(name: str) -> Lease:
     return Lease(name, "test-host", os.getpid())
 
 
-def queue(store: SqlStore, run_id: str, *, q: str = "q", priority: int = 0, key: str | None = None,
-          at: float = NOW, available_at: float | None = None) -> None:
-    store.send([NewRun(id=run_id, workflow_id="wf", version="1", definition_hash="h", payload={},
-                       first_step="s", queue=q, priority=priority, concurrency_key=key,
-                       available_at=available_at)], at)
+def queue(
+    store: SqlStore,
+    run_id: str,
+    *,
+    q: str = "q",
+    priority: int = 0,
+    key: str | None = None,
+    at: float = NOW,
+    available_at: float | None = None,
+) -> None:
+    store.send(
+        [
+            NewRun(
+                id=run_id,
+                workflow_id="wf",
+                version="1",
+                definition_hash="h",
+                payload={},
+                first_step="s",
+                queue=q,
+                priority=priority,
+                concurrency_key=key,
+                available_at=available_at,
+            )
+        ],
+        at,
+    )
 
 
 def claimed(store: SqlStore, n: int, now: float = NOW + 1) -> list[str]:
@@ -110,5 +132,12 @@ def test_idempotency_key_creates_one_set_of_runs_and_frees_after_failure(store: 
 
 
 def _run(run_id: str) -> NewRun:
-    return NewRun(id=run_id, workflow_id="wf", version="1", definition_hash="h", payload={},
-                  first_step="s", queue="q")
+    return NewRun(
+        id=run_id,
+        workflow_id="wf",
+        version="1",
+        definition_hash="h",
+        payload={},
+        first_step="s",
+        queue="q",
+    )

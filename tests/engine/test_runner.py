@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event
 
 from engine import NonRetryableError, StepContext, step
 from engine.models import RunStatus
 from engine.runner import Runner
 from engine.store import SqlStore
+from engine.store.sqlutil import TransactionCounter
 from tests.engine.helpers import FakeClock, compile_text, store_for
 
 CALLS: dict[str, list[int]] = {}
@@ -363,8 +363,7 @@ steps:
 
 
 def test_one_commit_per_step_beyond_the_claim(store: SqlStore, tmp_path: Path) -> None:
-    commits = []
-    event.listen(store.engine, "commit", lambda conn: commits.append(1))
+    counter = TransactionCounter(store.engine)
     machine = compile_text(
         tmp_path,
         HEAD
@@ -379,7 +378,9 @@ steps:
     store.save_definition(
         machine.content_hash, machine.workflow_id, machine.version, machine.to_json(), ""
     )
-    commits.clear()
+    counter.count = 0
     run = runner.start(machine, {})
+    counter.close()
     assert run.status == RunStatus.COMPLETED and run.output == 3
-    assert len(commits) == 1 + 3 + 1  # create+claim, one per step, save_definition (no-op upsert)
+    # create+claim, one per step, save_definition (a no-op upsert)
+    assert counter.count == 1 + 3 + 1

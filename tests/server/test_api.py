@@ -196,9 +196,12 @@ def test_no_key_means_open_on_loopback(engine: Engine) -> None:
     assert client.get("/").status_code == 200
 
 
-def test_nul_characters_are_a_clear_422_on_every_backend(client: TestClient, engine: Engine) -> None:
-    response = client.post("/api/events", json={"name": "doc.published", "payload": {"doc": "a\u0000b"}},
-                           headers=AUTH)
+def test_nul_characters_are_a_clear_422_on_every_backend(
+    client: TestClient, engine: Engine
+) -> None:
+    response = client.post(
+        "/api/events", json={"name": "doc.published", "payload": {"doc": "a\u0000b"}}, headers=AUTH
+    )
     if engine.store.dialect == "postgresql":
         assert response.status_code == 422 and "NUL character" in response.json()["error"]
     else:
