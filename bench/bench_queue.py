@@ -5,7 +5,8 @@
 - start latency: send -> first step running, p50 and p99, one idle worker;
 - claim cost: median time of one claim_next_run with 1,000 and with 100,000 queued runs,
   and their ratio (aim <= 1.5);
-- DBOS queues (if installed): the same no-op enqueued and run by one DBOS process.
+- DBOS queues and Procrastinate (if installed, `pip install -e '.[bench]'`): the same no-op
+  enqueued first, then run by one process of each (Procrastinate: PostgreSQL only).
 """
 
 from __future__ import annotations
@@ -175,6 +176,21 @@ def dbos_queue_rate(url: str, runs: int) -> float | None:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def procrastinate_rate(base_url: str, jobs: int) -> float | None:
+    if importlib.util.find_spec("procrastinate") is None:
+        return None
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "procrastinate_side.py"), base_url, str(jobs)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    if out.returncode != 0:
+        print("Procrastinate failed:", (out.stderr.strip().splitlines() or ["?"])[-1])
+        return None
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="dy-bench-"))
     backends = [("sqlite", f"sqlite:///{folder}/queue.db", f"sqlite:///{folder}/dbos.sqlite")]
@@ -187,6 +203,10 @@ def main() -> None:
         p50, p99 = latency(url)
         small, large = claim_cost(url, 1_000), claim_cost(url, 100_000)
         dbos = dbos_queue_rate(dbos_url, RUNS)
+        procrastinate = None
+        if name == "postgresql":
+            base = os.environ.get("DURABLE_YAML_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/")
+            procrastinate = procrastinate_rate(base, RUNS)
         print(f"[{name}]")
         print(
             "  runs/s   1 worker {:.0f} | 2 workers {:.0f} | 4 workers {:.0f}".format(
@@ -203,6 +223,12 @@ def main() -> None:
             print(
                 f"  DBOS queue (1 process) {dbos:.0f} workflows/s | durable-yaml best {best:.0f} "
                 f"runs/s | ratio {best / dbos:.2f}x"
+            )
+        if procrastinate is not None:
+            one = rates[1]
+            print(
+                f"  Procrastinate (1 process, concurrency 4) {procrastinate:.0f} jobs/s | "
+                f"durable-yaml 1 worker {one:.0f} durable runs/s | ratio {one / procrastinate:.2f}x"
             )
         print()
 

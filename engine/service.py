@@ -312,7 +312,7 @@ class Engine:
     def resume(self, run_id: str, reporter: Reporter | None = None) -> Run:
         return self.runner(reporter).drive(run_id)
 
-    def replay(self, run_id: str, reporter: Reporter | None = None) -> Run:
+    def _replay(self, run_id: str) -> tuple[Machine, NewRun]:
         """A new run with the same payload, on the workflow's current definition if it is in
         the workflows folder, else on the definition the original was pinned to."""
         original = self.store.get_run(run_id)
@@ -320,17 +320,16 @@ class Engine:
         if machine is None:
             machine = Machine.from_json(self.store.load_definition(original.definition_hash))
         trigger = {**original.trigger, "replay_of": run_id}
-        new = self.new_run(machine, original.payload, trigger)
-        return self.runner(reporter).start(machine, original.payload, new=new)
+        return machine, self.new_run(machine, original.payload, trigger)
+
+    def replay(self, run_id: str, reporter: Reporter | None = None) -> Run:
+        """Replay in this process (the `runs replay` command)."""
+        machine, new = self._replay(run_id)
+        return self.runner(reporter).start(machine, new.payload, new=new)
 
     def queue_replay(self, run_id: str) -> str:
-        """Like `replay`, but queued for workers; the new run's id."""
-        original = self.store.get_run(run_id)
-        machine = self.catalog.get(original.workflow_id)
-        if machine is None:
-            machine = Machine.from_json(self.store.load_definition(original.definition_hash))
-        trigger = {**original.trigger, "replay_of": run_id}
-        new = self.new_run(machine, original.payload, trigger)
+        """Replay queued for workers (the API and the dashboard); the new run's id."""
+        _, new = self._replay(run_id)
         self.store.send([new], time.time())
         return new.id
 

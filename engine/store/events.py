@@ -137,9 +137,16 @@ class EventOps:
     def _resume_step(
         self, c: Connection, run_id: str, step_key: str, data: Any, now: float
     ) -> None:
+        """Give a waiting step what it waited for (the first answer wins) and make its run
+        claimable now, unless a process holds it (that process sees the answer itself)."""
         c.execute(
             update(t.steps)
-            .where(t.steps.c.run_id == run_id, t.steps.c.step_key == step_key)
+            .where(
+                t.steps.c.run_id == run_id,
+                t.steps.c.step_key == step_key,
+                t.steps.c.status == StepStatus.WAITING.value,
+                t.steps.c.resume_data.is_(None),
+            )
             .values(resume_data=data)
         )
         c.execute(

@@ -81,8 +81,11 @@ class QueueOps:
                 if not candidates:
                     return None
                 limits = self._limits(c, {row["queue"] for row in candidates})
+                # Count and stamp with the time at which this claim holds its locks: a `now`
+                # taken before waiting for them would let a rate window admit one too many.
+                locked_at = max(now, time.time())
                 for row in candidates:
-                    verdict = self._allowed(c, row, limits.get(row["queue"]), now)
+                    verdict = self._allowed(c, row, limits.get(row["queue"]), locked_at)
                     if verdict == "queue":
                         full_queues.add(row["queue"])
                     elif verdict == "key":
@@ -90,7 +93,7 @@ class QueueOps:
                     elif (
                         row["queue"] not in full_queues and row["concurrency_key"] not in full_keys
                     ):
-                        return self._take(c, row, lease, now)
+                        return self._take(c, row, lease, locked_at)
         return None
 
     def _candidates(

@@ -375,25 +375,10 @@ class SqlStore(QueueOps, EventOps, ScheduleOps):
     def _wake_parent(
         self, c: Connection, parent_id: str, step_key: str | None, data: dict[str, Any], now: float
     ) -> None:
-        c.execute(
-            update(t.steps)
-            .where(
-                t.steps.c.run_id == parent_id,
-                t.steps.c.step_key == step_key,
-                t.steps.c.status == StepStatus.WAITING.value,
-                t.steps.c.resume_data.is_(None),
-            )
-            .values(resume_data=data)
-        )
-        c.execute(
-            update(t.runs)
-            .where(
-                t.runs.c.id == parent_id,
-                t.runs.c.status == RunStatus.WAITING.value,
-                t.runs.c.lease_owner.is_(None),
-            )
-            .values(next_at=now, updated_at=now)
-        )
+        """A child ended: hand its result to the parent's waiting step and wake the parent."""
+        if step_key is not None:
+            self._resume_step(c, parent_id, step_key, data, now)
+            self.notify(c)
 
     def _insert_logs(self, c: Connection, run_id: str, logs: Sequence[NewLog], now: float) -> None:
         c.execute(
