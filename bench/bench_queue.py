@@ -176,6 +176,25 @@ def dbos_queue_rate(url: str, runs: int) -> float | None:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def idle_cpu(url: str, seconds: float = 10.0) -> float:
+    """CPU used by an idle worker (no runs), as a percentage of one core."""
+    reset(url).close()
+    (proc,) = workers(url, 1)
+    try:
+        time.sleep(3.0)  # start-up
+        ticks = os.sysconf("SC_CLK_TCK")
+
+        def cpu() -> float:
+            fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / ticks
+
+        before = cpu()
+        time.sleep(seconds)
+        return (cpu() - before) / seconds * 100
+    finally:
+        stop([proc])
+
+
 def procrastinate_rate(base_url: str, jobs: int) -> float | None:
     if importlib.util.find_spec("procrastinate") is None:
         return None
@@ -202,6 +221,7 @@ def main() -> None:
         rates = {n: throughput(url, n) for n in (1, 2, 4)}
         p50, p99 = latency(url)
         small, large = claim_cost(url, 1_000), claim_cost(url, 100_000)
+        idle = idle_cpu(url)
         dbos = dbos_queue_rate(dbos_url, RUNS)
         procrastinate = None
         if name == "postgresql":
@@ -214,6 +234,7 @@ def main() -> None:
             )
         )
         print(f"  start latency (send -> first step running)  p50 {p50:.1f} ms  p99 {p99:.1f} ms")
+        print(f"  idle worker (4 executors, no runs): {idle:.2f}% of one core")
         print(
             f"  claim cost  1,000 queued {small:.2f} ms | 100,000 queued {large:.2f} ms | "
             f"ratio {large / small:.2f}"

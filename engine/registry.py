@@ -114,6 +114,37 @@ class StepTimeout(TimeoutError):
     pass
 
 
+class _EventLoop:
+    """The one event loop, in a daemon thread, on which every `async def` step of this
+    process runs: executors hand coroutines over and wait for their results, so concurrent
+    async steps interleave on it (an async step must not block the loop)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, name="async-steps", daemon=True).start()
+
+    def run(self, coro: Any, timeout: float | None) -> Any:
+        async def bounded() -> Any:
+            return await asyncio.wait_for(coro, timeout)
+
+        try:
+            return asyncio.run_coroutine_threadsafe(bounded(), self.loop).result()
+        except asyncio.TimeoutError:
+            raise StepTimeout(f"step timed out after {timeout:g}s") from None
+
+
+_LOOP: _EventLoop | None = None
+_LOOP_LOCK = threading.Lock()
+
+
+def _event_loop() -> _EventLoop:
+    global _LOOP
+    with _LOOP_LOCK:
+        if _LOOP is None:
+            _LOOP = _EventLoop()
+        return _LOOP
+
+
 @dataclass(frozen=True)
 class RegisteredStep:
     name: str
@@ -142,14 +173,7 @@ class RegisteredStep:
         if self.ctx_param:
             kwargs = {**kwargs, self.ctx_param: ctx}
         if self.is_async:
-
-            async def bounded() -> Any:
-                return await asyncio.wait_for(self.fn(**kwargs), timeout)
-
-            try:
-                return asyncio.run(bounded())
-            except asyncio.TimeoutError:
-                raise StepTimeout(f"step timed out after {timeout:g}s") from None
+            return _event_loop().run(self.fn(**kwargs), timeout)
         if timeout is None:
             return self.fn(**kwargs)
         box: dict[str, Any] = {}

@@ -228,8 +228,19 @@ class Runner:
                 if live.run.cancel_requested:
                     self._commit(live, Transition(RunStatus.CANCELLED, error="cancelled"), logger)
                     break
-                if self.should_stop() and not live.run.step_running:
-                    self.store.release(live.run.id, self.lease, self.clock())
+                if self.should_stop():
+                    # At a step boundary: the next step is begun but not executed, so hand
+                    # the run back un-begun (its first attempt stays attempt 1).
+                    self._commit(
+                        live,
+                        Transition(
+                            RunStatus.QUEUED,
+                            current_step=live.run.current_step,
+                            release=True,
+                            next_at=self.clock(),
+                        ),
+                        logger,
+                    )
                     break
                 self._step(live, logger)
         except KeyboardInterrupt:

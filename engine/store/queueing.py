@@ -90,7 +90,7 @@ class QueueOps:
                         full_queues.add(row["queue"])
                     elif verdict == "key":
                         full_keys.add(row["concurrency_key"])
-                    elif (
+                    elif row["status"] == RunStatus.RUNNING.value or (
                         row["queue"] not in full_queues and row["concurrency_key"] not in full_keys
                     ):
                         return self._take(c, row, lease, locked_at)
@@ -113,11 +113,14 @@ class QueueOps:
         q = select(t.runs).where(due)
         if queues:
             q = q.where(t.runs.c.queue.in_(list(queues)))
+        # A run whose lease is being recovered already holds its slot: no exclusion applies
+        recovering = t.runs.c.status == RunStatus.RUNNING.value
         if full_queues:
-            q = q.where(t.runs.c.queue.not_in(list(full_queues)))
+            q = q.where(sa.or_(recovering, t.runs.c.queue.not_in(list(full_queues))))
         if full_keys:
             q = q.where(
                 sa.or_(
+                    recovering,
                     t.runs.c.concurrency_key.is_(None),
                     t.runs.c.concurrency_key.not_in(list(full_keys)),
                 )

@@ -141,3 +141,18 @@ def _run(run_id: str) -> NewRun:
         first_step="s",
         queue="q",
     )
+
+
+def test_a_full_key_never_blocks_recovering_its_own_expired_leases(store: SqlStore) -> None:
+    """Runs of a dead worker hold their key's slots; queued runs of that key come first in
+    order and are refused, yet the dead worker's runs must still be taken over."""
+    store.save_queue_limits([QueueLimits("k", concurrency=2)])
+    queue(store, "zombie1", q="k", key="a", at=NOW + 5)
+    queue(store, "zombie2", q="k", key="a", at=NOW + 5.1)
+    dead = Lease("dead-worker", "elsewhere", 1, seconds=5)
+    assert store.claim_next_run(dead, NOW + 6) is not None
+    assert store.claim_next_run(dead, NOW + 6) is not None
+    for i in range(3):  # older than the zombies' lease expiry: first in claim order
+        queue(store, f"queued{i}", q="k", key="a", at=NOW + i * 0.01)
+    taken = [store.claim_next_run(lease(f"w{i}"), NOW + 100) for i in range(3)]
+    assert sorted(r.id for r in taken if r) == ["zombie1", "zombie2"]

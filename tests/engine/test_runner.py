@@ -384,3 +384,28 @@ steps:
     assert run.status == RunStatus.COMPLETED and run.output == 3
     # create+claim, one per step, save_definition (a no-op upsert)
     assert counter.count == 1 + 3 + 1
+
+
+@step("rt.async_sleep")
+async def async_sleep(seconds: float, ctx: StepContext) -> dict[str, Any]:
+    import asyncio
+
+    await asyncio.sleep(seconds)
+    return {"attempt": ctx.attempt, "loop": id(asyncio.get_running_loop())}
+
+
+def test_async_steps_share_one_event_loop_and_time_out(store: SqlStore, tmp_path: Path) -> None:
+    first = run_text(store, tmp_path, "steps:\n  - {id: a, call: rt.async_sleep, with: {seconds: 0.01}}\n")
+    second = run_text(store, tmp_path, "steps:\n  - {id: a, call: rt.async_sleep, with: {seconds: 0.01}}\n")
+    assert first.status == RunStatus.COMPLETED and first.output["attempt"] == 1
+    assert first.output["loop"] == second.output["loop"]
+    slow = run_text(store, tmp_path, """
+steps:
+  - id: a
+    call: rt.async_sleep
+    with: {seconds: 5}
+    timeout: 100ms
+    retry: {max_attempts: 1}
+""")
+    assert slow.status == RunStatus.FAILED
+    assert slow.error == "step a failed: StepTimeout: step timed out after 0.1s"
