@@ -185,7 +185,9 @@ def sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
 
 
 def sqlite_begin(conn: Connection) -> None:
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    """Take SQLite's write lock at BEGIN, so concurrent claimers queue up instead of
+    deadlocking on a lock upgrade (sent to the driver directly: this runs per transaction)."""
+    conn.connection.dbapi_connection.execute("BEGIN IMMEDIATE")  # type: ignore[union-attr]
 
 
 class TransactionCounter:
