@@ -11,7 +11,7 @@ Rules for daylight-saving changes (documented in the README):
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
@@ -46,12 +46,12 @@ def _instants(naive: datetime, tz: ZoneInfo, follow_real_time: bool) -> list[dat
     """The UTC instants at which the local wall-clock time `naive` fires."""
     first = naive.replace(tzinfo=tz, fold=0)
     second = naive.replace(tzinfo=tz, fold=1)
-    first_utc = first.astimezone(timezone.utc)
+    first_utc = first.astimezone(UTC)
     if first.utcoffset() == second.utcoffset():
         return [first_utc]
     if first_utc.astimezone(tz).replace(tzinfo=None) != naive:
         return [first_utc]  # does not exist locally: fires when the clock jumps past it
-    second_utc = second.astimezone(timezone.utc)
+    second_utc = second.astimezone(UTC)
     return [first_utc, second_utc] if follow_real_time else [first_utc]
 
 
@@ -61,7 +61,7 @@ def next_fire_after(expr: str, tz_name: str, after: datetime) -> datetime:
         raise ValueError("`after` must be timezone-aware")
     tz = check_timezone(tz_name)
     follow_real_time = expr.split()[1] in ("*", "*/1")
-    after_utc = after.astimezone(timezone.utc)
+    after_utc = after.astimezone(UTC)
     local = after_utc.astimezone(tz).replace(tzinfo=None)
     # Start a few hours early: a repeated or skipped hour maps local times across offsets.
     it = croniter(expr, local - timedelta(hours=3))

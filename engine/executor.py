@@ -17,7 +17,7 @@ import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from dsl import State, TemplateError, render_value
@@ -262,7 +262,7 @@ def parse_instant(value: Any, field: str) -> float:
     except ValueError:
         raise TemplateError(field, f"{value!r} is not an ISO-8601 timestamp") from None
     if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
+        parsed = parsed.replace(tzinfo=UTC)
     return parsed.timestamp()
 
 

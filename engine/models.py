@@ -26,7 +26,7 @@ __all__ = [
 ]
 
 
-class RunStatus(str, enum.Enum):
+class RunStatus(enum.StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     WAITING = "waiting"
@@ -38,7 +38,7 @@ class RunStatus(str, enum.Enum):
 ACTIVE_STATUSES = (RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.WAITING)
 
 
-class StepStatus(str, enum.Enum):
+class StepStatus(enum.StrEnum):
     RUNNING = "running"
     WAITING = "waiting"  # a timer, an event, a token or a child run
     RETRYING = "retrying"  # failed, the next attempt is due at wake_at

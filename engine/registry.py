@@ -129,7 +129,7 @@ class _EventLoop:
 
         try:
             return asyncio.run_coroutine_threadsafe(bounded(), self.loop).result()
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise StepTimeout(f"step timed out after {timeout:g}s") from None
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -285,7 +285,7 @@ class Engine:
     ) -> tuple[Any, dict[str, Any]]:
         """The payload and trigger of a run started by hand; a cron run gets a cron payload."""
         if machine.trigger.kind == "cron":
-            stamp = datetime.fromtimestamp(now, tz=timezone.utc).isoformat()
+            stamp = datetime.fromtimestamp(now, tz=UTC).isoformat()
             cron_payload = {
                 "timestamp": stamp,
                 "last_timestamp": None,

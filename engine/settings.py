@@ -4,11 +4,10 @@ pyproject.toml, default."""
 from __future__ import annotations
 
 import os
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from .errors import ConfigError
 

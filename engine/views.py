@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from dsl import Machine
@@ -14,7 +14,7 @@ __all__ = ["iso", "log_view", "run_detail", "run_summary", "schedule_views"]
 
 
 def iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc).isoformat()
+    return None if ts is None else datetime.fromtimestamp(ts, tz=UTC).isoformat()
 
 
 def run_summary(run: Run) -> dict[str, Any]:
@@ -125,7 +125,7 @@ def schedule_views(engine: Any, now: float, count: int = 5) -> list[dict[str, An
             continue
         tz = ZoneInfo(trigger.timezone)
         fires = next_fires(
-            trigger.cron, trigger.timezone, datetime.fromtimestamp(now, tz=timezone.utc), count
+            trigger.cron, trigger.timezone, datetime.fromtimestamp(now, tz=UTC), count
         )
         out.append(
             {

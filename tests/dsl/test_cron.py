@@ -4,7 +4,7 @@ with day-of-week, and daylight-saving changes in Europe/Paris and America/New_Yo
 from __future__ import annotations
 
 import itertools
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -12,7 +12,7 @@ from dsl.cron import CronError, check_cron, check_timezone, next_fire_after, nex
 
 
 def utc(text: str) -> datetime:
-    return datetime.fromisoformat(text).replace(tzinfo=timezone.utc)
+    return datetime.fromisoformat(text).replace(tzinfo=UTC)
 
 
 # (cron, timezone, after (UTC), the next fires (UTC))

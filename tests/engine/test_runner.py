@@ -395,17 +395,25 @@ async def async_sleep(seconds: float, ctx: StepContext) -> dict[str, Any]:
 
 
 def test_async_steps_share_one_event_loop_and_time_out(store: SqlStore, tmp_path: Path) -> None:
-    first = run_text(store, tmp_path, "steps:\n  - {id: a, call: rt.async_sleep, with: {seconds: 0.01}}\n")
-    second = run_text(store, tmp_path, "steps:\n  - {id: a, call: rt.async_sleep, with: {seconds: 0.01}}\n")
+    first = run_text(
+        store, tmp_path, "steps:\n  - {id: a, call: rt.async_sleep, with: {seconds: 0.01}}\n"
+    )
+    second = run_text(
+        store, tmp_path, "steps:\n  - {id: a, call: rt.async_sleep, with: {seconds: 0.01}}\n"
+    )
     assert first.status == RunStatus.COMPLETED and first.output["attempt"] == 1
     assert first.output["loop"] == second.output["loop"]
-    slow = run_text(store, tmp_path, """
+    slow = run_text(
+        store,
+        tmp_path,
+        """
 steps:
   - id: a
     call: rt.async_sleep
     with: {seconds: 5}
     timeout: 100ms
     retry: {max_attempts: 1}
-""")
+""",
+    )
     assert slow.status == RunStatus.FAILED
     assert slow.error == "step a failed: StepTimeout: step timed out after 0.1s"
