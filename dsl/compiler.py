@@ -218,10 +218,11 @@ def _trigger(c: _Checker, value: Any) -> Trigger | None:
             check_cron(value["cron"])
         except CronError as exc:
             c.problem(("trigger", "cron"), str(exc))
-        try:
-            check_timezone(tz)
-        except CronError as exc:
-            c.problem(("trigger", "timezone"), str(exc))
+        if isinstance(value.get("timezone", "UTC"), str):  # else the schema reports its type
+            try:
+                check_timezone(tz)
+            except CronError as exc:
+                c.problem(("trigger", "timezone"), str(exc))
     return Trigger(
         kind=kind,
         event=value.get("event") if kind == "event" else None,

@@ -36,7 +36,7 @@ def check_cron(expr: str) -> None:
 def check_timezone(name: str) -> ZoneInfo:
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError, UnicodeError):  # OSError: name too long
         raise CronError(
             f"unknown timezone {name!r}; use an IANA name like Europe/Paris or UTC"
         ) from None

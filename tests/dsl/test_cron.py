@@ -148,3 +148,9 @@ def test_bad_cron(expr: str, message: str) -> None:
 def test_bad_timezone() -> None:
     with pytest.raises(CronError, match="unknown timezone 'Mars/Olympus'"):
         check_timezone("Mars/Olympus")
+
+
+@pytest.mark.parametrize("name", ["x" * 5000, "../../etc/passwd", "Europe/\x00Paris", "é/ü"])
+def test_hostile_timezone_names_are_cron_errors(name: str) -> None:
+    with pytest.raises(CronError, match="unknown timezone"):
+        check_timezone(name)
