@@ -198,6 +198,7 @@ class Transition:
     error: str | None = None
     active_seconds: float = 0.0
     logs: tuple[NewLog, ...] = ()
+    has_parent: bool = True  # False lets a finishing step skip waking a parent
 
 
 @dataclass(frozen=True)

@@ -346,7 +346,9 @@ class Runner:
     def _commit(self, live: _Live, transition: Transition, logger: StepLogger) -> None:
         with self._commit_lock:
             logs = transition.logs + tuple(logger.drain())
-            transition = replace(transition, logs=logs)
+            transition = replace(
+                transition, logs=logs, has_parent=live.run.parent_run_id is not None
+            )
             now = self.clock()
             result = self.store.commit_transition(live.run.id, self.lease, transition, now)
             rec = transition.record

@@ -289,7 +289,7 @@ class SqlStore(QueueOps, EventOps, ScheduleOps):
         if (
             self.dialect == "postgresql"
             and tr.record is not None
-            and not finished
+            and not (finished and tr.has_parent)
             and not tr.logs
             and not tr.record.attempt_status
             and (tr.record.wait or {}).get("kind") != "token"
