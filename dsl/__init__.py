@@ -10,12 +10,22 @@ from .cron import CronError, next_fire_after, next_fires
 from .durations import DurationError, parse_duration
 from .errors import DslError, Problem, TemplateError, WorkflowInvalid
 from .graph import render_graph
-from .model import COMPLETED, FAILED, Machine, QueueSpec, RetryPolicy, State, Trigger
+from .model import (
+    COMPLETED,
+    FAILED,
+    WAIT_KINDS,
+    Machine,
+    QueueSpec,
+    RetryPolicy,
+    State,
+    Trigger,
+)
 from .templates import compile_expression, render_value, when_expression
 
 __all__ = [
     "COMPLETED",
     "FAILED",
+    "WAIT_KINDS",
     "Catalog",
     "CronError",
     "DslError",

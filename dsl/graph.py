@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .model import COMPLETED, FAILED, Machine, State
+from .model import COMPLETED, FAILED, WAIT_KINDS, Machine, State
 
 __all__ = ["render_graph"]
 
@@ -13,15 +13,9 @@ def _edges(machine: Machine) -> list[tuple[str, str, str]]:
         edges.append((s.id, s.next, "skip / ok" if s.when else "ok"))
         if s.retry and s.retry.max_attempts > 1:
             edges.append((s.id, s.id, f"retry x{s.retry.max_attempts - 1}"))
-        if s.kind in ("wait", "wait_until", "wait_for_event", "wait_for_token", "run_workflow"):
+        if s.kind in WAIT_KINDS:
             edges.append((s.id, s.id, "wait"))
-        can_fail = s.kind in (
-            "call",
-            "for_each",
-            "wait_for_event",
-            "wait_for_token",
-            "run_workflow",
-        )
+        can_fail = s.retry is not None  # the compiler gives a retry policy to what can fail
         if (can_fail or s.handler) and s.on_error != s.next:
             edges.append((s.id, s.on_error, "failed"))
     return edges

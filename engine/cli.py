@@ -154,9 +154,13 @@ def _finish(engine: Engine, run: Run) -> None:
         sys.exit(EXIT_WAITING)
     colour = "red" if run.status == RunStatus.FAILED else "yellow"
     click.echo(f"{click.style(run.status.value, fg=colour)} run {run.id}: {run.error}")
-    click.echo(
-        f"after fixing the cause: durable-yaml resume {run.id}  (or: durable-yaml runs replay {run.id})"
-    )
+    if run.status == RunStatus.FAILED:
+        click.echo(
+            f"after fixing the cause: durable-yaml resume {run.id}  "
+            f"(or start over: durable-yaml runs replay {run.id})"
+        )
+    else:
+        click.echo(f"to run it again: durable-yaml runs replay {run.id}")
     sys.exit(1)
 
 

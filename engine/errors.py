@@ -14,8 +14,6 @@ __all__ = [
     "NotFound",
     "PayloadInvalid",
     "RunBusy",
-    "StepFailed",
-    "StepOutputInvalid",
     "TokenError",
     "UnknownStep",
 ]
@@ -63,14 +61,6 @@ class UnknownStep(EngineError):
     def __init__(self, name: str, hint: str = "") -> None:
         self.name = name
         super().__init__(f"no step is registered as `{name}`{hint}")
-
-
-class StepOutputInvalid(EngineError):
-    """A step returned something that is not JSON data."""
-
-
-class StepFailed(EngineError):
-    """A step attempt failed; raised inside the runner, recorded, never shown raw."""
 
 
 class RunBusy(EngineError):

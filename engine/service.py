@@ -23,8 +23,8 @@ from dsl import (
     render_value,
 )
 
-from .errors import ConfigError, NotFound, PayloadInvalid
-from .models import NewEvent, NewRun, QueueLimits, Run, Sent
+from .errors import ConfigError, EngineError, NotFound, PayloadInvalid
+from .models import NewEvent, NewRun, QueueLimits, Run, RunStatus, Sent
 from .registry import import_modules, registered_names
 from .runner import Reporter, Runner, new_run_id
 from .settings import Settings, resolve_settings
@@ -310,7 +310,23 @@ class Engine:
         return Runner(self.store, foreground=True, host=self, reporter=reporter)
 
     def resume(self, run_id: str, reporter: Reporter | None = None) -> Run:
-        return self.runner(reporter).drive(run_id)
+        """Continue a run from its stored state; a failed run gets one more attempt of the
+        step that failed (after its cause was fixed)."""
+        runner = self.runner(reporter)
+        run = self.store.get_run(run_id)
+        if run.status == RunStatus.FAILED:
+            machine = Machine.from_json(self.store.load_definition(run.definition_hash))
+            failed = {
+                s.step_key for s in self.store.get_steps(run_id) if s.status.value == "failed"
+            }
+            step = next((s.id for s in machine.main_states() if s.id in failed), None)
+            if step is None:
+                raise EngineError(
+                    f"run {run_id} failed outside its steps ({run.error}); "
+                    f"start it again with `durable-yaml runs replay {run_id}`"
+                )
+            self.store.reopen_failed_run(run_id, step, runner.lease, time.time())
+        return runner.drive(run_id)
 
     def _replay(self, run_id: str) -> tuple[Machine, NewRun]:
         """A new run with the same payload, on the workflow's current definition if it is in
@@ -332,10 +348,3 @@ class Engine:
         _, new = self._replay(run_id)
         self.store.send([new], time.time())
         return new.id
-
-    def check_modules(self) -> None:
-        if not self.settings.modules:
-            raise ConfigError(
-                "no step modules: pass -m MODULE, set DURABLE_YAML_MODULES or "
-                "`modules` in [tool.durable-yaml]"
-            )

@@ -205,9 +205,14 @@ class Worker:
             conn.close()
 
     def _refresh_workflows(self) -> None:
-        """Every 2 s: reload changed workflow files; free leases of dead local processes."""
+        """Every 2 s: reload changed workflow files; free leases of dead local processes.
+        Every hour: forget idempotency keys older than 30 days."""
+        next_purge = 0.0
         while not self.stopping.wait(2.0):
             try:
+                if time.time() >= next_purge:
+                    self.engine.store.purge_idempotency_keys(time.time())
+                    next_purge = time.time() + 3600
                 if self.engine.store.expire_dead_leases(socket.gethostname(), time.time()):
                     self.wake()
                 if self.engine.refresh_catalog():

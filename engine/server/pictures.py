@@ -8,7 +8,7 @@ from datetime import datetime
 from html import escape
 from typing import Any
 
-from dsl import COMPLETED, FAILED, Machine
+from dsl import COMPLETED, FAILED, WAIT_KINDS, Machine
 
 __all__ = ["machine_svg", "timeline_svg"]
 
@@ -44,13 +44,7 @@ def _segments(step: dict[str, Any], now: float) -> list[tuple[float, float, str,
         out.append((start, end, a["status"], tip))
         previous_end = end
     started, finished = _ts(step["started_at"]), _ts(step["finished_at"])
-    waited = step["kind"] in (
-        "wait",
-        "wait_until",
-        "wait_for_event",
-        "wait_for_token",
-        "run_workflow",
-    )
+    waited = step["kind"] in WAIT_KINDS
     if waited and started is not None:
         end = finished or now
         out.append((started, end, "wait", f"{step['kind']}: waited {end - started:.1f}s"))

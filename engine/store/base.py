@@ -6,17 +6,20 @@ errors into `engine.errors` types; callers never see SQLAlchemy or driver except
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 from ..models import (
     Attempt,
     Lease,
     LogEntry,
+    NewEvent,
     NewLog,
     NewRun,
+    QueueLimits,
     Run,
     RunStatus,
+    Sent,
     StepState,
     Transition,
     TransitionResult,
@@ -92,3 +95,54 @@ class Store(Protocol):
     def get_attempts(self, run_id: str) -> list[Attempt]: ...
 
     def get_logs(self, run_id: str, after_id: int = 0, limit: int = 1000) -> list[LogEntry]: ...
+
+    def reopen_failed_run(self, run_id: str, step_key: str, lease: Lease, now: float) -> Run:
+        """Make a failed run's failed step a due retry, leased to `lease`; atomic."""
+
+    # queues and workers ---------------------------------------------------------------------
+    def save_queue_limits(self, limits: Iterable[QueueLimits]) -> None:
+        """Record each queue's limits (the latest definition wins); idempotent."""
+
+    def claim_next_run(
+        self, lease: Lease, now: float, queues: Sequence[str] | None = None
+    ) -> Run | None:
+        """Lease the first claimable run (priority, then FIFO) that its queue's concurrency,
+        key and rate limits allow, and begin its current step, atomically; safe across
+        processes. None when nothing can run now."""
+
+    def next_due_at(self, queues: Sequence[str] | None = None) -> float | None:
+        """When the next run becomes claimable."""
+
+    def expire_dead_leases(self, host: str, now: float) -> list[str]:
+        """Runs leased by dead processes of `host` become claimable now."""
+
+    def queue_stats(self) -> list[dict[str, Any]]: ...
+
+    # events, tokens, idempotency ------------------------------------------------------------
+    def send(
+        self,
+        new_runs: Sequence[NewRun],
+        now: float,
+        *,
+        event: NewEvent | None = None,
+        idempotency_key: str | None = None,
+    ) -> Sent:
+        """Atomically: check the idempotency key, store the event (once per emitting run
+        step), create the runs, resume the matching waits."""
+
+    def complete_token(self, token: str, data: Any, now: float) -> str:
+        """Resume the run waiting on `token`; once only (TokenError), NotFound if unknown."""
+
+    def purge_idempotency_keys(self, now: float) -> int:
+        """Delete keys older than their 30 days; how many."""
+
+    # cron -------------------------------------------------------------------------------------
+    def fire_cron(
+        self, workflow_id: str, fire_at: float, new: NewRun, now: float, *, skip_if_active: bool
+    ) -> str | None:
+        """Record one fire and create its run atomically; None if this instant was fired
+        already (a unique key) or skipped for overlap."""
+
+    def last_fires(self) -> dict[str, float]: ...
+
+    def fires(self, workflow_id: str, limit: int = 100) -> list[tuple[float, str | None]]: ...

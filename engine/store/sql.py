@@ -422,6 +422,43 @@ class SqlStore(QueueOps, EventOps, ScheduleOps):
             )
 
     @translate
+    def reopen_failed_run(self, run_id: str, step_key: str, lease: Lease, now: float) -> Run:
+        """Give a failed run's failed step one more attempt: the step becomes a due retry
+        and the run is leased to `lease`, so claiming it begins the next attempt (attempt
+        numbers continue; history is kept). A run that is not failed is returned as is."""
+        with self.engine.begin() as c:
+            row = (
+                c.execute(self._locked(select(t.runs).where(t.runs.c.id == run_id)))
+                .mappings()
+                .first()
+            )
+            if row is None:
+                raise NotFound(f"no run has id {run_id}")
+            if row["status"] != RunStatus.FAILED.value:
+                return run_from_row(row)
+            c.execute(
+                update(t.steps)
+                .where(
+                    t.steps.c.run_id == run_id,
+                    t.steps.c.step_key == step_key,
+                    t.steps.c.status == StepStatus.FAILED.value,
+                )
+                .values(status=StepStatus.RETRYING.value, wake_at=now, finished_at=None)
+            )
+            values = {
+                **self._lease_values(lease, now),
+                "status": RunStatus.WAITING.value,
+                "current_step": step_key,
+                "step_running": False,
+                "error": None,
+                "output": None,
+                "finished_at": None,
+                "updated_at": now,
+            }
+            c.execute(update(t.runs).where(t.runs.c.id == run_id).values(**values))
+        return run_from_row({**row, **values})
+
+    @translate
     def request_cancel(self, run_id: str, now: float) -> Run:
         with self.engine.begin() as c:
             row = (

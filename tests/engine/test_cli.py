@@ -228,3 +228,35 @@ def test_send_rejects_a_bad_payload_and_dedupes_keys(project: tuple[Path, dict[s
     assert f"already queued {run_id}" in again.stdout
     assert "idempotency key 'order-1' was used already: nothing new was queued" in again.stderr
     assert _count_runs(env) == 1
+
+
+def test_resume_a_failed_run_after_fixing_the_cause(project: tuple[Path, dict[str, str]]) -> None:
+    cwd, env = project
+    (cwd / "fixable.yaml").write_text(
+        'id: fixable\nversion: "1"\ntrigger: {manual: true}\nsteps:\n'
+        "  - {id: first, call: t.record, with: {name: first}}\n"
+        f'  - {{id: read, call: t.needs_file, with: {{path: "{cwd}/config.txt"}}, retry: {{max_attempts: 2, min_delay: 10ms}}}}\n'
+        'on_failure:\n  - {id: alert, log: "failed: {{ run.error }}"}\n'
+    )
+    failed = cli("run", "fixable.yaml", cwd=cwd, env=env)
+    assert failed.returncode == 1 and "FileNotFoundError" in failed.stdout
+    run_id = failed.stdout.split()[1]
+    (cwd / "config.txt").write_text("fixed")
+    resumed = cli("resume", run_id, cwd=cwd, env=env)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    _ok(resumed)
+    shown = json.loads(cli("runs", "show", run_id, "--json", cwd=cwd, env=env).stdout)
+    assert shown["status"] == "completed" and shown["error"] is None and shown["output"] == "fixed"
+    steps = {s["id"]: s for s in shown["steps"]}
+    assert steps["read"]["attempts"] == 3
+    assert [a["status"] for a in steps["read"]["attempt_history"]] == [
+        "failed",
+        "failed",
+        "completed",
+    ]
+    calls = [json.loads(x) for x in (cwd / "calls.log").read_text().splitlines()]
+    assert sum(1 for c in calls if c["name"] == "first") == 1, (
+        "the completed step did not run again"
+    )
+    again = cli("resume", run_id, cwd=cwd, env=env)
+    assert again.returncode == 0 and "completed run" in again.stdout

@@ -156,3 +156,10 @@ def test_a_full_key_never_blocks_recovering_its_own_expired_leases(store: SqlSto
         queue(store, f"queued{i}", q="k", key="a", at=NOW + i * 0.01)
     taken = [store.claim_next_run(lease(f"w{i}"), NOW + 100) for i in range(3)]
     assert sorted(r.id for r in taken if r) == ["zombie1", "zombie2"]
+
+
+def test_expired_idempotency_keys_are_purged(store: SqlStore) -> None:
+    store.send([_run("old")], NOW, idempotency_key="old-key")
+    store.send([_run("new")], NOW + 20 * 86400, idempotency_key="new-key")
+    assert store.purge_idempotency_keys(NOW + 31 * 86400) == 1
+    assert store.send([_run("again")], NOW + 31 * 86400, idempotency_key="new-key").duplicate

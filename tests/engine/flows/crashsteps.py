@@ -64,3 +64,12 @@ def fail(message: str) -> None:
     from engine import NonRetryableError
 
     raise NonRetryableError(message)
+
+
+@step("t.needs_file")
+def needs_file(path: str, ctx: StepContext) -> str:
+    """Fails until `path` exists: a cause a user can fix before `resume`."""
+    _mark("needs_file", ctx, "effect")
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path} is missing")
+    return Path(path).read_text()
