@@ -563,7 +563,7 @@ def runs_cancel(
 ) -> None:
     """Cancel a run (and its child runs) at its next step boundary."""
     engine = Engine(resolve_settings(db=db, workflows=workflows), import_steps=False)
-    run_ = engine.store.request_cancel(run_id, time.time())
+    run_ = engine.store.request_cancel(run_id, engine.store.now())
     if run_.status == RunStatus.CANCELLED:
         click.echo(f"cancelled run {run_id}")
     elif run_.finished:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from .durations import to_seconds
@@ -54,7 +53,7 @@ class Client:
         return self._engine.complete_token(token, data)
 
     def cancel(self, run_id: str) -> dict[str, Any]:
-        return run_summary(self._engine.store.request_cancel(run_id, time.time()))
+        return run_summary(self._engine.store.request_cancel(run_id, self._engine.store.now()))
 
     def close(self) -> None:
         self._engine.close()

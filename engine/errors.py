@@ -16,6 +16,7 @@ __all__ = [
     "RunBusy",
     "TokenError",
     "UnknownStep",
+    "ValueNotStorable",
 ]
 
 
@@ -77,3 +78,8 @@ class DatabaseError(EngineError):
 
 class TokenError(EngineError):
     """A token is unknown or was completed already."""
+
+
+class ValueNotStorable(DatabaseError):
+    """The database refused a value (e.g. PostgreSQL and the NUL character): the step that
+    produced it fails; it is never executed again for it."""

@@ -22,8 +22,8 @@ from typing import Any, Protocol
 
 from dsl import State, TemplateError, render_value
 
-from .errors import EngineError
-from .models import Run, Sent
+from .errors import EngineError, ValueNotStorable
+from .models import Emission, NewRun, Run
 from .registry import StepContext, StepLogger, get_step
 from .retry import backoff_delay, is_retryable
 from .transitions import Done, Failed, Outcome, Suspended
@@ -32,13 +32,14 @@ __all__ = ["Attempt", "Host", "child_run_id", "execute"]
 
 
 class Host(Protocol):
-    """What a step may ask of the engine beyond its own run."""
+    """What a step may ask of the engine beyond its own run: events and child runs, checked
+    and built here, stored by the store with the step's own result."""
 
-    def emit_event(self, name: str, payload: Any, source: tuple[str, str]) -> Sent: ...
+    def prepare_event(self, name: str, payload: Any, source: tuple[str, str]) -> Emission: ...
 
-    def start_child(
-        self, workflow_id: str, payload: Any, parent: tuple[str, str], child_id: str
-    ) -> None: ...
+    def prepare_child(
+        self, workflow_id: str, payload: Any, parent: tuple[str, str, int], child_id: str
+    ) -> NewRun: ...
 
 
 @dataclass
@@ -155,9 +156,10 @@ def _deadline(a: Attempt) -> float | None:
 
 def _wait_for_event(a: Attempt) -> Outcome:
     match = a.render(a.state.config["match"], "match")
-    return Suspended(
-        _deadline(a), {"kind": "event", "event": a.state.config["event"], "match": match}
-    )
+    wait = {"kind": "event", "event": a.state.config["event"], "match": match}
+    if a.state.config.get("lookback"):
+        wait["lookback"] = float(a.state.config["lookback"])
+    return Suspended(_deadline(a), wait)
 
 
 def _wait_for_token(a: Attempt) -> Outcome:
@@ -169,12 +171,12 @@ def _send_event(a: Attempt) -> Outcome:
     if a.host is None:
         return Failed("Unsupported", f"{a.field}: send_event needs the engine", retryable=False)
     try:
-        sent = a.host.emit_event(a.state.config["event"], payload, (a.run.id, a.state.id))
+        emission = a.host.prepare_event(a.state.config["event"], payload, (a.run.id, a.state.id))
     except EngineError as exc:
         return Failed(type(exc).__name__, f"{a.field}: {exc}", retryable=False)
-    return Done(
-        {"event_id": sent.event_id, "runs": list(sent.run_ids), "resumed": list(sent.resumed)}
-    )
+    # `resumed` is filled in by the store, which answers the waits when it stores the event
+    output = {"event_id": emission.event.id, "runs": [r.id for r in emission.runs]}
+    return Done(output, emission)
 
 
 def _run_workflow(a: Attempt) -> Outcome:
@@ -183,12 +185,13 @@ def _run_workflow(a: Attempt) -> Outcome:
         return Failed("Unsupported", f"{a.field}: run_workflow needs the engine", retryable=False)
     child = child_run_id(a.run.id, a.state.id, a.attempt)
     try:
-        a.host.start_child(a.state.config["workflow"], payload, (a.run.id, a.state.id), child)
+        new = a.host.prepare_child(
+            a.state.config["workflow"], payload, (a.run.id, a.state.id, a.attempt), child
+        )
     except EngineError as exc:
         return Failed(type(exc).__name__, f"{a.field}: {exc}", retryable=False)
-    return Suspended(
-        _deadline(a), {"kind": "child", "run_id": child, "workflow": a.state.config["workflow"]}
-    )
+    wait = {"kind": "child", "run_id": child, "workflow": a.state.config["workflow"]}
+    return Suspended(_deadline(a), wait, (new,))
 
 
 def _for_each(a: Attempt) -> Outcome:
@@ -203,12 +206,13 @@ def _for_each(a: Attempt) -> Outcome:
         )
     failures: list[Failed] = []
     lock = threading.Lock()
+    stop = threading.Event()  # recording an item failed (the lease was lost): start no more
 
     def one(index: int) -> None:
         scope = {**a.scope, cfg["as"]: items[index]}
         key = f"{a.state.id}[{index}]"
         attempt = 1
-        while True:
+        while not stop.is_set():
             started = time.time()
             kwargs = a.render(cfg["with"], "with", scope)
             outcome = call_function(
@@ -222,7 +226,18 @@ def _for_each(a: Attempt) -> Outcome:
                 key,
             )
             if isinstance(outcome, Done):
-                a.record_item(index, attempt, started, outcome.output)
+                try:
+                    a.record_item(index, attempt, started, outcome.output)
+                except ValueNotStorable as exc:
+                    stop.set()
+                    with lock:
+                        failures.append(
+                            Failed("StepOutputInvalid", f"item {index}: {exc}", retryable=False)
+                        )
+                    return
+                except BaseException:
+                    stop.set()
+                    raise
                 with lock:
                     a.done_items[index] = outcome.output
                 return
@@ -243,12 +258,14 @@ def _for_each(a: Attempt) -> Outcome:
             attempt += 1
 
     pending = [i for i in range(len(items)) if i not in a.done_items]
-    workers = max(1, int(cfg.get("concurrency") or 1))
-    with ThreadPoolExecutor(
-        max_workers=workers, thread_name_prefix=f"for_each:{a.state.id}"
-    ) as pool:
+    workers = max(1, min(int(cfg.get("concurrency") or 1), len(pending)))
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"for_each:{a.state.id}")
+    try:
         for future in [pool.submit(one, i) for i in pending]:
             future.result()
+    finally:
+        stop.set()  # on an error nothing queued starts; running items end at their next check
+        pool.shutdown(wait=True, cancel_futures=True)
     if failures:
         return min(failures, key=lambda f: f.message)
     return Done([a.done_items[i] for i in range(len(items))])

@@ -8,7 +8,9 @@ from typing import Any
 
 __all__ = [
     "ACTIVE_STATUSES",
+    "Answer",
     "Attempt",
+    "Emission",
     "Lease",
     "LogEntry",
     "NewEvent",
@@ -107,7 +109,6 @@ class StepState:
     finished_at: float | None
     wake_at: float | None
     wait: dict[str, Any] | None
-    resume_data: Any
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,7 @@ class NewRun:
     parent_step: str | None = None
     idempotency_key: str | None = None
     available_at: float | None = None  # a delayed run is not claimable before this
+    parent_attempt: int | None = None
 
 
 @dataclass(frozen=True)
@@ -178,6 +180,24 @@ class StepRecord:
     attempt_status: str | None = None  # written to `attempts` when set (failures, timeouts)
     wake_at: float | None = None
     wait: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What ended a wait, read from the inbox: the first of these written wins."""
+
+    kind: str  # event | token | child | timeout | cancel
+    data: Any
+    event_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Emission:
+    """An event a `send_event` step emits and the runs it triggers: stored with the step's
+    result, in its transaction, so nothing is emitted for a result that was not committed."""
+
+    event: NewEvent
+    runs: tuple[NewRun, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -199,11 +219,29 @@ class Transition:
     active_seconds: float = 0.0
     logs: tuple[NewLog, ...] = ()
     has_parent: bool = True  # False lets a finishing step skip waking a parent
+    emission: Emission | None = None  # a send_event step's event, stored with its result
+    children: tuple[NewRun, ...] = ()  # child runs started by a waiting run_workflow step
+    cancel_runs: tuple[str, ...] = ()  # runs to cancel (a child whose wait ended otherwise)
+
+    @property
+    def simple(self) -> bool:
+        """Nothing beside the run row and the step row: one statement can do it all."""
+        return not (
+            self.logs
+            or self.emission
+            or self.children
+            or self.cancel_runs
+            or self.status == RunStatus.WAITING
+            or (self.record is not None and self.record.attempt_status)
+        )
 
 
 @dataclass(frozen=True)
 class TransitionResult:
     cancel_requested: bool
+    # a wait answered by the time the run parked: the run stays leased, to go on at once
+    answer: Answer | None = None
+    output: Any = None  # the recorded step output, as stored (a send_event learns `resumed`)
 
 
 @dataclass(frozen=True)

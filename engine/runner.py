@@ -8,6 +8,7 @@ one is executed again with the same idempotency key.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -20,10 +21,11 @@ from typing import Any, Protocol
 
 from dsl import Machine, State, TemplateError, compile_expression, render_value
 
-from .errors import EngineError, LeaseLost
+from .errors import LeaseLost, ValueNotStorable
 from .executor import Attempt, Host, execute
 from .models import (
     ACTIVE_STATUSES,
+    Answer,
     Lease,
     NewRun,
     Run,
@@ -37,8 +39,17 @@ from .registry import StepLogger
 from .store import Store
 from .transitions import Done, Failed, Outcome, Skipped, Suspended, decide
 
-__all__ = ["Host", "Reporter", "Runner", "new_lease", "new_run_id"]
+__all__ = [
+    "ForegroundDriver",
+    "Host",
+    "Reporter",
+    "Runner",
+    "WorkerDriver",
+    "new_lease",
+    "new_run_id",
+]
 
+log = logging.getLogger("durable_yaml.runner")
 MAX_INTERRUPTIONS = 3  # extra attempts granted to a step whose process died mid-attempt
 TIMER_KINDS = ("wait", "wait_until")
 
@@ -87,59 +98,77 @@ class _Live:
     machine: Machine
     steps: dict[str, StepState]
     started_at: float
+    answer: Answer | None = None  # found when the run parked: it stayed leased to go on
 
 
-class _Heartbeat:
-    """Extends the lease and flushes step logs of the run being driven, every third of the
-    lease, while a long step or a sleep goes on. One daemon thread per runner, started on
-    first use and kept: starting and joining a thread per run would cost more than a step."""
+class _Heartbeats:
+    """Extends the leases of the runs being driven in this process and flushes their step
+    logs, each a third of its lease after the last beat. One daemon thread per process,
+    however many runners: a runner that ends leaves nothing behind."""
 
-    def __init__(self, store: Store, lease: Lease) -> None:
-        self.store, self.lease = store, lease
+    _shared: _Heartbeats | None = None
+    _shared_lock = threading.Lock()
+
+    @classmethod
+    def shared(cls) -> _Heartbeats:
+        with cls._shared_lock:
+            if cls._shared is None:
+                cls._shared = cls()
+            return cls._shared
+
+    def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._current: tuple[str, StepLogger] | None = None
-        self._lost: set[str] = set()
+        self._watched: dict[str, tuple[Store, Lease, str, StepLogger, float]] = {}
+        self._lost: set[tuple[str, str]] = set()
         self._thread: threading.Thread | None = None
 
-    def watch(self, run_id: str, logger: StepLogger) -> None:
+    def watch(self, store: Store, lease: Lease, run_id: str, logger: StepLogger) -> None:
         with self._lock:
-            self._current = (run_id, logger)
-            self._lost.discard(run_id)
+            self._watched[lease.owner] = (store, lease, run_id, logger, time.monotonic())
+            self._lost.discard((lease.owner, run_id))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
                 self._thread.start()
 
-    def unwatch(self) -> None:
+    def unwatch(self, lease: Lease) -> None:
         with self._lock:
-            self._current = None
+            self._watched.pop(lease.owner, None)
 
-    def lost(self, run_id: str) -> bool:
-        return run_id in self._lost
+    def lost(self, lease: Lease, run_id: str) -> bool:
+        return (lease.owner, run_id) in self._lost
 
-    def renew(self, run_id: str) -> None:
+    def renew(self, lease: Lease, run_id: str) -> None:
         """The run was claimed again after a deliberate release: it is ours again."""
         with self._lock:
-            self._lost.discard(run_id)
+            self._lost.discard((lease.owner, run_id))
 
     def _beat(self) -> None:
         while True:
-            time.sleep(self.lease.seconds / 3)
+            time.sleep(0.5)
             with self._lock:
-                current = self._current
-            if current is None:
-                continue
-            run_id, logger = current
-            try:
-                if not self.store.heartbeat(run_id, self.lease, time.time(), logger.drain()):
-                    self._lost.add(run_id)
-            except EngineError:
-                continue  # the database may be restarting; the lease outlives a short outage
+                due = [
+                    w for w in self._watched.values() if time.monotonic() - w[4] >= w[1].seconds / 3
+                ]
+            for store, lease, run_id, logger, _ in due:
+                try:
+                    held = store.heartbeat(run_id, lease, store.now(), logger.drain())
+                except Exception as exc:  # the database may be restarting: the lease outlives it
+                    log.warning("heartbeat of run %s failed: %s", run_id, exc)
+                    continue
+                with self._lock:
+                    if not held:
+                        self._lost.add((lease.owner, run_id))
+                    current = self._watched.get(lease.owner)
+                    if current is not None and current[2] == run_id:
+                        self._watched[lease.owner] = (*current[:4], time.monotonic())
 
 
 class Runner:
-    """Drives runs. `foreground` (the `run`/`resume` commands) sleeps through timers and
-    back-offs holding the lease and executes child runs inline; otherwise (a worker) every
-    wait releases the run to whoever claims it when it is due."""
+    """Drives runs through their machines: one step executor, and a driver deciding what a
+    wait does. `WorkerDriver` (a worker) releases the run at every wait, to whoever claims
+    it when it is due; `ForegroundDriver` (the `run`/`resume` commands) sleeps through timers
+    and back-offs holding the lease, runs child runs inline, and waits for its queue's
+    limits before it starts a run."""
 
     def __init__(
         self,
@@ -149,21 +178,21 @@ class Runner:
         foreground: bool = True,
         host: Host | None = None,
         reporter: Reporter | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         sleep: Callable[[float], None] = time.sleep,
         should_stop: Callable[[], bool] = lambda: False,
     ) -> None:
         self.store = store
         self.lease = lease or new_lease()
-        self.foreground = foreground
         self.host = host
         self.reporter = reporter or _Silent()
-        self.clock = clock
+        self.clock = clock or store.now
         self.sleep = sleep
         self.should_stop = should_stop
+        self.driver: Driver = ForegroundDriver(self) if foreground else WorkerDriver(self)
         self._machines: dict[str, Machine] = {}
         self._commit_lock = threading.Lock()
-        self._heartbeat = _Heartbeat(store, self.lease)
+        self._heartbeats = _Heartbeats.shared()
 
     # entry points -----------------------------------------------------------------------
     def machine(self, content_hash: str) -> Machine:
@@ -180,7 +209,7 @@ class Runner:
         trigger: dict[str, Any] | None = None,
         new: NewRun | None = None,
     ) -> Run:
-        """Create a run of `machine` leased to this runner (one commit) and drive it."""
+        """Create a run of `machine` leased to this runner and drive it."""
         if machine.content_hash not in self._machines:  # stored once per runner
             self.store.save_definition(
                 machine.content_hash,
@@ -201,14 +230,16 @@ class Runner:
             priority=machine.priority,
             trigger=trigger or {"kind": "manual"},
         )
-        run = self.store.create_run(new, self.clock(), lease=self.lease)
+        run = self.driver.create(machine, new)
         self.reporter.run_started(run)
+        if run.lease_owner != self.lease.owner:
+            return run
         return self._drive(_Live(run, machine, {}, self.clock()))
 
     def drive(self, run_id: str) -> Run:
         """Claim the run and drive it until it ends or waits for something that is not ours
         to sleep through."""
-        return self.drive_claimed(self.store.claim_run(run_id, self.lease, self.clock()))
+        return self.drive_claimed(self.driver.claim(run_id))
 
     def drive_claimed(self, run: Run) -> Run:
         """Drive a run this runner's lease already holds (claim_run or claim_next_run)."""
@@ -220,10 +251,10 @@ class Runner:
     # the loop ---------------------------------------------------------------------------
     def _drive(self, live: _Live) -> Run:
         logger = StepLogger()
-        self._heartbeat.watch(live.run.id, logger)
+        self._heartbeats.watch(self.store, self.lease, live.run.id, logger)
         try:
             while not live.run.finished and live.run.lease_owner == self.lease.owner:
-                if self._heartbeat.lost(live.run.id):
+                if self._heartbeats.lost(self.lease, live.run.id):
                     raise LeaseLost(f"run {live.run.id}: lease lost")
                 if live.run.cancel_requested:
                     self._commit(live, Transition(RunStatus.CANCELLED, error="cancelled"), logger)
@@ -247,7 +278,7 @@ class Runner:
             self.store.release(live.run.id, self.lease, self.clock())
             raise
         finally:
-            self._heartbeat.unwatch()
+            self._heartbeats.unwatch(self.lease)
         return live.run
 
     def _step(self, live: _Live, logger: StepLogger) -> None:
@@ -255,31 +286,14 @@ class Runner:
         run, machine = live.run, live.machine
         state = machine.state(run.current_step or machine.start)
         stored = live.steps.get(state.id)
-        now = self.clock()
         if (
             not run.step_running
             and stored is not None
             and stored.status in (StepStatus.WAITING, StepStatus.RETRYING)
         ):
-            due = stored.wake_at is not None and stored.wake_at <= now
-            if stored.resume_data is None and not due:
-                self._park(live, state, stored)
-                return
-            if stored.status == StepStatus.RETRYING:  # back-off over: claiming begins an attempt
-                live.run = self._reclaim(run.id)
-                return
-            resumed = self._resumed(state, stored)
-            self.reporter.step_ended(
-                run, state, stored.attempts, resumed, now - (stored.started_at or now)
-            )
-            transition = self._decide(
-                live, state, stored.attempts, stored.started_at, resumed, logger, 0.0
-            )
-            if transition.record is not None:  # keep what the step waited for, for history
-                kept = replace(transition.record, wake_at=stored.wake_at, wait=stored.wait)
-                transition = replace(transition, record=kept)
-            self._commit(live, transition, logger)
+            self._continue_wait(live, state, stored, logger)
             return
+        now = self.clock()
         attempt = run.current_attempt
         if state.retry and attempt > state.retry.max_attempts + MAX_INTERRUPTIONS:
             outcome: Outcome = Failed(
@@ -295,52 +309,66 @@ class Runner:
         self.reporter.step_ended(run, state, attempt, outcome, elapsed)
         transition = self._decide(live, state, attempt, now, outcome, logger, elapsed)
         self._commit(live, transition, logger)
-        if isinstance(outcome, Suspended) and transition.release:
+        if isinstance(outcome, Suspended) and transition.release and live.answer is None:
             self.reporter.waiting(live.run, state, outcome.wake_at, outcome.wait)
-            if self.foreground and state.kind == "run_workflow":
-                self._park(live, state, live.steps[state.id])
+            self.driver.parked(live, state, live.steps[state.id])
 
-    def _park(self, live: _Live, state: State, stored: StepState) -> None:
-        """A step that is not due: sleep through a timer in the foreground, run a child
-        inline in the foreground, else let the run go."""
-        if live.run.lease_owner == self.lease.owner:
-            self.reporter.waiting(live.run, state, stored.wake_at, stored.wait)
-        timer = state.kind in TIMER_KINDS or stored.status == StepStatus.RETRYING
-        if self.foreground and timer and stored.wake_at is not None:
-            if live.run.lease_owner == self.lease.owner:
-                self.sleep(max(0.0, stored.wake_at - self.clock()))
-            live.run = self._reclaim(live.run.id)
+    def _continue_wait(
+        self, live: _Live, state: State, stored: StepState, logger: StepLogger
+    ) -> None:
+        """The current step waits or backs off: end it if its answer or its time has come."""
+        now = self.clock()
+        due = stored.wake_at is not None and stored.wake_at <= now
+        if stored.status == StepStatus.RETRYING:
+            if not due:
+                self.driver.not_due(live, state, stored)
+            else:  # back-off over: claiming begins the next attempt
+                live.run = self._reclaim(live.run.id)
             return
-        if live.run.lease_owner == self.lease.owner:
-            self._commit(
-                live,
-                Transition(
-                    RunStatus.WAITING,
-                    current_step=state.id,
-                    release=True,
-                    next_at=stored.wake_at,
-                    error=live.run.error,
-                ),
-                StepLogger(),
+        if state.kind in TIMER_KINDS:
+            answer: Answer | None = Answer("timeout", None) if due else None
+        else:
+            answer = live.answer or self.store.take_answer(
+                live.run.id, state.id, stored.attempts, now, timed_out=due
             )
+        live.answer = None
+        if answer is None:
+            self.driver.not_due(live, state, stored)
+            return
+        outcome = _answered(state, stored, answer)
+        self.reporter.step_ended(
+            live.run, state, stored.attempts, outcome, now - (stored.started_at or now)
+        )
         child = (stored.wait or {}).get("run_id")
-        if self.foreground and state.kind == "run_workflow" and child:
-            Runner(
-                self.store,
-                foreground=True,
-                host=self.host,
-                reporter=self.reporter,
-                clock=self.clock,
-                sleep=self.sleep,
-            ).drive(child)
-            reclaimed = self._reclaim(live.run.id)
-            if reclaimed.lease_owner == self.lease.owner and not reclaimed.finished:
-                live.run = reclaimed
-                live.steps = {s.step_key: s for s in self.store.get_steps(live.run.id)}
+        cancel = (child,) if child and answer.kind != "child" else ()  # never orphaned
+        transition = self._decide(
+            live, state, stored.attempts, stored.started_at, outcome, logger, 0.0, cancel
+        )
+        if transition.record is not None:  # keep what the step waited for, for history
+            kept = replace(transition.record, wake_at=stored.wake_at, wait=stored.wait)
+            transition = replace(transition, record=kept)
+        self._commit(live, transition, logger)
+
+    def park(self, live: _Live, state: State, stored: StepState) -> None:
+        """Release a waiting run to whoever claims it when it is due, unless its answer is
+        there by the time the park commits (the run then stays leased and goes on)."""
+        if live.run.lease_owner != self.lease.owner:
+            return
+        self._commit(
+            live,
+            Transition(
+                RunStatus.WAITING,
+                current_step=state.id,
+                release=True,
+                next_at=stored.wake_at,
+                error=live.run.error,
+            ),
+            StepLogger(),
+        )
 
     def _reclaim(self, run_id: str) -> Run:
         run = self.store.claim_run(run_id, self.lease, self.clock())
-        self._heartbeat.renew(run_id)
+        self._heartbeats.renew(self.lease, run_id)
         return run
 
     def _commit(self, live: _Live, transition: Transition, logger: StepLogger) -> None:
@@ -350,7 +378,11 @@ class Runner:
                 transition, logs=logs, has_parent=live.run.parent_run_id is not None
             )
             now = self.clock()
-            result = self.store.commit_transition(live.run.id, self.lease, transition, now)
+            try:
+                result = self.store.commit_transition(live.run.id, self.lease, transition, now)
+            except ValueNotStorable as exc:
+                transition = self._unstorable(live, transition, exc)
+                result = self.store.commit_transition(live.run.id, self.lease, transition, now)
             rec = transition.record
             if rec is not None:
                 live.steps[rec.step_key] = StepState(
@@ -358,14 +390,15 @@ class Runner:
                     rec.step_key,
                     rec.status,
                     rec.attempt,
-                    rec.output,
+                    result.output if rec.status == StepStatus.COMPLETED else rec.output,
                     rec.error,
                     rec.started_at,
                     now,
                     rec.wake_at,
                     rec.wait,
-                    None,
                 )
+            live.answer = result.answer
+            released = transition.release and result.answer is None
             live.run = replace(
                 live.run,
                 status=transition.status,
@@ -378,10 +411,29 @@ class Runner:
                 else live.run.output,
                 active_seconds=live.run.active_seconds + transition.active_seconds,
                 cancel_requested=result.cancel_requested,
-                lease_owner=None if transition.release else live.run.lease_owner,
+                lease_owner=None if released else live.run.lease_owner,
                 updated_at=now,
                 finished_at=now if transition.status not in ACTIVE_STATUSES else None,
             )
+
+    def _unstorable(self, live: _Live, transition: Transition, exc: ValueNotStorable) -> Transition:
+        """The database refuses a step's result: the step fails for good (retrying would
+        produce the same value; crash-looping would call it again after every lease)."""
+        done = transition.record
+        if done is None or done.status != StepStatus.COMPLETED or "[" in done.step_key:
+            raise exc
+        outcome = Failed(
+            "StepOutputInvalid",
+            f"steps.{done.step_key}: the result cannot be stored: {exc}",
+            retryable=False,
+        )
+        state = live.machine.state(done.step_key)
+        return replace(
+            self._decide(live, state, done.attempt, done.started_at, outcome, StepLogger(), 0.0),
+            active_seconds=transition.active_seconds,
+            logs=transition.logs,
+            has_parent=transition.has_parent,
+        )
 
     def _decide(
         self,
@@ -392,11 +444,8 @@ class Runner:
         outcome: Outcome,
         logger: StepLogger,
         elapsed: float,
+        cancel_runs: tuple[str, ...] = (),
     ) -> Transition:
-        # The foreground keeps its lease through timers and back-offs it sleeps through; any
-        # other wait releases the run at once, so whatever ends the wait can wake it.
-        timer = isinstance(outcome, Suspended) and outcome.wait.get("kind") == "timer"
-        hold = self.foreground and (timer or isinstance(outcome, Failed))
         return decide(
             live.machine,
             state,
@@ -406,9 +455,10 @@ class Runner:
             self.clock(),
             run_error=live.run.error,
             run_output=lambda record: self._output(live, record),
-            hold_lease=hold,
+            hold_lease=self.driver.holds(outcome),
             active_seconds=elapsed,
             logs=tuple(logger.drain()),
+            cancel_runs=cancel_runs,
         )
 
     # executing one attempt ----------------------------------------------------------------
@@ -472,25 +522,6 @@ class Runner:
             )
         )
 
-    def _resumed(self, state: State, stored: StepState) -> Outcome:
-        if stored.resume_data is None:  # the wake time passed
-            if state.kind in TIMER_KINDS:
-                return Done(None)
-            return Failed(
-                "TimeoutError",
-                f"steps.{state.id} timed out after {state.timeout or 0:g}s waiting",
-                retryable=True,
-                attempt_status="timed_out",
-            )
-        data = stored.resume_data
-        if isinstance(data, dict) and data.get("status") in ("failed", "cancelled"):
-            return Failed(
-                "ChildFailed",
-                f"child run {data.get('run_id')} {data['status']}: {data.get('error')}",
-                retryable=True,
-            )
-        return Done(data.get("output") if isinstance(data, dict) else data)
-
     # templates ------------------------------------------------------------------------------
     def _scope(self, live: _Live) -> dict[str, Any]:
         run, machine = live.run, live.machine
@@ -531,6 +562,127 @@ class Runner:
             "attempts": last.attempt,
         }
         return render_value(machine.output, scope, "output")
+
+
+def _answered(state: State, stored: StepState, answer: Answer) -> Outcome:
+    """The outcome of a wait, from the answer that won it."""
+    if answer.kind == "timeout":
+        if state.kind in TIMER_KINDS:
+            return Done(None)
+        return Failed(
+            "TimeoutError",
+            f"steps.{state.id} timed out after {state.timeout or 0:g}s waiting",
+            retryable=True,
+            attempt_status="timed_out",
+        )
+    if answer.kind == "cancel":
+        return Failed("Cancelled", "the run was cancelled", retryable=False)
+    data = answer.data
+    if answer.kind == "child" and isinstance(data, dict):
+        if data.get("status") in ("failed", "cancelled"):
+            return Failed(
+                "ChildFailed",
+                f"child run {data.get('run_id')} {data['status']}: {data.get('error')}",
+                retryable=True,
+            )
+        return Done(data.get("output"))
+    return Done(data)
+
+
+class Driver(Protocol):
+    def create(self, machine: Machine, new: NewRun) -> Run: ...
+    def claim(self, run_id: str) -> Run: ...
+    def holds(self, outcome: Outcome) -> bool: ...
+    def not_due(self, live: _Live, state: State, stored: StepState) -> None: ...
+    def parked(self, live: _Live, state: State, stored: StepState) -> None: ...
+
+
+class WorkerDriver:
+    """A worker: every wait and back-off releases the run; nothing is slept through."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+
+    def create(self, machine: Machine, new: NewRun) -> Run:
+        r = self.runner
+        return r.store.create_run(new, r.clock(), lease=r.lease)
+
+    def claim(self, run_id: str) -> Run:
+        r = self.runner
+        return r.store.claim_run(run_id, r.lease, r.clock())
+
+    def holds(self, outcome: Outcome) -> bool:
+        return False
+
+    def not_due(self, live: _Live, state: State, stored: StepState) -> None:
+        self.runner.park(live, state, stored)
+
+    def parked(self, live: _Live, state: State, stored: StepState) -> None:
+        pass
+
+
+class ForegroundDriver:
+    """`run`/`resume`: sleeps through timers and back-offs holding the lease, executes child
+    runs inline, and starts a run only when its queue's limits allow it."""
+
+    QUEUE_POLL = 0.2
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+
+    def create(self, machine: Machine, new: NewRun) -> Run:
+        r = self.runner
+        q = machine.queue
+        if q.concurrency is None and q.rate_limit is None:
+            return r.store.create_run(new, r.clock(), lease=r.lease)
+        run = r.store.create_run(new, r.clock())
+        return self.claim(run.id)
+
+    def claim(self, run_id: str) -> Run:
+        """Claim the run when its queue has room (a worker's claim obeys the same limits)."""
+        r = self.runner
+        while True:
+            run = r.store.claim_run(run_id, r.lease, r.clock(), within_limits=True)
+            if run.lease_owner == r.lease.owner or run.finished:
+                return run
+            if run.status != RunStatus.QUEUED:
+                return run
+            r.sleep(self.QUEUE_POLL)
+
+    def holds(self, outcome: Outcome) -> bool:
+        timer = isinstance(outcome, Suspended) and outcome.wait.get("kind") == "timer"
+        return timer or isinstance(outcome, Failed)
+
+    def not_due(self, live: _Live, state: State, stored: StepState) -> None:
+        r = self.runner
+        if live.run.lease_owner == r.lease.owner:
+            r.reporter.waiting(live.run, state, stored.wake_at, stored.wait)
+        timer = state.kind in TIMER_KINDS or stored.status == StepStatus.RETRYING
+        if timer and stored.wake_at is not None:
+            r.sleep(max(0.0, stored.wake_at - r.clock()))
+            return
+        r.park(live, state, stored)
+        if live.answer is None:
+            self.parked(live, state, stored)
+
+    def parked(self, live: _Live, state: State, stored: StepState) -> None:
+        """A child run is executed here and now; then the parent goes on."""
+        r = self.runner
+        child = (stored.wait or {}).get("run_id")
+        if state.kind != "run_workflow" or not child:
+            return
+        Runner(
+            r.store,
+            foreground=True,
+            host=r.host,
+            reporter=r.reporter,
+            clock=r.clock,
+            sleep=r.sleep,
+        ).drive(child)
+        reclaimed = r._reclaim(live.run.id)
+        if reclaimed.lease_owner == r.lease.owner and not reclaimed.finished:
+            live.run = reclaimed
+            live.steps = {s.step_key: s for s in r.store.get_steps(live.run.id)}
 
 
 def _iso(ts: float) -> str:

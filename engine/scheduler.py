@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -82,11 +81,11 @@ class CronScheduler:
         self,
         engine: Any,
         wake_executors: Callable[[], None],
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.engine = engine
         self.wake_executors = wake_executors
-        self.clock = clock
+        self.clock = clock or engine.store.now
         self.first_seen: dict[str, float] = {}
         self.skipped: dict[str, float] = {}
 

@@ -6,7 +6,7 @@ The CLI, the `Client` and the HTTP server are thin layers over this.
 from __future__ import annotations
 
 import json
-import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from dsl import (
 )
 
 from .errors import ConfigError, EngineError, NotFound, PayloadInvalid
-from .models import NewEvent, NewRun, QueueLimits, Run, RunStatus, Sent
+from .models import Emission, NewEvent, NewRun, QueueLimits, Run, RunStatus, Sent
 from .registry import import_modules, registered_names
 from .runner import Reporter, Runner, new_run_id
 from .settings import Settings, resolve_settings
@@ -179,7 +179,7 @@ class Engine:
         now: float | None = None,
     ) -> NewRun:
         """A run ready to store: payload checked, concurrency key rendered, definition saved."""
-        now = time.time() if now is None else now
+        now = self.store.now() if now is None else now
         validate_payload(machine, payload)
         self._storable(machine.workflow_id, payload)
         key = None
@@ -211,20 +211,19 @@ class Engine:
             available_at=now + delay if delay else None,
         )
 
-    def send_event(
+    def prepare_event(
         self,
         name: str,
         payload: Any,
-        idempotency_key: str | None = None,
         source: tuple[str, str] | None = None,
-    ) -> Sent:
-        """Queue a run of every workflow `name` triggers and resume every matching wait.
-        Every payload is checked first: all or nothing."""
-        now = time.time()
+        idempotency_key: str | None = None,
+        now: float | None = None,
+    ) -> Emission:
+        """An event and the runs it triggers, every payload checked: all or nothing."""
+        now = self.store.now() if now is None else now
         if self.store.dialect == "postgresql" and "\x00" in name + (idempotency_key or ""):
             raise ConfigError("an event name or idempotency key cannot contain the NUL character")
         self._storable("", payload, f"event `{name}`")
-        trigger = {"kind": "event", "event": name}
         event = NewEvent(
             new_run_id(),
             name,
@@ -233,12 +232,26 @@ class Engine:
             source[0] if source else None,
             source[1] if source else None,
         )
-        trigger["event_id"] = event.id
-        runs = [
+        trigger = {"kind": "event", "event": name, "event_id": event.id}
+        runs = tuple(
             self.new_run(m, payload, trigger, idempotency_key=idempotency_key, now=now)
             for m in self.event_workflows(name)
-        ]
-        return self.store.send(runs, now, event=event, idempotency_key=idempotency_key)
+        )
+        return Emission(event, runs)
+
+    def send_event(
+        self,
+        name: str,
+        payload: Any,
+        idempotency_key: str | None = None,
+    ) -> Sent:
+        """Queue a run of every workflow `name` triggers and answer every matching parked
+        wait. Every payload is checked first: all or nothing."""
+        now = self.store.now()
+        emission = self.prepare_event(name, payload, idempotency_key=idempotency_key, now=now)
+        return self.store.send(
+            emission.runs, now, event=emission.event, idempotency_key=idempotency_key
+        )
 
     def trigger(
         self,
@@ -249,7 +262,7 @@ class Engine:
     ) -> Sent:
         """Queue one run of a workflow (for workers to execute)."""
         machine = self.workflow(workflow_id)
-        now = time.time()
+        now = self.store.now()
         payload, trigger = self.initial_payload(machine, payload, now)
         new = self.new_run(
             machine, payload, trigger, idempotency_key=idempotency_key, delay=delay, now=now
@@ -257,27 +270,19 @@ class Engine:
         return self.store.send([new], now, idempotency_key=idempotency_key)
 
     def complete_token(self, token: str, data: Any) -> str:
-        return self.store.complete_token(token, data, time.time())
+        return self.store.complete_token(token, data, self.store.now())
 
     # Host: what steps may ask of the engine -------------------------------------------------
-    def emit_event(self, name: str, payload: Any, source: tuple[str, str]) -> Sent:
-        return self.send_event(name, payload, source=source)
-
-    def start_child(
-        self, workflow_id: str, payload: Any, parent: tuple[str, str], child_id: str
-    ) -> None:
-        """Queue the child run `child_id` unless it exists (a re-executed step)."""
-        try:
-            self.store.get_run(child_id)
-            return
-        except NotFound:
-            pass
+    def prepare_child(
+        self, workflow_id: str, payload: Any, parent: tuple[str, str, int], child_id: str
+    ) -> NewRun:
+        """The child run `child_id` of a run_workflow step, stored when its parent parks."""
         machine = self.catalog.get(workflow_id)
         if machine is None:
             raise NotFound(f"no workflow has id `{workflow_id}` in {self.settings.workflows}")
         trigger = {"kind": "parent", "run_id": parent[0], "step": parent[1]}
-        new = self.new_run(machine, payload, trigger, parent=parent, run_id=child_id)
-        self.store.send([new], time.time())
+        new = self.new_run(machine, payload, trigger, parent=parent[:2], run_id=child_id)
+        return replace(new, parent_attempt=parent[2])
 
     # runs ---------------------------------------------------------------------------------
     def initial_payload(
@@ -301,7 +306,7 @@ class Engine:
 
     def run(self, machine: Machine, payload: Any, reporter: Reporter | None = None) -> Run:
         """Validate the payload, then create and drive a run in this process."""
-        now = time.time()
+        now = self.store.now()
         payload, trigger = self.initial_payload(machine, payload, now)
         new = self.new_run(machine, payload, trigger, now=now)
         return self.runner(reporter).start(machine, payload, new=new)
@@ -325,7 +330,7 @@ class Engine:
                     f"run {run_id} failed outside its steps ({run.error}); "
                     f"start it again with `durable-yaml runs replay {run_id}`"
                 )
-            self.store.reopen_failed_run(run_id, step, runner.lease, time.time())
+            self.store.reopen_failed_run(run_id, step, runner.lease, self.store.now())
         return runner.drive(run_id)
 
     def _replay(self, run_id: str) -> tuple[Machine, NewRun]:
@@ -346,5 +351,5 @@ class Engine:
     def queue_replay(self, run_id: str) -> str:
         """Replay queued for workers (the API and the dashboard); the new run's id."""
         _, new = self._replay(run_id)
-        self.store.send([new], time.time())
+        self.store.send([new], self.store.now())
         return new.id

@@ -9,7 +9,7 @@ from typing import Any
 
 from dsl import COMPLETED, FAILED, Machine, State, TemplateError
 
-from .models import NewLog, RunStatus, StepRecord, StepStatus, Transition
+from .models import Emission, NewLog, NewRun, RunStatus, StepRecord, StepStatus, Transition
 from .retry import backoff_delay
 
 __all__ = ["Done", "Failed", "Outcome", "Skipped", "Suspended", "decide"]
@@ -18,6 +18,7 @@ __all__ = ["Done", "Failed", "Outcome", "Skipped", "Suspended", "decide"]
 @dataclass(frozen=True)
 class Done:
     output: Any
+    emission: Emission | None = None  # a send_event's event, stored with this result
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class Suspended:
 
     wake_at: float | None
     wait: dict[str, Any]
+    children: tuple[NewRun, ...] = ()  # started in the transaction that parks the run
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ def decide(
     active_seconds: float = 0.0,
     logs: tuple[NewLog, ...] = (),
     rand: Callable[[], float] | None = None,
+    cancel_runs: tuple[str, ...] = (),
 ) -> Transition:
     """The transition after one attempt of `state`.
 
@@ -66,7 +69,11 @@ def decide(
     completes; `hold_lease` keeps
     the lease through a wait (the foreground `run`) instead of releasing the run to workers.
     """
-    common: dict[str, Any] = {"active_seconds": active_seconds, "logs": logs}
+    common: dict[str, Any] = {
+        "active_seconds": active_seconds,
+        "logs": logs,
+        "cancel_runs": cancel_runs,
+    }
     if isinstance(outcome, Suspended):
         record = StepRecord(
             state.id,
@@ -83,6 +90,7 @@ def decide(
             release=not hold_lease,
             next_at=outcome.wake_at,
             error=run_error,
+            children=outcome.children,
             **common,
         )
     if isinstance(outcome, Failed):
@@ -128,6 +136,8 @@ def decide(
         record = StepRecord(
             state.id, StepStatus.COMPLETED, attempt, started_at, output=outcome.output
         )
+        if outcome.emission is not None:
+            common["emission"] = outcome.emission
     return _move(machine, state.next, record, run_error, run_output, common)
 
 

@@ -109,7 +109,7 @@ class Worker:
             thread.join(max(0.0, deadline - time.time()))
         for run_id, lease in list(self._held.values()):
             try:
-                self.engine.store.release(run_id, lease, time.time())
+                self.engine.store.release(run_id, lease, self.engine.store.now())
                 log.info(
                     "released run %s (its step did not finish within the grace period)", run_id
                 )
@@ -132,7 +132,7 @@ class Worker:
         )
         while not self.stopping.is_set():
             try:
-                run = self.engine.store.claim_next_run(lease, time.time(), self.queues)
+                run = self.engine.store.claim_next_run(lease, self.engine.store.now(), self.queues)
             except EngineError as exc:
                 log.error("claiming failed: %s", exc)
                 self._idle(self.poll_interval)
@@ -155,7 +155,7 @@ class Worker:
             return self.poll_interval
         if due is None:
             return self.poll_interval
-        return max(0.0, min(self.poll_interval, due - time.time()))
+        return max(0.0, min(self.poll_interval, due - self.engine.store.now()))
 
     def _idle(self, seconds: float) -> None:
         if seconds <= 0:
@@ -167,7 +167,7 @@ class Worker:
         """PostgreSQL LISTEN: wake executors when runs are queued or resumed anywhere."""
         import psycopg
 
-        from .store.events import NOTIFY_CHANNEL
+        from .store.db import NOTIFY_CHANNEL
 
         url = self.engine.store.engine.url.set(drivername="postgresql")
         dsn = url.render_as_string(hide_password=False)
@@ -211,9 +211,9 @@ class Worker:
         while not self.stopping.wait(2.0):
             try:
                 if time.time() >= next_purge:
-                    self.engine.store.purge_idempotency_keys(time.time())
+                    self.engine.store.purge_idempotency_keys(self.engine.store.now())
                     next_purge = time.time() + 3600
-                if self.engine.store.expire_dead_leases(socket.gethostname(), time.time()):
+                if self.engine.store.expire_dead_leases(socket.gethostname(), self.engine.store.now()):
                     self.wake()
                 if self.engine.refresh_catalog():
                     self.engine.save_all_definitions()

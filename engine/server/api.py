@@ -171,7 +171,7 @@ def get_logs(
 
 @router.post("/runs/{run_id}/cancel", summary="Cancel a run")
 def cancel(run_id: str, engine: EngineDep) -> dict[str, Any]:
-    return run_summary(engine.store.request_cancel(run_id, time.time()))
+    return run_summary(engine.store.request_cancel(run_id, engine.store.now()))
 
 
 @router.post(

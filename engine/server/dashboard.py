@@ -181,7 +181,7 @@ def run_version(request: Request, run_id: str) -> Response:
 @router.post("/runs/{run_id}/cancel")
 def cancel(request: Request, run_id: str, csrf: str = Form("")) -> Response:
     engine = _guard_post(request, csrf)
-    engine.store.request_cancel(run_id, time.time())
+    engine.store.request_cancel(run_id, engine.store.now())
     return RedirectResponse(f"/runs/{run_id}", 303)
 
 

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 from ..models import (
+    Answer,
     Attempt,
     Lease,
     LogEntry,
@@ -55,16 +56,32 @@ class Store(Protocol):
         """Insert a queued run; with `lease`, the run is claimed by it and its first step
         begun in the same transaction (the foreground `run` command)."""
 
-    def claim_run(self, run_id: str, lease: Lease, now: float) -> Run:
+    def claim_run(
+        self, run_id: str, lease: Lease, now: float, *, within_limits: bool = False
+    ) -> Run:
         """Take the lease of one run and begin its current step (a crashed attempt is
         recorded as `crashed`). Allowed when the run is unleased, its lease has expired, is
-        ours, or belongs to a dead process on this host. RunBusy otherwise; NotFound."""
+        ours, or belongs to a dead process. RunBusy otherwise; NotFound. With
+        `within_limits`, a queued run is returned unclaimed unless its queue admits it."""
 
     def commit_transition(
         self, run_id: str, lease: Lease, transition: Transition, now: float
     ) -> TransitionResult:
         """Record a step's end and move the run on, atomically, only while `lease` holds
-        the run (LeaseLost otherwise: nothing is written)."""
+        the run (LeaseLost otherwise: nothing is written). With it, in the same transaction:
+        a send_event's event and runs, a run_workflow's children, cancels of other runs.
+        Parking a run (status waiting) reads its step's inbox under the run's lock: if the
+        wait is answered already the run stays leased and the answer is returned.
+        ValueNotStorable if the database refuses a value of the record."""
+
+    def take_answer(
+        self, run_id: str, step_key: str, attempt: int, now: float, *, timed_out: bool
+    ) -> Answer | None:
+        """The answer to a wait; with `timed_out`, a timeout is written first unless the
+        wait was answered already (the first answer wins, atomically)."""
+
+    def now(self) -> float:
+        """The database's clock: leases, timers, rate windows and cron fires use it."""
 
     def heartbeat(self, run_id: str, lease: Lease, now: float, logs: Sequence[NewLog]) -> bool:
         """Extend the lease and write buffered logs; False if the lease was lost."""
@@ -127,11 +144,12 @@ class Store(Protocol):
         event: NewEvent | None = None,
         idempotency_key: str | None = None,
     ) -> Sent:
-        """Atomically: check the idempotency key, store the event (once per emitting run
-        step), create the runs, resume the matching waits."""
+        """Atomically: check the idempotency key, store the event, create the runs, answer
+        the matching parked waits."""
 
     def complete_token(self, token: str, data: Any, now: float) -> str:
-        """Resume the run waiting on `token`; once only (TokenError), NotFound if unknown."""
+        """Answer the wait of `token`; TokenError if it was answered already (a completion,
+        a timeout or a cancel came first), NotFound if unknown."""
 
     def purge_idempotency_keys(self, now: float) -> int:
         """Delete keys older than their 30 days; how many."""

@@ -44,4 +44,40 @@ def _v2(c: Connection) -> None:
         c.execute(sa.text(f"UPDATE {table} SET {column} = NULL WHERE {column} = {json_null}"))
 
 
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _v2}
+def _v3(c: Connection) -> None:
+    """The inbox of answers; when a run reached its step; a child's parent attempt; a
+    token's attempt. Answers already handed to waiting steps move into the inbox."""
+    for table, column, kind in (
+        ("dy_runs", "parent_attempt", "INTEGER"),
+        (
+            "dy_runs",
+            "step_since",
+            "DOUBLE PRECISION" if c.dialect.name == "postgresql" else "FLOAT",
+        ),
+        ("dy_tokens", "attempt", "INTEGER NOT NULL DEFAULT 1"),
+    ):
+        c.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {column} {kind}"))
+    t.inbox.create(c, checkfirst=True)
+    c.execute(sa.text("UPDATE dy_runs SET step_since = updated_at"))
+    rows = c.execute(
+        sa.select(
+            t.steps.c.run_id, t.steps.c.step_key, t.steps.c.attempts, t.steps.c.resume_data
+        ).where(t.steps.c.status == "waiting", t.steps.c.resume_data.isnot(None))
+    ).all()
+    for row in rows:
+        data = row.resume_data if isinstance(row.resume_data, dict) else {"output": row.resume_data}
+        kind = "child" if "run_id" in data else "token" if "token" in data else "event"
+        c.execute(
+            sa.insert(t.inbox).values(
+                run_id=row.run_id,
+                step_key=row.step_key,
+                attempt=row.attempts,
+                kind=kind,
+                data=data,
+                event_id=data.get("event_id"),
+                created_at=0.0,
+            )
+        )
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _v2, 3: _v3}

@@ -10,7 +10,6 @@ out of the next look, so a busy key never starves the others.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -20,40 +19,26 @@ from sqlalchemy.engine import Connection
 
 from ..models import ACTIVE_STATUSES, Lease, QueueLimits, Run, RunStatus
 from . import schema as t
-from .sqlutil import pid_alive, run_from_row, translate
+from .db import Db
+from .runs import Runs
+from .sqlutil import pid_alive
 
-__all__ = ["QueueOps"]
+__all__ = ["Queues"]
 
 _ACTIVE = [s.value for s in ACTIVE_STATUSES]
 LOOKS = (2, 8, 32, 128)  # candidates per look: widen only when limits block the first ones
 
 
-class QueueOps:
-    engine: sa.Engine
-    dialect: str
+class Queues:
+    def __init__(self, db: Db, runs: Runs) -> None:
+        self.db, self.runs = db, runs
+        self.engine, self.dialect = db.engine, db.dialect
 
-    def _begin_current_step(self, c: Connection, row: Any, now: float) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def _lease_values(self, lease: Lease, now: float) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def _upsert(
-        self,
-        c: Connection,
-        table: sa.Table,
-        values: dict[str, Any],
-        keys: list[str],
-        update_cols: list[str],
-    ) -> None:
-        raise NotImplementedError
-
-    @translate
     def save_queue_limits(self, limits: Iterable[QueueLimits]) -> None:
         """Record each queue's limits (the latest definition wins); idempotent."""
         with self.engine.begin() as c:
             for q in limits:
-                self._upsert(
+                self.db.upsert(
                     c,
                     t.queues,
                     {
@@ -61,13 +46,12 @@ class QueueOps:
                         "concurrency": q.concurrency,
                         "rate_limit": q.rate_limit,
                         "rate_period": q.rate_period,
-                        "updated_at": time.time(),
+                        "updated_at": self.db.now(),
                     },
                     ["name"],
                     ["concurrency", "rate_limit", "rate_period", "updated_at"],
                 )
 
-    @translate
     def claim_next_run(
         self, lease: Lease, now: float, queues: Sequence[str] | None = None
     ) -> Run | None:
@@ -83,7 +67,7 @@ class QueueOps:
                 limits = self._limits(c, {row["queue"] for row in candidates})
                 # Count and stamp with the time at which this claim holds its locks: a `now`
                 # taken before waiting for them would let a rate window admit one too many.
-                locked_at = max(now, time.time())
+                locked_at = max(now, self.db.now())
                 for row in candidates:
                     verdict = self._allowed(c, row, limits.get(row["queue"]), locked_at)
                     if verdict == "queue":
@@ -169,15 +153,14 @@ class QueueOps:
                 return "queue"
         return "ok"
 
-    def _take(self, c: Connection, row: Any, lease: Lease, now: float) -> Run:
-        values = {**self._lease_values(lease, now), "updated_at": now}
-        values.update(self._begin_current_step(c, row, now))
-        if row["started_at"] is None and values.get("status") == RunStatus.RUNNING.value:
-            values["started_at"] = now
-        c.execute(update(t.runs).where(t.runs.c.id == row["id"]).values(**values))
-        return run_from_row({**row, **values})
+    def admits(self, c: Connection, row: Any, now: float) -> bool:
+        """Whether the limits of the locked run's queue let it start now."""
+        limits = self._limits(c, {row["queue"]})
+        return self._allowed(c, row, limits.get(row["queue"]), now) == "ok"
 
-    @translate
+    def _take(self, c: Connection, row: Any, lease: Lease, now: float) -> Run:
+        return self.runs.take(c, row, lease, now)
+
     def expire_dead_leases(self, host: str, now: float) -> list[str]:
         """Runs leased by processes of `host` that no longer exist become claimable now."""
         with self.engine.begin() as c:
@@ -197,7 +180,6 @@ class QueueOps:
                 )
         return dead
 
-    @translate
     def next_due_at(self, queues: Sequence[str] | None = None) -> float | None:
         """When the next run becomes claimable (None: nothing is scheduled)."""
         q = select(func.min(t.runs.c.next_at)).where(t.runs.c.status.in_(_ACTIVE))
@@ -207,7 +189,6 @@ class QueueOps:
             value = c.execute(q).scalar()
         return None if value is None else float(value)
 
-    @translate
     def queue_stats(self) -> list[dict[str, Any]]:
         """Per queue: runs by status (queued, running, waiting) and its limits."""
         with self.engine.connect() as c:

@@ -2,34 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import sqlalchemy as sa
 from sqlalchemy import func, select
 
 from ..models import ACTIVE_STATUSES, NewRun
 from . import schema as t
+from .db import Db
 from .events import new_run_values
-from .sqlutil import INSERT_RUN, translate
+from .sqlutil import INSERT_RUN
 
-__all__ = ["ScheduleOps"]
+__all__ = ["Schedules"]
 
 _ACTIVE = [s.value for s in ACTIVE_STATUSES]
 
 
-class ScheduleOps:
-    engine: sa.Engine
-    dialect: str
+class Schedules:
+    def __init__(self, db: Db) -> None:
+        self.db = db
+        self.engine = db.engine
 
-    def notify(self, c: sa.Connection) -> None:
-        raise NotImplementedError
-
-    def _insert_ignore(
-        self, c: sa.Connection, table: sa.Table, values: dict[str, Any], keys: list[str]
-    ) -> bool:
-        raise NotImplementedError
-
-    @translate
     def fire_cron(
         self, workflow_id: str, fire_at: float, new: NewRun, now: float, *, skip_if_active: bool
     ) -> str | None:
@@ -37,7 +28,7 @@ class ScheduleOps:
         None if another scheduler fired this instant already, or (with `skip_if_active`)
         the schedule's previous run is still active: the fire is then recorded as skipped."""
         with self.engine.begin() as c:
-            if not self._insert_ignore(
+            if not self.db.insert_ignore(
                 c,
                 t.cron_fires,
                 {"workflow_id": workflow_id, "fire_at": fire_at, "run_id": None, "created_at": now},
@@ -59,10 +50,9 @@ class ScheduleOps:
                 .where(t.cron_fires.c.workflow_id == workflow_id, t.cron_fires.c.fire_at == fire_at)
                 .values(run_id=new.id)
             )
-            self.notify(c)
+            self.db.notify(c)
             return new.id
 
-    @translate
     def last_fires(self) -> dict[str, float]:
         """The latest recorded fire instant of every scheduled workflow."""
         with self.engine.connect() as c:
@@ -73,7 +63,6 @@ class ScheduleOps:
             ).all()
         return {r[0]: float(r[1]) for r in rows}
 
-    @translate
     def fires(self, workflow_id: str, limit: int = 100) -> list[tuple[float, str | None]]:
         """(instant, run id or None if skipped), newest first."""
         with self.engine.connect() as c:

@@ -23,7 +23,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 __all__ = ["SCHEMA_VERSION", "metadata"]
 
-SCHEMA_VERSION = 2  # bump with a function in migrations.py for the step up
+SCHEMA_VERSION = 3  # bump with a function in migrations.py for the step up
 Json = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
 metadata = MetaData()
 
@@ -60,12 +60,16 @@ runs = Table(
     Column("current_attempt", Integer, nullable=False, server_default="0"),
     Column("step_running", Boolean, nullable=False, server_default=text("false")),
     Column("step_started_at", Float),
+    # When the run reached its current step (the commit that began it): events recorded
+    # from then on (less the wait's `lookback`) answer a wait_for_event there.
+    Column("step_since", Float),
     Column("queue", String(200), nullable=False),
     Column("concurrency_key", String(500)),
     Column("priority", Integer, nullable=False, server_default="0"),
     Column("trigger", Json),
     Column("parent_run_id", String(40)),
     Column("parent_step", String(200)),
+    Column("parent_attempt", Integer),  # the parent's attempt that started this child
     Column("idempotency_key", String(500)),
     Column("cancel_requested", Boolean, nullable=False, server_default=text("false")),
     Column("lease_owner", String(100)),
@@ -186,10 +190,28 @@ tokens = Table(
     Column("token", String(64), primary_key=True),
     Column("run_id", String(40), nullable=False),
     Column("step_key", String(220), nullable=False),
+    Column("attempt", Integer, nullable=False, server_default="1"),
     Column("created_at", Float, nullable=False),
     Column("completed_at", Float),
     Column("data", Json),
 )
+
+# The answer to one wait: (run, step, attempt) is answered at most once, by whichever of an
+# event, a token, a child's result, a timeout or a cancel is written first. The commit that
+# parks a run reads it in the same transaction, so no answer is ever missed.
+inbox = Table(
+    "dy_inbox",
+    metadata,
+    Column("run_id", String(40), primary_key=True),
+    Column("step_key", String(220), primary_key=True),
+    Column("attempt", Integer, primary_key=True),
+    Column("kind", String(16), nullable=False),  # event | token | child | timeout | cancel
+    Column("data", Json),
+    Column("event_id", String(40)),
+    Column("created_at", Float, nullable=False),
+)
+# an event is consumed by at most one wait of a run
+Index("dy_inbox_event", inbox.c.run_id, inbox.c.event_id, unique=True)
 
 idempotency_keys = Table(
     "dy_idempotency_keys",

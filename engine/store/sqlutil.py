@@ -5,11 +5,9 @@ from __future__ import annotations
 
 __all__ = [
     "INSERT_RUN",
-    "MOVE_RUN",
     "NO_LEASE",
     "TransactionCounter",
     "move_and_record_statement",
-    "now_ts",
     "pid_alive",
     "run_from_row",
     "sqlite_begin",
@@ -29,7 +27,7 @@ from sqlalchemy import insert, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, make_url
 
-from ..errors import DatabaseError
+from ..errors import DatabaseError, ValueNotStorable
 from ..models import Run, RunStatus, StepState, StepStatus
 from . import schema as t
 
@@ -48,6 +46,8 @@ def translate(fn: Callable[P, R]) -> Callable[P, R]:
             store = args[0]
             url = make_url(store.url).render_as_string(hide_password=True)  # type: ignore[attr-defined]
             detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+            if isinstance(exc, sa.exc.DataError):
+                raise ValueNotStorable(f"database {url} cannot store a value: {detail}") from exc
             raise DatabaseError(f"database {url}: {detail}") from exc
 
     return wrapper
@@ -66,14 +66,6 @@ def pid_alive(pid: int | None) -> bool:
 
 
 INSERT_RUN = insert(t.runs)
-# The hot path: statements built once, executed with a dict of parameters (SQLAlchemy then
-# reuses the compiled form instead of coercing literal values on every call).
-MOVE_RUN = (
-    update(t.runs)
-    .where(t.runs.c.id == sa.bindparam("w_id"), t.runs.c.lease_owner == sa.bindparam("w_owner"))
-    .values(active_seconds=t.runs.c.active_seconds + sa.bindparam("w_active", type_=sa.Float))
-    .returning(t.runs.c.cancel_requested, t.runs.c.parent_run_id, t.runs.c.parent_step)
-)
 
 
 @functools.cache
@@ -129,12 +121,6 @@ NO_LEASE: dict[str, Any] = {
 }
 
 
-def now_ts() -> float:
-    import time
-
-    return time.time()
-
-
 def run_from_row(row: Any) -> Run:
     r = dict(row)
     return Run(
@@ -171,6 +157,7 @@ def run_from_row(row: Any) -> Run:
 def step_from_row(row: Any) -> StepState:
     r = dict(row)
     r.pop("wait_event", None)
+    r.pop("resume_data", None)  # kept in old databases; answers live in the inbox now
     r["status"] = StepStatus(r["status"])
     return StepState(**r)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.errors import NotFound, TokenError
+from engine.errors import DatabaseError, NotFound, TokenError
 from engine.models import RunStatus
 from engine.registry import import_modules
 from engine.runner import Runner
@@ -95,8 +95,10 @@ def test_send_event_is_emitted_once_per_run_step(engine: Engine) -> None:
     assert run.status == RunStatus.COMPLETED
     (listener,) = run.output["runs"]
     assert engine.store.get_run(listener).workflow_id == "listener"
-    again = engine.emit_event("doc.published", {"doc": "d9"}, (run_id, "announce"))
-    assert again.duplicate and again.run_ids == () and again.event_id == run.output["event_id"]
+    # the event was stored with the step's result; the database refuses a second one
+    emission = engine.prepare_event("doc.published", {"doc": "d9"}, (run_id, "announce"))
+    with pytest.raises(DatabaseError):
+        engine.store.send(emission.runs, engine.store.now(), event=emission.event)
     assert len(engine.store.list_runs(workflow_id="listener")) == 1
 
 

@@ -137,8 +137,9 @@ def test_finishing_a_child_wakes_its_waiting_parent(store: SqlStore) -> None:
     )
     parent = store.get_run("parent")
     assert parent.next_at == NOW + 1
-    (step,) = store.get_steps("parent")
-    assert step.resume_data == {"status": "completed", "output": 5, "error": None, "run_id": "kid"}
+    answer = store.take_answer("parent", "child", 1, NOW + 2, timed_out=True)
+    assert answer is not None and answer.kind == "child"  # the child's result beat the timeout
+    assert answer.data == {"status": "completed", "output": 5, "error": None, "run_id": "kid"}
 
 
 def test_cancel_cascades_to_children_and_flags_executing_runs(store: SqlStore) -> None:

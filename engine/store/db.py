@@ -1,0 +1,222 @@
+"""One connection and dialect helper shared by every part of the SQL store.
+
+`Db` owns the SQLAlchemy engine and the few things that differ between SQLite and
+PostgreSQL: how a transaction takes its locks, upserts, NOTIFY, and which driver errors mean
+"try the whole transaction again" (a deadlock, a serialization failure, SQLite's busy lock).
+It also owns the database's clock: every time that matters (leases, rate windows, timers,
+cron fires, event order) is the database server's time, read through `Db.now()`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine, make_url
+
+from ..errors import DatabaseError
+from ..models import Lease
+from .sqlutil import sqlite_begin, sqlite_connect, upsert_statement
+
+__all__ = ["NOTIFY_CHANNEL", "Db", "DbClock"]
+
+T = TypeVar("T")
+NOTIFY_CHANNEL = "durable_yaml"
+RETRIES = 8  # a transaction that lost a deadlock or a busy lock is tried this many times
+
+
+class DbClock:
+    """The database server's clock, read without a round trip per use.
+
+    The offset between this host's clock and the server's is measured (the midpoint of a
+    round trip) on first use and every `refresh` seconds; `now()` is the local clock plus
+    that offset. Hosts whose clocks disagree therefore agree on leases, timers and fires.
+    `skew` shifts the local clock (tests simulate a host whose clock is wrong).
+    """
+
+    def __init__(
+        self, measure: Callable[[], float], refresh: float = 10.0, skew: float = 0.0
+    ) -> None:
+        self._measure = measure
+        self._refresh = refresh
+        self.skew = skew
+        self._offset: float | None = None
+        self._measured_at = 0.0
+        self._lock = threading.Lock()
+
+    def local(self) -> float:
+        return time.time() + self.skew
+
+    def now(self) -> float:
+        local = self.local()
+        if self._offset is None or local - self._measured_at > self._refresh:
+            self._remeasure()
+        assert self._offset is not None
+        return self.local() + self._offset
+
+    __call__ = now
+
+    def _remeasure(self) -> None:
+        with self._lock:
+            before = self.local()
+            try:
+                server = self._measure()
+            except DatabaseError:
+                if self._offset is None:
+                    raise
+                self._measured_at = before  # keep the last offset through an outage
+                return
+            after = self.local()
+            self._offset = server - (before + after) / 2
+            self._measured_at = after
+
+    @property
+    def offset(self) -> float:
+        self.now()
+        assert self._offset is not None
+        return self._offset
+
+
+class Db:
+    def __init__(self, url: str, *, skew: float = 0.0) -> None:
+        self.url = url
+        parsed = make_url(url)
+        self.dialect = parsed.get_backend_name()
+        if self.dialect == "sqlite":
+            database = parsed.database or ""
+            if database and database != ":memory:" and not database.startswith("file:"):
+                try:
+                    Path(database).parent.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise DatabaseError(
+                        f"cannot create the folder of the SQLite database {database}: "
+                        f"{exc.strerror or exc}"
+                    ) from None
+            self.engine: Engine = sa.create_engine(
+                url, connect_args={"timeout": 60, "check_same_thread": False}
+            )
+            event.listen(self.engine, "connect", sqlite_connect)
+            event.listen(self.engine, "begin", sqlite_begin)
+        elif self.dialect == "postgresql":
+            self.engine = sa.create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+        else:
+            raise DatabaseError(
+                f"unsupported database {parsed.drivername!r}; use sqlite:/// or postgresql://"
+            )
+        self.clock = DbClock(self._server_time, skew=skew)
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.dialect == "postgresql"
+
+    def now(self) -> float:
+        return self.clock.now()
+
+    def _server_time(self) -> float:
+        query = (
+            "SELECT extract(epoch from clock_timestamp())"
+            if self.is_postgres
+            else "SELECT (julianday('now') - 2440587.5) * 86400.0"
+        )
+        try:
+            with self.engine.connect() as c:
+                return float(c.execute(sa.text(query)).scalar_one())
+        except sa.exc.SQLAlchemyError as exc:
+            raise DatabaseError(f"database {self.safe_url}: {_first_line(exc)}") from exc
+
+    @property
+    def safe_url(self) -> str:
+        return make_url(self.url).render_as_string(hide_password=True)
+
+    # transactions ---------------------------------------------------------------------------
+    def transact(self, work: Callable[[Connection], T]) -> T:
+        """Run `work` in one transaction, again from the start if the database chose it as a
+        deadlock victim or (SQLite) could not take its lock in time. `work` must only touch
+        the database: anything it does is undone with the transaction."""
+        for attempt in range(RETRIES):
+            try:
+                with self.engine.begin() as c:
+                    return work(c)
+            except sa.exc.OperationalError as exc:
+                if attempt + 1 == RETRIES or not self.retryable(exc):
+                    raise
+                time.sleep(min(0.5, 0.005 * 2**attempt))
+        raise AssertionError("unreachable")
+
+    def retryable(self, exc: BaseException) -> bool:
+        """A deadlock, a serialization failure or a busy/locked SQLite database."""
+        orig = getattr(exc, "orig", exc)
+        if self.is_postgres:
+            return getattr(orig, "sqlstate", None) in ("40P01", "40001")
+        text = str(orig).lower()
+        return "locked" in text or "busy" in text
+
+    @contextmanager
+    def autocommit(self) -> Iterator[Connection]:
+        """One statement that is a whole transaction (PostgreSQL: no BEGIN/COMMIT trips)."""
+        if self.is_postgres:
+            with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+                yield c
+        else:
+            with self.engine.begin() as c:
+                yield c
+
+    # dialect hooks --------------------------------------------------------------------------
+    def locked(self, q: sa.Select[Any], *, skip_locked: bool = False) -> sa.Select[Any]:
+        """`q` taking row locks (PostgreSQL); SQLite's BEGIN IMMEDIATE already serialises."""
+        return q.with_for_update(skip_locked=skip_locked) if self.is_postgres else q
+
+    def lock_name(self, c: Connection, name: str) -> None:
+        """A transaction-long lock on a name (PostgreSQL advisory lock; SQLite's write lock
+        is already held). Senders and waiters of one event name take it in that order."""
+        if self.is_postgres:
+            c.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:n))"), {"n": name})
+
+    def upsert(
+        self,
+        c: Connection,
+        table: sa.Table,
+        values: dict[str, Any],
+        keys: list[str],
+        update_cols: list[str],
+    ) -> None:
+        c.execute(upsert_statement(self.dialect, table, tuple(keys), tuple(update_cols)), values)
+
+    def insert_ignore(
+        self, c: Connection, table: sa.Table, values: dict[str, Any], keys: list[str]
+    ) -> bool:
+        """Insert unless the key exists; True if inserted. (RETURNING, because a driver's
+        rowcount for ON CONFLICT DO NOTHING is not reliable: psycopg reports -1.)"""
+        dialect_insert = postgresql.insert if self.is_postgres else sqlite.insert
+        stmt = dialect_insert(table).values(**values).on_conflict_do_nothing(index_elements=keys)
+        return c.execute(stmt.returning(table.c[keys[0]])).first() is not None
+
+    def notify(self, c: Connection) -> None:
+        """Wake listening workers (PostgreSQL NOTIFY, delivered at commit)."""
+        if self.is_postgres:
+            c.execute(sa.text("SELECT pg_notify(:channel, '')"), {"channel": NOTIFY_CHANNEL})
+
+    @staticmethod
+    def lease_values(lease: Lease, now: float) -> dict[str, Any]:
+        expires = now + lease.seconds
+        return {
+            "lease_owner": lease.owner,
+            "lease_host": lease.host,
+            "lease_pid": lease.pid,
+            "lease_expires_at": expires,
+            "next_at": expires,
+        }
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]

@@ -1,0 +1,515 @@
+"""A run's life in the database: created, claimed, moved on step by step, parked, cancelled.
+
+Every write to a run that its lease holder makes is conditional on the lease
+(`lease_owner = :owner`, or the row locked and checked), so a process that lost its lease
+writes nothing. Parking reads the inbox under the run's lock (see `waits`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import insert, select, update
+from sqlalchemy.engine import Connection
+
+from ..errors import LeaseLost, NotFound, RunBusy, ValueNotStorable
+from ..models import (
+    ACTIVE_STATUSES,
+    Answer,
+    Lease,
+    NewLog,
+    NewRun,
+    Run,
+    RunStatus,
+    StepRecord,
+    StepStatus,
+    Transition,
+    TransitionResult,
+)
+from . import schema as t
+from .db import Db
+from .events import Events, new_run_values
+from .sqlutil import INSERT_RUN, NO_LEASE, move_and_record_statement, run_from_row
+from .waits import Inbox, child_result
+
+__all__ = ["Runs"]
+
+_ACTIVE = [s.value for s in ACTIVE_STATUSES]
+
+
+class Runs:
+    def __init__(self, db: Db, inbox: Inbox, events: Events, alive: Any) -> None:
+        self.db, self.inbox, self.events = db, inbox, events
+        self.alive = alive  # (host, pid, owner) -> bool: is a lease holder's process alive?
+
+    # creating and claiming -------------------------------------------------------------------
+    def create_run(self, new: NewRun, now: float, lease: Lease | None = None) -> Run:
+        values = new_run_values(new, now)
+        if lease is not None:
+            values.update(
+                self.db.lease_values(lease, now),
+                status=RunStatus.RUNNING.value,
+                started_at=now,
+                current_attempt=1,
+                step_running=True,
+                step_started_at=now,
+            )
+        with self.db.autocommit() as c:
+            c.execute(INSERT_RUN, values)
+        return run_from_row(values)
+
+    def claim_run(
+        self,
+        run_id: str,
+        lease: Lease,
+        now: float,
+        admit: Callable[[Connection, Any, float], bool] | None = None,
+    ) -> Run:
+        """Lease the run (RunBusy if a live process holds it); with `admit`, a queued run is
+        left as it is unless its queue's limits admit it now."""
+
+        def work(c: Connection) -> Run:
+            row = self._lock_run(c, run_id)
+            if row["status"] not in _ACTIVE:
+                return run_from_row(row)
+            self._check_lease(row, lease, now)
+            if (
+                admit is not None
+                and row["status"] == RunStatus.QUEUED.value
+                and not admit(c, row, now)
+            ):
+                return run_from_row(row)
+            return self.take(c, row, lease, now)
+
+        return self.db.transact(work)
+
+    def take(self, c: Connection, row: Any, lease: Lease, now: float) -> Run:
+        """Lease a locked row and begin its current step."""
+        values = {**self.db.lease_values(lease, now), "updated_at": now}
+        values.update(self._begin_current_step(c, row, now))
+        if row["started_at"] is None and values.get("status") == RunStatus.RUNNING.value:
+            values["started_at"] = now
+        c.execute(update(t.runs).where(t.runs.c.id == row["id"]).values(**values))
+        return run_from_row({**row, **values})
+
+    def _lock_run(self, c: Connection, run_id: str) -> Any:
+        row = (
+            c.execute(self.db.locked(select(t.runs).where(t.runs.c.id == run_id)))
+            .mappings()
+            .first()
+        )
+        if row is None:
+            raise NotFound(f"no run has id {run_id}")
+        return row
+
+    def _check_lease(self, row: Any, lease: Lease, now: float) -> None:
+        owner = row["lease_owner"]
+        if owner is None or owner == lease.owner or (row["lease_expires_at"] or 0) <= now:
+            return
+        if not self.alive(row["lease_host"], row["lease_pid"], owner):
+            return  # its worker is known dead: no need to wait for the lease to expire
+        raise RunBusy(
+            f"run {row['id']} is being executed by process {row['lease_pid']} on "
+            f"{row['lease_host']}; try again later"
+        )
+
+    def _begin_current_step(self, c: Connection, row: Any, now: float) -> dict[str, Any]:
+        """What claiming does to the current step; a crashed attempt is recorded."""
+        step_key = row["current_step"]
+        if row["step_running"]:
+            c.execute(
+                insert(t.attempts).values(
+                    run_id=row["id"],
+                    step_key=step_key,
+                    attempt=row["current_attempt"],
+                    status="crashed",
+                    started_at=row["step_started_at"],
+                    finished_at=now,
+                    error_type="WorkerDied",
+                    error_message="the process executing this attempt stopped before it finished",
+                )
+            )
+            return _begin(row["current_attempt"] + 1, now)
+        if step_key is None:
+            return {"status": RunStatus.RUNNING.value}
+        step = c.execute(
+            select(t.steps.c.status, t.steps.c.attempts, t.steps.c.wake_at).where(
+                t.steps.c.run_id == row["id"], t.steps.c.step_key == step_key
+            )
+        ).first()
+        if step is None:
+            return _begin(1, now)
+        due = step.wake_at is not None and step.wake_at <= now
+        if step.status == StepStatus.RETRYING.value:
+            return _begin(step.attempts + 1, now) if due else {"status": RunStatus.WAITING.value}
+        if step.status == StepStatus.WAITING.value:
+            return {"status": RunStatus.WAITING.value}  # the runner reads its inbox
+        return {"status": RunStatus.RUNNING.value}
+
+    # moving on -------------------------------------------------------------------------------
+    def commit_transition(
+        self, run_id: str, lease: Lease, tr: Transition, now: float
+    ) -> TransitionResult:
+        values = _run_values(run_id, lease, tr, now, self.db)
+        finished = tr.status not in ACTIVE_STATUSES
+        if (
+            self.db.is_postgres
+            and tr.simple
+            and tr.record is not None
+            and not (finished and tr.has_parent)
+        ):
+            # The common step: one statement is a whole transaction, so PostgreSQL runs it in
+            # autocommit - atomic and durable, without BEGIN and COMMIT round trips.
+            step, step_updates = _step_values(run_id, tr.record, now)
+            statement = move_and_record_statement(tuple(values), tuple(step), tuple(step_updates))
+            with self.db.autocommit() as c:
+                row = c.execute(
+                    statement, {**values, **{f"s_{k}": v for k, v in step.items()}}
+                ).first()
+            if row is None:
+                raise LeaseLost(f"run {run_id}: this process no longer holds its lease")
+            return TransitionResult(bool(row.cancel_requested), output=tr.record.output)
+        try:
+            return self.db.transact(lambda c: self._commit(c, run_id, lease, tr, values, now))
+        except sa.exc.DataError as exc:
+            raise ValueNotStorable(
+                f"run {run_id}: the database cannot store this step's result: "
+                f"{str(exc.orig).strip().splitlines()[0]}"
+            ) from exc
+
+    def _commit(
+        self,
+        c: Connection,
+        run_id: str,
+        lease: Lease,
+        tr: Transition,
+        values: dict[str, Any],
+        now: float,
+    ) -> TransitionResult:
+        rec = tr.record
+        wait = (rec.wait or {}) if rec is not None and rec.status == StepStatus.WAITING else {}
+        names = {tr.emission.event.name} if tr.emission else set()
+        if wait.get("kind") == "event":
+            names.add(wait["event"])
+        for name in sorted(names):  # senders and waiters of a name: this lock, then rows
+            self.db.lock_name(c, name)
+        row = (
+            c.execute(self.db.locked(select(t.runs).where(t.runs.c.id == run_id)))
+            .mappings()
+            .first()
+        )
+        if row is None or row["lease_owner"] != lease.owner:
+            raise LeaseLost(f"run {run_id}: this process no longer holds its lease")
+        output = rec.output if rec is not None else None
+        if tr.emission is not None and rec is not None:
+            sent = self.events.store_emission(c, tr.emission, now)
+            output = {**(output or {}), "resumed": list(sent.resumed)}
+            rec = _with_output(rec, output)
+        if rec is not None:
+            step, step_updates = _step_values(run_id, rec, now)
+            self.db.upsert(c, t.steps, step, ["run_id", "step_key"], step_updates)
+            self._record_step_extras(c, run_id, rec, now)
+        for child in tr.children:
+            if self.db.insert_ignore(c, t.runs, new_run_values(child, now), ["id"]):
+                self.db.notify(c)
+        for other in tr.cancel_runs:
+            self.cancel_tree(c, other, now)
+        if tr.logs:
+            self.insert_logs(c, run_id, tr.logs, now)
+        answer: Answer | None = None
+        if tr.status == RunStatus.WAITING and tr.current_step is not None:
+            answer = self.inbox.find_answer(c, row, tr.current_step, now)
+            if answer is not None and tr.release:  # answered already: keep going, leased
+                values.update(self.db.lease_values(lease, now))
+        update_values = {k: v for k, v in values.items() if not k.startswith("w_")}
+        update_values["active_seconds"] = row["active_seconds"] + tr.active_seconds
+        c.execute(update(t.runs).where(t.runs.c.id == run_id).values(**update_values))
+        if tr.status not in ACTIVE_STATUSES and row["parent_run_id"] and row["parent_step"]:
+            data = child_result(run_id, tr.status.value, tr.output, tr.error)
+            self.inbox.deliver(
+                c,
+                row["parent_run_id"],
+                row["parent_step"],
+                row["parent_attempt"] or 1,
+                "child",
+                data,
+                now,
+            )
+            self.db.notify(c)
+        return TransitionResult(bool(row["cancel_requested"]), answer, output)
+
+    def _record_step_extras(self, c: Connection, run_id: str, rec: StepRecord, now: float) -> None:
+        """What a step record writes beside its row: a token, a failed attempt."""
+        wait = rec.wait or {}
+        if rec.status == StepStatus.WAITING and wait.get("kind") == "token":
+            self.db.insert_ignore(
+                c,
+                t.tokens,
+                {
+                    "token": wait["token"],
+                    "run_id": run_id,
+                    "step_key": rec.step_key,
+                    "attempt": rec.attempt,
+                    "created_at": now,
+                },
+                ["token"],
+            )
+        if rec.attempt_status:
+            self.db.upsert(
+                c,
+                t.attempts,
+                {
+                    "run_id": run_id,
+                    "step_key": rec.step_key,
+                    "attempt": rec.attempt,
+                    "status": rec.attempt_status,
+                    "started_at": rec.started_at,
+                    "finished_at": now,
+                    "error_type": rec.error_type,
+                    "error_message": rec.error,
+                    "traceback": rec.traceback,
+                },
+                ["run_id", "step_key", "attempt"],
+                ["status", "finished_at", "error_type", "error_message", "traceback"],
+            )
+
+    def insert_logs(self, c: Connection, run_id: str, logs: Sequence[NewLog], now: float) -> None:
+        c.execute(
+            insert(t.logs),
+            [
+                {
+                    "run_id": run_id,
+                    "step_key": log.step_key,
+                    "attempt": log.attempt,
+                    "level": log.level,
+                    "message": log.message,
+                    "extra": log.extra,
+                    "created_at": log.created_at or now,
+                }
+                for log in logs
+            ],
+        )
+
+    # leases ----------------------------------------------------------------------------------
+    def heartbeat(self, run_id: str, lease: Lease, now: float, logs: Sequence[NewLog]) -> bool:
+        def work(c: Connection) -> bool:
+            held = c.execute(
+                update(t.runs)
+                .where(t.runs.c.id == run_id, t.runs.c.lease_owner == lease.owner)
+                .values(**self.db.lease_values(lease, now))
+                .returning(t.runs.c.id)
+            ).first()
+            if held is None:
+                return False
+            if logs:
+                self.insert_logs(c, run_id, logs, now)
+            return True
+
+        return self.db.transact(work)
+
+    def release(self, run_id: str, lease: Lease, now: float) -> None:
+        def work(c: Connection) -> None:
+            c.execute(
+                update(t.runs)
+                .where(t.runs.c.id == run_id, t.runs.c.lease_owner == lease.owner)
+                .values(next_at=now, updated_at=now, **NO_LEASE)
+            )
+            self.db.notify(c)
+
+        self.db.transact(work)
+
+    def reopen_failed_run(self, run_id: str, step_key: str, lease: Lease, now: float) -> Run:
+        """Give a failed run's failed step one more attempt: the step becomes a due retry
+        and the run is leased to `lease`, so claiming it begins the next attempt (attempt
+        numbers continue; history is kept). A run that is not failed is returned as is."""
+
+        def work(c: Connection) -> Run:
+            row = self._lock_run(c, run_id)
+            if row["status"] != RunStatus.FAILED.value:
+                return run_from_row(row)
+            c.execute(
+                update(t.steps)
+                .where(
+                    t.steps.c.run_id == run_id,
+                    t.steps.c.step_key == step_key,
+                    t.steps.c.status == StepStatus.FAILED.value,
+                )
+                .values(status=StepStatus.RETRYING.value, wake_at=now, finished_at=None)
+            )
+            values = {
+                **self.db.lease_values(lease, now),
+                "status": RunStatus.WAITING.value,
+                "current_step": step_key,
+                "step_running": False,
+                "error": None,
+                "output": None,
+                "finished_at": None,
+                "updated_at": now,
+            }
+            c.execute(update(t.runs).where(t.runs.c.id == run_id).values(**values))
+            return run_from_row({**row, **values})
+
+        return self.db.transact(work)
+
+    # cancelling ------------------------------------------------------------------------------
+    def request_cancel(self, run_id: str, now: float) -> Run:
+        def work(c: Connection) -> Run:
+            if c.execute(select(t.runs.c.id).where(t.runs.c.id == run_id)).first() is None:
+                raise NotFound(f"no run has id {run_id}")
+            self.cancel_tree(c, run_id, now)
+            return run_from_row(
+                c.execute(select(t.runs).where(t.runs.c.id == run_id)).mappings().one()
+            )
+
+        return self.db.transact(work)
+
+    def cancel_tree(self, c: Connection, run_id: str, now: float) -> None:
+        """Cancel a run and its active descendants. Rows are locked children first (the
+        order a finishing child takes: itself, then its parent), so the two never deadlock."""
+        tree, frontier = [run_id], [run_id]
+        while frontier:
+            frontier = list(
+                c.execute(
+                    select(t.runs.c.id).where(
+                        t.runs.c.parent_run_id.in_(frontier), t.runs.c.status.in_(_ACTIVE)
+                    )
+                ).scalars()
+            )
+            tree += frontier
+        for rid in reversed(tree):
+            row = (
+                c.execute(self.db.locked(select(t.runs).where(t.runs.c.id == rid)))
+                .mappings()
+                .first()
+            )
+            if row is not None:
+                self._cancel_one(c, row, now)
+
+    def _cancel_one(self, c: Connection, row: Any, now: float) -> None:
+        if row["status"] not in _ACTIVE:
+            return
+        executing = row["lease_owner"] is not None and (row["lease_expires_at"] or 0) > now
+        if executing and row["status"] == RunStatus.RUNNING.value:
+            # its holder stops at the next step boundary, and then cancels it
+            c.execute(
+                update(t.runs)
+                .where(t.runs.c.id == row["id"])
+                .values(cancel_requested=True, updated_at=now)
+            )
+            return
+        step_key = row["current_step"]
+        if step_key is not None:
+            step = c.execute(
+                select(t.steps.c.attempts).where(
+                    t.steps.c.run_id == row["id"],
+                    t.steps.c.step_key == step_key,
+                    t.steps.c.status == StepStatus.WAITING.value,
+                )
+            ).first()
+            if step is not None:  # its wait is answered by the cancel: later answers lose
+                self.inbox.deliver(
+                    c, row["id"], step_key, step.attempts, "cancel", None, now, wake=False
+                )
+                c.execute(
+                    update(t.steps)
+                    .where(t.steps.c.run_id == row["id"], t.steps.c.step_key == step_key)
+                    .values(status=StepStatus.CANCELLED.value, finished_at=now, error="cancelled")
+                )
+        c.execute(
+            update(t.runs)
+            .where(t.runs.c.id == row["id"])
+            .values(
+                cancel_requested=True,
+                status=RunStatus.CANCELLED.value,
+                finished_at=now,
+                updated_at=now,
+                next_at=None,
+                step_running=False,
+                error="cancelled",
+                **NO_LEASE,
+            )
+        )
+        if row["parent_run_id"] and row["parent_step"]:
+            data = child_result(row["id"], "cancelled", None, "child run was cancelled")
+            self.inbox.deliver(
+                c,
+                row["parent_run_id"],
+                row["parent_step"],
+                row["parent_attempt"] or 1,
+                "child",
+                data,
+                now,
+            )
+            self.db.notify(c)
+
+
+def _begin(attempt: int, now: float) -> dict[str, Any]:
+    return {
+        "status": RunStatus.RUNNING.value,
+        "current_attempt": attempt,
+        "step_running": True,
+        "step_started_at": now,
+    }
+
+
+def _with_output(rec: StepRecord, output: Any) -> StepRecord:
+    from dataclasses import replace
+
+    return replace(rec, output=output)
+
+
+def _run_values(run_id: str, lease: Lease, tr: Transition, now: float, db: Db) -> dict[str, Any]:
+    """The run row after `tr`; `w_*` keys are the lease-checked statement's parameters."""
+    values: dict[str, Any] = {
+        "status": tr.status.value,
+        "current_step": tr.current_step,
+        "updated_at": now,
+        "step_running": tr.begin_attempt > 0,
+        "w_id": run_id,
+        "w_owner": lease.owner,
+        "w_active": tr.active_seconds,
+    }
+    if tr.begin_attempt:
+        values.update(current_attempt=tr.begin_attempt, step_started_at=now)
+    rec = tr.record
+    reached = rec is not None and tr.current_step not in (None, rec.step_key)
+    if reached and rec is not None and "[" not in rec.step_key:  # not a for_each item
+        values["step_since"] = now
+    if tr.error is not None:
+        values["error"] = tr.error
+    if tr.status not in ACTIVE_STATUSES:
+        values.update(output=tr.output, finished_at=now, next_at=None, **NO_LEASE)
+    elif tr.release:
+        values.update(next_at=tr.next_at, **NO_LEASE)
+    else:
+        values.update(db.lease_values(lease, now))
+    return values
+
+
+def _step_values(run_id: str, rec: StepRecord, now: float) -> tuple[dict[str, Any], list[str]]:
+    """A step record as its row's values, and the columns an existing row takes from it."""
+    terminal = rec.status in (
+        StepStatus.COMPLETED,
+        StepStatus.SKIPPED,
+        StepStatus.FAILED,
+        StepStatus.CANCELLED,
+    )
+    values = {
+        "run_id": run_id,
+        "step_key": rec.step_key,
+        "status": rec.status.value,
+        "attempts": rec.attempt,
+        "output": rec.output,
+        "error": rec.error,
+        "started_at": rec.started_at,
+        "finished_at": now if terminal else None,
+        "wake_at": rec.wake_at,
+        "wait": rec.wait,
+        "wait_event": (rec.wait or {}).get("event") if rec.status == StepStatus.WAITING else None,
+    }
+    updates = [k for k in values if k not in ("run_id", "step_key", "started_at")]
+    if terminal or rec.status == StepStatus.RETRYING:
+        updates.append("started_at")
+    return values, updates

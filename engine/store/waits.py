@@ -1,0 +1,221 @@
+"""The inbox: one rule for every wake-up.
+
+A wait is one attempt of one step of one run. Whatever ends it (an event, a token, a child's
+result, its timeout, a cancel) is an `Answer` written as a row keyed by (run, step, attempt)
+with `ON CONFLICT DO NOTHING`: the first writer wins, atomically, and every later writer
+learns it lost. Answer writers lock the run's row after writing (`deliver`), and the commit
+that parks a run locks that row before it reads the inbox (`find_answer`), so an answer is
+either seen by the park or makes the parked run claimable: none is missed.
+
+Event senders and waiters of one event name also serialise on a lock of that name, so an
+event and a park that run at the same time see each other one way or the other.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+
+from ..models import Answer, RunStatus, StepStatus
+from . import schema as t
+from .db import Db
+
+__all__ = ["Inbox", "payload_matches"]
+
+
+def payload_matches(match: Any, payload: Any) -> bool:
+    """True when `payload` contains every value of `match` (mappings compared recursively)."""
+    if isinstance(match, dict):
+        return isinstance(payload, dict) and all(
+            k in payload and payload_matches(v, payload[k]) for k, v in match.items()
+        )
+    return bool(match == payload)
+
+
+WAKE_RUN = (
+    sa.update(t.runs)
+    .where(t.runs.c.id == sa.bindparam("w_id"))
+    .values(
+        # Matches every row, so it always takes the row lock (see the module docstring);
+        # only a waiting run that nobody holds becomes claimable: a holder finds the answer.
+        next_at=sa.case(
+            (
+                sa.and_(t.runs.c.status == RunStatus.WAITING.value, t.runs.c.lease_owner.is_(None)),
+                sa.bindparam("w_now", type_=sa.Float),
+            ),
+            else_=t.runs.c.next_at,
+        ),
+        updated_at=sa.bindparam("w_now", type_=sa.Float),
+    )
+)
+
+
+class Inbox:
+    def __init__(self, db: Db) -> None:
+        self.db = db
+
+    def deliver(
+        self,
+        c: Connection,
+        run_id: str,
+        step_key: str,
+        attempt: int,
+        kind: str,
+        data: Any,
+        now: float,
+        *,
+        event_id: str | None = None,
+        wake: bool = True,
+    ) -> bool:
+        """Answer the wait (run, step, attempt) unless something answered it first; True if
+        this answer won. With `wake`, the run becomes claimable now if it is parked."""
+        dialect_insert = postgresql.insert if self.db.is_postgres else sqlite.insert
+        stmt = (
+            dialect_insert(t.inbox)
+            .values(
+                run_id=run_id,
+                step_key=step_key,
+                attempt=attempt,
+                kind=kind,
+                data=data,
+                event_id=event_id,
+                created_at=now,
+            )
+            .on_conflict_do_nothing()
+            .returning(t.inbox.c.run_id)
+        )
+        if c.execute(stmt).first() is None:
+            return False
+        if wake:
+            c.execute(WAKE_RUN, {"w_id": run_id, "w_now": now})
+        return True
+
+    def read(self, c: Connection, run_id: str, step_key: str, attempt: int) -> Answer | None:
+        row = c.execute(
+            select(t.inbox.c.kind, t.inbox.c.data, t.inbox.c.event_id).where(
+                t.inbox.c.run_id == run_id,
+                t.inbox.c.step_key == step_key,
+                t.inbox.c.attempt == attempt,
+            )
+        ).first()
+        return None if row is None else Answer(row.kind, row.data, row.event_id)
+
+    def take(
+        self, run_id: str, step_key: str, attempt: int, now: float, *, timed_out: bool
+    ) -> Answer | None:
+        """The answer of a wait; with `timed_out` (its deadline passed), the timeout is
+        written first unless an answer is there already: whichever was first wins."""
+
+        def work(c: Connection) -> Answer | None:
+            if timed_out:
+                self.deliver(c, run_id, step_key, attempt, "timeout", None, now, wake=False)
+            return self.read(c, run_id, step_key, attempt)
+
+        return self.db.transact(work)
+
+    def find_answer(self, c: Connection, run: Any, step_key: str, now: float) -> Answer | None:
+        """While parking `run` (its row locked): the answer its waiting step already has, or
+        can take now - an event recorded since it reached the step (less `lookback`), a
+        child that already ended."""
+        step = c.execute(
+            select(t.steps.c.status, t.steps.c.attempts, t.steps.c.wait).where(
+                t.steps.c.run_id == run["id"], t.steps.c.step_key == step_key
+            )
+        ).first()
+        if step is None or step.status != StepStatus.WAITING.value:
+            return None
+        answer = self.read(c, run["id"], step_key, step.attempts)
+        if answer is not None:
+            return answer
+        wait = step.wait or {}
+        if wait.get("kind") == "event":
+            since = (run["step_since"] or run["created_at"]) - float(wait.get("lookback") or 0)
+            return self._take_stored_event(c, run["id"], step_key, step.attempts, wait, since, now)
+        if wait.get("kind") == "child" and wait.get("run_id"):
+            child = c.execute(
+                select(t.runs.c.status, t.runs.c.output, t.runs.c.error).where(
+                    t.runs.c.id == wait["run_id"]
+                )
+            ).first()
+            if child is not None and child.status not in _ACTIVE:
+                data = child_result(wait["run_id"], child.status, child.output, child.error)
+                if self.deliver(
+                    c, run["id"], step_key, step.attempts, "child", data, now, wake=False
+                ):
+                    return Answer("child", data)
+                return self.read(c, run["id"], step_key, step.attempts)
+        return None
+
+    def _take_stored_event(
+        self,
+        c: Connection,
+        run_id: str,
+        step_key: str,
+        attempt: int,
+        wait: dict[str, Any],
+        since: float,
+        now: float,
+    ) -> Answer | None:
+        consumed = select(t.inbox.c.event_id).where(
+            t.inbox.c.run_id == run_id, t.inbox.c.event_id.isnot(None)
+        )
+        rows = c.execute(
+            select(t.events.c.id, t.events.c.payload)
+            .where(
+                t.events.c.name == wait["event"],
+                t.events.c.created_at >= since,
+                t.events.c.id.not_in(consumed),
+            )
+            .order_by(t.events.c.created_at, t.events.c.id)
+        )
+        match = wait.get("match") or {}
+        for row in rows:
+            if payload_matches(match, row.payload):
+                if self.deliver(
+                    c,
+                    run_id,
+                    step_key,
+                    attempt,
+                    "event",
+                    row.payload,
+                    now,
+                    event_id=row.id,
+                    wake=False,
+                ):
+                    return Answer("event", row.payload, row.id)
+                return self.read(c, run_id, step_key, attempt)
+        return None
+
+    def deliver_event(
+        self, c: Connection, event_id: str, name: str, payload: Any, now: float
+    ) -> list[str]:
+        """An event was just stored (its name locked): answer every parked wait for it that
+        matches; the ids of the runs it resumed."""
+        rows = c.execute(
+            select(t.steps.c.run_id, t.steps.c.step_key, t.steps.c.attempts, t.steps.c.wait)
+            .where(
+                t.steps.c.wait_event == name,
+                t.steps.c.status == StepStatus.WAITING.value,
+            )
+            .order_by(t.steps.c.run_id, t.steps.c.step_key)
+        ).all()
+        resumed = []
+        for row in rows:
+            if not payload_matches((row.wait or {}).get("match") or {}, payload):
+                continue
+            if self.deliver(
+                c, row.run_id, row.step_key, row.attempts, "event", payload, now, event_id=event_id
+            ):
+                resumed.append(row.run_id)
+        return resumed
+
+
+_ACTIVE = (RunStatus.QUEUED.value, RunStatus.RUNNING.value, RunStatus.WAITING.value)
+
+
+def child_result(run_id: str, status: str, output: Any, error: str | None) -> dict[str, Any]:
+    return {"status": status, "output": output, "error": error, "run_id": run_id}
