@@ -347,6 +347,8 @@ def _step(
         config = {"at": at}
     elif kind == "wait_for_event":
         config = {"event": raw["wait_for_event"], "match": tmpl("match") or {}}
+        if "lookback" in raw:
+            config["lookback"] = c.duration((*where, "lookback"), raw["lookback"])
     elif kind == "wait_for_token":
         spec = raw.get("wait_for_token")
         token_timeout = spec.get("timeout") if isinstance(spec, dict) else None

@@ -35,6 +35,7 @@ from .models import (
     StepStatus,
     Transition,
 )
+from .pauses import pause_point
 from .registry import StepLogger
 from .store import Store
 from .transitions import Done, Failed, Outcome, Skipped, Suspended, decide
@@ -354,6 +355,7 @@ class Runner:
         there by the time the park commits (the run then stays leased and goes on)."""
         if live.run.lease_owner != self.lease.owner:
             return
+        pause_point("runner.before_park")
         self._commit(
             live,
             Transition(
@@ -377,6 +379,7 @@ class Runner:
             transition = replace(
                 transition, logs=logs, has_parent=live.run.parent_run_id is not None
             )
+            pause_point(f"runner.before_commit.{transition.status.value}")
             now = self.clock()
             try:
                 result = self.store.commit_transition(live.run.id, self.lease, transition, now)

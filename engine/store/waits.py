@@ -22,6 +22,7 @@ from sqlalchemy.engine import Connection
 
 from ..models import Answer, RunStatus, StepStatus
 from . import schema as t
+from ..pauses import pause_point
 from .db import Db
 
 __all__ = ["Inbox", "payload_matches"]
@@ -115,6 +116,7 @@ class Inbox:
                 self.deliver(c, run_id, step_key, attempt, "timeout", None, now, wake=False)
             return self.read(c, run_id, step_key, attempt)
 
+        pause_point("inbox.before_take")
         return self.db.transact(work)
 
     def find_answer(self, c: Connection, run: Any, step_key: str, now: float) -> Answer | None:
