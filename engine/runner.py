@@ -310,7 +310,7 @@ class Runner:
         self.reporter.step_ended(run, state, attempt, outcome, elapsed)
         transition = self._decide(live, state, attempt, now, outcome, logger, elapsed)
         self._commit(live, transition, logger)
-        if isinstance(outcome, Suspended) and transition.release and live.answer is None:
+        if isinstance(outcome, Suspended) and live.run.lease_owner is None:
             self.reporter.waiting(live.run, state, outcome.wake_at, outcome.wait)
             self.driver.parked(live, state, live.steps[state.id])
 
@@ -401,7 +401,8 @@ class Runner:
                     rec.wait,
                 )
             live.answer = result.answer
-            released = transition.release and result.answer is None
+            kept = result.answer is not None or result.cancel_requested
+            released = transition.release and not kept and transition.status in ACTIVE_STATUSES
             live.run = replace(
                 live.run,
                 status=transition.status,

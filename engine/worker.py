@@ -213,7 +213,9 @@ class Worker:
                 if time.time() >= next_purge:
                     self.engine.store.purge_idempotency_keys(self.engine.store.now())
                     next_purge = time.time() + 3600
-                if self.engine.store.expire_dead_leases(socket.gethostname(), self.engine.store.now()):
+                if self.engine.store.expire_dead_leases(
+                    socket.gethostname(), self.engine.store.now()
+                ):
                     self.wake()
                 if self.engine.refresh_catalog():
                     self.engine.save_all_definitions()

@@ -120,11 +120,12 @@ class Db:
         return self.clock.now()
 
     def _server_time(self) -> float:
-        query = (
-            "SELECT extract(epoch from clock_timestamp())"
-            if self.is_postgres
-            else "SELECT (julianday('now') - 2440587.5) * 86400.0"
-        )
+        if not self.is_postgres:
+            # SQLite is embedded: its clock is this host's (its `julianday('now')` reads the
+            # same clock). Never a query here: a claim asks for the time inside its write
+            # transaction, and a second connection would wait for that very lock.
+            return time.time()
+        query = "SELECT extract(epoch from clock_timestamp())"
         try:
             with self.engine.connect() as c:
                 return float(c.execute(sa.text(query)).scalar_one())
@@ -157,6 +158,11 @@ class Db:
             return getattr(orig, "sqlstate", None) in ("40P01", "40001")
         text = str(orig).lower()
         return "locked" in text or "busy" in text
+
+    def read(self) -> Connection:
+        """A connection for reading: on SQLite a plain (deferred) BEGIN, so a reader sees a
+        WAL snapshot and never waits for a writer, nor makes one wait."""
+        return self.engine.connect().execution_options(dy_read=True)
 
     @contextmanager
     def autocommit(self) -> Iterator[Connection]:

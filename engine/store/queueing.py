@@ -185,13 +185,13 @@ class Queues:
         q = select(func.min(t.runs.c.next_at)).where(t.runs.c.status.in_(_ACTIVE))
         if queues:
             q = q.where(t.runs.c.queue.in_(list(queues)))
-        with self.engine.connect() as c:
+        with self.db.read() as c:
             value = c.execute(q).scalar()
         return None if value is None else float(value)
 
     def queue_stats(self) -> list[dict[str, Any]]:
         """Per queue: runs by status (queued, running, waiting) and its limits."""
-        with self.engine.connect() as c:
+        with self.db.read() as c:
             counts = c.execute(
                 select(t.runs.c.queue, t.runs.c.status, func.count())
                 .where(t.runs.c.status.in_(_ACTIVE))

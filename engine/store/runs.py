@@ -221,8 +221,9 @@ class Runs:
         answer: Answer | None = None
         if tr.status == RunStatus.WAITING and tr.current_step is not None:
             answer = self.inbox.find_answer(c, row, tr.current_step, now)
-            if answer is not None and tr.release:  # answered already: keep going, leased
-                values.update(self.db.lease_values(lease, now))
+        if tr.release and tr.status in ACTIVE_STATUSES and (answer or row["cancel_requested"]):
+            # answered already, or cancelled meanwhile: the holder keeps the lease and goes on
+            values.update(self.db.lease_values(lease, now))
         update_values = {k: v for k, v in values.items() if not k.startswith("w_")}
         update_values["active_seconds"] = row["active_seconds"] + tr.active_seconds
         c.execute(update(t.runs).where(t.runs.c.id == run_id).values(**update_values))
@@ -415,7 +416,12 @@ class Runs:
                 c.execute(
                     update(t.steps)
                     .where(t.steps.c.run_id == row["id"], t.steps.c.step_key == step_key)
-                    .values(status=StepStatus.CANCELLED.value, finished_at=now, error="cancelled")
+                    .values(
+                        status=StepStatus.CANCELLED.value,
+                        finished_at=now,
+                        error="cancelled",
+                        wait_event=None,
+                    )
                 )
         c.execute(
             update(t.runs)

@@ -55,7 +55,7 @@ class Schedules:
 
     def last_fires(self) -> dict[str, float]:
         """The latest recorded fire instant of every scheduled workflow."""
-        with self.engine.connect() as c:
+        with self.db.read() as c:
             rows = c.execute(
                 select(t.cron_fires.c.workflow_id, func.max(t.cron_fires.c.fire_at)).group_by(
                     t.cron_fires.c.workflow_id
@@ -65,7 +65,7 @@ class Schedules:
 
     def fires(self, workflow_id: str, limit: int = 100) -> list[tuple[float, str | None]]:
         """(instant, run id or None if skipped), newest first."""
-        with self.engine.connect() as c:
+        with self.db.read() as c:
             rows = c.execute(
                 select(t.cron_fires.c.fire_at, t.cron_fires.c.run_id)
                 .where(t.cron_fires.c.workflow_id == workflow_id)

@@ -131,7 +131,7 @@ class SqlStore:
 
     @translate
     def load_definition(self, content_hash: str) -> dict[str, Any]:
-        with self.engine.connect() as c:
+        with self.db.read() as c:
             row = c.execute(
                 select(t.definitions.c.machine).where(t.definitions.c.hash == content_hash)
             ).first()
@@ -243,7 +243,7 @@ class SqlStore:
     # reading ------------------------------------------------------------------------------
     @translate
     def get_run(self, run_id: str) -> Run:
-        with self.engine.connect() as c:
+        with self.db.read() as c:
             row = c.execute(select(t.runs).where(t.runs.c.id == run_id)).mappings().first()
         if row is None:
             raise NotFound(f"no run has id {run_id}")
@@ -276,7 +276,7 @@ class SqlStore:
                 )
             )
         q = q.order_by(t.runs.c.created_at.desc(), t.runs.c.id.desc()).limit(limit)
-        with self.engine.connect() as c:
+        with self.db.read() as c:
             return [run_from_row(r) for r in c.execute(q).mappings()]
 
     @translate
@@ -286,7 +286,7 @@ class SqlStore:
             .where(t.steps.c.run_id == run_id)
             .order_by(t.steps.c.started_at, t.steps.c.step_key)
         )
-        with self.engine.connect() as c:
+        with self.db.read() as c:
             return [step_from_row(r) for r in c.execute(q).mappings()]
 
     @translate
@@ -296,7 +296,7 @@ class SqlStore:
             .where(t.attempts.c.run_id == run_id)
             .order_by(t.attempts.c.step_key, t.attempts.c.attempt)
         )
-        with self.engine.connect() as c:
+        with self.db.read() as c:
             return [Attempt(**dict(r)) for r in c.execute(q).mappings()]
 
     @translate
@@ -307,5 +307,5 @@ class SqlStore:
             .order_by(t.logs.c.id)
             .limit(limit)
         )
-        with self.engine.connect() as c:
+        with self.db.read() as c:
             return [LogEntry(**dict(r)) for r in c.execute(q).mappings()]

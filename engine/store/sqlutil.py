@@ -174,7 +174,8 @@ def sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
 def sqlite_begin(conn: Connection) -> None:
     """Take SQLite's write lock at BEGIN, so concurrent claimers queue up instead of
     deadlocking on a lock upgrade (sent to the driver directly: this runs per transaction)."""
-    conn.connection.dbapi_connection.execute("BEGIN IMMEDIATE")  # type: ignore[union-attr]
+    read = conn.get_execution_options().get("dy_read", False)
+    conn.connection.dbapi_connection.execute("BEGIN" if read else "BEGIN IMMEDIATE")  # type: ignore[union-attr]
 
 
 class TransactionCounter:

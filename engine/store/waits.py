@@ -21,8 +21,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from ..models import Answer, RunStatus, StepStatus
-from . import schema as t
 from ..pauses import pause_point
+from . import schema as t
 from .db import Db
 
 __all__ = ["Inbox", "payload_matches"]

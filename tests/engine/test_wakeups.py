@@ -233,16 +233,9 @@ def test_a_cancelled_waiting_run_is_not_resumed_by_later_answers(engine: Engine)
 def test_an_event_racing_a_cancel_has_one_winner(engine: Engine) -> None:
     for i in range(20):
         run_id = start(engine, "waiter", {"k": f"r{i}"})
-        results: list[object] = []
         threads = [
-            threading.Thread(
-                target=lambda: results.append(engine.send_event("ping", {"k": f"r{i}"}))
-            ),
-            threading.Thread(
-                target=lambda: results.append(
-                    engine.store.request_cancel(run_id, engine.store.now())
-                )
-            ),
+            threading.Thread(target=engine.send_event, args=("ping", {"k": f"r{i}"})),
+            threading.Thread(target=engine.store.request_cancel, args=(run_id, engine.store.now())),
         ]
         for t in threads:
             t.start()
@@ -270,9 +263,7 @@ def test_lookback_takes_an_earlier_event_once(engine: Engine) -> None:
 
 
 # 8: a result the database cannot store fails the step, which never runs again ----------------
-def test_a_result_that_cannot_be_stored_fails_the_step_once(
-    engine: Engine, tmp_path: Path
-) -> None:
+def test_a_result_that_cannot_be_stored_fails_the_step_once(engine: Engine, tmp_path: Path) -> None:
     run_id = start(engine, "nul", {})
     run = engine.store.get_run(run_id)
     if engine.store.dialect == "sqlite":  # SQLite stores the NUL character
@@ -306,12 +297,12 @@ def test_concurrent_first_uses_of_a_key_make_one_set_of_runs(engine: Engine) -> 
     assert len(engine.store.list_runs()) == 2
 
 
-def test_reusing_a_key_restarts_only_the_runs_that_failed(
-    engine: Engine, tmp_path: Path
-) -> None:
+def test_reusing_a_key_restarts_only_the_runs_that_failed(engine: Engine, tmp_path: Path) -> None:
     first = engine.send_event("order.placed", {"fail": True}, "key-2")
     drain(engine)
-    statuses = {engine.store.get_run(r).workflow_id: engine.store.get_run(r).status for r in first.run_ids}
+    statuses = {
+        engine.store.get_run(r).workflow_id: engine.store.get_run(r).status for r in first.run_ids
+    }
     assert statuses == {"pair": RunStatus.FAILED, "pair2": RunStatus.COMPLETED}
     again = engine.send_event("order.placed", {"fail": False}, "key-2")
     assert not again.duplicate and len(again.run_ids) == 1
