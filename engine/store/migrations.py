@@ -7,6 +7,7 @@ version directly. tests/engine/fixtures/v1-state.db was written by the version-1
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import sqlalchemy as sa
@@ -36,7 +37,7 @@ def _v2(c: Connection) -> None:
         _index(name).create(c, checkfirst=True)
     json_null = "'null'::jsonb" if c.dialect.name == "postgresql" else "'null'"
     for table, column in (
-        ("dy_steps", "resume_data"),
+        ("dy_steps", "resume_data"),  # moved to dy_inbox and dropped in v3
         ("dy_steps", "output"),
         ("dy_steps", "wait"),
         ("dy_runs", "output"),
@@ -60,12 +61,16 @@ def _v3(c: Connection) -> None:
     t.inbox.create(c, checkfirst=True)
     c.execute(sa.text("UPDATE dy_runs SET step_since = updated_at"))
     rows = c.execute(
-        sa.select(
-            t.steps.c.run_id, t.steps.c.step_key, t.steps.c.attempts, t.steps.c.resume_data
-        ).where(t.steps.c.status == "waiting", t.steps.c.resume_data.isnot(None))
+        sa.text(
+            "SELECT run_id, step_key, attempts, resume_data FROM dy_steps "
+            "WHERE status = 'waiting' AND resume_data IS NOT NULL"
+        )
     ).all()
     for row in rows:
-        data = row.resume_data if isinstance(row.resume_data, dict) else {"output": row.resume_data}
+        data = json.loads(row.resume_data) if isinstance(row.resume_data, str) else row.resume_data
+        if not isinstance(data, dict):
+            data = {"output": data}
+        # v2 kept the whole answer here; the inbox keeps the answer's own data
         kind = "child" if "run_id" in data else "token" if "token" in data else "event"
         c.execute(
             sa.insert(t.inbox).values(
@@ -73,11 +78,12 @@ def _v3(c: Connection) -> None:
                 step_key=row.step_key,
                 attempt=row.attempts,
                 kind=kind,
-                data=data,
+                data=data if kind == "child" else data.get("output"),
                 event_id=data.get("event_id"),
                 created_at=0.0,
             )
         )
+    c.execute(sa.text("ALTER TABLE dy_steps DROP COLUMN resume_data"))
 
 
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _v2, 3: _v3}

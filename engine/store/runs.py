@@ -31,7 +31,13 @@ from ..models import (
 from . import schema as t
 from .db import Db
 from .events import Events, new_run_values
-from .sqlutil import INSERT_RUN, NO_LEASE, move_and_record_statement, run_from_row
+from .sqlutil import (
+    INSERT_RUN,
+    NO_LEASE,
+    move_and_record_statement,
+    move_statement,
+    run_from_row,
+)
 from .waits import Inbox, child_result
 
 __all__ = ["Runs"]
@@ -171,6 +177,10 @@ class Runs:
             if row is None:
                 raise LeaseLost(f"run {run_id}: this process no longer holds its lease")
             return TransitionResult(bool(row.cancel_requested), output=tr.record.output)
+        if tr.simple and tr.record is not None and not (finished and tr.has_parent):
+            # SQLite's common step: the lease-checked UPDATE, then the step row
+            record = tr.record
+            return self.db.transact(lambda c: self._commit_simple(c, run_id, record, values, now))
         try:
             return self.db.transact(lambda c: self._commit(c, run_id, lease, tr, values, now))
         except sa.exc.DataError as exc:
@@ -178,6 +188,16 @@ class Runs:
                 f"run {run_id}: the database cannot store this step's result: "
                 f"{str(exc.orig).strip().splitlines()[0]}"
             ) from exc
+
+    def _commit_simple(
+        self, c: Connection, run_id: str, rec: StepRecord, values: dict[str, Any], now: float
+    ) -> TransitionResult:
+        row = c.execute(move_statement(tuple(values)), values).first()
+        if row is None:
+            raise LeaseLost(f"run {run_id}: this process no longer holds its lease")
+        step, step_updates = _step_values(run_id, rec, now)
+        self.db.upsert(c, t.steps, step, ["run_id", "step_key"], step_updates)
+        return TransitionResult(bool(row.cancel_requested), output=rec.output)
 
     def _commit(
         self,

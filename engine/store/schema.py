@@ -131,7 +131,6 @@ steps = Table(
     Column("finished_at", Float),
     Column("wake_at", Float),
     Column("wait", Json),
-    Column("resume_data", Json),
     Column("wait_event", String(200)),
 )
 Index(

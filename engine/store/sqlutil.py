@@ -8,6 +8,7 @@ __all__ = [
     "NO_LEASE",
     "TransactionCounter",
     "move_and_record_statement",
+    "move_statement",
     "pid_alive",
     "run_from_row",
     "sqlite_begin",
@@ -66,6 +67,21 @@ def pid_alive(pid: int | None) -> bool:
 
 
 INSERT_RUN = insert(t.runs)
+
+
+@functools.cache
+def move_statement(run_keys: tuple[str, ...]) -> Any:
+    """Move the run, only while `w_owner` holds its lease; returns its cancel flag."""
+    set_: dict[str, Any] = {
+        k: sa.bindparam(k, type_=t.runs.c[k].type) for k in run_keys if not k.startswith("w_")
+    }
+    set_["active_seconds"] = t.runs.c.active_seconds + sa.bindparam("w_active", type_=sa.Float)
+    return (
+        update(t.runs)
+        .where(t.runs.c.id == sa.bindparam("w_id"), t.runs.c.lease_owner == sa.bindparam("w_owner"))
+        .values(set_)
+        .returning(t.runs.c.cancel_requested)
+    )
 
 
 @functools.cache
@@ -157,7 +173,6 @@ def run_from_row(row: Any) -> Run:
 def step_from_row(row: Any) -> StepState:
     r = dict(row)
     r.pop("wait_event", None)
-    r.pop("resume_data", None)  # kept in old databases; answers live in the inbox now
     r["status"] = StepStatus(r["status"])
     return StepState(**r)
 
