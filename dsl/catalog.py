@@ -12,7 +12,14 @@ from .loader import load_yaml
 from .model import Machine
 from .schema_check import closest, schema_problems
 
-__all__ = ["Catalog", "check_file", "check_paths", "find_workflow_files", "load_workflow"]
+__all__ = [
+    "Catalog",
+    "check_file",
+    "check_paths",
+    "find_workflow_files",
+    "is_test_file",
+    "load_workflow",
+]
 
 
 def check_file(
@@ -45,13 +52,20 @@ def load_workflow(path: str | FsPath, registered: Collection[str] | None = None)
     return machine
 
 
+def is_test_file(path: FsPath) -> bool:
+    """`*.test.yaml` files are workflow tests (run by `durable-yaml test`), not workflows."""
+    return path.name.endswith((".test.yaml", ".test.yml"))
+
+
 def find_workflow_files(paths: Iterable[str | FsPath]) -> list[FsPath]:
     """Files as given, and every *.yaml / *.yml below each folder, sorted."""
     found: list[FsPath] = []
     for p in paths:
         path = FsPath(p)
         if path.is_dir():
-            found += sorted(q for q in path.rglob("*") if q.suffix in (".yaml", ".yml"))
+            found += sorted(
+                q for q in path.rglob("*") if q.suffix in (".yaml", ".yml") and not is_test_file(q)
+            )
         else:
             found.append(path)
     return found

@@ -584,6 +584,36 @@ def runs_replay(
     _finish(engine, engine.replay(run_id, LiveReporter()))
 
 
+@cli.command("test")
+@click.argument("paths", nargs=-1)
+@settings_options
+def test_command(
+    paths: tuple[str, ...], db: str | None, modules: tuple[str, ...], workflows: str | None
+) -> None:
+    """Run workflow tests (*.test.yaml) on a virtual clock; exit 1 if any fails."""
+    from .testfiles import find_test_files, run_test_file
+
+    settings = resolve_settings(modules=modules, workflows=workflows)
+    targets = list(paths) or [settings.workflows, str(Path(settings.project_dir) / "tests")]
+    for target in paths:
+        if not Path(target).exists():
+            raise click.UsageError(f"no such file or folder: {target}")
+    files = find_test_files(targets)
+    if not files:
+        raise click.UsageError(f"no *.test.yaml files in {', '.join(targets)}")
+    failed = 0
+    for path in files:
+        result = run_test_file(path, settings.workflows, settings.modules, settings.project_dir)
+        mark = "PASS" if result.passed else "FAIL"
+        click.echo(f"{mark} {result.path} ({result.seconds:.2f}s)")
+        for problem in result.problems:
+            click.echo(f"    {problem}")
+        failed += not result.passed
+    click.echo(f"{len(files) - failed} passed, {failed} failed")
+    if failed:
+        sys.exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: map every error a user can cause to a message and an exit code."""
     try:

@@ -163,6 +163,7 @@ class NewRun:
     idempotency_key: str | None = None
     available_at: float | None = None  # a delayed run is not claimable before this
     parent_attempt: int | None = None
+    first_wait_event: str | None = None  # its first step waits for this event (see lock_names)
 
 
 @dataclass(frozen=True)
@@ -222,6 +223,7 @@ class Transition:
     emission: Emission | None = None  # a send_event step's event, stored with its result
     children: tuple[NewRun, ...] = ()  # child runs started by a waiting run_workflow step
     cancel_runs: tuple[str, ...] = ()  # runs to cancel (a child whose wait ended otherwise)
+    reach_event: str | None = None  # the step it begins waits for this event (see lock_names)
 
     @property
     def simple(self) -> bool:
@@ -231,7 +233,8 @@ class Transition:
             or self.emission
             or self.children
             or self.cancel_runs
-            or self.status == RunStatus.WAITING
+            or self.reach_event
+            or self.status in (RunStatus.WAITING, RunStatus.CANCELLED)
             or (self.record is not None and self.record.attempt_status)
         )
 

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from dsl import Machine, State, TemplateError, compile_expression, render_value
 
-from .errors import LeaseLost, ValueNotStorable
+from .errors import LeaseLost, RunBusy, ValueNotStorable
 from .executor import Attempt, Host, execute
 from .models import (
     ACTIVE_STATUSES,
@@ -230,6 +230,7 @@ class Runner:
             queue=machine.queue.name,
             priority=machine.priority,
             trigger=trigger or {"kind": "manual"},
+            first_wait_event=_wait_event(machine, machine.start),
         )
         run = self.driver.create(machine, new)
         self.reporter.run_started(run)
@@ -376,8 +377,12 @@ class Runner:
     def _commit(self, live: _Live, transition: Transition, logger: StepLogger) -> None:
         with self._commit_lock:
             logs = transition.logs + tuple(logger.drain())
+            reaches = transition.current_step not in (None, live.run.current_step)
             transition = replace(
-                transition, logs=logs, has_parent=live.run.parent_run_id is not None
+                transition,
+                logs=logs,
+                has_parent=live.run.parent_run_id is not None,
+                reach_event=_wait_event(live.machine, transition.current_step) if reaches else None,
             )
             pause_point(f"runner.before_commit.{transition.status.value}")
             now = self.clock()
@@ -568,6 +573,14 @@ class Runner:
         return render_value(machine.output, scope, "output")
 
 
+def _wait_event(machine: Machine, step_id: str | None) -> str | None:
+    """The event step `step_id` waits for, if it is a wait_for_event step."""
+    if step_id is None:
+        return None
+    state = machine.state(step_id)
+    return str(state.config["event"]) if state.kind == "wait_for_event" else None
+
+
 def _answered(state: State, stored: StepState, answer: Answer) -> Outcome:
     """The outcome of a wait, from the answer that won it."""
     if answer.kind == "timeout":
@@ -664,29 +677,40 @@ class ForegroundDriver:
         timer = state.kind in TIMER_KINDS or stored.status == StepStatus.RETRYING
         if timer and stored.wake_at is not None:
             r.sleep(max(0.0, stored.wake_at - r.clock()))
+            live.run = r._reclaim(live.run.id)  # and see whether it was cancelled meanwhile
             return
         r.park(live, state, stored)
-        if live.answer is None:
+        if live.run.lease_owner is None:
             self.parked(live, state, stored)
 
     def parked(self, live: _Live, state: State, stored: StepState) -> None:
-        """A child run is executed here and now; then the parent goes on."""
+        """A child run is executed here and now (unless a worker has it); when it has ended
+        the parent goes on here, or is followed while a worker drives it. A child that waits
+        for something external leaves its parent waiting too."""
         r = self.runner
         child = (stored.wait or {}).get("run_id")
         if state.kind != "run_workflow" or not child:
             return
-        Runner(
-            r.store,
-            foreground=True,
-            host=r.host,
-            reporter=r.reporter,
-            clock=r.clock,
-            sleep=r.sleep,
-        ).drive(child)
-        reclaimed = r._reclaim(live.run.id)
-        if reclaimed.lease_owner == r.lease.owner and not reclaimed.finished:
-            live.run = reclaimed
-            live.steps = {s.step_key: s for s in r.store.get_steps(live.run.id)}
+        runner = Runner(
+            r.store, foreground=True, host=r.host, reporter=r.reporter, clock=r.clock, sleep=r.sleep
+        )
+        try:
+            kid: Run | None = runner.drive(child)
+        except RunBusy:
+            kid = None  # a worker executes it
+            r.sleep(self.QUEUE_POLL)
+        if kid is not None and not kid.finished:
+            return
+        while True:
+            try:
+                reclaimed = r._reclaim(live.run.id)
+            except RunBusy:  # a worker drives the parent on: follow it
+                r.sleep(self.QUEUE_POLL)
+                continue
+            if reclaimed.finished or reclaimed.lease_owner == r.lease.owner:
+                live.run = reclaimed
+                live.steps = {s.step_key: s for s in r.store.get_steps(live.run.id)}
+            return
 
 
 def _iso(ts: float) -> str:

@@ -33,6 +33,12 @@ from .store import SqlStore, open_store
 __all__ = ["Engine", "validate_payload"]
 
 
+def first_wait_event(machine: Machine) -> str | None:
+    """The event a run of `machine` waits for at its first step, if it does."""
+    first = machine.state(machine.start)
+    return str(first.config["event"]) if first.kind == "wait_for_event" else None
+
+
 def validate_payload(machine: Machine, payload: Any) -> None:
     """PayloadInvalid naming the field if `payload` breaks the workflow's schema."""
     if machine.schema is None:
@@ -209,6 +215,7 @@ class Engine:
             parent_step=parent[1] if parent else None,
             idempotency_key=idempotency_key,
             available_at=now + delay if delay else None,
+            first_wait_event=first_wait_event(machine),
         )
 
     def prepare_event(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -179,11 +179,18 @@ class Db:
         """`q` taking row locks (PostgreSQL); SQLite's BEGIN IMMEDIATE already serialises."""
         return q.with_for_update(skip_locked=skip_locked) if self.is_postgres else q
 
-    def lock_name(self, c: Connection, name: str) -> None:
-        """A transaction-long lock on a name (PostgreSQL advisory lock; SQLite's write lock
-        is already held). Senders and waiters of one event name take it in that order."""
+    def lock_names(self, c: Connection, names: Iterable[str | None], now: float) -> float:
+        """Transaction-long locks on event names (PostgreSQL advisory locks, taken in sorted
+        order so two transactions never wait for each other; SQLite's write lock is held
+        already), then the database's time, read under them.
+
+        Whatever records an event, or makes a run reach a `wait_for_event` of that name, takes
+        this lock and stamps its write with the time read under it: for one name, those
+        stamps are in commit order, so "recorded after the run reached the step" is exact."""
         if self.is_postgres:
-            c.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:n))"), {"n": name})
+            for name in sorted({n for n in names if n}):
+                c.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:n))"), {"n": name})
+        return max(now, self.now())  # (a caller's clock may run ahead: tests, virtual time)
 
     def upsert(
         self,

@@ -44,30 +44,35 @@ class Events:
 
         def work(c: Connection) -> Sent:
             runs = list(new_runs)
+            names = [event.name if event else None, *(r.first_wait_event for r in runs)]
+            locked_now = self.db.lock_names(c, names, now)
             if idempotency_key is not None:
-                earlier, runs = self._claim_key(c, idempotency_key, runs, now)
+                scope = f"event:{event.name}" if event else f"trigger:{runs[0].workflow_id}"
+                earlier, runs = self._claim_key(c, f"{scope}:{idempotency_key}", runs, now)
                 if earlier is not None and not runs:
                     return Sent(tuple(earlier), (), duplicate=True)
                 if earlier is not None:  # only the failed runs of a used key start again
-                    for run in runs:
-                        c.execute(INSERT_RUN, new_run_values(run, now))
-                    self.db.notify(c)
+                    self.insert_runs(c, runs, locked_now)
                     return Sent(tuple(r.id for r in runs), ())
             if event is not None:
-                return self.store_emission(c, Emission(event, tuple(runs)), now)
-            for run in runs:
-                c.execute(INSERT_RUN, new_run_values(run, now))
-            if runs:
-                self.db.notify(c)
+                return self.store_emission(c, Emission(event, tuple(runs)), locked_now)
+            self.insert_runs(c, runs, locked_now)
             return Sent(tuple(r.id for r in runs), ())
 
         return self.db.transact(work)
 
+    def insert_runs(self, c: Connection, runs: Sequence[NewRun], now: float) -> None:
+        """Queue new runs (the names of their first waits locked by the caller)."""
+        for run in runs:
+            c.execute(INSERT_RUN, new_run_values(run, now))
+        if runs:
+            self.db.notify(c)
+
     def store_emission(self, c: Connection, emission: Emission, now: float) -> Sent:
-        """Store an event and its runs and answer the waits it matches (in the caller's
-        transaction, which holds the lock of the event's name or takes it here)."""
+        """Store an event and its runs and answer the parked waits it matches, in the
+        caller's transaction, which holds the locks of the names involved and read `now`
+        under them (`Db.lock_names`)."""
         event = emission.event
-        self.db.lock_name(c, event.name)
         c.execute(
             insert(t.events).values(
                 id=event.id,
@@ -80,9 +85,8 @@ class Events:
             )
         )
         resumed = self.inbox.deliver_event(c, event.id, event.name, event.payload, now)
-        for run in emission.runs:
-            c.execute(INSERT_RUN, new_run_values(run, now))
-        if emission.runs or resumed:
+        self.insert_runs(c, emission.runs, now)
+        if resumed:
             self.db.notify(c)
         return Sent(tuple(r.id for r in emission.runs), tuple(resumed), event_id=event.id)
 

@@ -59,6 +59,8 @@ def _v3(c: Connection) -> None:
     ):
         c.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {column} {kind}"))
     t.inbox.create(c, checkfirst=True)
+    if c.dialect.name == "postgresql":  # keys are scoped by event or workflow now: longer
+        c.execute(sa.text("ALTER TABLE dy_idempotency_keys ALTER COLUMN key TYPE text"))
     c.execute(sa.text("UPDATE dy_runs SET step_since = updated_at"))
     rows = c.execute(
         sa.text(

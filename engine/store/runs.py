@@ -28,6 +28,7 @@ from ..models import (
     Transition,
     TransitionResult,
 )
+from ..pauses import pause_point
 from . import schema as t
 from .db import Db
 from .events import Events, new_run_values
@@ -62,9 +63,17 @@ class Runs:
                 step_running=True,
                 step_started_at=now,
             )
-        with self.db.autocommit() as c:
+        if new.first_wait_event is None:
+            with self.db.autocommit() as c:
+                c.execute(INSERT_RUN, values)
+            return run_from_row(values)
+
+        def work(c: Connection) -> Run:
+            values["step_since"] = self.db.lock_names(c, [new.first_wait_event], now)
             c.execute(INSERT_RUN, values)
-        return run_from_row(values)
+            return run_from_row(values)
+
+        return self.db.transact(work)
 
     def claim_run(
         self,
@@ -210,11 +219,17 @@ class Runs:
     ) -> TransitionResult:
         rec = tr.record
         wait = (rec.wait or {}) if rec is not None and rec.status == StepStatus.WAITING else {}
-        names = {tr.emission.event.name} if tr.emission else set()
-        if wait.get("kind") == "event":
-            names.add(wait["event"])
-        for name in sorted(names):  # senders and waiters of a name: this lock, then rows
-            self.db.lock_name(c, name)
+        new_runs = [*tr.children, *(tr.emission.runs if tr.emission else ())]
+        names = [
+            tr.emission.event.name if tr.emission else None,
+            wait.get("event") if wait.get("kind") == "event" else None,
+            tr.reach_event,
+            *(r.first_wait_event for r in new_runs),
+        ]
+        locked_now = self.db.lock_names(c, names, now)  # name locks first, then rows
+        pause_point("store.commit.locked")
+        if "step_since" in values:
+            values["step_since"] = locked_now
         row = (
             c.execute(self.db.locked(select(t.runs).where(t.runs.c.id == run_id)))
             .mappings()
@@ -224,7 +239,7 @@ class Runs:
             raise LeaseLost(f"run {run_id}: this process no longer holds its lease")
         output = rec.output if rec is not None else None
         if tr.emission is not None and rec is not None:
-            sent = self.events.store_emission(c, tr.emission, now)
+            sent = self.events.store_emission(c, tr.emission, locked_now)
             output = {**(output or {}), "resumed": list(sent.resumed)}
             rec = _with_output(rec, output)
         if rec is not None:
@@ -232,9 +247,13 @@ class Runs:
             self.db.upsert(c, t.steps, step, ["run_id", "step_key"], step_updates)
             self._record_step_extras(c, run_id, rec, now)
         for child in tr.children:
-            if self.db.insert_ignore(c, t.runs, new_run_values(child, now), ["id"]):
+            if self.db.insert_ignore(c, t.runs, new_run_values(child, locked_now), ["id"]):
                 self.db.notify(c)
-        for other in tr.cancel_runs:
+        cancel = list(tr.cancel_runs)
+        if tr.status == RunStatus.CANCELLED:  # its holder cancels it: withdraw what it waits on
+            self.withdraw_wait(c, row, now)
+            cancel += self._active_children(c, run_id)
+        for other in cancel:
             self.cancel_tree(c, other, now)
         if tr.logs:
             self.insert_logs(c, run_id, tr.logs, now)
@@ -408,6 +427,42 @@ class Runs:
             if row is not None:
                 self._cancel_one(c, row, now)
 
+    def withdraw_wait(self, c: Connection, row: Any, now: float) -> None:
+        """A run is cancelled: its waiting step's wait is answered by the cancel (later
+        events, tokens and child results lose) and the step ends `cancelled`."""
+        step_key = row["current_step"]
+        if step_key is None:
+            return
+        step = c.execute(
+            select(t.steps.c.attempts).where(
+                t.steps.c.run_id == row["id"],
+                t.steps.c.step_key == step_key,
+                t.steps.c.status == StepStatus.WAITING.value,
+            )
+        ).first()
+        if step is None:
+            return
+        self.inbox.deliver(c, row["id"], step_key, step.attempts, "cancel", None, now, wake=False)
+        c.execute(
+            update(t.steps)
+            .where(t.steps.c.run_id == row["id"], t.steps.c.step_key == step_key)
+            .values(
+                status=StepStatus.CANCELLED.value,
+                finished_at=now,
+                error="cancelled",
+                wait_event=None,
+            )
+        )
+
+    def _active_children(self, c: Connection, run_id: str) -> list[str]:
+        return list(
+            c.execute(
+                select(t.runs.c.id).where(
+                    t.runs.c.parent_run_id == run_id, t.runs.c.status.in_(_ACTIVE)
+                )
+            ).scalars()
+        )
+
     def _cancel_one(self, c: Connection, row: Any, now: float) -> None:
         if row["status"] not in _ACTIVE:
             return
@@ -420,29 +475,7 @@ class Runs:
                 .values(cancel_requested=True, updated_at=now)
             )
             return
-        step_key = row["current_step"]
-        if step_key is not None:
-            step = c.execute(
-                select(t.steps.c.attempts).where(
-                    t.steps.c.run_id == row["id"],
-                    t.steps.c.step_key == step_key,
-                    t.steps.c.status == StepStatus.WAITING.value,
-                )
-            ).first()
-            if step is not None:  # its wait is answered by the cancel: later answers lose
-                self.inbox.deliver(
-                    c, row["id"], step_key, step.attempts, "cancel", None, now, wake=False
-                )
-                c.execute(
-                    update(t.steps)
-                    .where(t.steps.c.run_id == row["id"], t.steps.c.step_key == step_key)
-                    .values(
-                        status=StepStatus.CANCELLED.value,
-                        finished_at=now,
-                        error="cancelled",
-                        wait_event=None,
-                    )
-                )
+        self.withdraw_wait(c, row, now)
         c.execute(
             update(t.runs)
             .where(t.runs.c.id == row["id"])

@@ -44,6 +44,8 @@ class Schedules:
                 ).first()
                 if active is not None:
                     return None
+            if new.first_wait_event:
+                now = self.db.lock_names(c, [new.first_wait_event], now)
             c.execute(INSERT_RUN, new_run_values(new, now))
             c.execute(
                 sa.update(t.cron_fires)

@@ -215,7 +215,8 @@ Index("dy_inbox_event", inbox.c.run_id, inbox.c.event_id, unique=True)
 idempotency_keys = Table(
     "dy_idempotency_keys",
     metadata,
-    Column("key", String(500), primary_key=True),
+    # scoped: "event:<name>:<key>" or "trigger:<workflow>:<key>"
+    Column("key", Text, primary_key=True),
     Column("run_ids", Json, nullable=False),
     Column("created_at", Float, nullable=False),
     Column("expires_at", Float, nullable=False),

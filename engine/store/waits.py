@@ -136,7 +136,10 @@ class Inbox:
         wait = step.wait or {}
         if wait.get("kind") == "event":
             since = (run["step_since"] or run["created_at"]) - float(wait.get("lookback") or 0)
-            return self._take_stored_event(c, run["id"], step_key, step.attempts, wait, since, now)
+            own = (run["trigger"] or {}).get("event_id")
+            return self._take_stored_event(
+                c, run["id"], step_key, step.attempts, wait, since, now, own
+            )
         if wait.get("kind") == "child" and wait.get("run_id"):
             child = c.execute(
                 select(t.runs.c.status, t.runs.c.output, t.runs.c.error).where(
@@ -161,7 +164,10 @@ class Inbox:
         wait: dict[str, Any],
         since: float,
         now: float,
+        trigger_event: str | None,
     ) -> Answer | None:
+        """The first matching event recorded since `since` that is not the run's own (the
+        event that started it, or one it sent) and that no other wait of it consumed."""
         consumed = select(t.inbox.c.event_id).where(
             t.inbox.c.run_id == run_id, t.inbox.c.event_id.isnot(None)
         )
@@ -171,6 +177,8 @@ class Inbox:
                 t.events.c.name == wait["event"],
                 t.events.c.created_at >= since,
                 t.events.c.id.not_in(consumed),
+                sa.or_(t.events.c.source_run_id.is_(None), t.events.c.source_run_id != run_id),
+                t.events.c.id != (trigger_event or ""),
             )
             .order_by(t.events.c.created_at, t.events.c.id)
         )

@@ -335,3 +335,71 @@ def test_a_foreground_run_waits_for_room_in_its_queue(engine: Engine) -> None:
     holder.drive_claimed(claimed)
     t.join(20)
     assert done == ["completed"]
+
+
+# Found by the adversarial review ------------------------------------------------------------
+def test_an_event_sent_while_the_run_reaches_its_wait_is_taken(engine: Engine) -> None:
+    """The event's time is read under the lock of its name, which the commit reaching a
+    wait_for_event of that name also takes: stamps follow commit order."""
+    senders: list[threading.Thread] = []
+
+    def send_meanwhile() -> None:
+        if not senders:  # the reach of `ping` holds the name lock (or SQLite's write lock)
+            senders.append(threading.Thread(target=engine.send_event, args=("ping", {"k": "d"})))
+            senders[0].start()
+
+    with pause_at("store.commit.locked", send_meanwhile):
+        run_id = start(engine, "waiter", {"k": "d"})
+    senders[0].join(30)
+    drain(engine)
+    run = engine.store.get_run(run_id)
+    assert run.status == RunStatus.COMPLETED and run.output == {"k": "d"}
+
+
+def test_a_cancel_while_a_child_wait_is_being_parked_withdraws_it(engine: Engine) -> None:
+    cancelled: list[str] = []
+
+    def cancel_now() -> None:
+        if not cancelled:
+            run = engine.store.list_runs(workflow_id="retrychild")[0]
+            in_thread(lambda: engine.store.request_cancel(run.id, engine.store.now()))
+            cancelled.append(run.id)
+
+    with pause_at("runner.before_commit.waiting", cancel_now):
+        run_id = start(engine, "retrychild", {})
+    assert engine.store.get_run(run_id).status == RunStatus.CANCELLED
+    (child,) = engine.store.list_runs(workflow_id="slowkid")
+    assert engine.store.get_run(child.id).status == RunStatus.CANCELLED  # no orphan
+    (step,) = [s for s in engine.store.get_steps(run_id) if s.step_key == "child"]
+    assert step.status.value == "cancelled"
+
+
+def test_a_cancel_while_a_token_wait_is_being_parked_refuses_the_token(engine: Engine) -> None:
+    def cancel_now() -> None:
+        run = engine.store.list_runs(workflow_id="token")[0]
+        in_thread(lambda: engine.store.request_cancel(run.id, engine.store.now()))
+
+    with pause_at("runner.before_commit.waiting", cancel_now):
+        run_id = start(engine, "token", {})
+    assert engine.store.get_run(run_id).status == RunStatus.CANCELLED
+    with pytest.raises(TokenError, match="cancelled"):
+        engine.complete_token(_token_of(engine, run_id), {})
+
+
+def test_a_run_is_not_answered_by_its_own_trigger_event(engine: Engine) -> None:
+    first = engine.send_event("order.created", {"order": 1})
+    drain(engine)
+    (run_id,) = first.run_ids
+    assert engine.store.get_run(run_id).status == RunStatus.WAITING
+    second = engine.send_event("order.created", {"order": 2})
+    assert run_id in second.resumed
+    drain(engine)
+    assert engine.store.get_run(run_id).output == {"order": 2}
+
+
+def test_trigger_and_event_keys_do_not_collide(engine: Engine) -> None:
+    waiting = start(engine, "waiter", {"k": "e"})
+    engine.trigger("kid", {"n": 1}, idempotency_key="order-42")
+    sent = engine.send_event("ping", {"k": "e"}, idempotency_key="order-42")
+    assert not sent.duplicate and sent.resumed == (waiting,)
+    assert engine.send_event("ping", {"k": "e"}, idempotency_key="order-42").duplicate

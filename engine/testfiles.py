@@ -1,0 +1,165 @@
+"""`*.test.yaml`: workflow tests written as data, run by `durable-yaml test` on the virtual
+clock of `engine.testing`.
+
+    workflow: hourly-report
+    payload: {timestamp: "2026-01-01T00:30:00Z"}
+    stubs:
+      analytics.fetch: [{raise: ConnectionError}, {return: {rows: 3}}]
+    events:
+      - {at: 10m, send: review.completed, payload: {ok: true}}
+      - {at: 1h, complete_token: approve, data: {ok: true}}
+    expect:
+      status: completed
+      output: {rows: 3}
+      steps: {fetch_analytics: {attempts: 2, status: completed}}
+      logs_contain: ["report generated"]
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dsl import DurationError, parse_duration
+
+from .errors import EngineError
+from .testing import Env, exception_named
+
+__all__ = ["TestResult", "find_test_files", "run_test_file"]
+
+_KEYS = {"workflow", "payload", "stubs", "events", "expect", "name"}
+_EXPECT_KEYS = {"status", "output", "error_contains", "steps", "logs_contain"}
+
+
+@dataclass
+class TestResult:
+    path: str
+    passed: bool
+    seconds: float
+    problems: list[str] = field(default_factory=list)
+
+
+class TestFileError(Exception):
+    pass
+
+
+def find_test_files(paths: Sequence[str | Path]) -> list[Path]:
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found += sorted(q for q in p.rglob("*.test.y*ml") if q.is_file())
+        elif p.is_file():
+            found.append(p)
+    return found
+
+
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TestFileError(f"cannot read the file: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise TestFileError(f"not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise TestFileError("a test file is a mapping with `workflow` and `expect`")
+    unknown = set(data) - _KEYS
+    if unknown:
+        raise TestFileError(f"unknown key(s) {sorted(unknown)}; a test has {sorted(_KEYS)}")
+    if not isinstance(data.get("workflow"), str):
+        raise TestFileError("`workflow` must name the workflow under test (its id)")
+    expect = data.get("expect") or {}
+    if not isinstance(expect, dict) or set(expect) - _EXPECT_KEYS:
+        raise TestFileError(f"`expect` may hold {sorted(_EXPECT_KEYS)}")
+    return data
+
+
+def _outcome(name: str, spec: Any, i: int) -> Any:
+    if isinstance(spec, dict) and set(spec) <= {"raise", "message"} and "raise" in spec:
+        return exception_named(str(spec["raise"]), str(spec.get("message", "")))
+    if isinstance(spec, dict) and set(spec) == {"return"}:
+        return spec["return"]
+    raise TestFileError(
+        f"stubs.{name}[{i}]: each outcome is {{return: VALUE}} or {{raise: ClassName}}"
+    )
+
+
+def _seconds(value: Any, where: str) -> float:
+    try:
+        return parse_duration(value)
+    except DurationError as exc:
+        raise TestFileError(f"{where}: {exc}") from None
+
+
+def run_test_file(
+    path: Path, workflows: str, modules: Sequence[str], project_dir: str
+) -> TestResult:
+    started = time.perf_counter()
+    problems: list[str] = []
+    try:
+        spec = _load(path)
+        with Env(workflows, modules, project_dir=project_dir) as env:
+            for name, outcomes in (spec.get("stubs") or {}).items():
+                plan = outcomes if isinstance(outcomes, list) else [outcomes]
+                env.stub(str(name), [_outcome(name, o, i) for i, o in enumerate(plan)])
+            origin = env.now()
+            run = env.start(spec["workflow"], spec.get("payload"))
+            events = spec.get("events") or []
+            if not isinstance(events, list):
+                raise TestFileError(
+                    "`events` is a list of {at, send, payload} or {at, complete_token, data}"
+                )
+            timed = sorted(
+                ((_seconds(e.get("at", 0), f"events[{i}].at"), i, e) for i, e in enumerate(events)),
+                key=lambda x: (x[0], x[1]),
+            )
+            for at, i, event in timed:
+                env.advance(max(0.0, origin + at - env.now()))
+                if "send" in event:
+                    env.send_event(str(event["send"]), event.get("payload"))
+                elif "complete_token" in event:
+                    env.complete_token(run.token(str(event["complete_token"])), event.get("data"))
+                else:
+                    raise TestFileError(
+                        f"events[{i}] needs `send: EVENT` or `complete_token: STEP`"
+                    )
+            env.run_until_idle()
+            problems = _compare(spec.get("expect") or {}, run)
+    except TestFileError as exc:
+        problems = [str(exc)]
+    except (EngineError, LookupError) as exc:
+        problems = [f"{type(exc).__name__}: {exc}"]
+    return TestResult(str(path), not problems, time.perf_counter() - started, problems)
+
+
+def _compare(expect: dict[str, Any], run: Any) -> list[str]:
+    problems = []
+    if "status" in expect and run.status != expect["status"]:
+        detail = f" ({run.error})" if run.error else ""
+        problems.append(f"status: expected {expect['status']}, got {run.status}{detail}")
+    if "output" in expect and run.output != expect["output"]:
+        problems.append(f"output: expected {expect['output']!r}, got {run.output!r}")
+    if "error_contains" in expect and str(expect["error_contains"]) not in (run.error or ""):
+        problems.append(
+            f"error: expected to contain {expect['error_contains']!r}, got {run.error!r}"
+        )
+    steps = run.steps
+    for step_id, want in (expect.get("steps") or {}).items():
+        got = steps.get(step_id)
+        if got is None:
+            problems.append(f"steps.{step_id}: never ran")
+            continue
+        for key, value in (want or {}).items():
+            actual: Any = getattr(got, key, None)
+            actual = getattr(actual, "value", actual)
+            if actual != value:
+                problems.append(f"steps.{step_id}.{key}: expected {value!r}, got {actual!r}")
+    messages = [log.message for log in run.logs]
+    for text in expect.get("logs_contain") or []:
+        if not any(str(text) in m for m in messages):
+            problems.append(f"logs: no line contains {text!r}")
+    return problems
