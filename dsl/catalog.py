@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path as FsPath
 
 from .compiler import compile_document
 from .errors import Problem, WorkflowInvalid
+from .limits import YAML_BYTES_MAX
 from .loader import load_yaml
 from .model import Machine
 from .schema_check import closest, schema_problems
@@ -20,12 +23,9 @@ def check_file(
 ) -> tuple[Machine | None, list[Problem]]:
     """Load, schema-check and compile one file; return the machine or all its problems."""
     name = str(path)
-    try:
-        text = FsPath(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None, [Problem(name, 1, 1, "", "no such file")]
-    except (OSError, UnicodeDecodeError) as exc:
-        return None, [Problem(name, 1, 1, "", f"cannot read the file: {exc}")]
+    text, problem = read_workflow_text(path)
+    if text is None:
+        return None, [Problem(name, 1, 1, "", problem)]
     loaded, problems = load_yaml(text, name)
     if loaded is None:
         return None, problems
@@ -35,6 +35,31 @@ def check_file(
     )
     problems += [p for p in meaning if p not in problems]
     return (None if problems else machine), sorted(problems)
+
+
+def read_workflow_text(path: str | FsPath) -> tuple[str | None, str]:
+    """The text of a regular file of at most `YAML_BYTES_MAX` bytes, or None and why not.
+
+    A FIFO, a device or a symlink to one is refused before it is opened for reading,
+    and it is opened without blocking, so neither can hang or exhaust memory."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None, "not a regular file; a workflow is a .yaml file"
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return None, "not a regular file; a workflow is a .yaml file"
+            data = f.read(YAML_BYTES_MAX + 1)
+    except FileNotFoundError:
+        return None, "no such file"
+    except OSError as exc:
+        return None, f"cannot read the file: {exc.strerror or exc}"
+    if len(data) > YAML_BYTES_MAX:
+        return None, f"the file is larger than {YAML_BYTES_MAX // (1024 * 1024)} MiB"
+    try:
+        return data.decode("utf-8"), ""
+    except UnicodeDecodeError as exc:
+        return None, f"not UTF-8 text (byte {exc.start}: {data[exc.start]:#04x})"
 
 
 def load_workflow(path: str | FsPath, registered: Collection[str] | None = None) -> Machine:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from datetime import datetime
+from functools import cached_property
 from typing import Any
 
 from schemas import workflow_schema
@@ -77,7 +78,7 @@ class _Checker:
         allowed = _SCOPE | set(extra)
         for name in sorted(refs.names - allowed - _JINJA_GLOBALS):
             self.problem(where, f"unknown name `{name}`{closest(name, allowed)}")
-        for step_id in sorted(refs.steps - set(earlier)):
+        for step_id in sorted(s for s in refs.steps if s not in earlier):
             if step_id in self.all_step_ids:
                 self.problem(where, f"`steps.{step_id}` runs later; only earlier steps can be read")
             else:
@@ -87,14 +88,14 @@ class _Checker:
         for name in sorted(refs.env - set(self.env)):
             self.problem(where, f"`env.{name}` is not listed in `env:`; add it there to read it")
 
-    @property
-    def all_step_ids(self) -> list[str]:
-        return [
+    @cached_property
+    def all_step_ids(self) -> frozenset[str]:
+        return frozenset(
             s["id"]
             for section in ("steps", "on_failure")
             for s in _list(self.data.get(section))
             if isinstance(s, dict) and isinstance(s.get("id"), str)
-        ]
+        )
 
     def retry(self, where: Path, value: Any, default: RetryPolicy) -> RetryPolicy:
         if not isinstance(value, dict):
@@ -256,10 +257,10 @@ def _steps(
     value: Any,
     default_retry: RetryPolicy,
     seen: dict[str, Path],
-    earlier: list[str],
+    earlier: Collection[str],
 ) -> list[State]:
     states: list[State] = []
-    visible = list(earlier)
+    visible = set(earlier)
     for i, raw in enumerate(_list(value)):
         where: Path = (section, i)
         if not isinstance(raw, dict):
@@ -277,7 +278,7 @@ def _steps(
         if state is not None:
             states.append(state)
         if isinstance(step_id, str):
-            visible.append(step_id)
+            visible.add(step_id)
     return states
 
 
@@ -286,7 +287,7 @@ def _step(
     where: Path,
     raw: dict[str, Any],
     default_retry: RetryPolicy,
-    earlier: list[str],
+    earlier: Collection[str],
     handler: bool,
 ) -> State | None:
     kinds = [k for k in STEP_KINDS if k in raw]

@@ -4,10 +4,16 @@ The result is plain Python data plus a `Positions` map from a path of keys and i
 (`("steps", 1, "call")`) to the 1-based line and column of that value, and of its key.
 The resolver follows YAML 1.2 for scalars: `on`, `yes`, `no` stay strings and timestamps
 stay text, so a workflow means what it looks like it means.
+
+Hostile files end with a problem, never a hang or a traceback: nesting deeper than
+`YAML_DEPTH_MAX`, more than `YAML_ALIASES_MAX` aliases or `YAML_NODES_MAX` values once they are
+expanded, explicit tags (`!foo`, `!!float`), NUL and lone surrogates in text, non-finite numbers
+and whole numbers beyond 64 bits are all refused with the place they stand.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +21,7 @@ from typing import Any
 import yaml
 
 from .errors import Problem
+from .limits import INT_MAX, YAML_ALIASES_MAX, YAML_DEPTH_MAX, YAML_NODES_MAX
 
 __all__ = ["Loaded", "Path", "Positions", "load_yaml"]
 
@@ -61,6 +68,36 @@ class _Loader(
         yaml.composer.Composer.__init__(self)
         yaml.constructor.SafeConstructor.__init__(self)
         _Resolver.__init__(self)
+        self.depth = 0
+        self.aliases = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        """Compose with a depth limit, an alias limit and no explicit tags."""
+        event = self.peek_event()  # type: ignore[no-untyped-call]
+        if isinstance(event, yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > YAML_ALIASES_MAX:
+                raise _Refused(f"more than {YAML_ALIASES_MAX} aliases (`*name`)", event)
+            return super().compose_node(parent, index)
+        tag = getattr(event, "tag", None)
+        if tag not in (None, "!"):
+            raise _Refused(
+                f"tags like `{tag}` are not supported; write the value without a tag", event
+            )
+        self.depth += 1
+        if self.depth > YAML_DEPTH_MAX:
+            raise _Refused(f"nested more than {YAML_DEPTH_MAX} levels deep", event)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """A YAML construct this loader refuses, at the event where it starts."""
+
+    def __init__(self, problem: str, event: yaml.Event) -> None:
+        super().__init__(problem=problem, problem_mark=event.start_mark)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -89,71 +126,133 @@ class Loaded:
 
 def load_yaml(text: str, path: str) -> tuple[Loaded | None, list[Problem]]:
     """Parse one YAML document; on a syntax error return the problem instead."""
-    loader = _Loader(text)
+    loader: _Loader | None = None
     try:
+        loader = _Loader(text)
         node = loader.get_single_node()
+    except _Refused as exc:
+        line, col = _where(exc.problem_mark)
+        return None, [Problem(path, line, col, "", str(exc.problem))]
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        line, col = _where(exc.problem_mark or exc.context_mark)
         message = f"YAML syntax error: {exc.problem or exc.context}"
+        return None, [Problem(path, line, col, "", message)]
+    except yaml.reader.ReaderError as exc:
+        line, col = _position(text, exc.position)
+        char = f"U+{exc.character:04X}" if isinstance(exc.character, int) else repr(exc.character)
+        message = f"the file holds the character {char}, which a workflow file cannot contain"
         return None, [Problem(path, line, col, "", message)]
     except yaml.YAMLError as exc:
         return None, [Problem(path, 1, 1, "", f"YAML syntax error: {exc}")]
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if node is None:
         return None, [Problem(path, 1, 1, "", "the file is empty; a workflow is a YAML mapping")]
-    positions = Positions()
-    problems: list[Problem] = []
-    data = _convert(node, (), positions, problems, path, _Loader(""))
-    return Loaded(data, positions), problems
+    converter = _Converter(path)
+    try:
+        data = converter.convert(node, ())
+    except _TooLarge as exc:
+        line, col = _mark(exc.node)
+        message = f"more than {YAML_NODES_MAX} values once aliases are expanded"
+        return None, [Problem(path, line, col, "", message)]
+    return Loaded(data, converter.positions), converter.problems
+
+
+def _where(mark: yaml.Mark | None) -> tuple[int, int]:
+    return (mark.line + 1, mark.column + 1) if mark else (1, 1)
+
+
+def _position(text: str, offset: int) -> tuple[int, int]:
+    line = text.count("\n", 0, offset) + 1
+    return line, offset - (text.rfind("\n", 0, offset) + 1) + 1
 
 
 def _mark(node: yaml.Node) -> tuple[int, int]:
     return node.start_mark.line + 1, node.start_mark.column + 1
 
 
-def _convert(
-    node: yaml.Node,
-    where: Path,
-    positions: Positions,
-    problems: list[Problem],
-    path: str,
-    constructor: _Loader,
-) -> Any:
-    positions.values[where] = _mark(node)
-    if isinstance(node, yaml.MappingNode):
-        result: dict[Any, Any] = {}
-        for key_node, value_node in node.value:
-            key = constructor.construct_object(key_node)
-            if not isinstance(key, (str, int, float, bool)) or key is None:
-                line, col = _mark(key_node)
-                problems.append(
-                    Problem(path, line, col, _field(where), "a key must be a plain value")
-                )
-                continue
-            key = str(key) if not isinstance(key, str) else key
-            if key in result:
-                line, col = _mark(key_node)
-                problems.append(
-                    Problem(path, line, col, _field((*where, key)), f"duplicate key `{key}`")
-                )
-            positions.keys[(*where, key)] = _mark(key_node)
-            result[key] = _convert(
-                value_node, (*where, key), positions, problems, path, constructor
-            )
-        return result
-    if isinstance(node, yaml.SequenceNode):
-        return [
-            _convert(item, (*where, i), positions, problems, path, constructor)
-            for i, item in enumerate(node.value)
-        ]
-    value = constructor.construct_object(node)
-    if isinstance(value, bytes | set):
+_REFUSED = object()
+_NOT_TEXT = re.compile("[\x00\ud800-\udfff]")
+
+
+class _TooLarge(Exception):
+    def __init__(self, node: yaml.Node) -> None:
+        self.node = node
+
+
+class _Converter:
+    """Nodes to plain data, recording positions and the problems of each scalar."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.positions = Positions()
+        self.problems: list[Problem] = []
+        self.constructor = _Loader("")
+        self.count = 0
+
+    def problem(self, node: yaml.Node, where: Path, message: str) -> None:
         line, col = _mark(node)
-        problems.append(Problem(path, line, col, _field(where), "unsupported YAML type"))
-        return None
-    return value
+        self.problems.append(Problem(self.path, line, col, _field(where), message))
+
+    def convert(self, node: yaml.Node, where: Path) -> Any:
+        self.count += 1
+        if self.count > YAML_NODES_MAX:
+            raise _TooLarge(node)
+        self.positions.values[where] = _mark(node)
+        if isinstance(node, yaml.MappingNode):
+            result: dict[Any, Any] = {}
+            for key_node, value_node in node.value:
+                key = (
+                    self.scalar(key_node, where) if isinstance(key_node, yaml.ScalarNode) else None
+                )
+                if key is _REFUSED:
+                    continue  # its problem is reported
+                if not isinstance(key, (str, int, float, bool)) or key is None:
+                    self.problem(key_node, where, "a key must be a plain value")
+                    continue
+                key = str(key) if not isinstance(key, str) else key
+                if key in result:
+                    self.problem(key_node, (*where, key), f"duplicate key `{key}`")
+                self.positions.keys[(*where, key)] = _mark(key_node)
+                result[key] = self.convert(value_node, (*where, key))
+            return result
+        if isinstance(node, yaml.SequenceNode):
+            return [self.convert(item, (*where, i)) for i, item in enumerate(node.value)]
+        value = self.scalar(node, where)
+        return None if value is _REFUSED else value
+
+    def scalar(self, node: yaml.Node, where: Path) -> Any:
+        """A scalar's value, or `_REFUSED` and a problem for what a workflow cannot hold."""
+        try:
+            value = self.constructor.construct_object(node)
+        except (ValueError, yaml.YAMLError) as exc:
+            self.problem(node, where, f"{node.value!r} is not a valid value ({_first_line(exc)})")
+            return _REFUSED
+        if isinstance(value, bytes | set):
+            self.problem(node, where, "unsupported YAML type")
+            return _REFUSED
+        if isinstance(value, str):
+            bad = _NOT_TEXT.search(value)
+            if bad is not None:
+                name = "NUL" if bad.group() == "\0" else "a lone surrogate"
+                code = f"\\u{ord(bad.group()):04x}"
+                self.problem(node, where, f"contains {name} ({code}), which is not text")
+                return _REFUSED
+        elif isinstance(value, float) and not math.isfinite(value):
+            self.problem(node, where, f"{node.value} is not a finite number")
+            return _REFUSED
+        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT_MAX:
+            self.problem(
+                node, where, "a whole number must fit 64 bits (at most 9223372036854775807)"
+            )
+            return _REFUSED
+        return value
+
+
+def _first_line(exc: Exception) -> str:
+    text = getattr(exc, "problem", None) or str(exc)
+    return str(text).splitlines()[0]
 
 
 def _field(where: Path) -> str:

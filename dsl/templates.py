@@ -15,7 +15,8 @@ from functools import lru_cache
 from typing import Any
 
 import jinja2
-from jinja2 import meta, nodes
+from jinja2 import nodes
+from jinja2.parser import Parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import TemplateError
@@ -107,14 +108,30 @@ def _plain(value: Any, field: str) -> Any:
     )
 
 
+@lru_cache(maxsize=4096)
+def _parsed(source: str) -> nodes.Template:
+    """The syntax tree of a template: parsing is all a check needs, and it is cheap
+    (compiling to Python waits for the first evaluation)."""
+    return _ENV.parse(source)
+
+
+@lru_cache(maxsize=4096)
+def _parsed_expression(expr: str) -> nodes.Template:
+    """The syntax tree of a bare expression, parsed as `compile_expression` parses it."""
+    parser = Parser(_ENV, expr, state="variable")
+    body = parser.parse_expression()
+    if not parser.stream.eos:
+        raise jinja2.TemplateSyntaxError("chunk after expression", parser.stream.current.lineno)
+    tree = nodes.Template([nodes.Output([body])], lineno=1)
+    tree.set_environment(_ENV)
+    return tree
+
+
 def compile_expression(source: str, field: str) -> Expression:
-    """Compile a template string (syntax checked now); raise TemplateError naming `field`."""
+    """Syntax-check a template string now; raise TemplateError naming `field`."""
     expr = _single_expression(source)
     try:
-        if expr is not None:
-            _compiled_expression(expr)
-        else:
-            _compiled_template(source)
+        _parsed(source) if expr is None else _parsed_expression(expr)
     except jinja2.TemplateSyntaxError as exc:
         raise TemplateError(field, f"template syntax error: {exc.message} in {source!r}") from None
     return Expression(source, expr)
@@ -134,7 +151,7 @@ def when_expression(source: str | bool, field: str) -> Expression:
     if not inner:
         raise TemplateError(field, "`when` is empty")
     try:
-        _compiled_expression(inner)
+        _parsed_expression(inner)
     except jinja2.TemplateSyntaxError as exc:
         raise TemplateError(
             field, f"expression syntax error: {exc.message} in {source!r}"
@@ -173,6 +190,17 @@ def _strings(value: Any, field: str) -> Iterator[tuple[str, str]]:
             yield from _strings(v, f"{field}[{i}]")
 
 
+def _free_names(ast: nodes.Template) -> frozenset[str]:
+    """Names read and never assigned (by `for`, `set`, macros) anywhere in the template;
+    a walk of the tree, much cheaper than jinja2.meta's code generation."""
+    loaded: set[str] = set()
+    stored: set[str] = set()
+    for node in ast.find_all(nodes.Name):
+        assert isinstance(node, nodes.Name)
+        (loaded if node.ctx == "load" else stored).add(node.name)
+    return frozenset(loaded - stored)
+
+
 @dataclass(frozen=True)
 class References:
     """What a template reads: free names, `steps.<id>` ids and `env.<NAME>` names."""
@@ -185,11 +213,10 @@ class References:
 def references(text: str) -> References:
     """Static analysis of one template string (assumed to compile)."""
     expr = _single_expression(text)
-    source = text if expr is None else "{{ " + expr + " }}"
     if not is_template(text):  # a bare `when` expression
-        source = "{{ " + text + " }}"
-    ast = _ENV.parse(source)
-    names = frozenset(meta.find_undeclared_variables(ast))
+        expr = text
+    ast = _parsed(text) if expr is None else _parsed_expression(expr)
+    names = _free_names(ast)
     steps: set[str] = set()
     env: set[str] = set()
     for node in ast.find_all((nodes.Getattr, nodes.Getitem)):
