@@ -29,7 +29,12 @@ def check_file(
     loaded, problems = load_yaml(text, name)
     if loaded is None:
         return None, problems
-    problems += schema_problems(loaded.data, loaded.positions, name)
+    refused = {(p.line, p.col) for p in problems}  # a refused value reads as null: say it once
+    problems += [
+        p
+        for p in schema_problems(loaded.data, loaded.positions, name)
+        if (p.line, p.col) not in refused
+    ]
     machine, meaning = compile_document(
         loaded.data, loaded.positions, name, registered, build=not problems
     )

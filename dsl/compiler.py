@@ -8,14 +8,15 @@ durations, cron expressions and timezones. Every problem is collected; none stop
 from __future__ import annotations
 
 from collections.abc import Collection
-from datetime import datetime
 from functools import cached_property
 from typing import Any
+
+import jsonschema
 
 from schemas import workflow_schema
 
 from .cron import CronError, check_cron, check_timezone
-from .durations import DurationError, parse_duration
+from .durations import DurationError, InstantError, parse_duration, parse_instant
 from .errors import Problem, TemplateError
 from .loader import Path, Positions, field_name
 from .model import COMPLETED, FAILED, STEP_KINDS, Machine, QueueSpec, RetryPolicy, State, Trigger
@@ -27,6 +28,7 @@ __all__ = ["compile_document"]
 _SCOPE = frozenset({"payload", "steps", "run", "trigger", "env"})
 _JINJA_GLOBALS = frozenset({"range", "dict", "lipsum", "cycler", "joiner", "namespace", "loop"})
 _DEFAULT_RETRY = RetryPolicy()
+_JSON_SCHEMA_TYPES = ("string", "number", "integer", "boolean", "object", "array", "null")
 _STEP_KEYS = frozenset(workflow_schema()["$defs"]["step"]["properties"])
 _TRIGGER_KEYS = frozenset(workflow_schema()["properties"]["trigger"]["properties"])
 
@@ -65,15 +67,21 @@ class _Checker:
                 self.template((*where, i), v, earlier, extra)
         elif isinstance(value, str) and is_template(value):
             try:
-                compile_expression(value, field_name(where))
+                expression = compile_expression(value, field_name(where))
             except TemplateError as exc:
                 self.problem(where, exc.message)
                 return
-            self.scope(where, value, earlier, extra)
+            if self.scope(where, value, earlier, extra):
+                return
+            try:  # reads nothing: evaluate it now, in the bounded sandbox
+                expression.evaluate({}, field_name(where))
+            except TemplateError as exc:
+                self.problem(where, exc.message)
 
     def scope(
         self, where: Path, text: str, earlier: Collection[str], extra: Collection[str]
-    ) -> None:
+    ) -> bool:
+        """Check the names a template reads; True if it reads any (scope, steps, env)."""
         refs = references(text)
         allowed = _SCOPE | set(extra)
         for name in sorted(refs.names - allowed - _JINJA_GLOBALS):
@@ -87,6 +95,7 @@ class _Checker:
                 )
         for name in sorted(refs.env - set(self.env)):
             self.problem(where, f"`env.{name}` is not listed in `env:`; add it there to read it")
+        return bool(refs.names - _JINJA_GLOBALS)
 
     @cached_property
     def all_step_ids(self) -> frozenset[str]:
@@ -148,6 +157,8 @@ def compile_document(
     workflow_retry = c.retry(("retry",), data.get("retry"), _DEFAULT_RETRY)
     run_timeout = c.duration(("timeout",), data.get("timeout"))
     queue = _queue(c, data.get("queue"), str(data.get("id", "")))
+    if isinstance(data.get("schema"), dict):
+        _payload_schema(c, data["schema"])
     if isinstance(data.get("concurrency_key"), str):
         c.template(("concurrency_key",), data["concurrency_key"], earlier=())
 
@@ -183,6 +194,29 @@ def compile_document(
         source_path=path,
     )
     return machine, []
+
+
+def _payload_schema(c: _Checker, schema: dict[str, Any]) -> None:
+    """The payload `schema:` must itself be a valid JSON Schema (2020-12): each mistake is
+    placed where it stands, so `type: strin` is caught now, not when a run starts."""
+    meta = jsonschema.Draft202012Validator(jsonschema.Draft202012Validator.META_SCHEMA)
+    seen: set[Path] = set()
+    for error in sorted(meta.iter_errors(schema), key=lambda e: list(map(str, e.absolute_path))):
+        where: Path = ("schema", *error.absolute_path)
+        if where in seen:
+            continue
+        seen.add(where)
+        if where[-1] == "type" or (len(where) > 2 and where[-2] == "type"):
+            types = ", ".join(_JSON_SCHEMA_TYPES)
+            message = f"{error.instance!r} is not a JSON Schema type; use one of {types}"
+            message += closest(str(error.instance), _JSON_SCHEMA_TYPES)
+        else:
+            message = f"not a valid JSON Schema: {_short(error.message)}"
+        c.problem(where, message)
+
+
+def _short(message: str) -> str:
+    return message if len(message) <= 200 else message[:197] + "..."
 
 
 def _link(states: list[State], end: str, on_error: str | None) -> list[State]:
@@ -342,9 +376,9 @@ def _step(
         at = tmpl("wait_until")
         if isinstance(at, str) and not is_template(at):
             try:
-                datetime.fromisoformat(at.replace("Z", "+00:00"))
-            except ValueError:
-                c.problem((*where, "wait_until"), f"{at!r} is not an ISO-8601 timestamp")
+                parse_instant(at)
+            except InstantError as exc:
+                c.problem((*where, "wait_until"), str(exc))
         config = {"at": at}
     elif kind == "wait_for_event":
         config = {"event": raw["wait_for_event"], "match": tmpl("match") or {}}

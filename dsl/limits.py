@@ -10,16 +10,20 @@ from __future__ import annotations
 __all__ = [
     "CONCURRENCY_KEY_MAX",
     "EVENT_NAME_MAX",
+    "FOR_EACH_CONCURRENCY_MAX",
     "IDEMPOTENCY_KEY_MAX",
+    "INT_BITS_MAX",
     "INT_MAX",
     "JSON_DEPTH_MAX",
     "JSON_SIZE_MAX",
+    "LATEST_YEAR",
     "MAX_ATTEMPTS_MAX",
     "QUEUE_NAME_MAX",
     "RETRY_FACTOR_MAX",
     "SECONDS_MAX",
     "STEP_ID_MAX",
     "TEMPLATE_OUTPUT_MAX",
+    "TEMPLATE_SECONDS",
     "VERSION_MAX",
     "WORKFLOW_ID_MAX",
     "YAML_ALIASES_MAX",
@@ -47,9 +51,13 @@ YAML_NODES_MAX = 200_000  # values after expanding aliases
 SECONDS_MAX = 10 * 365 * 86400  # any duration: ten years
 MAX_ATTEMPTS_MAX = 1000
 RETRY_FACTOR_MAX = 100
+FOR_EACH_CONCURRENCY_MAX = 100  # threads one for_each step may use
+LATEST_YEAR = 9998  # a `wait_until` must fall before 9999 in every timezone
 INT_MAX = 2**63 - 1  # whole numbers in files and payloads fit a 64-bit integer
 
 # JSON data (payloads, event data, token data, step outputs, template results).
 JSON_DEPTH_MAX = 64
 JSON_SIZE_MAX = 1024 * 1024  # bytes of its compact JSON text
-TEMPLATE_OUTPUT_MAX = JSON_SIZE_MAX  # characters a template may produce
+TEMPLATE_OUTPUT_MAX = JSON_SIZE_MAX  # characters or items a template may build
+TEMPLATE_SECONDS = 1.0  # time one template may take to evaluate
+INT_BITS_MAX = 4096  # integers a template may compute

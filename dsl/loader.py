@@ -70,23 +70,40 @@ class _Loader(
         _Resolver.__init__(self)
         self.depth = 0
         self.aliases = 0
+        self.where: list[str | int] = []  # the path being composed, for messages
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         """Compose with a depth limit, an alias limit and no explicit tags."""
         event = self.peek_event()  # type: ignore[no-untyped-call]
+        if isinstance(index, yaml.ScalarNode):
+            part: str | int | None = str(index.value)
+        else:
+            part = index if isinstance(index, int) and not isinstance(index, bool) else None
+        if part is not None:
+            self.where.append(part)
+        try:
+            return self._compose_checked(event, parent, index)
+        finally:
+            if part is not None:
+                self.where.pop()
+
+    def _compose_checked(self, event: yaml.Event, parent: Any, index: Any) -> Any:
         if isinstance(event, yaml.AliasEvent):
             self.aliases += 1
             if self.aliases > YAML_ALIASES_MAX:
-                raise _Refused(f"more than {YAML_ALIASES_MAX} aliases (`*name`)", event)
+                raise _Refused(f"more than {YAML_ALIASES_MAX} aliases (`*name`)", event, self.where)
             return super().compose_node(parent, index)
         tag = getattr(event, "tag", None)
         if tag not in (None, "!"):
+            shown = tag.replace("tag:yaml.org,2002:", "!!")
             raise _Refused(
-                f"tags like `{tag}` are not supported; write the value without a tag", event
+                f"tags like `{shown}` are not supported; write the value without a tag",
+                event,
+                self.where,
             )
         self.depth += 1
         if self.depth > YAML_DEPTH_MAX:
-            raise _Refused(f"nested more than {YAML_DEPTH_MAX} levels deep", event)
+            raise _Refused(f"nested more than {YAML_DEPTH_MAX} levels deep", event, self.where)
         try:
             return super().compose_node(parent, index)
         finally:
@@ -96,8 +113,9 @@ class _Loader(
 class _Refused(yaml.MarkedYAMLError):
     """A YAML construct this loader refuses, at the event where it starts."""
 
-    def __init__(self, problem: str, event: yaml.Event) -> None:
+    def __init__(self, problem: str, event: yaml.Event, where: list[str | int]) -> None:
         super().__init__(problem=problem, problem_mark=event.start_mark)  # type: ignore[arg-type]
+        self.field = _field(tuple(where))
 
 
 @dataclass
@@ -132,7 +150,7 @@ def load_yaml(text: str, path: str) -> tuple[Loaded | None, list[Problem]]:
         node = loader.get_single_node()
     except _Refused as exc:
         line, col = _where(exc.problem_mark)
-        return None, [Problem(path, line, col, "", str(exc.problem))]
+        return None, [Problem(path, line, col, exc.field, str(exc.problem))]
     except yaml.MarkedYAMLError as exc:
         line, col = _where(exc.problem_mark or exc.context_mark)
         message = f"YAML syntax error: {exc.problem or exc.context}"
@@ -155,7 +173,7 @@ def load_yaml(text: str, path: str) -> tuple[Loaded | None, list[Problem]]:
     except _TooLarge as exc:
         line, col = _mark(exc.node)
         message = f"more than {YAML_NODES_MAX} values once aliases are expanded"
-        return None, [Problem(path, line, col, "", message)]
+        return None, [Problem(path, line, col, _field(exc.where), message)]
     return Loaded(data, converter.positions), converter.problems
 
 
@@ -177,8 +195,9 @@ _NOT_TEXT = re.compile("[\x00\ud800-\udfff]")
 
 
 class _TooLarge(Exception):
-    def __init__(self, node: yaml.Node) -> None:
+    def __init__(self, node: yaml.Node, where: Path) -> None:
         self.node = node
+        self.where = where
 
 
 class _Converter:
@@ -198,7 +217,7 @@ class _Converter:
     def convert(self, node: yaml.Node, where: Path) -> Any:
         self.count += 1
         if self.count > YAML_NODES_MAX:
-            raise _TooLarge(node)
+            raise _TooLarge(node, where)
         self.positions.values[where] = _mark(node)
         if isinstance(node, yaml.MappingNode):
             result: dict[Any, Any] = {}

@@ -472,6 +472,8 @@ def schedules_list(
     for s in listed:
         last = s["last_fire"] or "never"
         click.echo(f"{s['workflow']:<24} {s['cron']:<16} {s['timezone']:<18} last {last}")
+        if s["error"]:
+            click.echo(f"    {s['error']}")
         for fire in s["next"]:
             click.echo(f"    next {fire['utc']}  ({fire['local']})")
 
