@@ -24,6 +24,7 @@ __all__ = [
     "STEP_ID_MAX",
     "TEMPLATE_OUTPUT_MAX",
     "TEMPLATE_SECONDS",
+    "TOKEN_MAX",
     "VERSION_MAX",
     "WORKFLOW_ID_MAX",
     "YAML_ALIASES_MAX",
@@ -40,6 +41,7 @@ QUEUE_NAME_MAX = 200  # dy_runs.queue, dy_queues.name
 STEP_ID_MAX = 100  # dy_runs.current_step is 200, step keys 220: room for item suffixes
 IDEMPOTENCY_KEY_MAX = 500  # dy_runs.idempotency_key, dy_idempotency.key
 CONCURRENCY_KEY_MAX = 500  # dy_runs.concurrency_key
+TOKEN_MAX = 64  # dy_tokens.token
 
 # Workflow files.
 YAML_BYTES_MAX = 2 * 1024 * 1024  # a 15,000-step file is about 0.5 MiB

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -12,8 +13,10 @@ from typing import Any, TypeVar
 import click
 
 from dsl import DslError, Problem, State, WorkflowInvalid, check_paths, render_graph
+from dsl.limits import JSON_SIZE_MAX
 
 from .errors import EngineError
+from .inputs import parse_json
 from .models import Run, RunStatus
 from .service import Engine
 from .settings import resolve_settings
@@ -54,25 +57,16 @@ def _json(data: Any) -> None:
 def _read_payload(payload: str | None, payload_file: str | None) -> Any:
     if payload is not None and payload_file is not None:
         raise click.UsageError("give --payload or --payload-file, not both")
-    source, text = "--payload", payload
     if payload_file is not None:
-        source = payload_file
         try:
-            text = Path(payload_file).read_text("utf-8")
+            with open(payload_file, "rb") as f:
+                data = f.read(JSON_SIZE_MAX + 1)  # a device or a huge file stops here
         except OSError as exc:
             raise click.UsageError(f"cannot read {payload_file}: {exc.strerror}") from None
-    if text is None:
+        return parse_json(data, payload_file)
+    if payload is None:
         return None
-    return _read_json(text, source)
-
-
-def _read_json(text: str, source: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise click.UsageError(
-            f"{source} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-        ) from None
+    return parse_json(payload, "--payload")
 
 
 class LiveReporter:
@@ -169,8 +163,8 @@ def _how_to_continue(engine: Engine, run: Run) -> str:
     wait = (step.wait if step else None) or {}
     then = f"then `durable-yaml resume {run.id}` (or let a worker continue it)"
     if wait.get("kind") == "event":
-        match = json.dumps(wait.get("match") or {})
-        return f"it waits for event {wait['event']}: `durable-yaml send {wait['event']} --payload '{match}'`, {then}"
+        event, match = shlex.quote(wait["event"]), shlex.quote(json.dumps(wait.get("match") or {}))
+        return f"it waits for event {event}: `durable-yaml send {event} --payload {match}`, {then}"
     if wait.get("kind") == "token":
         return f"it waits for token {wait['token']}: `durable-yaml complete {wait['token']} --data JSON`, {then}"
     if wait.get("kind") == "child":
@@ -320,7 +314,7 @@ def complete(
     token: str, data: str | None, db: str | None, modules: tuple[str, ...], workflows: str | None
 ) -> None:
     """Complete a wait_for_token step with DATA."""
-    value = None if data is None else _read_json(data, "--data")
+    value = None if data is None else parse_json(data, "--data")
     engine = Engine(resolve_settings(db=db, workflows=workflows), import_steps=False)
     run_id = engine.complete_token(token, value)
     click.echo(
@@ -446,7 +440,11 @@ def serve(
         click.echo("no DURABLE_YAML_API_KEY: listening on loopback only, without authentication")
     url = engine.store.engine.url.render_as_string(hide_password=True)
     click.echo(f"dashboard http://{host}:{port}/  API http://{host}:{port}/api  database {url}")
-    uvicorn.run(create_app(engine, key), host=host, port=port, log_level="warning")
+    max_body = os.environ.get("DURABLE_YAML_MAX_BODY", "")
+    if max_body and not max_body.isdigit():
+        raise click.UsageError("DURABLE_YAML_MAX_BODY must be a number of bytes")
+    app = create_app(engine, key, port=port, **({"max_body": int(max_body)} if max_body else {}))
+    uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
 @cli.group()

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from .errors import ConfigError, UnknownStep
+from .errors import ConfigError, NonRetryableError, UnknownStep
 from .models import NewLog
 
 __all__ = [
@@ -114,6 +114,13 @@ class StepTimeout(TimeoutError):
     pass
 
 
+class StepExited(NonRetryableError):
+    """A step raised SystemExit or another BaseException that would end the process."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(f"the step raised {type(exc).__name__}({exc})")
+
+
 class _EventLoop:
     """The one event loop, in a daemon thread, on which every `async def` step of this
     process runs: executors hand coroutines over and wait for their results, so concurrent
@@ -125,7 +132,12 @@ class _EventLoop:
 
     def run(self, coro: Any, timeout: float | None) -> Any:
         async def bounded() -> Any:
-            return await asyncio.wait_for(coro, timeout)
+            try:
+                return await asyncio.wait_for(coro, timeout)
+            except (Exception, KeyboardInterrupt, asyncio.CancelledError):
+                raise
+            except BaseException as exc:  # SystemExit would stop this loop's thread
+                raise StepExited(exc) from exc
 
         try:
             return asyncio.run_coroutine_threadsafe(bounded(), self.loop).result()
@@ -169,7 +181,17 @@ class RegisteredStep:
         return None
 
     def invoke(self, kwargs: dict[str, Any], ctx: StepContext, timeout: float | None) -> Any:
-        """Call the function; TimeoutError after `timeout` seconds (a late result is dropped)."""
+        """Call the function; TimeoutError after `timeout` seconds (a late result is dropped).
+        A `SystemExit` (or any BaseException but KeyboardInterrupt) from the step becomes
+        `StepExited`, an ordinary failure of the step, never the end of the process."""
+        try:
+            return self._invoke(kwargs, ctx, timeout)
+        except (Exception, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            raise StepExited(exc) from exc
+
+    def _invoke(self, kwargs: dict[str, Any], ctx: StepContext, timeout: float | None) -> Any:
         if self.ctx_param:
             kwargs = {**kwargs, self.ctx_param: ctx}
         if self.is_async:

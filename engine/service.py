@@ -5,13 +5,13 @@ The CLI, the `Client` and the HTTP server are thin layers over this.
 
 from __future__ import annotations
 
-import json
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import jsonschema
+import referencing.exceptions
 
 from dsl import (
     Catalog,
@@ -22,8 +22,16 @@ from dsl import (
     check_paths,
     render_value,
 )
+from dsl.limits import (
+    CONCURRENCY_KEY_MAX,
+    EVENT_NAME_MAX,
+    IDEMPOTENCY_KEY_MAX,
+    TOKEN_MAX,
+    WORKFLOW_ID_MAX,
+)
 
-from .errors import ConfigError, EngineError, NotFound, PayloadInvalid
+from .errors import EngineError, NotFound, PayloadInvalid
+from .inputs import check_json, check_text
 from .models import NewEvent, NewRun, QueueLimits, Run, RunStatus, Sent
 from .registry import import_modules, registered_names
 from .runner import Reporter, Runner, new_run_id
@@ -38,7 +46,14 @@ def validate_payload(machine: Machine, payload: Any) -> None:
     if machine.schema is None:
         return
     validator = jsonschema.Draft202012Validator(machine.schema)
-    errors = sorted(validator.iter_errors(payload), key=lambda e: list(e.absolute_path))
+    try:
+        errors = sorted(
+            validator.iter_errors(payload), key=lambda e: list(map(str, e.absolute_path))
+        )
+    except (jsonschema.exceptions.SchemaError, referencing.exceptions.Unresolvable) as exc:
+        raise PayloadInvalid(
+            machine.workflow_id, "schema", f"the workflow's schema cannot be used: {exc}"
+        ) from None
     if not errors:
         return
     best = jsonschema.exceptions.best_match(errors)
@@ -131,16 +146,6 @@ class Engine:
             )
         return machine
 
-    def _storable(self, workflow_id: str, payload: Any, subject: str = "") -> None:
-        """PostgreSQL cannot store the NUL character in JSON or text: say so up front."""
-        if self.store.dialect == "postgresql" and "\\u0000" in json.dumps(payload):
-            raise PayloadInvalid(
-                workflow_id,
-                "payload",
-                "contains the NUL character (\\u0000), which PostgreSQL cannot store",
-                subject,
-            )
-
     def event_workflows(self, name: str) -> list[Machine]:
         """Workflows of the folder triggered by event `name`."""
         return [
@@ -180,8 +185,9 @@ class Engine:
     ) -> NewRun:
         """A run ready to store: payload checked, concurrency key rendered, definition saved."""
         now = time.time() if now is None else now
+        check_json(payload, "payload")
+        check_text(idempotency_key, "idempotency_key", IDEMPOTENCY_KEY_MAX, required=False)
         validate_payload(machine, payload)
-        self._storable(machine.workflow_id, payload)
         key = None
         if machine.concurrency_key is not None:
             try:
@@ -193,6 +199,7 @@ class Engine:
             except TemplateError as exc:
                 raise PayloadInvalid(machine.workflow_id, "concurrency_key", exc.message) from None
             key = None if rendered is None else str(rendered)
+            check_text(key, "concurrency_key", CONCURRENCY_KEY_MAX, required=False)
         self._save(machine)
         return NewRun(
             id=run_id or new_run_id(),
@@ -221,9 +228,9 @@ class Engine:
         """Queue a run of every workflow `name` triggers and resume every matching wait.
         Every payload is checked first: all or nothing."""
         now = time.time()
-        if self.store.dialect == "postgresql" and "\x00" in name + (idempotency_key or ""):
-            raise ConfigError("an event name or idempotency key cannot contain the NUL character")
-        self._storable("", payload, f"event `{name}`")
+        check_text(name, "name", EVENT_NAME_MAX)
+        check_text(idempotency_key, "idempotency_key", IDEMPOTENCY_KEY_MAX, required=False)
+        check_json(payload, "payload")
         trigger = {"kind": "event", "event": name}
         event = NewEvent(
             new_run_id(),
@@ -248,6 +255,8 @@ class Engine:
         delay: float | None = None,
     ) -> Sent:
         """Queue one run of a workflow (for workers to execute)."""
+        check_text(workflow_id, "workflow", WORKFLOW_ID_MAX)
+        check_json(payload, "payload")
         machine = self.workflow(workflow_id)
         now = time.time()
         payload, trigger = self.initial_payload(machine, payload, now)
@@ -257,6 +266,8 @@ class Engine:
         return self.store.send([new], now, idempotency_key=idempotency_key)
 
     def complete_token(self, token: str, data: Any) -> str:
+        check_text(token, "token", TOKEN_MAX)
+        check_json(data, "data")
         return self.store.complete_token(token, data, time.time())
 
     # Host: what steps may ask of the engine -------------------------------------------------
