@@ -12,7 +12,7 @@ from .compiler import compile_document
 from .errors import Problem, WorkflowInvalid
 from .limits import YAML_BYTES_MAX
 from .loader import load_yaml
-from .model import Machine
+from .model import Machine, State
 from .schema_check import closest, schema_problems
 
 __all__ = ["Catalog", "check_file", "check_paths", "find_workflow_files", "load_workflow"]
@@ -138,5 +138,61 @@ def check_paths(
                         f"no workflow has id `{target}`{closest(target, catalog.workflows)}",
                     )
                 )
+    cycles = _cycles(machines)
+    for problem in cycles:  # such a workflow must not run: it is left out like an invalid one
+        catalog.workflows = {
+            k: m for k, m in catalog.workflows.items() if m.source_path != problem.path
+        }
+    catalog.problems += cycles
     catalog.problems.sort()
     return catalog
+
+
+def _cycles(machines: list[Machine]) -> list[Problem]:
+    """A workflow that starts itself through `run_workflow`, directly or through others,
+    would nest runs without end: one problem at each such workflow's first step on the cycle."""
+    calls: dict[str, list[tuple[str, State]]] = {
+        m.workflow_id: [
+            (s.config["workflow"], s)
+            for s in m.states
+            if s.kind == "run_workflow" and isinstance(s.config.get("workflow"), str)
+        ]
+        for m in machines
+    }
+    problems = []
+    for machine in machines:
+        start = machine.workflow_id
+        for target, state in calls[start]:
+            path = _path_to(calls, target, start)
+            if path is not None:
+                chain = " → ".join([start, *path])
+                problems.append(
+                    Problem(
+                        machine.source_path,
+                        state.line,
+                        1,
+                        f"steps.{state.id}.run_workflow",
+                        f"`{start}` would run itself without end ({chain}); "
+                        "a workflow cannot start itself, directly or through others",
+                    )
+                )
+                break
+    return problems
+
+
+def _path_to(calls: dict[str, list[tuple[str, State]]], source: str, goal: str) -> list[str] | None:
+    """The workflows from `source` to `goal` along run_workflow steps, or None (iterative)."""
+    parent: dict[str, str | None] = {source: None}
+    queue = [source]
+    while queue:
+        node = queue.pop(0)
+        if node == goal:
+            path = [node]
+            while parent[path[-1]] is not None:
+                path.append(parent[path[-1]])  # type: ignore[arg-type]
+            return path[::-1]
+        for target, _ in calls.get(node, []):
+            if target not in parent:
+                parent[target] = node
+                queue.append(target)
+    return None

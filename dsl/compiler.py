@@ -390,6 +390,11 @@ def _step(
     elif kind == "send_event":
         config = {"event": raw["send_event"], "payload": tmpl("payload") or {}}
     elif kind == "run_workflow":
+        if raw["run_workflow"] == c.data.get("id"):
+            c.problem(
+                (*where, "run_workflow"),
+                f"`{raw['run_workflow']}` runs itself: a workflow cannot start itself",
+            )
         config = {"workflow": raw["run_workflow"], "payload": tmpl("payload") or {}}
     elif kind == "for_each":
         name = raw.get("as", "item")

@@ -396,7 +396,12 @@ def init(directory: str) -> None:
     existing = [str(p) for p in [*files, target / "pyproject.toml"] if p.exists()]
     if existing:
         raise click.UsageError(f"{', '.join(existing)} already exist(s); nothing was written")
-    (target / "workflows").mkdir(parents=True, exist_ok=True)
+    try:
+        (target / "workflows").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise click.UsageError(
+            f"cannot create {target / 'workflows'}: {exc.strerror or exc}"
+        ) from None
     starter = resources.files("engine").joinpath("starter")
     for path, name in files.items():
         path.write_text(starter.joinpath(name).read_text("utf-8"), "utf-8")
@@ -431,6 +436,7 @@ def serve(
 
     from .server import create_app
 
+    _check_port_free(host, port)
     engine = Engine(
         resolve_settings(db=db, modules=modules, workflows=workflows), import_steps=False
     )
@@ -445,6 +451,26 @@ def serve(
         raise click.UsageError("DURABLE_YAML_MAX_BODY must be a number of bytes")
     app = create_app(engine, key, port=port, **({"max_body": int(max_body)} if max_body else {}))
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Say so now (exit 1) if the port is taken, rather than after uvicorn's exit 3."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise click.UsageError(f"--host {host}: {exc.strerror or exc}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise click.ClickException(
+                f"cannot listen on {host}:{port}: {exc.strerror or exc} "
+                "(another server is running there? choose another --port)"
+            ) from None
 
 
 @cli.group()

@@ -30,7 +30,7 @@ from dsl.limits import (
     WORKFLOW_ID_MAX,
 )
 
-from .errors import EngineError, NotFound, PayloadInvalid
+from .errors import ConfigError, EngineError, NotFound, PayloadInvalid
 from .inputs import check_json, check_text
 from .models import NewEvent, NewRun, QueueLimits, Run, RunStatus, Sent
 from .registry import import_modules, registered_names
@@ -76,7 +76,13 @@ class Engine:
     @property
     def store(self) -> SqlStore:
         if self._store is None:
-            self._store = open_store(self.settings.db_url)
+            try:
+                self._store = open_store(self.settings.db_url)
+            except OSError as exc:  # the SQLite folder cannot be created
+                where = exc.filename or self.settings.db_url
+                raise ConfigError(
+                    f"cannot create the database at {where}: {exc.strerror or exc}"
+                ) from None
         return self._store
 
     def close(self) -> None:
