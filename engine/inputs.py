@@ -162,6 +162,9 @@ def parse_json(text: str | bytes, field: str) -> Any:
     except RecursionError:
         raise TooDeep(field, f"nested more than {JSON_DEPTH_MAX} levels deep") from None
     except ValueError as exc:  # NaN/Infinity, or an integer of more than 4,300 digits
-        raise NotFiniteNumber(field, str(exc).split(";")[0]) from None
+        message = str(exc)
+        if "integer string conversion" in message:
+            message = "a whole number must fit 64 bits"
+        raise NotFiniteNumber(field, message) from None
     check_json(value, field)
     return value
