@@ -135,6 +135,17 @@ class LiveReporter:
             )
 
 
+def _stop_on_sigterm() -> None:
+    """A foreground run stopped by SIGTERM ends like Ctrl-C: its lease is released, its
+    state kept, and the command exits 130 saying how to continue."""
+    import signal
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def _finish(engine: Engine, run: Run) -> None:
     """Print how a foreground run ended and exit with SPEC's code."""
     took = (run.finished_at or time.time()) - run.created_at
@@ -255,6 +266,7 @@ def run(
     data = _read_payload(payload, payload_file)
     engine = _engine(db, modules, workflows)
     machine = engine.workflow(workflow)
+    _stop_on_sigterm()
     result = engine.run(machine, data, LiveReporter())
     _finish(engine, result)
 
@@ -265,6 +277,7 @@ def run(
 def resume(run_id: str, db: str | None, modules: tuple[str, ...], workflows: str | None) -> None:
     """Continue RUN_ID from its persisted state."""
     engine = _engine(db, modules, workflows)
+    _stop_on_sigterm()
     before = engine.store.get_run(run_id)
     click.echo(
         f"resuming run {run_id} of {before.workflow_id} v{before.version} at step {before.current_step}"
@@ -606,6 +619,7 @@ def runs_replay(
 ) -> None:
     """Run again with the same payload, as a new run, in this process."""
     engine = _engine(db, modules, workflows)
+    _stop_on_sigterm()
     click.echo(f"replaying run {run_id}")
     _finish(engine, engine.replay(run_id, LiveReporter()))
 
@@ -619,8 +633,11 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        click.echo("interrupted", err=True)
+    except click.exceptions.Abort:  # click's form of KeyboardInterrupt (and our SIGTERM)
+        click.echo(
+            "interrupted; a run's state is kept: continue it with `durable-yaml resume RUN_ID`",
+            err=True,
+        )
         sys.exit(130)
     except KeyboardInterrupt:
         click.echo(
