@@ -7,6 +7,7 @@ durations, cron expressions and timezones. Every problem is collected; none stop
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection
 from functools import cached_property
 from typing import Any
@@ -159,6 +160,7 @@ def compile_document(
     queue = _queue(c, data.get("queue"), str(data.get("id", "")))
     if isinstance(data.get("schema"), dict):
         _payload_schema(c, data["schema"])
+        _pattern_problems(c, data["schema"])
     if isinstance(data.get("concurrency_key"), str):
         c.template(("concurrency_key",), data["concurrency_key"], earlier=())
 
@@ -213,6 +215,84 @@ def _payload_schema(c: _Checker, schema: dict[str, Any]) -> None:
         else:
             message = f"not a valid JSON Schema: {_short(error.message)}"
         c.problem(where, message)
+
+
+def _pattern_problems(c: _Checker, schema: dict[str, Any]) -> None:
+    """Regular expressions of the payload schema: valid, and without a repeated group of
+    repeats (`(a+)+`), which can take exponential time on a short string (ReDoS)."""
+    stack: list[tuple[Path, Any]] = [(("schema",), schema)]
+    while stack:
+        where, node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(((*where, i), v) for i, v in enumerate(node))
+            continue
+        if not isinstance(node, dict):
+            continue
+        patterns: list[tuple[Path, Any]] = [((*where, "pattern"), node.get("pattern"))]
+        if isinstance(node.get("patternProperties"), dict):
+            patterns += [((*where, "patternProperties"), k) for k in node["patternProperties"]]
+        for at, pattern in patterns:
+            if not isinstance(pattern, str):
+                continue
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                c.problem(at, f"{pattern!r} is not a regular expression: {exc}")
+                continue
+            if _nested_repeat(pattern):
+                c.problem(
+                    at,
+                    f"{pattern!r} repeats a group that itself repeats, which can take "
+                    "exponential time on a short string; write it without nested repetition",
+                )
+        stack.extend(((*where, k), v) for k, v in node.items())
+
+
+_ATOM_REPEATED = re.compile(r"(?:\\.|\[(?:\\.|[^\]])*\]|[^\\()\[\]|])(?:[+*]|\{\d*,\d*\})\??")
+_QUANTIFIER = re.compile(r"[+*]|\{\d*,\d*\}")
+
+
+def _nested_repeat(pattern: str) -> bool:
+    """True if a group that is only one repeated atom is itself repeated: `(a+)+`,
+    `(\\d*)*`, `((x+)){2,}` - the classic exponential backtracking. A heuristic: it does not
+    see every ambiguous pattern (`(a|aa)+`), and `(\\.[a-z]+)*` is not flagged."""
+    opened: list[int] = []
+    i = 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if ch == "[":
+            i = _end_of_class(pattern, i)
+            continue
+        if ch == "(":
+            opened.append(i)
+        elif ch == ")" and opened:
+            body = _strip_group(pattern[opened.pop() : i + 1])
+            if _QUANTIFIER.match(pattern, i + 1) and _ATOM_REPEATED.fullmatch(body):
+                return True
+        i += 1
+    return False
+
+
+def _end_of_class(pattern: str, start: int) -> int:
+    """The index just after the character class `[...]` starting at `start`."""
+    i = start + 1
+    if i < len(pattern) and pattern[i] == "^":
+        i += 1
+    if i < len(pattern) and pattern[i] == "]":
+        i += 1
+    while i < len(pattern) and pattern[i] != "]":
+        i += 2 if pattern[i] == "\\" else 1
+    return i + 1
+
+
+def _strip_group(group: str) -> str:
+    """`((?:a+))` -> `a+`: the body of a group, without redundant parentheses."""
+    while group.startswith("(") and group.endswith(")"):
+        group = group[1:-1].removeprefix("?:")
+    return group
 
 
 def _short(message: str) -> str:
