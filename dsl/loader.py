@@ -13,6 +13,7 @@ and whole numbers beyond 64 bits are all refused with the place they stand.
 
 from __future__ import annotations
 
+import importlib
 import math
 import re
 from dataclasses import dataclass, field
@@ -53,18 +54,11 @@ _Resolver.add_implicit_resolver(
 )
 
 
-class _Loader(
-    yaml.reader.Reader,
-    yaml.scanner.Scanner,
-    yaml.parser.Parser,
-    yaml.composer.Composer,
-    yaml.constructor.SafeConstructor,
-    _Resolver,
-):
-    def __init__(self, stream: str) -> None:
-        yaml.reader.Reader.__init__(self, stream)
-        yaml.scanner.Scanner.__init__(self)
-        yaml.parser.Parser.__init__(self)
+class _Composer(yaml.composer.Composer, yaml.constructor.SafeConstructor, _Resolver):
+    """Composes nodes from a parser's events with the checks below; the subclasses choose
+    the parser."""
+
+    def __init__(self) -> None:
         yaml.composer.Composer.__init__(self)
         yaml.constructor.SafeConstructor.__init__(self)
         _Resolver.__init__(self)
@@ -74,7 +68,7 @@ class _Loader(
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         """Compose with a depth limit, an alias limit and no explicit tags."""
-        event = self.peek_event()  # type: ignore[no-untyped-call]
+        event = self.peek_event()  # type: ignore[attr-defined]  # from the parser
         if isinstance(index, yaml.ScalarNode):
             part: str | int | None = str(index.value)
         else:
@@ -108,6 +102,28 @@ class _Loader(
             return super().compose_node(parent, index)
         finally:
             self.depth -= 1
+
+
+class _Loader(_Composer, yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser):
+    """The pure-Python parser: its syntax error messages are the ones users see."""
+
+    def __init__(self, stream: str) -> None:
+        yaml.reader.Reader.__init__(self, stream)
+        yaml.scanner.Scanner.__init__(self)
+        yaml.parser.Parser.__init__(self)
+        _Composer.__init__(self)
+
+
+_CParser: Any = getattr(importlib.import_module("yaml.cyaml"), "CParser", None)
+
+
+class _FastLoader(_Composer, *((_CParser,) if _CParser else ())):  # type: ignore[misc]
+    """libyaml's parser (when PyYAML has it) under the same composer: several times faster
+    on a large file. A file it finds wrong is parsed again by `_Loader` for the message."""
+
+    def __init__(self, stream: str) -> None:
+        _CParser.__init__(self, stream)
+        _Composer.__init__(self)
 
 
 class _Refused(yaml.MarkedYAMLError):
@@ -146,8 +162,10 @@ def load_yaml(text: str, path: str) -> tuple[Loaded | None, list[Problem]]:
     """Parse one YAML document; on a syntax error return the problem instead."""
     loader: _Loader | None = None
     try:
-        loader = _Loader(text)
-        node = loader.get_single_node()
+        node = _fast_node(text)
+        if node is _SLOW:
+            loader = _Loader(text)
+            node = loader.get_single_node()
     except _Refused as exc:
         line, col = _where(exc.problem_mark)
         return None, [Problem(path, line, col, exc.field, str(exc.problem))]
@@ -175,6 +193,25 @@ def load_yaml(text: str, path: str) -> tuple[Loaded | None, list[Problem]]:
         message = f"more than {YAML_NODES_MAX} values once aliases are expanded"
         return None, [Problem(path, line, col, _field(exc.where), message)]
     return Loaded(data, converter.positions), converter.problems
+
+
+_SLOW: Any = object()
+
+
+def _fast_node(text: str) -> Any:
+    """The document's node through libyaml, or `_SLOW` when it is missing or finds a
+    problem (the pure-Python parser then says what the problem is, in its own words)."""
+    if _CParser is None:
+        return _SLOW
+    loader = _FastLoader(text)
+    try:
+        return loader.get_single_node()
+    except _Refused:
+        raise
+    except yaml.YAMLError:
+        return _SLOW
+    finally:
+        loader.dispose()
 
 
 def _where(mark: yaml.Mark | None) -> tuple[int, int]:
