@@ -34,6 +34,7 @@ __all__ = [
     "TooLong",
     "check_json",
     "check_text",
+    "loggable",
     "parse_json",
 ]
 
@@ -167,4 +168,21 @@ def parse_json(text: str | bytes, field: str) -> Any:
             message = "a whole number must fit 64 bits"
         raise NotFiniteNumber(field, message) from None
     check_json(value, field)
+    return value
+
+
+LOG_TEXT_MAX = 64 * 1024
+
+
+def loggable(value: Any) -> Any:
+    """A log line or log field as something every backend stores: NUL and lone surrogates
+    become U+FFFD, NaN and Infinity their names, text beyond 64 KiB is cut. Logs are never
+    refused: a step's log line must not fail the run that writes it."""
+    if isinstance(value, str):
+        text = _NOT_TEXT.sub("\ufffd", value)
+        return text if len(text) <= LOG_TEXT_MAX else text[:LOG_TEXT_MAX] + "… (cut)"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT_MAX:
+        return str(value)
     return value

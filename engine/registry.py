@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .errors import ConfigError, NonRetryableError, UnknownStep
+from .inputs import loggable
 from .models import NewLog
 
 __all__ = [
@@ -64,7 +65,7 @@ class StepLogger:
         **_: Any,
     ) -> None:
         name = level if isinstance(level, str) else _LEVELS.get(level, "info")
-        text = message % args if args else str(message)
+        text = loggable(message % args if args else str(message))
         entry = NewLog(name, text, self.step_key, self.attempt, _jsonable(extra), time.time())
         with self._lock:
             self._buffer.append(entry)
@@ -94,7 +95,7 @@ def _jsonable(extra: dict[str, Any] | None) -> dict[str, Any] | None:
     if not extra:
         return None
     return {
-        k: v if isinstance(v, str | int | float | bool | type(None)) else repr(v)
+        loggable(str(k)): loggable(v if isinstance(v, str | int | float | bool | None) else repr(v))
         for k, v in extra.items()
     }
 

@@ -279,3 +279,18 @@ def test_hostile_step_results_fail_the_run_cleanly(
     assert expected in out
     (run,) = [r for r in engine.store.list_runs(None, f"out-{kind}", 10)]
     assert run.status.value == "failed"
+
+
+def test_hostile_log_lines_are_stored_not_refused(
+    engine: Engine, db_url: str, tmp_path: Path
+) -> None:
+    (tmp_path / "wf.yaml").write_text(
+        'id: logs\nversion: "1"\ntrigger: {manual: true}\n'
+        "steps:\n  - {id: produce, call: hostile.logs}\n"
+    )
+    result = cli("run", str(tmp_path / "wf.yaml"), cwd=tmp_path, env=_env(db_url))
+    assert result.returncode == 0, result.stdout + result.stderr
+    (run,) = engine.store.list_runs(None, "logs", 10)
+    (line,) = [e for e in engine.store.get_logs(run.id, 0, 100) if e.step_key == "produce"]
+    assert line.message == "lone \ufffd and nul \ufffd"
+    assert line.extra == {"nan": "nan", "big": str(2**70)}

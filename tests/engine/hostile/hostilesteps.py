@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from engine import step
+from engine import StepContext, step
 
 
 @step("hostile.deep")
@@ -33,3 +33,9 @@ def nul() -> str:
 @step("hostile.exit")
 def exits() -> None:
     sys.exit(5)
+
+
+@step("hostile.logs")
+def logs(ctx: StepContext) -> str:
+    ctx.logger.info("lone \ud800 and nul \x00", extra={"nan": float("nan"), "big": 2**70})
+    return "logged"
