@@ -22,7 +22,7 @@ from typing import Any
 
 from dsl.limits import INT_MAX, JSON_DEPTH_MAX, JSON_SIZE_MAX
 
-from .errors import EngineError
+from .errors import EngineError, PayloadInvalid
 
 __all__ = [
     "InputInvalid",
@@ -41,15 +41,18 @@ __all__ = [
 _NOT_TEXT = re.compile("[\x00\ud800-\udfff]")
 
 
-class InputInvalid(EngineError):
-    """Data given to the engine breaks a rule of the input boundary; nothing was stored."""
+class InputInvalid(PayloadInvalid):
+    """Data given to the engine breaks a rule of the input boundary; nothing was stored.
+    A `PayloadInvalid` (exit 2, HTTP 422) whatever the field: code catching bad payloads
+    catches these too."""
 
     exit_code = 2
 
     def __init__(self, field: str, message: str) -> None:
+        self.workflow_id = ""
         self.field = field
         self.message = message
-        super().__init__(f"{field}: {message}" if field else message)
+        EngineError.__init__(self, f"{field}: {message}" if field else message)
 
 
 class NotJsonData(InputInvalid):

@@ -63,6 +63,15 @@ def validate_payload(machine: Machine, payload: Any) -> None:
     raise PayloadInvalid(machine.workflow_id, field, best.message)
 
 
+def _mtime(path: Path) -> float:
+    """When a file last changed; -1 for one that cannot be read (a dangling symlink): the
+    catalog then reports it as a problem instead of failing."""
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return -1.0
+
+
 class Engine:
     def __init__(self, settings: Settings | None = None, *, import_steps: bool = True) -> None:
         self.settings = settings or resolve_settings()
@@ -108,11 +117,7 @@ class Engine:
         if not folder.is_dir():
             return ()
         return tuple(
-            sorted(
-                (str(p), p.stat().st_mtime)
-                for p in folder.rglob("*")
-                if p.suffix in (".yaml", ".yml")
-            )
+            sorted((str(p), _mtime(p)) for p in folder.rglob("*") if p.suffix in (".yaml", ".yml"))
         )
 
     def refresh_catalog(self) -> bool:

@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from engine import Client
+from engine.errors import PayloadInvalid
 from engine.inputs import InputInvalid, NotFiniteNumber, NotJsonData, NotText, TooDeep, TooLong
 from engine.registry import import_modules
 from engine.server import create_app
@@ -259,7 +260,7 @@ def test_client_refuses_naming_the_field(
     with Client(db_url=db_url, workflows=str(FLOWS)) as client, pytest.raises(error) as raised:
         call(client)
     assert raised.value.field == field
-    assert raised.value.exit_code == 2
+    assert isinstance(raised.value, PayloadInvalid) and raised.value.exit_code == 2
     assert row_counts(engine) == before
 
 

@@ -93,3 +93,22 @@ def test_graph_dot_escapes_names(tmp_path: Path) -> None:
     result = cli("graph", str(wf), "--format", "dot", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert 'label="a: wait_for_event x\\"]; evil [label=\\"pwn"]' in result.stdout
+
+
+def test_a_workflows_folder_with_a_fifo_and_a_dangling_symlink(tmp_path: Path) -> None:
+    import os
+
+    from engine.service import Engine
+    from engine.settings import resolve_settings
+
+    folder = tmp_path / "workflows"
+    folder.mkdir()
+    os.mkfifo(folder / "pipe.yaml")
+    (folder / "gone.yaml").symlink_to(tmp_path / "nowhere")
+    (folder / "loop").symlink_to(folder)
+    result = cli("validate", str(folder), cwd=tmp_path, timeout=30)
+    out = _clean(result)
+    assert result.returncode == 1
+    assert "pipe.yaml:1:1: not a regular file" in out and "gone.yaml:1:1: no such file" in out
+    engine = Engine(resolve_settings(db=f"sqlite:///{tmp_path}/s.db", workflows=str(folder)))
+    assert engine.refresh_catalog() and not engine.catalog.workflows
