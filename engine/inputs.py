@@ -80,8 +80,10 @@ class TooLong(InputInvalid):
 
 
 def _path(field: str, part: str | int) -> str:
+    """`payload.a[0]`; a key that is not text is shown escaped, so the path always prints."""
     if isinstance(part, int):
         return f"{field}[{part}]"
+    part = _NOT_TEXT.sub(lambda m: f"\\u{ord(m.group()):04x}", part)
     return f"{field}.{part}" if field else part
 
 
@@ -114,19 +116,26 @@ def check_json(value: Any, field: str) -> None:
             _text_problem(item, where)
             size += len(item) + 2
         elif isinstance(item, dict):
+            size += 2 + 4 * len(item)
+            _check_size(size, field)  # before walking a huge mapping
             for key, sub in item.items():
                 if not isinstance(key, str):
                     raise NotJsonData(where, f"a key must be text, not {type(key).__name__}")
                 _text_problem(key, _path(where, key))
-                size += len(key) + 4
+                size += len(key)
                 stack.append((sub, _path(where, key), depth + 1))
         elif isinstance(item, list | tuple):
             size += 2 + len(item)
+            _check_size(size, field)  # before walking a huge list
             stack.extend((sub, _path(where, i), depth + 1) for i, sub in enumerate(item))
         else:
             raise NotJsonData(where, f"a value of type {type(item).__name__} is not JSON data")
-        if size > JSON_SIZE_MAX:
-            raise TooLarge(field, f"larger than {JSON_SIZE_MAX // 1024} KiB as JSON")
+        _check_size(size, field)
+
+
+def _check_size(size: int, field: str) -> None:
+    if size > JSON_SIZE_MAX:
+        raise TooLarge(field, f"larger than {JSON_SIZE_MAX // 1024} KiB as JSON")
 
 
 def check_text(value: Any, field: str, max_length: int, *, required: bool = True) -> str | None:

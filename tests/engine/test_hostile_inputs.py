@@ -120,6 +120,13 @@ API_CASES: list[tuple[str, str, dict[str, Any], int, str]] = [
     (
         "POST",
         "/api/events",
+        _raw('{"name": "o", "payload": {"\\ud800": 1}}'),
+        422,
+        "payload.\\\\ud800",
+    ),
+    (
+        "POST",
+        "/api/events",
         _raw('{"name": "o", "payload": ' + "[" * 300 + "]" * 300 + "}"),
         422,
         "nested",
