@@ -62,8 +62,12 @@ class Guard:
             )
             return
         if scope["method"] not in _SAFE_METHODS:
+            # A browser sends cookies by itself, not an Authorization header: a request with
+            # one is a client's own (cross-origin, it needs a CORS preflight this server
+            # never grants), so only requests without one must come from this site.
             source = headers.get("origin") or headers.get("referer")
-            if ("origin" in headers or source) and not same_origin(source, host):
+            foreign = ("origin" in headers or source) and not same_origin(source, host)
+            if foreign and "authorization" not in headers:
                 await self._refuse(
                     scope, send, 403, "a request from another site cannot change anything here"
                 )

@@ -4,8 +4,9 @@
 - The dashboard: a signed session cookie that expires (`SESSION_SECONDS`). With a key it is
   set by signing in; without one (loopback only) every browser gets one on its first page.
   Forms carry a CSRF token derived from the session, so each session has its own.
-- Every state-changing dashboard request must come from the dashboard itself: an `Origin`
-  (or `Referer`) header naming another site is refused, in both modes.
+- Every state-changing request that relies on the browser's cookie (no `Authorization`
+  header) must come from the dashboard itself: an `Origin` (or `Referer`) header naming
+  another site is refused, in both modes.
 - Without a key the server answers only requests whose `Host` is a loopback name
   (`127.0.0.1`, `localhost`, `[::1]`) with the port it listens on: a rebinding DNS name
   pointing at 127.0.0.1 gets nothing.

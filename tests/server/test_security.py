@@ -121,6 +121,12 @@ def test_foreign_host_headers(engine: Engine) -> None:
     assert keyed.get("/api/runs", headers={"Authorization": f"bearer {KEY}"}).status_code == 200
     forged = keyed.post("/api/events", json={"name": "x"}, headers={"origin": EVIL})
     assert forged.status_code == 403
+    with_key = keyed.post(
+        "/api/events",
+        json={"name": "x"},
+        headers={"origin": EVIL, "Authorization": f"Bearer {KEY}"},
+    )
+    assert with_key.status_code == 202  # a client's own request, not a browser's cookie
 
 
 def test_session_cookie_expires_and_logout_ends_it(engine: Engine) -> None:
