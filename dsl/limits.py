@@ -20,6 +20,7 @@ __all__ = [
     "MAX_ATTEMPTS_MAX",
     "QUEUE_NAME_MAX",
     "RETRY_FACTOR_MAX",
+    "RUN_NESTING_MAX",
     "SECONDS_MAX",
     "STEP_ID_MAX",
     "TEMPLATE_OUTPUT_MAX",
@@ -54,6 +55,7 @@ SECONDS_MAX = 10 * 365 * 86400  # any duration: ten years
 MAX_ATTEMPTS_MAX = 1000
 RETRY_FACTOR_MAX = 100
 FOR_EACH_CONCURRENCY_MAX = 100  # threads one for_each step may use
+RUN_NESTING_MAX = 32  # child runs inside child runs (run_workflow), at run time
 LATEST_YEAR = 9998  # a `wait_until` must fall before 9999 in every timezone
 INT_MAX = 2**63 - 1  # whole numbers in files and payloads fit a 64-bit integer
 

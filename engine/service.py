@@ -26,11 +26,12 @@ from dsl.limits import (
     CONCURRENCY_KEY_MAX,
     EVENT_NAME_MAX,
     IDEMPOTENCY_KEY_MAX,
+    RUN_NESTING_MAX,
     TOKEN_MAX,
     WORKFLOW_ID_MAX,
 )
 
-from .errors import ConfigError, EngineError, NotFound, PayloadInvalid
+from .errors import ConfigError, EngineError, NestedTooDeep, NotFound, PayloadInvalid
 from .inputs import check_json, check_text
 from .models import NewEvent, NewRun, QueueLimits, Run, RunStatus, Sent
 from .registry import import_modules, registered_names
@@ -297,7 +298,13 @@ class Engine:
         machine = self.catalog.get(workflow_id)
         if machine is None:
             raise NotFound(f"no workflow has id `{workflow_id}` in {self.settings.workflows}")
-        trigger = {"kind": "parent", "run_id": parent[0], "step": parent[1]}
+        depth = int(self.store.get_run(parent[0]).trigger.get("depth", 0)) + 1
+        if depth > RUN_NESTING_MAX:
+            raise NestedTooDeep(
+                f"`{workflow_id}` would be a child run {depth} levels deep; at most "
+                f"{RUN_NESTING_MAX} (does a workflow start itself through others?)"
+            )
+        trigger = {"kind": "parent", "run_id": parent[0], "step": parent[1], "depth": depth}
         new = self.new_run(machine, payload, trigger, parent=parent, run_id=child_id)
         self.store.send([new], time.time())
 

@@ -302,3 +302,28 @@ def test_hostile_log_lines_are_stored_not_refused(
     (line,) = [e for e in engine.store.get_logs(run.id, 0, 100) if e.step_key == "produce"]
     assert line.message == "lone \ufffd and nul \ufffd"
     assert line.extra == {"nan": "nan", "big": str(2**70)}
+
+
+def test_child_runs_nest_at_most_32_deep_at_run_time(engine: Engine, tmp_path: Path) -> None:
+    """`validate` refuses a workflow that starts itself; one that slips through (a catalog
+    changed under a running worker) stops at the nesting limit with a clear failure."""
+    from dataclasses import replace
+
+    (tmp_path / "loop.yaml").write_text(
+        'id: loop\nversion: "1"\ntrigger: {manual: true}\n'
+        "steps:\n  - {id: again, run_workflow: order}\n"
+    )
+    from dsl import load_workflow
+
+    machine = load_workflow(tmp_path / "loop.yaml")
+    (again,) = machine.states
+    looping = replace(
+        machine, states=(replace(again, config={**again.config, "workflow": "loop"}),)
+    )
+    engine.catalog.workflows["loop"] = looping
+    run = engine.run(looping, {})
+    assert run.status.value == "failed"
+    runs = engine.store.list_runs(None, "loop", 100)
+    assert len(runs) == 33  # the first run and 32 nested children
+    errors = " ".join(r.error or "" for r in runs)
+    assert "would be a child run 33 levels deep; at most 32" in errors
