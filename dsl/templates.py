@@ -227,10 +227,12 @@ class Expression:
             raise
         except _TooBig as exc:
             raise TemplateError(field, f"{exc} in {self.source!r}") from None
-        except (_TooSlow, RecursionError):
+        except _TooSlow:
             raise TemplateError(
                 field, f"took longer than {TEMPLATE_SECONDS:g}s to evaluate: {self.source!r}"
             ) from None
+        except RecursionError:
+            raise TemplateError(field, f"nested too deeply: {_shown(self.source)}") from None
         except MemoryError:
             raise TemplateError(field, f"ran out of memory evaluating {self.source!r}") from None
         except jinja2.UndefinedError as exc:
@@ -293,10 +295,33 @@ def compile_expression(source: str, field: str) -> Expression:
     """Syntax-check a template string now; raise TemplateError naming `field`."""
     expr = _single_expression(source)
     try:
-        _parsed(source) if expr is None else _parsed_expression(expr)
+        tree = _parsed(source) if expr is None else _parsed_expression(expr)
     except jinja2.TemplateSyntaxError as exc:
         raise TemplateError(field, f"template syntax error: {exc.message} in {source!r}") from None
+    except RecursionError:
+        raise TemplateError(field, f"nested too deeply: {_shown(source)}") from None
+    _check_depth(tree, field, source)
     return Expression(source, expr)
+
+
+TEMPLATE_DEPTH_MAX = 100
+
+
+def _check_depth(tree: nodes.Node, field: str, source: str) -> None:
+    """Refuse a syntax tree deeper than `TEMPLATE_DEPTH_MAX` (walked without recursion):
+    compiling or analysing it would exhaust Python's stack."""
+    stack = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > TEMPLATE_DEPTH_MAX:
+            raise TemplateError(
+                field, f"nested more than {TEMPLATE_DEPTH_MAX} levels deep: {_shown(source)}"
+            )
+        stack.extend((child, depth + 1) for child in node.iter_child_nodes())
+
+
+def _shown(source: str) -> str:
+    return repr(source) if len(source) <= 80 else repr(source[:77] + "...")
 
 
 def when_expression(source: str | bool, field: str) -> Expression:
@@ -313,11 +338,14 @@ def when_expression(source: str | bool, field: str) -> Expression:
     if not inner:
         raise TemplateError(field, "`when` is empty")
     try:
-        _parsed_expression(inner)
+        tree = _parsed_expression(inner)
     except jinja2.TemplateSyntaxError as exc:
         raise TemplateError(
             field, f"expression syntax error: {exc.message} in {source!r}"
         ) from None
+    except RecursionError:
+        raise TemplateError(field, f"nested too deeply: {_shown(source)}") from None
+    _check_depth(tree, field, inner)
     return Expression(source if isinstance(source, str) else str(source), inner)
 
 

@@ -85,6 +85,7 @@ def _run(kind: str, arg: str) -> tuple[str, float]:
         ("template-constant-bomb.yaml", "is larger than 4096 bits"),
         ("template-endless-loop.yaml", "took longer than 1s"),
         ("template-huge-width.yaml", "is larger than 1,048,576"),
+        ("template-deep-nesting.yaml", "nested too deeply"),
     ],
 )
 def test_file_bombs(name: str, message: str) -> None:
