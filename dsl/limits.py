@@ -20,6 +20,7 @@ __all__ = [
     "MAX_ATTEMPTS_MAX",
     "QUEUE_NAME_MAX",
     "RETRY_FACTOR_MAX",
+    "RUN_ID_MAX",
     "RUN_NESTING_MAX",
     "SECONDS_MAX",
     "STEP_ID_MAX",
@@ -36,6 +37,7 @@ __all__ = [
 
 # Column lengths (engine/store/schema.py).
 WORKFLOW_ID_MAX = 200  # dy_runs.workflow_id, dy_definitions.workflow_id
+RUN_ID_MAX = 40  # dy_runs.id
 VERSION_MAX = 100  # dy_runs.version
 EVENT_NAME_MAX = 200  # dy_events.name, dy_steps.wait_event
 QUEUE_NAME_MAX = 200  # dy_runs.queue, dy_queues.name

@@ -1,11 +1,12 @@
-"""The ASGI layer in front of every route: Host and Origin checks, the body limit and the
-security headers (see `security.py` for the rules). Pure ASGI, so streamed responses pass
+"""The ASGI layer in front of every route: Host and Origin checks, no NUL in the URL (no
+column can hold it), the body limit and the security headers (see `security.py` for the rules). Pure ASGI, so streamed responses pass
 through untouched."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from starlette.datastructures import Headers
 
@@ -59,6 +60,11 @@ class Guard:
                 421,
                 f"this server answers only http://127.0.0.1:{port}/ "
                 "(set DURABLE_YAML_API_KEY to serve other names)",
+            )
+            return
+        if "\x00" in scope["path"] or b"\x00" in unquote_to_bytes(scope.get("query_string", b"")):
+            await self._refuse(
+                scope, send, 422, "the URL contains the NUL character (%00), which is not text"
             )
             return
         if scope["method"] not in _SAFE_METHODS:

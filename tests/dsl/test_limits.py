@@ -22,6 +22,7 @@ def _length(table: str, column: str) -> int:
 
 def test_limits_fit_the_columns() -> None:
     assert _length("dy_runs", "workflow_id") >= L.WORKFLOW_ID_MAX
+    assert _length("dy_runs", "id") >= L.RUN_ID_MAX
     assert _length("dy_runs", "version") >= L.VERSION_MAX
     assert _length("dy_events", "name") >= L.EVENT_NAME_MAX
     assert _length("dy_steps", "wait_event") >= L.EVENT_NAME_MAX

@@ -186,6 +186,10 @@ API_CASES: list[tuple[str, str, dict[str, Any], int, str]] = [
     ("GET", "/api/runs?created_before=99999-01-01", {}, 422, "created_before"),
     ("GET", "/api/runs?cursor=garbage", {}, 422, "cursor"),
     ("GET", f"/api/runs/x/logs?after={10**23}", {}, 422, "after"),
+    ("GET", "/api/runs/%00x", {}, 422, "NUL"),
+    ("GET", "/api/runs?workflow=%00", {}, 422, "NUL"),
+    ("POST", "/api/runs/%00x/cancel", {}, 422, "NUL"),
+    ("GET", "/runs/%00x", {}, 422, "NUL"),
 ]
 
 
@@ -245,6 +249,8 @@ CLIENT_CASES: list[tuple[Callable[[Client], Any], type[InputInvalid], str]] = [
     (lambda c: c.trigger("order", {}, delay=math.nan), InputInvalid, "delay"),
     (lambda c: c.trigger("order", {"k": "k" * 600}), TooLong, "concurrency_key"),
     (lambda c: c.complete_token("tok", {1}), NotJsonData, "data"),
+    (lambda c: c.get_run("a\x00"), NotText, "run_id"),
+    (lambda c: c.cancel("r" * 41), TooLong, "run_id"),
 ]
 
 
