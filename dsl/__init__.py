@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .catalog import Catalog, check_file, check_paths, find_workflow_files, load_workflow
 from .cron import CronError, next_fire_after, next_fires
-from .durations import DurationError, parse_duration
+from .durations import DurationError, InstantError, parse_duration, parse_instant
 from .errors import DslError, Problem, TemplateError, WorkflowInvalid
 from .graph import render_graph
 from .model import (
@@ -30,6 +30,7 @@ __all__ = [
     "CronError",
     "DslError",
     "DurationError",
+    "InstantError",
     "Machine",
     "Problem",
     "QueueSpec",
@@ -46,6 +47,7 @@ __all__ = [
     "next_fire_after",
     "next_fires",
     "parse_duration",
+    "parse_instant",
     "render_graph",
     "render_value",
     "when_expression",

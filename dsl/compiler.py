@@ -7,14 +7,17 @@ durations, cron expressions and timezones. Every problem is collected; none stop
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection
-from datetime import datetime
+from functools import cached_property
 from typing import Any
+
+import jsonschema
 
 from schemas import workflow_schema
 
 from .cron import CronError, check_cron, check_timezone
-from .durations import DurationError, parse_duration
+from .durations import DurationError, InstantError, parse_duration, parse_instant
 from .errors import Problem, TemplateError
 from .loader import Path, Positions, field_name
 from .model import COMPLETED, FAILED, STEP_KINDS, Machine, QueueSpec, RetryPolicy, State, Trigger
@@ -26,6 +29,7 @@ __all__ = ["compile_document"]
 _SCOPE = frozenset({"payload", "steps", "run", "trigger", "env"})
 _JINJA_GLOBALS = frozenset({"range", "dict", "lipsum", "cycler", "joiner", "namespace", "loop"})
 _DEFAULT_RETRY = RetryPolicy()
+_JSON_SCHEMA_TYPES = ("string", "number", "integer", "boolean", "object", "array", "null")
 _STEP_KEYS = frozenset(workflow_schema()["$defs"]["step"]["properties"])
 _TRIGGER_KEYS = frozenset(workflow_schema()["properties"]["trigger"]["properties"])
 
@@ -64,20 +68,26 @@ class _Checker:
                 self.template((*where, i), v, earlier, extra)
         elif isinstance(value, str) and is_template(value):
             try:
-                compile_expression(value, field_name(where))
+                expression = compile_expression(value, field_name(where))
             except TemplateError as exc:
                 self.problem(where, exc.message)
                 return
-            self.scope(where, value, earlier, extra)
+            if self.scope(where, value, earlier, extra):
+                return
+            try:  # reads nothing: evaluate it now, in the bounded sandbox
+                expression.evaluate({}, field_name(where))
+            except TemplateError as exc:
+                self.problem(where, exc.message)
 
     def scope(
         self, where: Path, text: str, earlier: Collection[str], extra: Collection[str]
-    ) -> None:
+    ) -> bool:
+        """Check the names a template reads; True if it reads any (scope, steps, env)."""
         refs = references(text)
         allowed = _SCOPE | set(extra)
         for name in sorted(refs.names - allowed - _JINJA_GLOBALS):
             self.problem(where, f"unknown name `{name}`{closest(name, allowed)}")
-        for step_id in sorted(refs.steps - set(earlier)):
+        for step_id in sorted(s for s in refs.steps if s not in earlier):
             if step_id in self.all_step_ids:
                 self.problem(where, f"`steps.{step_id}` runs later; only earlier steps can be read")
             else:
@@ -86,15 +96,16 @@ class _Checker:
                 )
         for name in sorted(refs.env - set(self.env)):
             self.problem(where, f"`env.{name}` is not listed in `env:`; add it there to read it")
+        return bool(refs.names - _JINJA_GLOBALS)
 
-    @property
-    def all_step_ids(self) -> list[str]:
-        return [
+    @cached_property
+    def all_step_ids(self) -> frozenset[str]:
+        return frozenset(
             s["id"]
             for section in ("steps", "on_failure")
             for s in _list(self.data.get(section))
             if isinstance(s, dict) and isinstance(s.get("id"), str)
-        ]
+        )
 
     def retry(self, where: Path, value: Any, default: RetryPolicy) -> RetryPolicy:
         if not isinstance(value, dict):
@@ -147,6 +158,9 @@ def compile_document(
     workflow_retry = c.retry(("retry",), data.get("retry"), _DEFAULT_RETRY)
     run_timeout = c.duration(("timeout",), data.get("timeout"))
     queue = _queue(c, data.get("queue"), str(data.get("id", "")))
+    if isinstance(data.get("schema"), dict):
+        _payload_schema(c, data["schema"])
+        _pattern_problems(c, data["schema"])
     if isinstance(data.get("concurrency_key"), str):
         c.template(("concurrency_key",), data["concurrency_key"], earlier=())
 
@@ -182,6 +196,107 @@ def compile_document(
         source_path=path,
     )
     return machine, []
+
+
+def _payload_schema(c: _Checker, schema: dict[str, Any]) -> None:
+    """The payload `schema:` must itself be a valid JSON Schema (2020-12): each mistake is
+    placed where it stands, so `type: strin` is caught now, not when a run starts."""
+    meta = jsonschema.Draft202012Validator(jsonschema.Draft202012Validator.META_SCHEMA)
+    seen: set[Path] = set()
+    for error in sorted(meta.iter_errors(schema), key=lambda e: list(map(str, e.absolute_path))):
+        where: Path = ("schema", *error.absolute_path)
+        if where in seen:
+            continue
+        seen.add(where)
+        if where[-1] == "type" or (len(where) > 2 and where[-2] == "type"):
+            types = ", ".join(_JSON_SCHEMA_TYPES)
+            message = f"{error.instance!r} is not a JSON Schema type; use one of {types}"
+            message += closest(str(error.instance), _JSON_SCHEMA_TYPES)
+        else:
+            message = f"not a valid JSON Schema: {_short(error.message)}"
+        c.problem(where, message)
+
+
+def _pattern_problems(c: _Checker, schema: dict[str, Any]) -> None:
+    """Regular expressions of the payload schema: valid, and without a repeated group of
+    repeats (`(a+)+`), which can take exponential time on a short string (ReDoS)."""
+    stack: list[tuple[Path, Any]] = [(("schema",), schema)]
+    while stack:
+        where, node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(((*where, i), v) for i, v in enumerate(node))
+            continue
+        if not isinstance(node, dict):
+            continue
+        patterns: list[tuple[Path, Any]] = [((*where, "pattern"), node.get("pattern"))]
+        if isinstance(node.get("patternProperties"), dict):
+            patterns += [((*where, "patternProperties"), k) for k in node["patternProperties"]]
+        for at, pattern in patterns:
+            if not isinstance(pattern, str):
+                continue
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                c.problem(at, f"{pattern!r} is not a regular expression: {exc}")
+                continue
+            if _nested_repeat(pattern):
+                c.problem(
+                    at,
+                    f"{pattern!r} repeats a group that itself repeats, which can take "
+                    "exponential time on a short string; write it without nested repetition",
+                )
+        stack.extend(((*where, k), v) for k, v in node.items())
+
+
+_ATOM_REPEATED = re.compile(r"(?:\\.|\[(?:\\.|[^\]])*\]|[^\\()\[\]|])(?:[+*]|\{\d*,\d*\})\??")
+_QUANTIFIER = re.compile(r"[+*]|\{\d*,\d*\}")
+
+
+def _nested_repeat(pattern: str) -> bool:
+    """True if a group that is only one repeated atom is itself repeated: `(a+)+`,
+    `(\\d*)*`, `((x+)){2,}` - the classic exponential backtracking. A heuristic: it does not
+    see every ambiguous pattern (`(a|aa)+`), and `(\\.[a-z]+)*` is not flagged."""
+    opened: list[int] = []
+    i = 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if ch == "[":
+            i = _end_of_class(pattern, i)
+            continue
+        if ch == "(":
+            opened.append(i)
+        elif ch == ")" and opened:
+            body = _strip_group(pattern[opened.pop() : i + 1])
+            if _QUANTIFIER.match(pattern, i + 1) and _ATOM_REPEATED.fullmatch(body):
+                return True
+        i += 1
+    return False
+
+
+def _end_of_class(pattern: str, start: int) -> int:
+    """The index just after the character class `[...]` starting at `start`."""
+    i = start + 1
+    if i < len(pattern) and pattern[i] == "^":
+        i += 1
+    if i < len(pattern) and pattern[i] == "]":
+        i += 1
+    while i < len(pattern) and pattern[i] != "]":
+        i += 2 if pattern[i] == "\\" else 1
+    return i + 1
+
+
+def _strip_group(group: str) -> str:
+    """`((?:a+))` -> `a+`: the body of a group, without redundant parentheses."""
+    while group.startswith("(") and group.endswith(")"):
+        group = group[1:-1].removeprefix("?:")
+    return group
+
+
+def _short(message: str) -> str:
+    return message if len(message) <= 200 else message[:197] + "..."
 
 
 def _link(states: list[State], end: str, on_error: str | None) -> list[State]:
@@ -256,10 +371,10 @@ def _steps(
     value: Any,
     default_retry: RetryPolicy,
     seen: dict[str, Path],
-    earlier: list[str],
+    earlier: Collection[str],
 ) -> list[State]:
     states: list[State] = []
-    visible = list(earlier)
+    visible = set(earlier)
     for i, raw in enumerate(_list(value)):
         where: Path = (section, i)
         if not isinstance(raw, dict):
@@ -277,7 +392,7 @@ def _steps(
         if state is not None:
             states.append(state)
         if isinstance(step_id, str):
-            visible.append(step_id)
+            visible.add(step_id)
     return states
 
 
@@ -286,7 +401,7 @@ def _step(
     where: Path,
     raw: dict[str, Any],
     default_retry: RetryPolicy,
-    earlier: list[str],
+    earlier: Collection[str],
     handler: bool,
 ) -> State | None:
     kinds = [k for k in STEP_KINDS if k in raw]
@@ -341,9 +456,9 @@ def _step(
         at = tmpl("wait_until")
         if isinstance(at, str) and not is_template(at):
             try:
-                datetime.fromisoformat(at.replace("Z", "+00:00"))
-            except ValueError:
-                c.problem((*where, "wait_until"), f"{at!r} is not an ISO-8601 timestamp")
+                parse_instant(at)
+            except InstantError as exc:
+                c.problem((*where, "wait_until"), str(exc))
         config = {"at": at}
     elif kind == "wait_for_event":
         config = {"event": raw["wait_for_event"], "match": tmpl("match") or {}}
@@ -357,6 +472,11 @@ def _step(
     elif kind == "send_event":
         config = {"event": raw["send_event"], "payload": tmpl("payload") or {}}
     elif kind == "run_workflow":
+        if raw["run_workflow"] == c.data.get("id"):
+            c.problem(
+                (*where, "run_workflow"),
+                f"`{raw['run_workflow']}` runs itself: a workflow cannot start itself",
+            )
         config = {"workflow": raw["run_workflow"], "payload": tmpl("payload") or {}}
     elif kind == "for_each":
         name = raw.get("as", "item")

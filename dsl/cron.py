@@ -14,7 +14,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 
 __all__ = ["CronError", "check_cron", "check_timezone", "next_fire_after", "next_fires"]
 
@@ -31,6 +31,10 @@ def check_cron(expr: str) -> None:
         )
     if not croniter.is_valid(expr):
         raise CronError(f"cron {expr!r} is not a valid expression")
+    try:  # a day that no month has (`* * 31 2 *`) is valid syntax that never fires
+        croniter(expr, datetime(2000, 1, 1)).get_next(datetime)
+    except (CroniterBadDateError, ValueError, OverflowError):
+        raise CronError(f"cron {expr!r} never fires: no month has that day") from None
 
 
 def check_timezone(name: str) -> ZoneInfo:
@@ -56,7 +60,8 @@ def _instants(naive: datetime, tz: ZoneInfo, follow_real_time: bool) -> list[dat
 
 
 def next_fire_after(expr: str, tz_name: str, after: datetime) -> datetime:
-    """The first fire strictly after `after` (an aware datetime), as an aware UTC datetime."""
+    """The first fire strictly after `after` (an aware datetime), as an aware UTC datetime.
+    CronError if the expression or timezone is bad or the schedule never fires again."""
     if after.tzinfo is None:
         raise ValueError("`after` must be timezone-aware")
     tz = check_timezone(tz_name)
@@ -64,10 +69,18 @@ def next_fire_after(expr: str, tz_name: str, after: datetime) -> datetime:
     after_utc = after.astimezone(UTC)
     local = after_utc.astimezone(tz).replace(tzinfo=None)
     # Start a few hours early: a repeated or skipped hour maps local times across offsets.
-    it = croniter(expr, local - timedelta(hours=3))
+    try:
+        it = croniter(expr, local - timedelta(hours=3))
+    except (ValueError, KeyError) as exc:  # croniter's errors are ValueErrors
+        raise CronError(f"cron {expr!r} is not a valid expression: {exc}") from None
     best: datetime | None = None
     while True:
-        naive: datetime = it.get_next(datetime)
+        try:
+            naive: datetime = it.get_next(datetime)
+        except (CroniterBadDateError, ValueError, OverflowError):
+            if best is not None:
+                return best
+            raise CronError(f"cron {expr!r} never fires after {after_utc.isoformat()}") from None
         if best is not None and naive > best.astimezone(tz).replace(tzinfo=None) + timedelta(
             hours=3
         ):

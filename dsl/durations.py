@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import re
+from datetime import UTC, datetime
 
-__all__ = ["DurationError", "parse_duration"]
+from .limits import LATEST_YEAR, SECONDS_MAX
+
+__all__ = ["DurationError", "InstantError", "parse_duration", "parse_instant"]
 
 _UNITS = {
     "ms": 0.001, "msec": 0.001, "millisecond": 0.001, "milliseconds": 0.001,
@@ -26,10 +30,21 @@ class DurationError(ValueError):
 
 
 def parse_duration(value: object) -> float:
-    """Return the duration in seconds (a non-negative float)."""
+    """Return the duration in seconds: a finite float from 0 to `SECONDS_MAX` (ten years)."""
+    seconds = _seconds(value)
+    if not math.isfinite(seconds):
+        raise DurationError(f"{value!r} is not a finite duration")
+    if seconds > SECONDS_MAX:
+        raise DurationError(f"{value!r} is longer than the longest duration allowed, 10 years")
+    return seconds
+
+
+def _seconds(value: object) -> float:
     if isinstance(value, bool):
         raise DurationError(f"{value!r} is not a duration")
     if isinstance(value, int | float):
+        if math.isnan(value):
+            raise DurationError(f"{value!r} is not a finite duration")
         if value < 0:
             raise DurationError(f"a duration cannot be negative ({value})")
         return float(value)
@@ -57,3 +72,23 @@ def parse_duration(value: object) -> float:
     raise DurationError(
         f"{value!r} is not a duration; write e.g. 500ms, 3s, 5m, 2h, 1d, '3 seconds' or PT3S"
     )
+
+
+class InstantError(ValueError):
+    """The text is not a usable ISO-8601 timestamp; the message says why."""
+
+
+def parse_instant(value: object) -> float:
+    """An ISO-8601 timestamp (UTC when it has no offset) as a POSIX timestamp, before the
+    year `LATEST_YEAR` + 1 so that every timezone can still show it."""
+    if not isinstance(value, str):
+        raise InstantError(f"expected an ISO-8601 timestamp, got {value!r}")
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise InstantError(f"{value!r} is not an ISO-8601 timestamp") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    if not 1970 <= parsed.year <= LATEST_YEAR:
+        raise InstantError(f"{value!r} is out of range: use a year from 1970 to {LATEST_YEAR}")
+    return parsed.timestamp()

@@ -137,6 +137,12 @@ def _explain(error: ValidationError, root: Any, positions: Positions, path: str)
     if kind in ("minimum", "maximum"):
         word = "at least" if kind == "minimum" else "at most"
         return [at_value(f"must be {word} {error.validator_value}; got {instance!r}")]
+    if kind == "maxLength":
+        return [
+            at_value(
+                f"is {len(instance)} characters long; at most {error.validator_value} are allowed"
+            )
+        ]
     if kind in ("minItems", "minLength"):
         return [at_value("must not be empty")]
     if kind == "uniqueItems":

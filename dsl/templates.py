@@ -8,17 +8,24 @@ text, so the string "007" stays a string. Any other string renders to a string.
 from __future__ import annotations
 
 import json
+import math
 import re
+import sys
+import time
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
+from types import FrameType
 from typing import Any
 
 import jinja2
-from jinja2 import meta, nodes
+from jinja2 import nodes
+from jinja2.parser import Parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import TemplateError
+from .limits import INT_BITS_MAX, TEMPLATE_OUTPUT_MAX, TEMPLATE_SECONDS
 
 __all__ = [
     "Expression",
@@ -31,18 +38,159 @@ __all__ = [
 ]
 
 
+class _TooBig(Exception):
+    """An operation would build a value beyond the sandbox's bounds."""
+
+
+class _TooSlow(Exception):
+    """Evaluation ran past `TEMPLATE_SECONDS`."""
+
+
 class _Environment(ImmutableSandboxedEnvironment):
     """Keys of a mapping win over its methods: `payload.items` is the payload's `items`
-    field, never `dict.items`."""
+    field, never `dict.items`.
+
+    Bounded: arithmetic, repetition and concatenation refuse to build an integer beyond
+    `INT_BITS_MAX` bits or a text or list beyond `TEMPLATE_OUTPUT_MAX`; padding methods and
+    filters refuse widths beyond it; nothing is folded at compile time (`optimized=False`),
+    so user arithmetic runs only under these checks and the time budget of `_budget`."""
+
+    intercepted_binops = frozenset({"*", "**", "+", "%", "//", "/"})
 
     def getattr(self, obj: Any, attribute: str) -> Any:
         if isinstance(obj, Mapping) and attribute in obj:
             return obj[attribute]
         return super().getattr(obj, attribute)
 
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        _check_binop(operator, left, right)
+        try:
+            return super().call_binop(context, operator, left, right)
+        except OverflowError:
+            raise _TooBig(f"`{operator}` overflows: the result is too large a number") from None
 
-_ENV = _Environment(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True)
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        method = getattr(__obj, "__wrapped__", __obj)  # the sandbox wraps str.format
+        text = getattr(method, "__self__", None)
+        if isinstance(text, str):
+            _check_str_method(text, getattr(method, "__name__", ""), args, kwargs)
+        return super().call(__context, __obj, *args, **kwargs)
+
+
+_PADDING = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs"})
+_WIDTH = re.compile(r"[%:][-+#0 <>=^,_]*(\d{7,})|\.(\d{7,})")
+
+
+def _check_length(size: int, what: str) -> None:
+    if size > TEMPLATE_OUTPUT_MAX:
+        raise _TooBig(
+            f"`{what}` would make {size:,} items or characters; at most {TEMPLATE_OUTPUT_MAX:,}"
+        )
+
+
+def _check_width(what: str, args: list[Any]) -> None:
+    for arg in args:
+        if isinstance(arg, int) and not isinstance(arg, bool) and abs(arg) > TEMPLATE_OUTPUT_MAX:
+            raise _TooBig(f"`{what}` width {arg:,} is larger than {TEMPLATE_OUTPUT_MAX:,}")
+
+
+def _check_format_widths(fmt: Any) -> None:
+    if isinstance(fmt, str) and _WIDTH.search(fmt):
+        raise _TooBig(f"a width in {fmt[:40]!r} is larger than {TEMPLATE_OUTPUT_MAX:,}")
+
+
+def _check_str_method(text: str, name: str, args: Any, kwargs: Any) -> None:
+    if name in _PADDING:
+        _check_width(name, [*args, *kwargs.values()])
+    elif name in ("format", "format_map"):
+        _check_format_widths(text)
+    elif name == "replace" and len(args) >= 2:
+        old, new = str(args[0]), str(args[1])
+        growth = (text.count(old) if old else len(text) + 1) * max(0, len(new) - len(old))
+        _check_length(len(text) + growth, "replace")
+
+
+def _lipsum(n: int = 5, html: bool = True, min: int = 20, max: int = 100) -> Any:
+    if not all(_is_int(v) and 0 <= v <= 1000 for v in (n, min, max)):
+        raise _TooBig("lipsum takes numbers from 0 to 1000")
+    return _ENV_LIPSUM(n, html, min, max)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_binop(operator: str, left: Any, right: Any) -> None:
+    """Refuse, before computing it, a result beyond the sandbox's bounds."""
+    if operator == "**" and _is_int(left) and _is_int(right) and right > 0 and abs(left) > 1:
+        if right * math.log2(abs(left)) > INT_BITS_MAX:
+            raise _TooBig(f"`{left} ** {right}` is larger than {INT_BITS_MAX} bits")
+    elif operator == "*":
+        if (
+            _is_int(left)
+            and _is_int(right)
+            and left.bit_length() + right.bit_length() > INT_BITS_MAX
+        ):
+            raise _TooBig(f"the product is larger than {INT_BITS_MAX} bits")
+        for seq, times in ((left, right), (right, left)):
+            if isinstance(seq, str | list | tuple) and _is_int(times):
+                _check_length(len(seq) * times, "*")
+    elif (
+        operator == "+"
+        and isinstance(left, str | list | tuple)
+        and isinstance(right, str | list | tuple)
+    ):
+        _check_length(len(left) + len(right), "+")
+    elif operator == "%" and isinstance(left, str):
+        _check_format_widths(left)
+
+
+def _bounded_filter(name: str, filter_: Any) -> Any:
+    def bounded(value: Any, *args: Any, **kwargs: Any) -> Any:
+        _check_width(name, [*args, *kwargs.values()])
+        if name == "format":
+            _check_format_widths(value)
+        return filter_(value, *args, **kwargs)
+
+    bounded.__name__ = name
+    return bounded
+
+
+_ENV = _Environment(
+    undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True, optimized=False
+)
 _ENV.filters["tojson"] = lambda v: json.dumps(v, sort_keys=True)
+for _name in ("center", "indent", "wordwrap", "format", "truncate", "batch", "slice"):
+    _ENV.filters[_name] = _bounded_filter(_name, _ENV.filters[_name])
+_ENV_LIPSUM: Any = _ENV.globals["lipsum"]
+_ENV.globals["lipsum"] = _lipsum
+
+
+@contextmanager
+def _budget(seconds: float) -> Iterator[None]:
+    """Raise `_TooSlow` in a template's own code once it has run `seconds`: a trace
+    function counts the lines the compiled template executes (nested `range` loops)."""
+    deadline = time.monotonic() + seconds
+    ticks = 0
+
+    def local(frame: FrameType, event: str, arg: Any) -> Any:
+        nonlocal ticks
+        ticks += 1
+        if ticks % 512 == 0 and time.monotonic() > deadline:
+            raise _TooSlow()
+        return local
+
+    def trace(frame: FrameType, event: str, arg: Any) -> Any:
+        return local if frame.f_code.co_filename == "<template>" else None
+
+    previous = sys.gettrace()
+    sys.settrace(trace)
+    try:
+        yield
+    finally:
+        sys.settrace(previous)
+
+
 _ONE_EXPR = re.compile(r"^\s*\{\{(?P<expr>.*?)\}\}\s*$", re.DOTALL)
 
 
@@ -68,12 +216,25 @@ class Expression:
 
     def evaluate(self, scope: Mapping[str, Any], field: str) -> Any:
         try:
-            if self.expression is not None:
-                value = _compiled_expression(self.expression)(**scope)
-                return _plain(value, field)
-            return _compiled_template(self.source).render(**scope)
+            with _budget(TEMPLATE_SECONDS):
+                if self.expression is not None:
+                    value = _compiled_expression(self.expression)(**scope)
+                    return _plain(value, field)
+                text = _compiled_template(self.source).render(**scope)
+            _check_length(len(text), "the template")
+            return text
         except TemplateError:
             raise
+        except _TooBig as exc:
+            raise TemplateError(field, f"{exc} in {self.source!r}") from None
+        except _TooSlow:
+            raise TemplateError(
+                field, f"took longer than {TEMPLATE_SECONDS:g}s to evaluate: {self.source!r}"
+            ) from None
+        except RecursionError:
+            raise TemplateError(field, f"nested too deeply: {_shown(self.source)}") from None
+        except MemoryError:
+            raise TemplateError(field, f"ran out of memory evaluating {self.source!r}") from None
         except jinja2.UndefinedError as exc:
             raise TemplateError(field, f"{exc.message} in {self.source!r}") from None
         except jinja2.TemplateError as exc:
@@ -96,6 +257,10 @@ def _plain(value: Any, field: str) -> Any:
     """Turn an expression's value into plain JSON data; undefined anywhere is an error."""
     if isinstance(value, jinja2.Undefined):
         value._fail_with_undefined_error()
+    if isinstance(value, float) and not math.isfinite(value):
+        raise TemplateError(field, f"the expression gives {value}, which is not a JSON number")
+    if isinstance(value, str):
+        _check_length(len(value), "the expression")
     if value is None or isinstance(value, bool | int | float | str):
         return value
     if isinstance(value, Mapping):
@@ -107,17 +272,56 @@ def _plain(value: Any, field: str) -> Any:
     )
 
 
+@lru_cache(maxsize=4096)
+def _parsed(source: str) -> nodes.Template:
+    """The syntax tree of a template: parsing is all a check needs, and it is cheap
+    (compiling to Python waits for the first evaluation)."""
+    return _ENV.parse(source)
+
+
+@lru_cache(maxsize=4096)
+def _parsed_expression(expr: str) -> nodes.Template:
+    """The syntax tree of a bare expression, parsed as `compile_expression` parses it."""
+    parser = Parser(_ENV, expr, state="variable")
+    body = parser.parse_expression()
+    if not parser.stream.eos:
+        raise jinja2.TemplateSyntaxError("chunk after expression", parser.stream.current.lineno)
+    tree = nodes.Template([nodes.Output([body])], lineno=1)
+    tree.set_environment(_ENV)
+    return tree
+
+
 def compile_expression(source: str, field: str) -> Expression:
-    """Compile a template string (syntax checked now); raise TemplateError naming `field`."""
+    """Syntax-check a template string now; raise TemplateError naming `field`."""
     expr = _single_expression(source)
     try:
-        if expr is not None:
-            _compiled_expression(expr)
-        else:
-            _compiled_template(source)
+        tree = _parsed(source) if expr is None else _parsed_expression(expr)
     except jinja2.TemplateSyntaxError as exc:
         raise TemplateError(field, f"template syntax error: {exc.message} in {source!r}") from None
+    except RecursionError:
+        raise TemplateError(field, f"nested too deeply: {_shown(source)}") from None
+    _check_depth(tree, field, source)
     return Expression(source, expr)
+
+
+TEMPLATE_DEPTH_MAX = 100
+
+
+def _check_depth(tree: nodes.Node, field: str, source: str) -> None:
+    """Refuse a syntax tree deeper than `TEMPLATE_DEPTH_MAX` (walked without recursion):
+    compiling or analysing it would exhaust Python's stack."""
+    stack = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > TEMPLATE_DEPTH_MAX:
+            raise TemplateError(
+                field, f"nested more than {TEMPLATE_DEPTH_MAX} levels deep: {_shown(source)}"
+            )
+        stack.extend((child, depth + 1) for child in node.iter_child_nodes())
+
+
+def _shown(source: str) -> str:
+    return repr(source) if len(source) <= 80 else repr(source[:77] + "...")
 
 
 def when_expression(source: str | bool, field: str) -> Expression:
@@ -134,11 +338,14 @@ def when_expression(source: str | bool, field: str) -> Expression:
     if not inner:
         raise TemplateError(field, "`when` is empty")
     try:
-        _compiled_expression(inner)
+        tree = _parsed_expression(inner)
     except jinja2.TemplateSyntaxError as exc:
         raise TemplateError(
             field, f"expression syntax error: {exc.message} in {source!r}"
         ) from None
+    except RecursionError:
+        raise TemplateError(field, f"nested too deeply: {_shown(source)}") from None
+    _check_depth(tree, field, inner)
     return Expression(source if isinstance(source, str) else str(source), inner)
 
 
@@ -173,6 +380,17 @@ def _strings(value: Any, field: str) -> Iterator[tuple[str, str]]:
             yield from _strings(v, f"{field}[{i}]")
 
 
+def _free_names(ast: nodes.Template) -> frozenset[str]:
+    """Names read and never assigned (by `for`, `set`, macros) anywhere in the template;
+    a walk of the tree, much cheaper than jinja2.meta's code generation."""
+    loaded: set[str] = set()
+    stored: set[str] = set()
+    for node in ast.find_all(nodes.Name):
+        assert isinstance(node, nodes.Name)
+        (loaded if node.ctx == "load" else stored).add(node.name)
+    return frozenset(loaded - stored)
+
+
 @dataclass(frozen=True)
 class References:
     """What a template reads: free names, `steps.<id>` ids and `env.<NAME>` names."""
@@ -185,11 +403,10 @@ class References:
 def references(text: str) -> References:
     """Static analysis of one template string (assumed to compile)."""
     expr = _single_expression(text)
-    source = text if expr is None else "{{ " + expr + " }}"
     if not is_template(text):  # a bare `when` expression
-        source = "{{ " + text + " }}"
-    ast = _ENV.parse(source)
-    names = frozenset(meta.find_undeclared_variables(ast))
+        expr = text
+    ast = _parsed(text) if expr is None else _parsed_expression(expr)
+    names = _free_names(ast)
     steps: set[str] = set()
     env: set[str] = set()
     for node in ast.find_all((nodes.Getattr, nodes.Getitem)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -12,8 +13,10 @@ from typing import Any, TypeVar
 import click
 
 from dsl import DslError, Problem, State, WorkflowInvalid, check_paths, render_graph
+from dsl.limits import JSON_SIZE_MAX
 
 from .errors import EngineError
+from .inputs import parse_json
 from .models import Run, RunStatus
 from .service import Engine
 from .settings import resolve_settings
@@ -54,25 +57,16 @@ def _json(data: Any) -> None:
 def _read_payload(payload: str | None, payload_file: str | None) -> Any:
     if payload is not None and payload_file is not None:
         raise click.UsageError("give --payload or --payload-file, not both")
-    source, text = "--payload", payload
     if payload_file is not None:
-        source = payload_file
         try:
-            text = Path(payload_file).read_text("utf-8")
+            with open(payload_file, "rb") as f:
+                data = f.read(JSON_SIZE_MAX + 1)  # a device or a huge file stops here
         except OSError as exc:
             raise click.UsageError(f"cannot read {payload_file}: {exc.strerror}") from None
-    if text is None:
+        return parse_json(data, payload_file)
+    if payload is None:
         return None
-    return _read_json(text, source)
-
-
-def _read_json(text: str, source: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise click.UsageError(
-            f"{source} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-        ) from None
+    return parse_json(payload, "--payload")
 
 
 class LiveReporter:
@@ -141,6 +135,17 @@ class LiveReporter:
             )
 
 
+def _stop_on_sigterm() -> None:
+    """A foreground run stopped by SIGTERM ends like Ctrl-C: its lease is released, its
+    state kept, and the command exits 130 saying how to continue."""
+    import signal
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def _finish(engine: Engine, run: Run) -> None:
     """Print how a foreground run ended and exit with SPEC's code."""
     took = (run.finished_at or time.time()) - run.created_at
@@ -169,8 +174,8 @@ def _how_to_continue(engine: Engine, run: Run) -> str:
     wait = (step.wait if step else None) or {}
     then = f"then `durable-yaml resume {run.id}` (or let a worker continue it)"
     if wait.get("kind") == "event":
-        match = json.dumps(wait.get("match") or {})
-        return f"it waits for event {wait['event']}: `durable-yaml send {wait['event']} --payload '{match}'`, {then}"
+        event, match = shlex.quote(wait["event"]), shlex.quote(json.dumps(wait.get("match") or {}))
+        return f"it waits for event {event}: `durable-yaml send {event} --payload {match}`, {then}"
     if wait.get("kind") == "token":
         return f"it waits for token {wait['token']}: `durable-yaml complete {wait['token']} --data JSON`, {then}"
     if wait.get("kind") == "child":
@@ -261,6 +266,7 @@ def run(
     data = _read_payload(payload, payload_file)
     engine = _engine(db, modules, workflows)
     machine = engine.workflow(workflow)
+    _stop_on_sigterm()
     result = engine.run(machine, data, LiveReporter())
     _finish(engine, result)
 
@@ -271,6 +277,7 @@ def run(
 def resume(run_id: str, db: str | None, modules: tuple[str, ...], workflows: str | None) -> None:
     """Continue RUN_ID from its persisted state."""
     engine = _engine(db, modules, workflows)
+    _stop_on_sigterm()
     before = engine.store.get_run(run_id)
     click.echo(
         f"resuming run {run_id} of {before.workflow_id} v{before.version} at step {before.current_step}"
@@ -320,7 +327,7 @@ def complete(
     token: str, data: str | None, db: str | None, modules: tuple[str, ...], workflows: str | None
 ) -> None:
     """Complete a wait_for_token step with DATA."""
-    value = None if data is None else _read_json(data, "--data")
+    value = None if data is None else parse_json(data, "--data")
     engine = Engine(resolve_settings(db=db, workflows=workflows), import_steps=False)
     run_id = engine.complete_token(token, value)
     click.echo(
@@ -402,7 +409,12 @@ def init(directory: str) -> None:
     existing = [str(p) for p in [*files, target / "pyproject.toml"] if p.exists()]
     if existing:
         raise click.UsageError(f"{', '.join(existing)} already exist(s); nothing was written")
-    (target / "workflows").mkdir(parents=True, exist_ok=True)
+    try:
+        (target / "workflows").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise click.UsageError(
+            f"cannot create {target / 'workflows'}: {exc.strerror or exc}"
+        ) from None
     starter = resources.files("engine").joinpath("starter")
     for path, name in files.items():
         path.write_text(starter.joinpath(name).read_text("utf-8"), "utf-8")
@@ -437,6 +449,7 @@ def serve(
 
     from .server import create_app
 
+    _check_port_free(host, port)
     engine = Engine(
         resolve_settings(db=db, modules=modules, workflows=workflows), import_steps=False
     )
@@ -446,7 +459,31 @@ def serve(
         click.echo("no DURABLE_YAML_API_KEY: listening on loopback only, without authentication")
     url = engine.store.engine.url.render_as_string(hide_password=True)
     click.echo(f"dashboard http://{host}:{port}/  API http://{host}:{port}/api  database {url}")
-    uvicorn.run(create_app(engine, key), host=host, port=port, log_level="warning")
+    max_body = os.environ.get("DURABLE_YAML_MAX_BODY", "")
+    if max_body and not max_body.isdigit():
+        raise click.UsageError("DURABLE_YAML_MAX_BODY must be a number of bytes")
+    app = create_app(engine, key, port=port, **({"max_body": int(max_body)} if max_body else {}))
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Say so now (exit 1) if the port is taken, rather than after uvicorn's exit 3."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise click.UsageError(f"--host {host}: {exc.strerror or exc}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise click.ClickException(
+                f"cannot listen on {host}:{port}: {exc.strerror or exc} "
+                "(another server is running there? choose another --port)"
+            ) from None
 
 
 @cli.group()
@@ -472,6 +509,8 @@ def schedules_list(
     for s in listed:
         last = s["last_fire"] or "never"
         click.echo(f"{s['workflow']:<24} {s['cron']:<16} {s['timezone']:<18} last {last}")
+        if s["error"]:
+            click.echo(f"    {s['error']}")
         for fire in s["next"]:
             click.echo(f"    next {fire['utc']}  ({fire['local']})")
 
@@ -580,6 +619,7 @@ def runs_replay(
 ) -> None:
     """Run again with the same payload, as a new run, in this process."""
     engine = _engine(db, modules, workflows)
+    _stop_on_sigterm()
     click.echo(f"replaying run {run_id}")
     _finish(engine, engine.replay(run_id, LiveReporter()))
 
@@ -623,8 +663,11 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        click.echo("interrupted", err=True)
+    except click.exceptions.Abort:  # click's form of KeyboardInterrupt (and our SIGTERM)
+        click.echo(
+            "interrupted; a run's state is kept: continue it with `durable-yaml resume RUN_ID`",
+            err=True,
+        )
         sys.exit(130)
     except KeyboardInterrupt:
         click.echo(

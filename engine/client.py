@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from dsl.limits import RUN_ID_MAX
+
 from .durations import to_seconds
+from .inputs import check_text
 from .service import Engine
 from .settings import resolve_settings
 from .views import run_detail, run_summary
@@ -46,6 +49,7 @@ class Client:
 
     def get_run(self, run_id: str) -> dict[str, Any]:
         """The run with its steps, as `runs show --json` prints it."""
+        check_text(run_id, "run_id", RUN_ID_MAX)
         return run_detail(self._engine.store, self._engine.store.get_run(run_id))
 
     def complete_token(self, token: str, data: Any = None) -> str:
@@ -53,6 +57,7 @@ class Client:
         return self._engine.complete_token(token, data)
 
     def cancel(self, run_id: str) -> dict[str, Any]:
+        check_text(run_id, "run_id", RUN_ID_MAX)
         return run_summary(self._engine.store.request_cancel(run_id, self._engine.store.now()))
 
     def close(self) -> None:

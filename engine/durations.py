@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dsl import DurationError, parse_duration
 
-from .errors import ConfigError
+from .inputs import InputInvalid
 
 __all__ = ["to_seconds"]
 
@@ -15,4 +15,4 @@ def to_seconds(value: float | str | None, field: str = "delay") -> float | None:
     try:
         return parse_duration(value)
     except DurationError as exc:
-        raise ConfigError(f"{field}: {exc}") from None
+        raise InputInvalid(field, str(exc)) from None

@@ -10,6 +10,7 @@ __all__ = [
     "DatabaseError",
     "EngineError",
     "LeaseLost",
+    "NestedTooDeep",
     "NonRetryableError",
     "NotFound",
     "PayloadInvalid",
@@ -62,6 +63,11 @@ class UnknownStep(EngineError):
     def __init__(self, name: str, hint: str = "") -> None:
         self.name = name
         super().__init__(f"no step is registered as `{name}`{hint}")
+
+
+class NestedTooDeep(EngineError):
+    """A `run_workflow` would start a child deeper than the nesting limit (a cycle that
+    `validate` could not see, e.g. through a definition changed since)."""
 
 
 class RunBusy(EngineError):

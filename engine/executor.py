@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from dsl import State, TemplateError, render_value
 
 from .errors import EngineError, ValueNotStorable
+from .inputs import InputInvalid, check_json
 from .models import Emission, NewRun, Run
 from .registry import StepContext, StepLogger, get_step
 from .retry import backoff_delay, is_retryable
@@ -125,12 +126,12 @@ def call_function(
             type(exc).__name__, str(exc) or repr(exc), retryable, traceback.format_exc(), status
         )
     try:
-        json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError) as exc:
+        check_json(value, f"steps.{key}")
+    except InputInvalid as exc:
         return Failed(
             "StepOutputInvalid",
             f"steps.{key}: `{function}` returned a {type(value).__name__}, "
-            f"which is not JSON data ({exc})",
+            f"which is not JSON data that can be stored ({exc})",
             retryable=False,
         )
     return Done(value)

@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from .errors import ConfigError, UnknownStep
+from .errors import ConfigError, NonRetryableError, UnknownStep
+from .inputs import loggable
 from .models import NewLog
 
 __all__ = [
@@ -64,7 +65,7 @@ class StepLogger:
         **_: Any,
     ) -> None:
         name = level if isinstance(level, str) else _LEVELS.get(level, "info")
-        text = message % args if args else str(message)
+        text = loggable(message % args if args else str(message))
         entry = NewLog(name, text, self.step_key, self.attempt, _jsonable(extra), time.time())
         with self._lock:
             self._buffer.append(entry)
@@ -94,7 +95,7 @@ def _jsonable(extra: dict[str, Any] | None) -> dict[str, Any] | None:
     if not extra:
         return None
     return {
-        k: v if isinstance(v, str | int | float | bool | type(None)) else repr(v)
+        loggable(str(k)): loggable(v if isinstance(v, str | int | float | bool | None) else repr(v))
         for k, v in extra.items()
     }
 
@@ -114,6 +115,13 @@ class StepTimeout(TimeoutError):
     pass
 
 
+class StepExited(NonRetryableError):
+    """A step raised SystemExit or another BaseException that would end the process."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(f"the step raised {type(exc).__name__}({exc})")
+
+
 class _EventLoop:
     """The one event loop, in a daemon thread, on which every `async def` step of this
     process runs: executors hand coroutines over and wait for their results, so concurrent
@@ -125,7 +133,12 @@ class _EventLoop:
 
     def run(self, coro: Any, timeout: float | None) -> Any:
         async def bounded() -> Any:
-            return await asyncio.wait_for(coro, timeout)
+            try:
+                return await asyncio.wait_for(coro, timeout)
+            except (Exception, KeyboardInterrupt, asyncio.CancelledError):
+                raise
+            except BaseException as exc:  # SystemExit would stop this loop's thread
+                raise StepExited(exc) from exc
 
         try:
             return asyncio.run_coroutine_threadsafe(bounded(), self.loop).result()
@@ -169,7 +182,17 @@ class RegisteredStep:
         return None
 
     def invoke(self, kwargs: dict[str, Any], ctx: StepContext, timeout: float | None) -> Any:
-        """Call the function; TimeoutError after `timeout` seconds (a late result is dropped)."""
+        """Call the function; TimeoutError after `timeout` seconds (a late result is dropped).
+        A `SystemExit` (or any BaseException but KeyboardInterrupt) from the step becomes
+        `StepExited`, an ordinary failure of the step, never the end of the process."""
+        try:
+            return self._invoke(kwargs, ctx, timeout)
+        except (Exception, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            raise StepExited(exc) from exc
+
+    def _invoke(self, kwargs: dict[str, Any], ctx: StepContext, timeout: float | None) -> Any:
         if self.ctx_param:
             kwargs = {**kwargs, self.ctx_param: ctx}
         if self.is_async:

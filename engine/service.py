@@ -5,13 +5,13 @@ The CLI, the `Client` and the HTTP server are thin layers over this.
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import jsonschema
+import referencing.exceptions
 
 from dsl import (
     Catalog,
@@ -22,8 +22,17 @@ from dsl import (
     check_paths,
     render_value,
 )
+from dsl.limits import (
+    CONCURRENCY_KEY_MAX,
+    EVENT_NAME_MAX,
+    IDEMPOTENCY_KEY_MAX,
+    RUN_NESTING_MAX,
+    TOKEN_MAX,
+    WORKFLOW_ID_MAX,
+)
 
-from .errors import ConfigError, EngineError, NotFound, PayloadInvalid
+from .errors import ConfigError, EngineError, NestedTooDeep, NotFound, PayloadInvalid
+from .inputs import check_json, check_text
 from .models import Emission, NewEvent, NewRun, QueueLimits, Run, RunStatus, Sent
 from .registry import import_modules, registered_names
 from .runner import Reporter, Runner, new_run_id
@@ -44,7 +53,14 @@ def validate_payload(machine: Machine, payload: Any) -> None:
     if machine.schema is None:
         return
     validator = jsonschema.Draft202012Validator(machine.schema)
-    errors = sorted(validator.iter_errors(payload), key=lambda e: list(e.absolute_path))
+    try:
+        errors = sorted(
+            validator.iter_errors(payload), key=lambda e: list(map(str, e.absolute_path))
+        )
+    except (jsonschema.exceptions.SchemaError, referencing.exceptions.Unresolvable) as exc:
+        raise PayloadInvalid(
+            machine.workflow_id, "schema", f"the workflow's schema cannot be used: {exc}"
+        ) from None
     if not errors:
         return
     best = jsonschema.exceptions.best_match(errors)
@@ -52,6 +68,15 @@ def validate_payload(machine: Machine, payload: Any) -> None:
         f"[{p}]" if isinstance(p, int) else f".{p}" for p in best.absolute_path
     )
     raise PayloadInvalid(machine.workflow_id, field, best.message)
+
+
+def _mtime(path: Path) -> float:
+    """When a file last changed; -1 for one that cannot be read (a dangling symlink): the
+    catalog then reports it as a problem instead of failing."""
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return -1.0
 
 
 class Engine:
@@ -67,7 +92,13 @@ class Engine:
     @property
     def store(self) -> SqlStore:
         if self._store is None:
-            self._store = open_store(self.settings.db_url)
+            try:
+                self._store = open_store(self.settings.db_url)
+            except OSError as exc:  # the SQLite folder cannot be created
+                where = exc.filename or self.settings.db_url
+                raise ConfigError(
+                    f"cannot create the database at {where}: {exc.strerror or exc}"
+                ) from None
         return self._store
 
     def close(self) -> None:
@@ -93,11 +124,7 @@ class Engine:
         if not folder.is_dir():
             return ()
         return tuple(
-            sorted(
-                (str(p), p.stat().st_mtime)
-                for p in folder.rglob("*")
-                if p.suffix in (".yaml", ".yml")
-            )
+            sorted((str(p), _mtime(p)) for p in folder.rglob("*") if p.suffix in (".yaml", ".yml"))
         )
 
     def refresh_catalog(self) -> bool:
@@ -136,16 +163,6 @@ class Engine:
                 f"no workflow has id `{ref}` in {self.settings.workflows} (known: {known}){hint}"
             )
         return machine
-
-    def _storable(self, workflow_id: str, payload: Any, subject: str = "") -> None:
-        """PostgreSQL cannot store the NUL character in JSON or text: say so up front."""
-        if self.store.dialect == "postgresql" and "\\u0000" in json.dumps(payload):
-            raise PayloadInvalid(
-                workflow_id,
-                "payload",
-                "contains the NUL character (\\u0000), which PostgreSQL cannot store",
-                subject,
-            )
 
     def event_workflows(self, name: str) -> list[Machine]:
         """Workflows of the folder triggered by event `name`."""
@@ -186,8 +203,9 @@ class Engine:
     ) -> NewRun:
         """A run ready to store: payload checked, concurrency key rendered, definition saved."""
         now = self.store.now() if now is None else now
+        check_json(payload, "payload")
+        check_text(idempotency_key, "idempotency_key", IDEMPOTENCY_KEY_MAX, required=False)
         validate_payload(machine, payload)
-        self._storable(machine.workflow_id, payload)
         key = None
         if machine.concurrency_key is not None:
             try:
@@ -199,6 +217,7 @@ class Engine:
             except TemplateError as exc:
                 raise PayloadInvalid(machine.workflow_id, "concurrency_key", exc.message) from None
             key = None if rendered is None else str(rendered)
+            check_text(key, "concurrency_key", CONCURRENCY_KEY_MAX, required=False)
         self._save(machine)
         return NewRun(
             id=run_id or new_run_id(),
@@ -228,9 +247,9 @@ class Engine:
     ) -> Emission:
         """An event and the runs it triggers, every payload checked: all or nothing."""
         now = self.store.now() if now is None else now
-        if self.store.dialect == "postgresql" and "\x00" in name + (idempotency_key or ""):
-            raise ConfigError("an event name or idempotency key cannot contain the NUL character")
-        self._storable("", payload, f"event `{name}`")
+        check_text(name, "name", EVENT_NAME_MAX)
+        check_text(idempotency_key, "idempotency_key", IDEMPOTENCY_KEY_MAX, required=False)
+        check_json(payload, "payload")
         event = NewEvent(
             new_run_id(),
             name,
@@ -268,6 +287,8 @@ class Engine:
         delay: float | None = None,
     ) -> Sent:
         """Queue one run of a workflow (for workers to execute)."""
+        check_text(workflow_id, "workflow", WORKFLOW_ID_MAX)
+        check_json(payload, "payload")
         machine = self.workflow(workflow_id)
         now = self.store.now()
         payload, trigger = self.initial_payload(machine, payload, now)
@@ -277,6 +298,8 @@ class Engine:
         return self.store.send([new], now, idempotency_key=idempotency_key)
 
     def complete_token(self, token: str, data: Any) -> str:
+        check_text(token, "token", TOKEN_MAX)
+        check_json(data, "data")
         return self.store.complete_token(token, data, self.store.now())
 
     # Host: what steps may ask of the engine -------------------------------------------------
@@ -287,7 +310,13 @@ class Engine:
         machine = self.catalog.get(workflow_id)
         if machine is None:
             raise NotFound(f"no workflow has id `{workflow_id}` in {self.settings.workflows}")
-        trigger = {"kind": "parent", "run_id": parent[0], "step": parent[1]}
+        depth = int(self.store.get_run(parent[0]).trigger.get("depth", 0)) + 1
+        if depth > RUN_NESTING_MAX:
+            raise NestedTooDeep(
+                f"`{workflow_id}` would be a child run {depth} levels deep; at most "
+                f"{RUN_NESTING_MAX} (does a workflow start itself through others?)"
+            )
+        trigger = {"kind": "parent", "run_id": parent[0], "step": parent[1], "depth": depth}
         new = self.new_run(machine, payload, trigger, parent=parent[:2], run_id=child_id)
         return replace(new, parent_attempt=parent[2])
 

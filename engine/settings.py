@@ -3,15 +3,19 @@ pyproject.toml, default."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
 from .errors import ConfigError
 
-__all__ = ["DEFAULT_DB", "Settings", "resolve_settings"]
+__all__ = ["DEFAULT_DB", "Settings", "check_db_url", "resolve_settings"]
 
 DEFAULT_DB = "sqlite:///.durable-yaml/state.db"
 
@@ -52,8 +56,15 @@ def resolve_settings(
         m.strip() for m in os.environ.get("DURABLE_YAML_MODULES", "").split(",") if m.strip()
     ]
     project_modules = project.get("modules", [])
-    if not isinstance(project_modules, list):
+    if not isinstance(project_modules, list) or not all(
+        isinstance(m, str) for m in project_modules
+    ):
         raise ConfigError("[tool.durable-yaml] modules must be a list of module names")
+    for key in ("db", "workflows"):
+        if key in project and not isinstance(project[key], str):
+            raise ConfigError(
+                f"[tool.durable-yaml] {key} must be a string, not {type(project[key]).__name__}"
+            )
     chosen_modules = tuple(modules) or tuple(env_modules) or tuple(str(m) for m in project_modules)
     db_url = db or os.environ.get("DURABLE_YAML_DB") or project.get("db") or DEFAULT_DB
     chosen_workflows = (
@@ -65,4 +76,36 @@ def resolve_settings(
     base = folder or here
     if not Path(chosen_workflows).is_absolute() and folder is not None and not workflows:
         chosen_workflows = str(base / chosen_workflows)
-    return Settings(str(db_url), chosen_modules, str(chosen_workflows), str(base))
+    return Settings(check_db_url(str(db_url)), chosen_modules, str(chosen_workflows), str(base))
+
+
+def check_db_url(url: str) -> str:
+    """The URL if this version can use it; else ConfigError saying what to write instead.
+    A PostgreSQL URL must name its host and database: an empty one would silently use the
+    local default database."""
+    example = "use sqlite:///path/state.db or postgresql://user@host/database"
+    given = url
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            url = "postgresql+psycopg://" + url[len(prefix) :]
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        raise ConfigError(f"database URL {given!r} is not a URL; {example}") from None
+    backend, driver = parsed.get_backend_name(), parsed.get_driver_name()
+    if backend == "sqlite":
+        return url
+    if backend != "postgresql":
+        raise ConfigError(f"unsupported database {backend!r}; {example}")
+    if driver != "psycopg":
+        raise ConfigError(f"the PostgreSQL driver is psycopg: write postgresql://, not {driver}")
+    if not parsed.database or not (parsed.host or parsed.query.get("host")):
+        raise ConfigError(
+            f"database URL {given.split('@')[-1]!r} must name the host "
+            "and the database: postgresql://user@host/database"
+        )
+    if importlib.util.find_spec("psycopg") is None:
+        raise ConfigError(
+            "PostgreSQL needs the psycopg driver: pip install 'durable-yaml[postgres]'"
+        )
+    return url

@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from dsl import Machine
+from dsl.cron import check_timezone
 
 from .models import Attempt, LogEntry, Run, StepState
 from .store import Store
@@ -14,7 +15,13 @@ __all__ = ["iso", "log_view", "run_detail", "run_summary", "schedule_views"]
 
 
 def iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts, tz=UTC).isoformat()
+    """A POSIX timestamp as ISO-8601 UTC; one beyond what a datetime holds as `+inf`/`-inf`."""
+    if ts is None:
+        return None
+    try:
+        return datetime.fromtimestamp(ts, tz=UTC).isoformat()
+    except (OverflowError, ValueError, OSError):
+        return "+inf" if ts > 0 else "-inf"
 
 
 def run_summary(run: Run) -> dict[str, Any]:
@@ -113,9 +120,7 @@ def log_view(entry: LogEntry) -> dict[str, Any]:
 
 def schedule_views(engine: Any, now: float, count: int = 5) -> list[dict[str, Any]]:
     """Each cron workflow with its next `count` fires (UTC and local) and its last fire."""
-    from zoneinfo import ZoneInfo
-
-    from dsl import next_fires
+    from dsl import CronError, next_fires
 
     last = engine.store.last_fires()
     out = []
@@ -123,10 +128,14 @@ def schedule_views(engine: Any, now: float, count: int = 5) -> list[dict[str, An
         trigger = machine.trigger
         if trigger.kind != "cron" or trigger.cron is None:
             continue
-        tz = ZoneInfo(trigger.timezone)
-        fires = next_fires(
-            trigger.cron, trigger.timezone, datetime.fromtimestamp(now, tz=UTC), count
-        )
+        problem = None
+        try:
+            tz = check_timezone(trigger.timezone)
+            fires = next_fires(
+                trigger.cron, trigger.timezone, datetime.fromtimestamp(now, tz=UTC), count
+            )
+        except CronError as exc:  # a schedule stored before validate refused it
+            problem, fires, tz = str(exc), [], None
         out.append(
             {
                 "workflow": machine.workflow_id,
@@ -138,6 +147,7 @@ def schedule_views(engine: Any, now: float, count: int = 5) -> list[dict[str, An
                 "next": [
                     {"utc": f.isoformat(), "local": f.astimezone(tz).isoformat()} for f in fires
                 ],
+                "error": problem,
             }
         )
     return out

@@ -6,25 +6,41 @@ from __future__ import annotations
 import base64
 import binascii
 import time
-from datetime import datetime
+from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
+from pydantic import (
+    AllowInfNan,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    StrictInt,
+    StrictStr,
+)
 
-from dsl import WorkflowInvalid
+from dsl import InstantError, WorkflowInvalid, parse_instant
+from dsl.limits import INT_MAX
 
 from ..durations import to_seconds
 from ..errors import NotFound, PayloadInvalid, TokenError
+from ..inputs import InputInvalid, parse_json
 from ..models import RunStatus
 from ..service import Engine
 from ..views import log_view, run_detail, run_summary, schedule_views
 
-__all__ = ["error_response", "router"]
+__all__ = ["InputRefused", "error_response", "router"]
+
+
+_Delay = StrictInt | Annotated[float, Strict(), AllowInfNan(False)] | StrictStr
 
 
 class EventIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     name: str = Field(min_length=1, description="Event name.")
     payload: Any = Field(default=None, description="Event payload (JSON); default {}.")
     idempotency_key: str | None = Field(
@@ -33,12 +49,16 @@ class EventIn(BaseModel):
 
 
 class TriggerIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     payload: Any = Field(default=None, description="The run's payload (JSON).")
     idempotency_key: str | None = None
-    delay: float | str | None = Field(default=None, description="Seconds or text like '5m'.")
+    delay: _Delay | None = Field(default=None, description="Seconds or text like '5m'.")
 
 
 class TokenIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     data: Any = Field(default=None, description="The wait_for_token step's output.")
 
 
@@ -59,12 +79,46 @@ def require_key(request: Request) -> None:
         )
 
 
+class _CheckedRequest(Request):
+    """A request whose JSON body passes the input boundary (`engine.inputs.parse_json`)
+    before any model sees it: NaN, lone surrogates, too deep or too large are a 422
+    naming the field, never a parser's RecursionError."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            try:
+                self._json = parse_json(await self.body(), "")
+            except InputInvalid as exc:
+                raise InputRefused(exc) from None
+        return self._json
+
+
+class InputRefused(HTTPException):
+    """An `InputInvalid` body, carried through FastAPI's body parsing to `error_response`."""
+
+    def __init__(self, error: InputInvalid) -> None:
+        super().__init__(422, str(error))
+        self.error = error
+
+
+class _CheckedRoute(APIRoute):
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def checked(request: Request) -> Response:
+            return await handler(_CheckedRequest(request.scope, request.receive))
+
+        return checked
+
+
 EngineDep = Annotated[Engine, Depends(engine_of)]
-router = APIRouter(prefix="/api", dependencies=[Depends(require_key)])
+router = APIRouter(prefix="/api", dependencies=[Depends(require_key)], route_class=_CheckedRoute)
 
 
 def error_response(exc: Exception) -> JSONResponse:
     """Engine errors as JSON with the status a client can act on."""
+    if isinstance(exc, InputInvalid):
+        return JSONResponse({"error": str(exc), "field": exc.field}, 422)
     if isinstance(exc, PayloadInvalid):
         return JSONResponse(
             {"error": str(exc), "field": exc.field, "workflow": exc.workflow_id}, 422
@@ -98,10 +152,9 @@ def _instant(value: str | None, name: str) -> float | None:
     if value is None:
         return None
     try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise HTTPException(422, f"{name}: {value!r} is not an ISO-8601 timestamp") from None
-    return parsed.timestamp() if parsed.tzinfo else parsed.replace(tzinfo=None).timestamp()
+        return parse_instant(value)
+    except InstantError as exc:
+        raise HTTPException(422, f"{name}: {exc}") from None
 
 
 @router.post("/events", status_code=202, summary="Send an event")
@@ -158,7 +211,7 @@ def get_run(run_id: str, engine: EngineDep) -> dict[str, Any]:
 def get_logs(
     run_id: str,
     engine: EngineDep,
-    after: Annotated[int, Query(ge=0)] = 0,
+    after: Annotated[int, Query(ge=0, le=INT_MAX)] = 0,
     limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
 ) -> dict[str, Any]:
     engine.store.get_run(run_id)

@@ -2,21 +2,35 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import sqlalchemy as sa
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import (
+    http_exception_handler,
+    request_validation_exception_handler,
+)
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dsl import DslError
 
 from ..errors import EngineError, NotFound
 from ..service import Engine
 from . import api, dashboard
+from .guard import MAX_BODY, Guard
 from .security import Keys
 
 __all__ = ["create_app"]
 
 
-def create_app(engine: Engine, api_key: str | None) -> FastAPI:
+def create_app(
+    engine: Engine, api_key: str | None, *, port: int | None = None, max_body: int = MAX_BODY
+) -> FastAPI:
+    """The app. Without `api_key` it answers loopback names only (on `port`, when given);
+    request bodies over `max_body` bytes are refused with 413."""
     from importlib.metadata import version
 
     app = FastAPI(
@@ -27,9 +41,10 @@ def create_app(engine: Engine, api_key: str | None) -> FastAPI:
         "when the server has a key.",
     )
     app.state.engine = engine
-    app.state.keys = Keys(api_key)
+    app.state.keys = keys = Keys(api_key, port)
     app.include_router(api.router)
     app.include_router(dashboard.router)
+    app.add_middleware(Guard, keys=keys, max_body=max_body, refusal=_refusal)
 
     @app.get("/healthz", tags=["health"], summary="Liveness and database reachability")
     def healthz() -> Response:
@@ -58,4 +73,48 @@ def create_app(engine: Engine, api_key: str | None) -> FastAPI:
             message=str(exc),
         )
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        if isinstance(exc, api.InputRefused):
+            return api.error_response(exc.error)
+        if _is_api(request.url.path):
+            return await http_exception_handler(request, exc)
+        return _error_page(request, exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        if _is_api(request.url.path):
+            return await request_validation_exception_handler(request, exc)
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ())[1:])}: {e.get('msg')}"
+            for e in exc.errors()
+        )
+        return _error_page(request, 422, problems or "the request is not valid")
+
     return app
+
+
+def _is_api(path: str) -> bool:
+    return path.startswith("/api") or path in ("/openapi.json", "/docs", "/redoc", "/healthz")
+
+
+def _error_page(request: Request, status: int, message: str) -> Response:
+    titles = {404: "Not found", 403: "Refused", 413: "Too large", 421: "Refused"}
+    return dashboard._render(
+        request,
+        "error.html",
+        status_code=status,
+        title=titles.get(status, "That did not work"),
+        message=message,
+    )
+
+
+async def _refusal(scope: Any, status: int, message: str) -> tuple[int, bytes, bytes]:
+    """A refusal of the guard: JSON for the API, the dashboard's error page otherwise."""
+    if _is_api(scope["path"]):
+        return status, b"application/json", json.dumps({"error": message}).encode()
+    title = {413: "Too large"}.get(status, "Refused")
+    html = dashboard.templates.get_template("error.html").render(title=title, message=message)
+    return status, b"text/html; charset=utf-8", html.encode()

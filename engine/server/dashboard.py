@@ -6,23 +6,25 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Form, Request
+from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup
 
 from dsl import render_graph
+from dsl.limits import INT_MAX
 
 from ..errors import ConfigError
+from ..inputs import parse_json
 from ..models import RunStatus
 from ..service import Engine
 from ..views import log_view, run_detail, run_summary, schedule_views
 from .api import decode_cursor, encode_cursor
 from .pictures import machine_svg, timeline_svg
-from .security import COOKIE, Keys
+from .security import COOKIE, SESSION_SECONDS, Keys
 
 __all__ = ["router"]
 
@@ -41,23 +43,38 @@ class LoginRequired(Exception):
 
 
 def _render(request: Request, name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+    """Render a page; without an API key a browser's first page starts its session."""
     keys: Keys = request.app.state.keys
+    cookie = request.cookies.get(COOKIE)
+    fresh = None
+    if not keys.required and not keys.session_ok(cookie):
+        cookie = fresh = keys.new_session()
     html = templates.get_template(name).render(
-        request=request, csrf=keys.csrf_token(), auth=keys.required, **context
+        request=request, csrf=keys.csrf_token(cookie), auth=keys.required, **context
     )
-    return HTMLResponse(html, status_code)
+    response = HTMLResponse(html, status_code)
+    if fresh is not None:
+        _set_session(response, fresh)
+    return response
+
+
+def _set_session(response: Response, value: str) -> None:
+    response.set_cookie(
+        COOKIE, value, max_age=SESSION_SECONDS, httponly=True, samesite="strict", path="/"
+    )
 
 
 def _guard(request: Request) -> tuple[Engine, Keys]:
     keys: Keys = request.app.state.keys
-    if not keys.session_ok(request.cookies.get(COOKIE)):
+    if keys.required and not keys.session_ok(request.cookies.get(COOKIE)):
         raise LoginRequired()
     return request.app.state.engine, keys
 
 
 def _guard_post(request: Request, csrf: str) -> Engine:
+    """A form that changes something: its CSRF token must be this session's (any mode)."""
     engine, keys = _guard(request)
-    if not keys.csrf_ok(csrf):
+    if not keys.csrf_ok(request.cookies.get(COOKIE), csrf):
         raise ConfigError("the form is stale (CSRF token mismatch); reload the page and try again")
     return engine
 
@@ -75,7 +92,15 @@ def login(request: Request, key: str = Form("")) -> Response:
     if not keys.key_ok(key):
         return _render(request, "login.html", status_code=401, error="That is not the API key.")
     response = RedirectResponse("/", 303)
-    response.set_cookie(COOKIE, keys.session_value(), httponly=True, samesite="strict")
+    _set_session(response, keys.new_session())
+    return response
+
+
+@router.post("/logout")
+def logout(request: Request, csrf: str = Form("")) -> Response:
+    _guard_post(request, csrf)
+    response = RedirectResponse("/login" if request.app.state.keys.required else "/", 303)
+    response.delete_cookie(COOKIE, path="/")
     return response
 
 
@@ -143,7 +168,9 @@ def runs_rows(
 
 
 @router.get("/runs/{run_id}", response_class=HTMLResponse)
-def run_page(request: Request, run_id: str, logs_after: int = 0) -> HTMLResponse:
+def run_page(
+    request: Request, run_id: str, logs_after: Annotated[int, Query(ge=0, le=INT_MAX)] = 0
+) -> HTMLResponse:
     engine, _ = _guard(request)
     run = engine.store.get_run(run_id)
     detail = run_detail(engine.store, run)
@@ -216,12 +243,7 @@ def respond(
     if decision in ("approve", "reject"):
         answer: Any = {"approved": decision == "approve", "comment": comment}
     else:
-        try:
-            answer = json.loads(data or "null")
-        except json.JSONDecodeError as exc:
-            raise ConfigError(
-                f"data is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-            ) from None
+        answer = parse_json(data or "null", "data")
     wait = waiting["wait"]
     if wait["kind"] == "token":
         engine.complete_token(wait["token"], answer)

@@ -92,13 +92,8 @@ class Db:
         if self.dialect == "sqlite":
             database = parsed.database or ""
             if database and database != ":memory:" and not database.startswith("file:"):
-                try:
-                    Path(database).parent.mkdir(parents=True, exist_ok=True)
-                except OSError as exc:
-                    raise DatabaseError(
-                        f"cannot create the folder of the SQLite database {database}: "
-                        f"{exc.strerror or exc}"
-                    ) from None
+                # OSError if it cannot be made: the engine's caller names the setting
+                Path(database).parent.mkdir(parents=True, exist_ok=True)
             self.engine: Engine = sa.create_engine(
                 url, connect_args={"timeout": 60, "check_same_thread": False}
             )

@@ -100,7 +100,7 @@ def test_payload_that_is_not_json(project: tuple[Path, dict[str, str]]) -> None:
     result = cli("run", "process-image", "--payload", "{url: x}", cwd=cwd, env=env)
     assert result.returncode == 2
     assert (
-        "--payload is not valid JSON: Expecting property name enclosed in double quotes at line 1 column 2"
+        "--payload: is not valid JSON: Expecting property name enclosed in double quotes at line 1 column 2"
         in result.stderr
     )
     _ok(result)

@@ -236,7 +236,7 @@ def test_cli_exit_3_and_how_to_continue(tmp_path: Path, db_url: str) -> None:
     assert "waiting for token" in waited.stdout and "durable-yaml complete" in waited.stdout
     token = waited.stdout.split("durable-yaml complete ", 1)[1].split()[0]
     bad = cli("complete", token, "--data", "{oops", cwd=tmp_path, env=env)
-    assert bad.returncode == 2 and "--data is not valid JSON" in bad.stderr
+    assert bad.returncode == 2 and "--data: is not valid JSON" in bad.stderr
     ok = cli("complete", token, "--data", '{"by": "cli"}', cwd=tmp_path, env=env)
     assert ok.returncode == 0, ok.stderr
     twice = cli("complete", token, "--data", "{}", cwd=tmp_path, env=env)
@@ -249,4 +249,4 @@ def test_cli_exit_3_and_how_to_continue(tmp_path: Path, db_url: str) -> None:
     assert event.returncode == 3
     assert 'durable-yaml send review.done --payload \'{"doc": "x"}\'' in event.stdout
     not_json = cli("send", "review.done", "--payload", "nope", cwd=tmp_path, env=env)
-    assert not_json.returncode == 2 and "--payload is not valid JSON" in not_json.stderr
+    assert not_json.returncode == 2 and "--payload: is not valid JSON" in not_json.stderr

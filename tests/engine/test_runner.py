@@ -181,7 +181,7 @@ def test_non_json_output_names_step_and_type(store: SqlStore, tmp_path: Path) ->
     assert run.status == RunStatus.FAILED
     assert run.error is not None
     assert "steps.make: `rt.not_json` returned a dict, which is not JSON data" in run.error
-    assert "object is not JSON serializable" in run.error
+    assert "(steps.make.x: a value of type object is not JSON data)" in run.error
     steps = store.get_steps(run.id)
     assert steps[0].output is None and steps[0].attempts == 1
 

@@ -266,9 +266,6 @@ def test_lookback_takes_an_earlier_event_once(engine: Engine) -> None:
 def test_a_result_that_cannot_be_stored_fails_the_step_once(engine: Engine, tmp_path: Path) -> None:
     run_id = start(engine, "nul", {})
     run = engine.store.get_run(run_id)
-    if engine.store.dialect == "sqlite":  # SQLite stores the NUL character
-        assert run.status == RunStatus.COMPLETED
-        return
     assert run.status == RunStatus.FAILED and "StepOutputInvalid" in (run.error or ""), run
     drain(engine)
     assert calls(tmp_path) == ["nul"]
@@ -403,3 +400,19 @@ def test_trigger_and_event_keys_do_not_collide(engine: Engine) -> None:
     sent = engine.send_event("ping", {"k": "e"}, idempotency_key="order-42")
     assert not sent.duplicate and sent.resumed == (waiting,)
     assert engine.send_event("ping", {"k": "e"}, idempotency_key="order-42").duplicate
+
+
+def test_a_result_the_database_refuses_fails_the_step_once(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the input boundary (switched off here), a value the database itself refuses
+    (PostgreSQL and NUL) still fails the step once, instead of a crash loop."""
+    monkeypatch.setattr("engine.executor.check_json", lambda value, field: None)
+    run_id = start(engine, "nul", {})
+    drain(engine)
+    run = engine.store.get_run(run_id)
+    if engine.store.dialect == "sqlite":  # SQLite stores the NUL character
+        assert run.status == RunStatus.COMPLETED
+    else:
+        assert run.status == RunStatus.FAILED and "cannot be stored" in (run.error or ""), run
+    assert calls(tmp_path) == ["nul"]

@@ -1,0 +1,114 @@
+"""Settings and commands given something wrong: a clear message, the right exit code, no
+traceback (SPEC §3)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from engine.errors import ConfigError
+from engine.settings import check_db_url
+from tests.conftest import cli
+
+
+def _clean(result: object) -> str:
+    out = result.stdout + result.stderr  # type: ignore[attr-defined]
+    assert "Traceback" not in out
+    return str(out)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("not a url", "'not a url' is not a URL"),
+        ("mysql://u@h/d", "unsupported database 'mysql'"),
+        ("postgresql://", "must name the host and the database"),
+        ("postgresql://localhost", "must name the host and the database"),
+        ("postgresql+asyncpg://u@h/d", "the PostgreSQL driver is psycopg"),
+    ],
+)
+def test_bad_database_urls(tmp_path: Path, url: str, message: str) -> None:
+    result = cli("runs", "list", "--db", url, cwd=tmp_path)
+    assert result.returncode == 2 and message in _clean(result)
+
+
+def test_missing_driver_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match=r"pip install 'durable-yaml\[postgres\]'"):
+        check_db_url("postgresql://u@h/d")
+
+
+def test_sqlite_folder_that_cannot_be_created(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    result = cli("runs", "list", "--db", f"sqlite:///{tmp_path}/file/sub/x.db", cwd=tmp_path)
+    assert result.returncode == 2 and "cannot create the database" in _clean(result)
+
+
+def test_pyproject_values_of_the_wrong_type(tmp_path: Path) -> None:
+    (tmp_path / "pyproject.toml").write_text("[tool.durable-yaml]\nworkflows = 5\n")
+    result = cli("runs", "list", cwd=tmp_path)
+    assert result.returncode == 2 and "workflows must be a string, not int" in _clean(result)
+
+
+def test_init_into_a_file(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("")
+    result = cli("init", "afile", cwd=tmp_path)
+    assert result.returncode == 2 and "cannot create afile/workflows" in _clean(result)
+
+
+def test_serve_on_a_busy_port(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = cli("serve", "--port", str(port), "--db", f"sqlite:///{tmp_path}/s.db")
+    assert result.returncode == 1 and "Address already in use" in _clean(result)
+
+
+def test_validate_finds_run_workflow_cycles(tmp_path: Path) -> None:
+    for me, other in (("a", "b"), ("b", "c"), ("c", "a")):
+        (tmp_path / f"{me}.yaml").write_text(
+            f'id: {me}\nversion: "1"\ntrigger: {{manual: true}}\n'
+            f"steps:\n  - {{id: s, log: hi}}\n  - {{id: r, run_workflow: {other}}}\n"
+        )
+    result = cli("validate", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 1
+    out = _clean(result)
+    assert (
+        "a.yaml:6:1: steps.r.run_workflow: `a` would run itself without end (a → b → c → a)" in out
+    )
+    assert "b.yaml:6:1:" in out and "c.yaml:6:1:" in out
+
+
+def test_graph_dot_escapes_names(tmp_path: Path) -> None:
+    wf = tmp_path / "g.yaml"
+    wf.write_text(
+        'id: g\nversion: "1"\ntrigger: {event: go}\nsteps:\n'
+        '  - {id: a, wait_for_event: "x\\"]; evil [label=\\"pwn"}\n'
+    )
+    result = cli("graph", str(wf), "--format", "dot", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert 'label="a: wait_for_event x\\"]; evil [label=\\"pwn"]' in result.stdout
+
+
+def test_a_workflows_folder_with_a_fifo_and_a_dangling_symlink(tmp_path: Path) -> None:
+    import os
+
+    from engine.service import Engine
+    from engine.settings import resolve_settings
+
+    folder = tmp_path / "workflows"
+    folder.mkdir()
+    os.mkfifo(folder / "pipe.yaml")
+    (folder / "gone.yaml").symlink_to(tmp_path / "nowhere")
+    (folder / "loop").symlink_to(folder)
+    result = cli("validate", str(folder), cwd=tmp_path, timeout=30)
+    out = _clean(result)
+    assert result.returncode == 1
+    assert "pipe.yaml:1:1: not a regular file" in out and "gone.yaml:1:1: no such file" in out
+    engine = Engine(resolve_settings(db=f"sqlite:///{tmp_path}/s.db", workflows=str(folder)))
+    assert engine.refresh_catalog() and not engine.catalog.workflows
