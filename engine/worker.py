@@ -98,16 +98,18 @@ class Worker:
         store = self.engine.store
         store.register_worker(self.info, store.now())  # before any lease names this worker
         self.engine.save_all_definitions()
+        # listening first: a commit from now on wakes the executors (each listener also
+        # wakes them once when it starts, for what was committed before)
+        if store.dialect == "postgresql":
+            self._spawn(self._listen, "listener")
+        else:
+            self._spawn(self._watch_sqlite, "watcher")
         for i in range(self.concurrency):
             self._spawn(self._execute_forever, f"executor-{i}", i)
         self._spawn(self._heartbeat_forever, "heartbeat")
         if self.schedules:
             scheduler = CronScheduler.from_environment(self.engine, self.wake)
             self._spawn(scheduler.run_forever, "scheduler", self.stopping)
-        if store.dialect == "postgresql":
-            self._spawn(self._listen, "listener")
-        else:
-            self._spawn(self._watch_sqlite, "watcher")
         self._spawn(self._refresh_workflows, "reloader")
 
     def _spawn(self, target: Callable[..., None], name: str, *args: Any) -> None:
@@ -195,6 +197,7 @@ class Worker:
                 self._idle(self.poll_interval, seen)
                 continue
             if run is None:
+                pause_point("worker.after_empty_claim")
                 self._idle(self._until_claimable(claimed_at), seen)
                 continue
             self._held[slot] = (run.id, lease)
@@ -312,15 +315,17 @@ class Worker:
         conn = sqlite3.connect(path, timeout=5)
         try:
             last = None
-            self._notified.set()
-            while not self.stopping.wait(0.05):
+            while True:
                 try:
                     version = conn.execute("PRAGMA data_version").fetchone()[0]
                 except sqlite3.Error:
-                    continue
-                if version != last and last is not None:
+                    version = last
+                if version != last:  # the first look too: commits before it are looked at
+                    self._notified.set()
                     self.wake()
                 last = version
+                if self.stopping.wait(0.05):
+                    break
         finally:
             self._notified.clear()
             conn.close()

@@ -65,13 +65,9 @@ class SqlStore:
         self.inbox = Inbox(self.db)
         self.events = Events(self.db, self.inbox)
         self.workers = Workers(self.db)
-        self.runs = Runs(self.db, self.inbox, self.events, self._holder_alive)
+        self.runs = Runs(self.db, self.inbox, self.events, self.workers.owner_alive)
         self.queues = Queues(self.db, self.runs)
         self.schedules = Schedules(self.db)
-
-    def _holder_alive(self, host: str | None, pid: int | None, owner: str | None) -> bool:
-        """Whether a lease's holder is alive: from the workers table (see workers.py)."""
-        return self.workers.owner_alive(owner, self.now())
 
     def close(self) -> None:
         self.db.close()

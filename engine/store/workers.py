@@ -130,23 +130,23 @@ class Workers:
         """A graceful stop: the worker's remaining leases (if any) are dead at once."""
         self.db.transact(lambda c: c.execute(delete(t.workers).where(t.workers.c.id == worker_id)))
 
-    def owner_alive(self, owner: str | None, now: float) -> bool:
-        """Whether the holder of a lease is alive (its lease has not expired yet).
-
-        Read without a lock: a worker that heartbeats right after this read had not
-        heartbeat for longer than its lease, which is what an expired lease means too; its
-        own writes are conditional on its lease and fail once the run is taken over."""
+    def owner_alive(self, c: Connection, owner: str | None, now: float) -> bool:
+        """Whether the holder of a lease (not expired at `now`) is alive, read in the
+        claiming transaction. The worker's row is share-locked (PostgreSQL; SQLite's write
+        lock is held already), so the worker's own heartbeat cannot land between this read
+        and the takeover: it waits, and the worker then loses the run at its next lease
+        write (every one is conditional on the lease)."""
         if not owner:
             return False
         worker_id = owner_worker(owner)
         if worker_id is None:
             return _foreground_alive(owner)
-        with self.db.engine.connect() as c:
-            row = c.execute(
-                select(t.workers.c.heartbeat_at, t.workers.c.lease_seconds).where(
-                    t.workers.c.id == worker_id
-                )
-            ).first()
+        q = select(t.workers.c.heartbeat_at, t.workers.c.lease_seconds).where(
+            t.workers.c.id == worker_id
+        )
+        if self.db.is_postgres:
+            q = q.with_for_update(read=True)
+        row = c.execute(q).first()
         return row is not None and row.heartbeat_at + row.lease_seconds >= now
 
     def expire_dead_leases(self, now: float) -> list[str]:
