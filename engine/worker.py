@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
 
-from .errors import DatabaseError, EngineError, LeaseLost, RunBusy
+from .errors import DatabaseError, EngineError, LeaseLost, RunBusy, ValueNotStorable
 from .models import Lease, Run, RunStatus, Transition, WorkerInfo
 from .pauses import pause_point
 from .runner import Runner
@@ -39,7 +39,9 @@ from .store.workers import lease_owner, new_worker_id
 __all__ = ["Worker"]
 
 log = logging.getLogger("durable_yaml.worker")
-MAX_IDLE = 5.0  # the longest an idle executor sleeps while notifications are flowing
+MAX_IDLE = 5.0  # while notifications flow, one idle executor looks this often anyway
+LONG_IDLE = 60.0  # ... and the other idle executors this often (a look that finds work
+# wakes them all)
 TRANSIENT = (DatabaseError, LeaseLost, RunBusy)  # the run is fine: someone drives it later
 
 
@@ -67,6 +69,7 @@ class Worker:
         self._wake = threading.Condition()
         self._wake_count = 0  # bumped by every wake-up: a sleeper checks it did not miss one
         self._notified = threading.Event()  # LISTEN (or the SQLite watcher) is working
+        self._poller = threading.Lock()  # held by the idle executor that looks every MAX_IDLE
         self._held: dict[int, tuple[str, Lease]] = {}
         self._threads: list[threading.Thread] = []
 
@@ -198,12 +201,17 @@ class Worker:
                 continue
             if run is None:
                 pause_point("worker.after_empty_claim")
-                self._idle(self._until_claimable(claimed_at), seen)
+                self._idle_until_claimable(claimed_at, seen)
                 continue
+            if self._wake_count == seen:  # found without being woken: others may find more
+                self.wake()
             self._held[slot] = (run.id, lease)
             try:
                 pause_point("worker.drive")
                 runner.drive_claimed(run)
+            except ValueNotStorable as exc:  # never storable: trying again cannot help
+                log.error("run %s: %s", run.id, exc)
+                self._fail(run, lease, exc)
             except TRANSIENT as exc:
                 log.error("run %s: %s", run.id, exc)
                 self._release(run, lease)
@@ -246,19 +254,28 @@ class Worker:
         if limited:
             self.wake()
 
-    def _until_claimable(self, claimed_at: float) -> float:
-        """Seconds to sleep after a claim at `claimed_at` found nothing."""
-        longest = MAX_IDLE if self._notified.is_set() else self.poll_interval
-        store = self.engine.store
+    def _idle_until_claimable(self, claimed_at: float, seen: int) -> None:
+        """Sleep after a claim at `claimed_at` found nothing, until a wake-up or the
+        earliest time a run may become claimable by itself. While notifications flow,
+        one idle executor (the poller) also looks every MAX_IDLE seconds in case one was
+        missed, the others every LONG_IDLE; without them, every `poll_interval`."""
+        poller = self._poller.acquire(blocking=False)
         try:
-            due = store.next_claim_at(claimed_at, self.queues)
-            now = store.now()
-        except Exception as exc:
-            log.warning("could not read when runs are due: %s", exc)
-            return self.poll_interval
-        if due is None:
-            return longest
-        return max(0.0, min(longest, due - now))
+            if not self._notified.is_set():
+                longest = self.poll_interval
+            else:
+                longest = MAX_IDLE if poller else LONG_IDLE
+            store = self.engine.store
+            try:
+                due = store.next_claim_at(claimed_at, self.queues)
+                now = store.now()
+            except Exception as exc:
+                log.warning("could not read when runs are due: %s", exc)
+                due, now, longest = None, 0.0, self.poll_interval
+            self._idle(longest if due is None else max(0.0, min(longest, due - now)), seen)
+        finally:
+            if poller:
+                self._poller.release()
 
     def _idle(self, seconds: float, seen: int) -> None:
         """Sleep `seconds` unless a wake-up came since the count `seen` was read."""

@@ -181,7 +181,11 @@ class Workers:
             ids = list(
                 c.execute(
                     select(t.runs.c.id).where(
-                        t.runs.c.lease_expires_at > now, t.runs.c.status.in_(_ACTIVE), dead
+                        # a leased run's next_at is its lease expiry: read by that index
+                        t.runs.c.next_at > now,
+                        t.runs.c.lease_expires_at > now,
+                        t.runs.c.status.in_(_ACTIVE),
+                        dead,
                     )
                 ).scalars()
             )
