@@ -178,17 +178,17 @@ class Workers:
             )
             orphan = sa.and_(owner.like("%/%"), ~live_worker)
             dead = sa.or_(orphan, *held_by) if held_by else orphan
-            ids = list(
-                c.execute(
-                    select(t.runs.c.id).where(
-                        # a leased run's next_at is its lease expiry: read by that index
-                        t.runs.c.next_at > now,
-                        t.runs.c.lease_expires_at > now,
-                        t.runs.c.status.in_(_ACTIVE),
-                        dead,
-                    )
-                ).scalars()
+            dead_leases = select(t.runs.c.id).where(
+                # a leased run's next_at is its lease expiry: read by that index
+                t.runs.c.next_at > now,
+                t.runs.c.lease_expires_at > now,
+                t.runs.c.status.in_(_ACTIVE),
+                dead,
             )
+            # a run locked by a claimer is skipped: that claimer decides (locking it here
+            # after the worker rows would invert claim_run's order, run then worker); if it
+            # is left leased to a removed worker, the next sweep finds it an orphan
+            ids = list(c.execute(self.db.locked(dead_leases, skip_locked=True)).scalars())
             if ids:
                 c.execute(
                     update(t.runs)

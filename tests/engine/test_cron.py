@@ -222,3 +222,30 @@ def test_schedulers_record_each_instant_so_a_fast_host_hides_nothing(engine: Eng
     slow.tick()
     stamps = [at for at, run in fired(engine, "hourly-once") if run is not None]
     assert stamps == [ts(f"2026-05-01T{h}:00:00") for h in (13, 14, 15)]
+
+
+def test_a_fire_that_raises_is_given_up_and_the_scheduler_goes_on(engine: Engine) -> None:
+    """Issue #10 cause 9: anything raised while firing (not only EngineError) is logged,
+    that instant is given up (never retried in a loop), and the next instant fires."""
+    from engine.pauses import pause_at
+
+    clock = Clock(ts("2026-05-01T12:59:50"))
+    scheduler = CronScheduler(engine, lambda: None, clock)
+    scheduler.tick()
+    raised: list[int] = []
+
+    def explode() -> None:
+        raised.append(1)
+        raise RuntimeError("a bug while firing")
+
+    with pause_at("scheduler.fire", explode):
+        clock.now = ts("2026-05-01T13:00:01")
+        scheduler.tick()
+        tried = len(raised)
+        clock.now = ts("2026-05-01T13:00:02")
+        scheduler.tick()
+        assert len(raised) == tried, "a given-up instant is not tried again"
+    assert tried >= 1 and fired(engine, "hourly-once") == []
+    clock.now = ts("2026-05-01T14:00:01")
+    scheduler.tick()
+    assert [at for at, _ in fired(engine, "hourly-once")] == [ts("2026-05-01T14:00:00")]
