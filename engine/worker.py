@@ -148,7 +148,7 @@ class Worker:
 
     def stop(self) -> None:
         self.stopping.set()
-        self.wake()
+        self.wake(everyone=True)
 
     def shutdown(self) -> None:
         deadline = time.monotonic() + self.grace
@@ -168,10 +168,16 @@ class Worker:
         except Exception as exc:
             log.error("could not deregister worker %s: %s", self.id, exc)
 
-    def wake(self) -> None:
+    def wake(self, everyone: bool = False) -> None:
+        """Something may have become claimable: one sleeping executor looks (if it finds
+        a run it wakes the next one, so a burst of runs is taken up by all of them, and an
+        empty look costs one claim, not one per executor)."""
         with self._wake:
             self._wake_count += 1
-            self._wake.notify_all()
+            if everyone:
+                self._wake.notify_all()
+            else:
+                self._wake.notify()
 
     # executing ------------------------------------------------------------------------------
     def _execute_forever(self, slot: int) -> None:
@@ -203,8 +209,7 @@ class Worker:
                 pause_point("worker.after_empty_claim")
                 self._idle_until_claimable(claimed_at, seen)
                 continue
-            if self._wake_count == seen:  # found without being woken: others may find more
-                self.wake()
+            self.wake()  # there may be more: the next sleeping executor looks too
             self._held[slot] = (run.id, lease)
             try:
                 pause_point("worker.drive")

@@ -140,16 +140,22 @@ class Queues:
             q = q.where(t.runs.c.queue.in_(list(queues)))
         # A run whose lease is being recovered already holds its slot: no exclusion applies
         recovering = t.runs.c.status == RunStatus.RUNNING.value
-        full_queues = sorted(q_ for q_, k in full if k is None)
-        full_keys = sorted((q_, k) for q_, k in full if k is not None)
+        full_queues = sorted(name for name, key in full if key is None)
+        full_keys: dict[str, list[str]] = {}
+        for name, key in sorted(full, key=lambda pair: (pair[0], pair[1] or "")):
+            if key is not None and name not in full_queues:
+                full_keys.setdefault(name, []).append(key)
         if full_queues:
             q = q.where(sa.or_(recovering, t.runs.c.queue.not_in(full_queues)))
-        if full_keys:  # keys are scoped by queue: a full `u1` in qa leaves `u1` in qb alone
+        # keys are scoped by queue: a full `u1` in qa leaves `u1` in qb alone; one NOT IN
+        # list per queue (PostgreSQL hashes long lists: the cost stays per row, not per key)
+        for name, keys in full_keys.items():
             q = q.where(
                 sa.or_(
                     recovering,
+                    t.runs.c.queue != name,
                     t.runs.c.concurrency_key.is_(None),
-                    sa.tuple_(t.runs.c.queue, t.runs.c.concurrency_key).not_in(full_keys),
+                    t.runs.c.concurrency_key.not_in(keys),
                 )
             )
         q = q.order_by(t.runs.c.priority.desc(), t.runs.c.next_at, t.runs.c.id).limit(width)
