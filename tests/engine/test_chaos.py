@@ -92,7 +92,7 @@ def test_workers_survive_three_crash_restarts_under_load(tmp_path: Path, cluster
     for n in range(RUNS):
         engine.send_event("cluster.go", {"n": n})
     engine.close()
-    workers = [start_worker(tmp_path, env, f"w{i}", lease="3") for i in range(3)]
+    workers = [start_worker(tmp_path, env, f"w{i}", lease="5") for i in range(3)]
     restarted_at = 0.0
     try:
         wait_for(lambda: len(calls(tmp_path)) >= 20, 30)
