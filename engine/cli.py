@@ -516,6 +516,36 @@ def schedules_list(
 
 
 @cli.group()
+def workers() -> None:
+    """Worker processes."""
+
+
+@workers.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@settings_options
+def workers_list(
+    as_json: bool, db: str | None, modules: tuple[str, ...], workflows: str | None
+) -> None:
+    """Live workers: host, pid, queues, concurrency, running runs, last heartbeat."""
+    store = Engine(resolve_settings(db=db, workflows=workflows), import_steps=False).store
+    listed = [
+        {**w, "started_at": iso(w["started_at"]), "heartbeat_at": iso(w["heartbeat_at"])}
+        for w in store.list_workers(store.now())
+    ]
+    if as_json:
+        _json(listed)
+        return
+    if not listed:
+        click.echo("no live workers")
+    for w in listed:
+        queues = ",".join(w["queues"] or []) or "all"
+        click.echo(
+            f"{w['id']:<40} {w['host']:<20} pid {w['pid']:<8} queues {queues:<16} "
+            f"running {w['running']}/{w['concurrency']}  heartbeat {w['heartbeat_at']}"
+        )
+
+
+@cli.group()
 def runs() -> None:
     """Inspect and control runs."""
 

@@ -25,6 +25,7 @@ __all__ = [
     "StepStatus",
     "Transition",
     "TransitionResult",
+    "WorkerInfo",
 ]
 
 
@@ -273,3 +274,15 @@ class Sent:
     resumed: tuple[str, ...] = ()
     duplicate: bool = False  # the idempotency key had been used: nothing new was stored
     event_id: str | None = None
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """A worker process as it registers: its executors lease runs as `<id>/<slot>`."""
+
+    id: str
+    host: str
+    pid: int
+    queues: tuple[str, ...] = ()
+    concurrency: int = 1
+    lease_seconds: float = 30.0

@@ -38,6 +38,7 @@ from .models import (
 from .pauses import pause_point
 from .registry import StepLogger
 from .store import Store
+from .store.workers import foreground_owner
 from .transitions import Done, Failed, Outcome, Skipped, Suspended, decide
 
 __all__ = [
@@ -62,7 +63,7 @@ def new_run_id() -> str:
 
 def new_lease(seconds: float = 30.0) -> Lease:
     return Lease(
-        owner=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
+        owner=foreground_owner(),  # liveness: see store/workers.py
         host=socket.gethostname(),
         pid=os.getpid(),
         seconds=seconds,

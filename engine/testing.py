@@ -30,7 +30,7 @@ from .errors import ConfigError
 from .models import LogEntry, Run, StepState
 from .registry import _REGISTRY, RegisteredStep, import_modules
 from .runner import Runner
-from .scheduler import CronScheduler
+from .scheduler import CronScheduler, next_fire
 from .service import Engine
 from .settings import resolve_settings
 
@@ -181,8 +181,11 @@ class Env:
     def _next_due(self) -> float | None:
         due = self.engine.store.next_due_at()
         if self._crons:
-            fire = self.scheduler.tick()
-            due = fire if due is None else min(due, fire)
+            self.scheduler.tick()
+            now = self.now()
+            for machine in self.scheduler.schedules():
+                fire = next_fire(machine, now)
+                due = fire if due is None else min(due, fire)
         return due
 
     def _pump(self, crons: bool = True) -> None:

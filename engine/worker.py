@@ -1,10 +1,19 @@
 """`durable-yaml worker`: executes queued runs, fires cron schedules, wakes timers.
 
-N executor threads each claim one run at a time (`claim_next_run`) and drive it until it ends
-or waits; waits release the run, so a waiting run never holds an executor. Idle executors
-sleep until the next run is due, a PostgreSQL NOTIFY, or a local wake-up; nothing spins.
+A worker registers itself in the workers table and heartbeats it; its N executor threads each
+claim one run at a time (`claim_next_run`, leased as `<worker id>/<slot>`) and drive it until
+it ends or waits; waits release the run, so a waiting run never holds an executor.
+
+Idle executors sleep until something can change: a commit elsewhere that may make a run
+claimable (PostgreSQL LISTEN/NOTIFY; on SQLite a watcher of `PRAGMA data_version`), or the
+earliest time a run becomes claimable by itself (`next_claim_at`: a timer, a delayed run, a
+lease expiry, the end of a rate window). A full or rate-limited queue never makes them spin.
+
+Every thread survives any exception: it is logged, what the thread holds is released, and
+the thread goes on (a thread that still dies is restarted). A run whose driving raises
+anything but a database error fails with that error instead of being retried forever.
 SIGTERM/SIGINT: stop claiming, let in-flight steps finish within the grace period, release
-what is still held (the interrupted attempt is recorded as crashed and runs again elsewhere).
+what is still held, deregister.
 """
 
 from __future__ import annotations
@@ -15,19 +24,25 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
 
-from .errors import EngineError
-from .models import Lease
-from .runner import Runner, new_lease
+from .errors import DatabaseError, EngineError, LeaseLost, RunBusy, ValueNotStorable
+from .models import Lease, Run, RunStatus, Transition, WorkerInfo
+from .pauses import pause_point
+from .runner import Runner
 from .scheduler import CronScheduler
 from .service import Engine
+from .store.workers import lease_owner, new_worker_id
 
 __all__ = ["Worker"]
 
 log = logging.getLogger("durable_yaml.worker")
+MAX_IDLE = 5.0  # while notifications flow, one idle executor looks this often anyway
+LONG_IDLE = 60.0  # ... and the other idle executors this often (a look that finds work
+# wakes them all)
+TRANSIENT = (DatabaseError, LeaseLost, RunBusy)  # the run is fine: someone drives it later
 
 
 class Worker:
@@ -49,11 +64,25 @@ class Worker:
         self.grace = grace
         self.lease_seconds = lease_seconds
         self.schedules = schedules
-        self.id = f"{socket.gethostname()}:{os.getpid()}"
+        self.id = new_worker_id()
         self.stopping = threading.Event()
         self._wake = threading.Condition()
+        self._wake_count = 0  # bumped by every wake-up: a sleeper checks it did not miss one
+        self._notified = threading.Event()  # LISTEN (or the SQLite watcher) is working
+        self._poller = threading.Lock()  # held by the idle executor that looks every MAX_IDLE
         self._held: dict[int, tuple[str, Lease]] = {}
         self._threads: list[threading.Thread] = []
+
+    @property
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(
+            id=self.id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            queues=tuple(self.queues or ()),
+            concurrency=self.concurrency,
+            lease_seconds=self.lease_seconds,
+        )
 
     # lifecycle ------------------------------------------------------------------------------
     def status_line(self) -> str:
@@ -69,22 +98,40 @@ class Worker:
         )
 
     def start(self) -> None:
+        store = self.engine.store
+        store.register_worker(self.info, store.now())  # before any lease names this worker
         self.engine.save_all_definitions()
-        for i in range(self.concurrency):
-            self._spawn(self._execute_forever, f"executor-{i}", i)
-        if self.schedules:
-            scheduler = CronScheduler(self.engine, self.wake)
-            self._spawn(scheduler.run_forever, "scheduler", self.stopping)
-        if self.engine.store.dialect == "postgresql":
+        # listening first: a commit from now on wakes the executors (each listener also
+        # wakes them once when it starts, for what was committed before)
+        if store.dialect == "postgresql":
             self._spawn(self._listen, "listener")
         else:
             self._spawn(self._watch_sqlite, "watcher")
+        for i in range(self.concurrency):
+            self._spawn(self._execute_forever, f"executor-{i}", i)
+        self._spawn(self._heartbeat_forever, "heartbeat")
+        if self.schedules:
+            scheduler = CronScheduler.from_environment(self.engine, self.wake)
+            self._spawn(scheduler.run_forever, "scheduler", self.stopping)
         self._spawn(self._refresh_workflows, "reloader")
 
-    def _spawn(self, target: Any, name: str, *args: Any) -> None:
-        thread = threading.Thread(target=target, name=name, args=args, daemon=True)
+    def _spawn(self, target: Callable[..., None], name: str, *args: Any) -> None:
+        thread = threading.Thread(
+            target=self._supervised, name=name, args=(target, name, *args), daemon=True
+        )
         thread.start()
         self._threads.append(thread)
+
+    def _supervised(self, target: Callable[..., None], name: str, *args: Any) -> None:
+        """Run a thread's loop; if anything escapes it, log it and start the loop again."""
+        while not self.stopping.is_set():
+            try:
+                target(*args)
+            except Exception:
+                log.exception("worker thread %s failed; restarting it", name)
+                self.stopping.wait(1.0)
+            else:
+                return
 
     def run(self) -> None:
         """Start, then block until SIGTERM/SIGINT; shut down gracefully."""
@@ -101,28 +148,45 @@ class Worker:
 
     def stop(self) -> None:
         self.stopping.set()
-        self.wake()
+        self.wake(everyone=True)
 
     def shutdown(self) -> None:
-        deadline = time.time() + self.grace
+        deadline = time.monotonic() + self.grace
         for thread in self._threads:
-            thread.join(max(0.0, deadline - time.time()))
+            thread.join(max(0.0, deadline - time.monotonic()))
+        store = self.engine.store
         for run_id, lease in list(self._held.values()):
             try:
-                self.engine.store.release(run_id, lease, self.engine.store.now())
+                store.release(run_id, lease, store.now())
                 log.info(
                     "released run %s (its step did not finish within the grace period)", run_id
                 )
-            except EngineError as exc:
+            except Exception as exc:
                 log.error("could not release run %s: %s", run_id, exc)
+        try:
+            store.deregister_worker(self.id)
+        except Exception as exc:
+            log.error("could not deregister worker %s: %s", self.id, exc)
 
-    def wake(self) -> None:
+    def wake(self, everyone: bool = False) -> None:
+        """Something may have become claimable: one sleeping executor looks (if it finds
+        a run it wakes the next one, so a burst of runs is taken up by all of them, and an
+        empty look costs one claim, not one per executor)."""
         with self._wake:
-            self._wake.notify_all()
+            self._wake_count += 1
+            if everyone:
+                self._wake.notify_all()
+            else:
+                self._wake.notify()
 
     # executing ------------------------------------------------------------------------------
     def _execute_forever(self, slot: int) -> None:
-        lease = new_lease(self.lease_seconds)
+        lease = Lease(
+            owner=lease_owner(self.id, slot),
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            seconds=self.lease_seconds,
+        )
         runner = Runner(
             self.engine.store,
             lease,
@@ -130,41 +194,118 @@ class Worker:
             host=self.engine,
             should_stop=self.stopping.is_set,
         )
+        store = self.engine.store
         while not self.stopping.is_set():
+            seen = self._wake_count  # a wake-up from now on cuts the sleep below short
             try:
-                run = self.engine.store.claim_next_run(lease, self.engine.store.now(), self.queues)
-            except EngineError as exc:
-                log.error("claiming failed: %s", exc)
-                self._idle(self.poll_interval)
+                pause_point("worker.claim")
+                claimed_at = store.now()
+                run = store.claim_next_run(lease, claimed_at, self.queues)
+            except Exception as exc:
+                log.error("claiming failed: %s", exc, exc_info=not isinstance(exc, EngineError))
+                self._idle(self.poll_interval, seen)
                 continue
             if run is None:
-                self._idle(self._until_next_due())
+                pause_point("worker.after_empty_claim")
+                self._idle_until_claimable(claimed_at, seen)
                 continue
+            self.wake()  # there may be more: the next sleeping executor looks too
             self._held[slot] = (run.id, lease)
             try:
+                pause_point("worker.drive")
                 runner.drive_claimed(run)
-            except EngineError as exc:
+            except ValueNotStorable as exc:  # never storable: trying again cannot help
                 log.error("run %s: %s", run.id, exc)
+                self._fail(run, lease, exc)
+            except TRANSIENT as exc:
+                log.error("run %s: %s", run.id, exc)
+                self._release(run, lease)
+            except Exception as exc:
+                log.exception("run %s: could not be executed", run.id)
+                self._fail(run, lease, exc)
             finally:
                 self._held.pop(slot, None)
+                self._slot_freed(run)
 
-    def _until_next_due(self) -> float:
+    def _release(self, run: Run, lease: Lease) -> None:
         try:
-            due = self.engine.store.next_due_at(self.queues)
-        except EngineError:
-            return self.poll_interval
-        if due is None:
-            return self.poll_interval
-        return max(0.0, min(self.poll_interval, due - self.engine.store.now()))
+            self.engine.store.release(run.id, lease, self.engine.store.now())
+        except Exception as exc:  # the lease then expires: the run is claimable again
+            log.error("could not release run %s: %s", run.id, exc)
 
-    def _idle(self, seconds: float) -> None:
+    def _fail(self, run: Run, lease: Lease, exc: Exception) -> None:
+        """A run whose driving raised something unexpected fails with that error, once,
+        instead of being claimed and crashing again forever (a poison run)."""
+        error = (
+            f"durable-yaml could not execute this run: {type(exc).__name__}: {exc} "
+            "(see the worker's log)"
+        )
+        store = self.engine.store
+        try:
+            store.commit_transition(
+                run.id, lease, Transition(RunStatus.FAILED, error=error), store.now()
+            )
+        except Exception as again:
+            log.error("run %s: could not record its failure: %s", run.id, again)
+            self._release(run, lease)
+
+    def _slot_freed(self, run: Run) -> None:
+        """The run stopped executing here: wake claimers waiting for its queue's slot."""
+        try:
+            limited = self.engine.store.announce_slot_freed(run.queue)
+        except Exception as exc:
+            log.warning("could not announce a free slot of queue %s: %s", run.queue, exc)
+            limited = True
+        if limited:
+            self.wake()
+
+    def _idle_until_claimable(self, claimed_at: float, seen: int) -> None:
+        """Sleep after a claim at `claimed_at` found nothing, until a wake-up or the
+        earliest time a run may become claimable by itself. While notifications flow,
+        one idle executor (the poller) also looks every MAX_IDLE seconds in case one was
+        missed, the others every LONG_IDLE; without them, every `poll_interval`."""
+        poller = self._poller.acquire(blocking=False)
+        try:
+            if not self._notified.is_set():
+                longest = self.poll_interval
+            else:
+                longest = MAX_IDLE if poller else LONG_IDLE
+            store = self.engine.store
+            try:
+                due = store.next_claim_at(claimed_at, self.queues)
+                now = store.now()
+            except Exception as exc:
+                log.warning("could not read when runs are due: %s", exc)
+                due, now, longest = None, 0.0, self.poll_interval
+            self._idle(longest if due is None else max(0.0, min(longest, due - now)), seen)
+        finally:
+            if poller:
+                self._poller.release()
+
+    def _idle(self, seconds: float, seen: int) -> None:
+        """Sleep `seconds` unless a wake-up came since the count `seen` was read."""
         if seconds <= 0:
             return
         with self._wake:
-            self._wake.wait(seconds)
+            if self._wake_count == seen:
+                self._wake.wait(seconds)
+
+    # the other threads ----------------------------------------------------------------------
+    def _heartbeat_forever(self) -> None:
+        """Stamp this worker alive every third of its lease time (registering again if a
+        sweeper removed it while it was silent)."""
+        store = self.engine.store
+        every = max(0.2, self.lease_seconds / 3)
+        while not self.stopping.wait(every):
+            try:
+                if not store.worker_heartbeat(self.id, store.now()):
+                    log.warning("worker %s was taken for dead; registering again", self.id)
+                    store.register_worker(self.info, store.now())
+            except Exception as exc:
+                log.warning("worker heartbeat failed: %s", exc)
 
     def _listen(self) -> None:
-        """PostgreSQL LISTEN: wake executors when runs are queued or resumed anywhere."""
+        """PostgreSQL LISTEN: wake executors when runs are queued, released or finished."""
         import psycopg
 
         from .store.db import NOTIFY_CHANNEL
@@ -173,12 +314,15 @@ class Worker:
         dsn = url.render_as_string(hide_password=False)
         while not self.stopping.is_set():
             try:
-                with psycopg.connect(dsn, autocommit=True) as conn:
+                with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
                     conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    self._notified.set()
+                    self.wake()  # anything committed while not listening is looked at now
                     while not self.stopping.is_set():
                         for _ in conn.notifies(timeout=1.0, stop_after=1):
                             self.wake()
-            except psycopg.Error as exc:
+            except Exception as exc:
+                self._notified.clear()
                 log.warning("LISTEN failed (%s); polling until it is back", exc)
                 self.stopping.wait(self.poll_interval)
 
@@ -193,32 +337,35 @@ class Worker:
         conn = sqlite3.connect(path, timeout=5)
         try:
             last = None
-            while not self.stopping.wait(0.05):
+            while True:
                 try:
                     version = conn.execute("PRAGMA data_version").fetchone()[0]
                 except sqlite3.Error:
-                    continue
-                if version != last and last is not None:
+                    version = last
+                if version != last:  # the first look too: commits before it are looked at
+                    self._notified.set()
                     self.wake()
                 last = version
+                if self.stopping.wait(0.05):
+                    break
         finally:
+            self._notified.clear()
             conn.close()
 
     def _refresh_workflows(self) -> None:
-        """Every 2 s: reload changed workflow files; free leases of dead local processes.
+        """Every 2 s: free the leases of dead workers; reload changed workflow files.
         Every hour: forget idempotency keys older than 30 days."""
+        store = self.engine.store
         next_purge = 0.0
         while not self.stopping.wait(2.0):
             try:
-                if time.time() >= next_purge:
-                    self.engine.store.purge_idempotency_keys(self.engine.store.now())
-                    next_purge = time.time() + 3600
-                if self.engine.store.expire_dead_leases(
-                    socket.gethostname(), self.engine.store.now()
-                ):
+                if time.monotonic() >= next_purge:
+                    store.purge_idempotency_keys(store.now())
+                    next_purge = time.monotonic() + 3600
+                if store.expire_dead_leases(store.now()):
                     self.wake()
                 if self.engine.refresh_catalog():
                     self.engine.save_all_definitions()
                     log.info("workflows reloaded: %d", len(self.engine.catalog.workflows))
-            except EngineError as exc:
-                log.error("reloading workflows: %s", exc)
+            except Exception as exc:
+                log.error("reloading workflows: %s", exc, exc_info=not isinstance(exc, EngineError))

@@ -24,6 +24,7 @@ from ..models import (
     StepState,
     Transition,
     TransitionResult,
+    WorkerInfo,
 )
 
 __all__ = ["Store"]
@@ -130,8 +131,32 @@ class Store(Protocol):
     def next_due_at(self, queues: Sequence[str] | None = None) -> float | None:
         """When the next run becomes claimable."""
 
-    def expire_dead_leases(self, host: str, now: float) -> list[str]:
-        """Runs leased by dead processes of `host` become claimable now."""
+    def next_claim_at(self, after: float, queues: Sequence[str] | None = None) -> float | None:
+        """After a claim at `after` found nothing: the earliest time a run may become
+        claimable without any other commit (a timer, a delay, a lease expiry, the end of a
+        rate window). None: only a commit elsewhere (a new run, a release, a finished run:
+        each one NOTIFYs) can make one claimable."""
+
+    def announce_slot_freed(self, queue: str) -> bool:
+        """A run of `queue` stopped executing here: if the queue has a concurrency limit,
+        wake the claimers sleeping on it (PostgreSQL NOTIFY; SQLite's watchers see every
+        commit). Not transactional; a no-op for unlimited queues. Whether it is limited."""
+
+    def register_worker(self, worker: WorkerInfo, now: float) -> None:
+        """Insert or refresh a worker's row, heartbeat now; idempotent."""
+
+    def worker_heartbeat(self, worker_id: str, now: float) -> bool:
+        """Stamp a worker alive; False if its row is gone (register again)."""
+
+    def deregister_worker(self, worker_id: str) -> None:
+        """Remove a worker's row: leases it still holds are dead at once."""
+
+    def list_workers(self, now: float) -> list[dict[str, Any]]:
+        """Live workers with host, pid, queues, concurrency, running, heartbeat_at."""
+
+    def expire_dead_leases(self, now: float) -> list[str]:
+        """Leases of stale or deregistered workers end now (their runs become claimable)
+        and stale workers' rows are removed, atomically, under the stale rows' locks."""
 
     def queue_stats(self) -> list[dict[str, Any]]: ...
 
@@ -162,5 +187,8 @@ class Store(Protocol):
         already (a unique key) or skipped for overlap."""
 
     def last_fires(self) -> dict[str, float]: ...
+
+    def fires_since(self, since: float, workflow_ids: Sequence[str]) -> dict[str, set[float]]:
+        """Per workflow of `workflow_ids`, the instants fired (or skipped) at or after `since`."""
 
     def fires(self, workflow_id: str, limit: int = 100) -> list[tuple[float, str | None]]: ...

@@ -88,4 +88,12 @@ def _v3(c: Connection) -> None:
     c.execute(sa.text("ALTER TABLE dy_steps DROP COLUMN resume_data"))
 
 
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _v2, 3: _v3}
+def _v4(c: Connection) -> None:
+    """Workers register with their lease time: liveness comes from the workers table."""
+    kind = "DOUBLE PRECISION" if c.dialect.name == "postgresql" else "FLOAT"
+    c.execute(
+        sa.text(f"ALTER TABLE dy_workers ADD COLUMN lease_seconds {kind} NOT NULL DEFAULT 30")
+    )
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _v2, 3: _v3, 4: _v4}

@@ -4,89 +4,130 @@ A candidate is a run whose `next_at` has come: queued, woken from a wait, or who
 expired. Candidates come in priority order, then FIFO. On PostgreSQL they are locked with
 `FOR UPDATE SKIP LOCKED`, so concurrent workers take different runs; limited queues' rows are
 locked while their running runs are counted, so a limit holds over all workers together. On
-SQLite the write lock taken at BEGIN serialises claimers. A queue or key that is full is left
-out of the next look, so a busy key never starves the others.
+SQLite the write lock taken at BEGIN serialises claimers. A queue, or a key within its queue,
+that is full is left out of the next look, so a busy key never starves the others, and looks
+widen until the candidates run out: a claimable run is always found.
 """
 
 from __future__ import annotations
 
+import functools
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 
 from ..models import ACTIVE_STATUSES, Lease, QueueLimits, Run, RunStatus
 from . import schema as t
 from .db import Db
 from .runs import Runs
-from .sqlutil import pid_alive
 
 __all__ = ["Queues"]
 
 _ACTIVE = [s.value for s in ACTIVE_STATUSES]
-LOOKS = (2, 8, 32, 128)  # candidates per look: widen only when limits block the first ones
+LOOKS = (2, 512)  # candidates per look: from the first, x4 per look up to the last
 
 
 class Queues:
     def __init__(self, db: Db, runs: Runs) -> None:
         self.db, self.runs = db, runs
         self.engine, self.dialect = db.engine, db.dialect
+        self._limited: tuple[float, frozenset[str]] | None = None
 
     def save_queue_limits(self, limits: Iterable[QueueLimits]) -> None:
         """Record each queue's limits (the latest definition wins); idempotent."""
-        with self.engine.begin() as c:
-            for q in limits:
+        rows = [
+            {
+                "name": q.name,
+                "concurrency": q.concurrency,
+                "rate_limit": q.rate_limit,
+                "rate_period": q.rate_period,
+                "updated_at": self.db.now(),
+            }
+            for q in limits
+        ]
+
+        def work(c: Connection) -> None:
+            for row in rows:
                 self.db.upsert(
                     c,
                     t.queues,
-                    {
-                        "name": q.name,
-                        "concurrency": q.concurrency,
-                        "rate_limit": q.rate_limit,
-                        "rate_period": q.rate_period,
-                        "updated_at": self.db.now(),
-                    },
+                    row,
                     ["name"],
                     ["concurrency", "rate_limit", "rate_period", "updated_at"],
                 )
+
+        self.db.transact(work)
 
     def claim_next_run(
         self, lease: Lease, now: float, queues: Sequence[str] | None = None
     ) -> Run | None:
         """Lease the first claimable run that its queue's limits allow, and begin its
-        current step, atomically. None when nothing can run now."""
-        full_queues: set[str] = set()
-        full_keys: set[str] = set()
-        for width in LOOKS:
-            with self.engine.begin() as c:
-                candidates = self._candidates(c, now, queues, full_queues, full_keys, width)
-                if not candidates:
-                    return None
-                limits = self._limits(c, {row["queue"] for row in candidates})
-                # Count and stamp with the time at which this claim holds its locks: a `now`
-                # taken before waiting for them would let a rate window admit one too many.
-                locked_at = max(now, self.db.now())
-                for row in candidates:
-                    verdict = self._allowed(c, row, limits.get(row["queue"]), locked_at)
-                    if verdict == "queue":
-                        full_queues.add(row["queue"])
-                    elif verdict == "key":
-                        full_keys.add(row["concurrency_key"])
-                    elif row["status"] == RunStatus.RUNNING.value or (
-                        row["queue"] not in full_queues and row["concurrency_key"] not in full_keys
-                    ):
-                        return self._take(c, row, lease, locked_at)
-        return None
+        current step, atomically. None only when no run is claimable now.
+
+        Each look reads the next candidates in claim-index order, leaving out the queues
+        and (queue, key) pairs found full so far; it widens until a run is taken or the
+        candidates run out, so any number of full keys cannot hide a claimable run."""
+        full: set[tuple[str, str | None]] = set()  # (queue, None): the whole queue is full
+        width = LOOKS[0]
+        while True:
+            taken, learned, exhausted = self.db.transact(
+                functools.partial(
+                    self._look,
+                    lease=lease,
+                    now=now,
+                    queues=queues,
+                    full=frozenset(full),
+                    width=width,
+                )
+            )
+            if taken is not None or exhausted:
+                return taken
+            full |= learned
+            width = min(width * 4, LOOKS[-1])
+
+    def _look(
+        self,
+        c: Connection,
+        lease: Lease,
+        now: float,
+        queues: Sequence[str] | None,
+        full: frozenset[tuple[str, str | None]],
+        width: int,
+    ) -> tuple[Run | None, set[tuple[str, str | None]], bool]:
+        """One look: (the run taken, the limits found full, whether no candidate is left)."""
+        candidates = self._candidates(c, now, queues, full, width)
+        if not candidates:
+            return None, set(), True
+        limits = self._limits(c, {row["queue"] for row in candidates})
+        # Count and stamp with the time at which this claim holds its locks: a `now`
+        # taken before waiting for them would let a rate window admit one too many.
+        locked_at = max(now, self.db.now())
+        learned: set[tuple[str, str | None]] = set()
+        for row in candidates:
+            if row["status"] == RunStatus.RUNNING.value:  # a lease being recovered
+                return self._take(c, row, lease, locked_at), learned, False
+            queue, key = row["queue"], row["concurrency_key"]
+            if (queue, None) in learned or (queue, key) in learned:
+                continue
+            verdict = self._allowed(c, row, limits.get(queue), locked_at)
+            if verdict == "queue":
+                learned.add((queue, None))
+            elif verdict == "key":
+                learned.add((queue, key))
+            else:
+                return self._take(c, row, lease, locked_at), learned, False
+        return None, learned, len(candidates) < width
 
     def _candidates(
         self,
         c: Connection,
         now: float,
         queues: Sequence[str] | None,
-        full_queues: set[str],
-        full_keys: set[str],
+        full: frozenset[tuple[str, str | None]],
         width: int,
     ) -> list[Any]:
         # next_at is set exactly while a run is active (finishing clears it), so no status
@@ -99,14 +140,22 @@ class Queues:
             q = q.where(t.runs.c.queue.in_(list(queues)))
         # A run whose lease is being recovered already holds its slot: no exclusion applies
         recovering = t.runs.c.status == RunStatus.RUNNING.value
+        full_queues = sorted(name for name, key in full if key is None)
+        full_keys: dict[str, list[str]] = {}
+        for name, key in sorted(full, key=lambda pair: (pair[0], pair[1] or "")):
+            if key is not None and name not in full_queues:
+                full_keys.setdefault(name, []).append(key)
         if full_queues:
-            q = q.where(sa.or_(recovering, t.runs.c.queue.not_in(list(full_queues))))
-        if full_keys:
+            q = q.where(sa.or_(recovering, t.runs.c.queue.not_in(full_queues)))
+        # keys are scoped by queue: a full `u1` in qa leaves `u1` in qb alone; one NOT IN
+        # list per queue (PostgreSQL hashes long lists: the cost stays per row, not per key)
+        for name, keys in full_keys.items():
             q = q.where(
                 sa.or_(
                     recovering,
+                    t.runs.c.queue != name,
                     t.runs.c.concurrency_key.is_(None),
-                    t.runs.c.concurrency_key.not_in(list(full_keys)),
+                    t.runs.c.concurrency_key.not_in(keys),
                 )
             )
         q = q.order_by(t.runs.c.priority.desc(), t.runs.c.next_at, t.runs.c.id).limit(width)
@@ -161,25 +210,6 @@ class Queues:
     def _take(self, c: Connection, row: Any, lease: Lease, now: float) -> Run:
         return self.runs.take(c, row, lease, now)
 
-    def expire_dead_leases(self, host: str, now: float) -> list[str]:
-        """Runs leased by processes of `host` that no longer exist become claimable now."""
-        with self.engine.begin() as c:
-            rows = c.execute(
-                select(t.runs.c.id, t.runs.c.lease_pid).where(
-                    t.runs.c.lease_host == host,
-                    t.runs.c.lease_expires_at > now,
-                    t.runs.c.status.in_(_ACTIVE),
-                )
-            ).all()
-            dead = [r.id for r in rows if not pid_alive(r.lease_pid)]
-            if dead:
-                c.execute(
-                    update(t.runs)
-                    .where(t.runs.c.id.in_(dead), t.runs.c.lease_host == host)
-                    .values(lease_expires_at=now, next_at=now, updated_at=now)
-                )
-        return dead
-
     def next_due_at(self, queues: Sequence[str] | None = None) -> float | None:
         """When the next run becomes claimable (None: nothing is scheduled)."""
         q = select(func.min(t.runs.c.next_at)).where(t.runs.c.status.in_(_ACTIVE))
@@ -188,6 +218,65 @@ class Queues:
         with self.db.read() as c:
             value = c.execute(q).scalar()
         return None if value is None else float(value)
+
+    def next_claim_at(self, after: float, queues: Sequence[str] | None = None) -> float | None:
+        """After a claim at `after` found nothing: the earliest time a run may become
+        claimable with no other commit. That is the next `next_at` after `after` (a timer,
+        a delayed run, a back-off, a lease expiry; a run due by now that the claim missed
+        gives a time in the past: claim again), or the end of a rate window of a limited
+        queue with due runs. Runs due but held back by a full queue or key are not
+        counted: only a release or a finished run frees them, and those NOTIFY."""
+        soonest = select(func.min(t.runs.c.next_at)).where(t.runs.c.next_at > after)
+        rated = select(t.queues.c.name, t.queues.c.rate_period).where(
+            t.queues.c.rate_limit.isnot(None), t.queues.c.rate_period.isnot(None)
+        )
+        if queues:
+            soonest = soonest.where(t.runs.c.queue.in_(list(queues)))
+            rated = rated.where(t.queues.c.name.in_(list(queues)))
+        with self.engine.connect() as c:
+            times = [c.execute(soonest).scalar()]
+            for name, period in c.execute(rated).all():
+                waiting = (
+                    select(t.runs.c.id)
+                    .where(
+                        t.runs.c.queue == name,
+                        t.runs.c.next_at <= after,
+                        t.runs.c.started_at.is_(None),
+                    )
+                    .limit(1)
+                )
+                if c.execute(waiting).first() is None:
+                    continue
+                oldest = c.execute(
+                    select(func.min(t.runs.c.started_at)).where(
+                        t.runs.c.queue == name, t.runs.c.started_at > after - period
+                    )
+                ).scalar()
+                if oldest is not None:
+                    times.append(float(oldest) + period)
+        known = [float(x) for x in times if x is not None]
+        return min(known) if known else None
+
+    def announce_slot_freed(self, queue: str) -> bool:
+        """Wake sleeping claimers if `queue` has a concurrency limit (PostgreSQL NOTIFY;
+        SQLite watchers see every commit, so nothing is sent there). Whether it has one."""
+        if queue not in self._limited_queues():
+            return False
+        if self.db.is_postgres:
+            with self.db.autocommit() as c:
+                self.db.notify(c)
+        return True
+
+    def _limited_queues(self) -> frozenset[str]:
+        """Names of queues with a concurrency limit, read at most every 5 seconds."""
+        local = time.monotonic()
+        if self._limited is None or local - self._limited[0] > 5.0:
+            with self.engine.connect() as c:
+                names = c.execute(
+                    select(t.queues.c.name).where(t.queues.c.concurrency.isnot(None))
+                ).scalars()
+                self._limited = (local, frozenset(names))
+        return self._limited[1]
 
     def queue_stats(self) -> list[dict[str, Any]]:
         """Per queue: runs by status (queued, running, waiting) and its limits."""

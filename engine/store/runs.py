@@ -49,7 +49,7 @@ _ACTIVE = [s.value for s in ACTIVE_STATUSES]
 class Runs:
     def __init__(self, db: Db, inbox: Inbox, events: Events, alive: Any) -> None:
         self.db, self.inbox, self.events = db, inbox, events
-        self.alive = alive  # (host, pid, owner) -> bool: is a lease holder's process alive?
+        self.alive = alive  # (conn, owner, now) -> bool: is a lease holder alive? (workers.py)
 
     # creating and claiming -------------------------------------------------------------------
     def create_run(self, new: NewRun, now: float, lease: Lease | None = None) -> Run:
@@ -89,7 +89,7 @@ class Runs:
             row = self._lock_run(c, run_id)
             if row["status"] not in _ACTIVE:
                 return run_from_row(row)
-            self._check_lease(row, lease, now)
+            self._check_lease(c, row, lease, now)
             if (
                 admit is not None
                 and row["status"] == RunStatus.QUEUED.value
@@ -119,11 +119,11 @@ class Runs:
             raise NotFound(f"no run has id {run_id}")
         return row
 
-    def _check_lease(self, row: Any, lease: Lease, now: float) -> None:
+    def _check_lease(self, c: Connection, row: Any, lease: Lease, now: float) -> None:
         owner = row["lease_owner"]
         if owner is None or owner == lease.owner or (row["lease_expires_at"] or 0) <= now:
             return
-        if not self.alive(row["lease_host"], row["lease_pid"], owner):
+        if not self.alive(c, owner, now):
             return  # its worker is known dead: no need to wait for the lease to expire
         raise RunBusy(
             f"run {row['id']} is being executed by process {row['lease_pid']} on "

@@ -23,7 +23,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 __all__ = ["SCHEMA_VERSION", "metadata"]
 
-SCHEMA_VERSION = 3  # bump with a function in migrations.py for the step up
+SCHEMA_VERSION = 4  # bump with a function in migrations.py for the step up
 Json = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
 metadata = MetaData()
 
@@ -249,6 +249,8 @@ workers = Table(
     Column("pid", Integer, nullable=False),
     Column("queues", Json),
     Column("concurrency", Integer, nullable=False),
+    # its leases outlive a silent worker this long: a row staler than this is a dead worker
+    Column("lease_seconds", Float, nullable=False, server_default="30"),
     Column("started_at", Float, nullable=False),
     Column("heartbeat_at", Float, nullable=False),
 )

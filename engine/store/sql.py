@@ -2,15 +2,14 @@
 
 `SqlStore` is assembled from parts that each own one concept and share one `Db` (the
 connection, dialect hooks and clock): `Runs` (a run's life), `Inbox` (answers to waits),
-`Events` (events, triggers, idempotency, tokens), `Queues` (claiming under limits) and
-`Schedules` (cron fires). This class translates driver errors into `engine.errors` and
+`Events` (events, triggers, idempotency, tokens), `Queues` (claiming under limits),
+`Schedules` (cron fires) and `Workers` (worker registry and lease liveness). This class translates driver errors into `engine.errors` and
 holds definitions and the read side.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -33,6 +32,7 @@ from ..models import (
     StepState,
     Transition,
     TransitionResult,
+    WorkerInfo,
 )
 from . import schema as t
 from .db import Db
@@ -41,8 +41,9 @@ from .migrations import MIGRATIONS
 from .queueing import Queues
 from .runs import Runs
 from .schedules import Schedules
-from .sqlutil import pid_alive, run_from_row, step_from_row, translate
+from .sqlutil import run_from_row, step_from_row, translate
 from .waits import Inbox
+from .workers import Workers
 
 __all__ = ["SqlStore", "normalise_url"]
 
@@ -55,11 +56,6 @@ def normalise_url(url: str) -> str:
     return url
 
 
-def _same_host_alive(host: str | None, pid: int | None, owner: str | None) -> bool:
-    """A lease holder is taken for alive unless it is a process of this host that is gone."""
-    return host != socket.gethostname() or pid_alive(pid)
-
-
 class SqlStore:
     def __init__(self, url: str) -> None:
         self.url = normalise_url(url)
@@ -68,7 +64,8 @@ class SqlStore:
         self.engine, self.dialect = self.db.engine, self.db.dialect
         self.inbox = Inbox(self.db)
         self.events = Events(self.db, self.inbox)
-        self.runs = Runs(self.db, self.inbox, self.events, _same_host_alive)
+        self.workers = Workers(self.db)
+        self.runs = Runs(self.db, self.inbox, self.events, self.workers.owner_alive)
         self.queues = Queues(self.db, self.runs)
         self.schedules = Schedules(self.db)
 
@@ -196,8 +193,33 @@ class SqlStore:
         return self.queues.next_due_at(queues)
 
     @translate
-    def expire_dead_leases(self, host: str, now: float) -> list[str]:
-        return self.queues.expire_dead_leases(host, now)
+    def next_claim_at(self, after: float, queues: Sequence[str] | None = None) -> float | None:
+        return self.queues.next_claim_at(after, queues)
+
+    @translate
+    def announce_slot_freed(self, queue: str) -> bool:
+        return self.queues.announce_slot_freed(queue)
+
+    # workers (see workers.py) -----------------------------------------------------------------
+    @translate
+    def register_worker(self, worker: WorkerInfo, now: float) -> None:
+        self.workers.register(worker, now)
+
+    @translate
+    def worker_heartbeat(self, worker_id: str, now: float) -> bool:
+        return self.workers.heartbeat(worker_id, now)
+
+    @translate
+    def deregister_worker(self, worker_id: str) -> None:
+        self.workers.deregister(worker_id)
+
+    @translate
+    def list_workers(self, now: float) -> list[dict[str, Any]]:
+        return self.workers.list_workers(now)
+
+    @translate
+    def expire_dead_leases(self, now: float) -> list[str]:
+        return self.workers.expire_dead_leases(now)
 
     @translate
     def queue_stats(self) -> list[dict[str, Any]]:
@@ -235,6 +257,10 @@ class SqlStore:
     @translate
     def last_fires(self) -> dict[str, float]:
         return self.schedules.last_fires()
+
+    @translate
+    def fires_since(self, since: float, workflow_ids: Sequence[str]) -> dict[str, set[float]]:
+        return self.schedules.fires_since(since, workflow_ids)
 
     @translate
     def fires(self, workflow_id: str, limit: int = 100) -> list[tuple[float, str | None]]:

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 from dsl import load_workflow
 from engine.models import RunStatus
-from engine.scheduler import CronScheduler, due_fire
+from engine.scheduler import CronScheduler, due_fires
 from engine.service import Engine
 from engine.settings import resolve_settings
 from engine.store import schema as t
@@ -62,11 +62,25 @@ class Clock:
 )
 def test_due_fire(workflow: str, last: str, now: str, expected: tuple[str, bool] | None) -> None:
     machine = load_workflow(CRON / f"{workflow}.yaml")
-    fire = due_fire(machine, ts(last), ts(now))
+    fires = due_fires(machine, ts(now), ts(last), ts(last))
     if expected is None:
-        assert fire is None
+        assert fires == []
     else:
-        assert fire is not None and (fire.at, fire.missed) == (ts(expected[0]), expected[1])
+        assert [(f.at, f.missed) for f in fires] == [(ts(expected[0]), expected[1])]
+
+
+def test_a_later_instant_fired_first_never_hides_an_earlier_one() -> None:
+    """Issue #10 cause 10: 14:00 was fired (by a host whose clock ran ahead) before 13:00;
+    at 13:00:20 the on-time instant 13:00 is not recorded, so it fires."""
+    machine = load_workflow(CRON / "hourly-once.yaml")
+    now = ts("2026-05-01T13:00:20")
+    last = ts("2026-05-01T14:00:00")
+    assert [(f.at, f.missed) for f in due_fires(machine, now, last, now)] == [
+        (ts("2026-05-01T13:00:00"), False)
+    ]
+    assert due_fires(machine, now, last, now, {ts("2026-05-01T13:00:00")}) == []
+    # a catch-up is made only for the latest missed instant with no fire at or after it
+    assert due_fires(machine, ts("2026-05-01T13:30:00"), last, now) == []
 
 
 @pytest.fixture
@@ -188,3 +202,50 @@ def test_schedules_list(tmp_path: Path, sqlite_url: str) -> None:
     assert first["utc"].endswith("+00:00") and first["local"][-6:] in ("+01:00", "+02:00")
     text = cli("schedules", "list", "--workflows", str(CRON), "--db", sqlite_url, cwd=tmp_path)
     assert "hourly-once" in text.stdout and "0 * * * *" in text.stdout
+
+
+def test_schedulers_record_each_instant_so_a_fast_host_hides_nothing(engine: Engine) -> None:
+    """Issue #10 cause 10, on the database: a host an hour ahead fires 14:00 before the
+    other fires 13:00; the slow one still fires 13:00 (once), and 15:00 fires once."""
+    fast_clock, slow_clock = Clock(ts("2026-05-01T13:59:50")), Clock(ts("2026-05-01T12:59:50"))
+    fast = CronScheduler(engine, lambda: None, fast_clock)
+    slow = CronScheduler(engine, lambda: None, slow_clock)
+    fast.tick()
+    slow.tick()
+    fast_clock.now = ts("2026-05-01T14:00:10")
+    fast.tick()
+    slow_clock.now = ts("2026-05-01T13:00:10")
+    slow.tick()
+    slow.tick()
+    fast_clock.now = slow_clock.now = ts("2026-05-01T15:00:10")
+    fast.tick()
+    slow.tick()
+    stamps = [at for at, run in fired(engine, "hourly-once") if run is not None]
+    assert stamps == [ts(f"2026-05-01T{h}:00:00") for h in (13, 14, 15)]
+
+
+def test_a_fire_that_raises_is_given_up_and_the_scheduler_goes_on(engine: Engine) -> None:
+    """Issue #10 cause 9: anything raised while firing (not only EngineError) is logged,
+    that instant is given up (never retried in a loop), and the next instant fires."""
+    from engine.pauses import pause_at
+
+    clock = Clock(ts("2026-05-01T12:59:50"))
+    scheduler = CronScheduler(engine, lambda: None, clock)
+    scheduler.tick()
+    raised: list[int] = []
+
+    def explode() -> None:
+        raised.append(1)
+        raise RuntimeError("a bug while firing")
+
+    with pause_at("scheduler.fire", explode):
+        clock.now = ts("2026-05-01T13:00:01")
+        scheduler.tick()
+        tried = len(raised)
+        clock.now = ts("2026-05-01T13:00:02")
+        scheduler.tick()
+        assert len(raised) == tried, "a given-up instant is not tried again"
+    assert tried >= 1 and fired(engine, "hourly-once") == []
+    clock.now = ts("2026-05-01T14:00:01")
+    scheduler.tick()
+    assert [at for at, _ in fired(engine, "hourly-once")] == [ts("2026-05-01T14:00:00")]

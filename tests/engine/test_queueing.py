@@ -163,3 +163,27 @@ def test_expired_idempotency_keys_are_purged(store: SqlStore) -> None:
     store.send([_run("new")], NOW + 20 * 86400, idempotency_key="new-key")
     assert store.purge_idempotency_keys(NOW + 31 * 86400) == 1
     assert store.send([_run("again")], NOW + 31 * 86400, idempotency_key="new-key").duplicate
+
+
+def test_a_full_key_in_one_queue_leaves_that_key_in_another_queue_alone(store: SqlStore) -> None:
+    """Issue #10 cause 6: concurrency keys are scoped per queue."""
+    store.save_queue_limits([QueueLimits("qa", concurrency=1), QueueLimits("qb", concurrency=1)])
+    queue(store, "qa-held", q="qa", key="u1", at=NOW)
+    queue(store, "qa-next", q="qa", key="u1", at=NOW + 0.1)
+    queue(store, "qb-first", q="qb", key="u1", at=NOW + 0.2)
+    assert claimed(store, 3) == ["qa-held", "qb-first"]
+
+
+def test_no_number_of_full_keys_hides_a_claimable_run(store: SqlStore) -> None:
+    """Issue #10 cause 6: 600 full keys, each with a queued run older than the one run
+    that may start, and the claim still finds it (the old search gave up after ~170)."""
+    store.save_queue_limits([QueueLimits("k", concurrency=1)])
+    holder = Lease("holder", "elsewhere", 1, seconds=3600)
+    for i in range(600):
+        queue(store, f"run{i:03d}", q="k", key=f"u{i}", at=NOW + i * 0.001)
+    for i in range(600):  # one run of each key is executing: every key is full
+        assert store.claim_run(f"run{i:03d}", holder, NOW + 1).status == RunStatus.RUNNING
+    for i in range(600):
+        queue(store, f"next{i:03d}", q="k", key=f"u{i}", at=NOW + 2 + i * 0.001)
+    queue(store, "free", q="k", key="fresh", at=NOW + 5)
+    assert claimed(store, 2, now=NOW + 10) == ["free"]

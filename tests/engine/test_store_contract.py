@@ -16,6 +16,7 @@ from engine.models import Lease, NewRun, RunStatus, StepRecord, StepStatus, Tran
 from engine.runner import new_run_id
 from engine.store import SqlStore, open_store
 from engine.store import schema as t
+from engine.store.workers import pid_namespace
 
 NOW = 1_800_000_000.0
 HOST = socket.gethostname()
@@ -99,8 +100,21 @@ def test_a_dead_process_on_this_host_loses_its_lease_at_once(store: SqlStore) ->
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     store.create_run(new_run("r1"), NOW)
-    store.claim_run("r1", lease("a", pid=dead.pid), NOW)
+    # a foreground process (`run`/`resume`) of this host's PID namespace that is gone
+    owner = f"fg:{pid_namespace()}:{dead.pid}:abcd1234"
+    store.claim_run("r1", Lease(owner=owner, host=HOST, pid=dead.pid), NOW)
     assert store.claim_run("r1", lease("b"), NOW + 1).lease_owner == "b"
+
+
+def test_a_foreground_lease_of_another_pid_namespace_is_respected(store: SqlStore) -> None:
+    """Containers may share a hostname and not a PID namespace: a pid is not comparable."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    store.create_run(new_run("r1"), NOW)
+    owner = f"fg:otherboot.4026531836:{dead.pid}:abcd1234"
+    store.claim_run("r1", Lease(owner=owner, host=HOST, pid=dead.pid), NOW)
+    with pytest.raises(RunBusy):
+        store.claim_run("r1", lease("b"), NOW + 1)
 
 
 def test_transition_needs_the_lease_and_writes_nothing_without_it(store: SqlStore) -> None:
