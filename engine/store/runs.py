@@ -266,18 +266,10 @@ class Runs:
         update_values = {k: v for k, v in values.items() if not k.startswith("w_")}
         update_values["active_seconds"] = row["active_seconds"] + tr.active_seconds
         c.execute(update(t.runs).where(t.runs.c.id == run_id).values(**update_values))
-        if tr.status not in ACTIVE_STATUSES and row["parent_run_id"] and row["parent_step"]:
-            data = child_result(run_id, tr.status.value, tr.output, tr.error)
-            self.inbox.deliver(
-                c,
-                row["parent_run_id"],
-                row["parent_step"],
-                row["parent_attempt"] or 1,
-                "child",
-                data,
-                now,
+        if tr.status not in ACTIVE_STATUSES:
+            self._answer_parent(
+                c, row, child_result(run_id, tr.status.value, tr.output, tr.error), now
             )
-            self.db.notify(c)
         return TransitionResult(bool(row["cancel_requested"]), answer, output)
 
     def _record_step_extras(self, c: Connection, run_id: str, rec: StepRecord, now: float) -> None:
@@ -490,16 +482,16 @@ class Runs:
                 **NO_LEASE,
             )
         )
+        data = child_result(row["id"], "cancelled", None, "child run was cancelled")
+        self._answer_parent(c, row, data, now)
+
+    def _answer_parent(self, c: Connection, row: Any, data: dict[str, Any], now: float) -> None:
+        """A child run ended: its result answers the wait of the parent attempt that
+        started it (a later attempt of that step waits for another child)."""
         if row["parent_run_id"] and row["parent_step"]:
-            data = child_result(row["id"], "cancelled", None, "child run was cancelled")
+            attempt = row["parent_attempt"] or 1
             self.inbox.deliver(
-                c,
-                row["parent_run_id"],
-                row["parent_step"],
-                row["parent_attempt"] or 1,
-                "child",
-                data,
-                now,
+                c, row["parent_run_id"], row["parent_step"], attempt, "child", data, now
             )
             self.db.notify(c)
 
