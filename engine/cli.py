@@ -405,12 +405,13 @@ def init(directory: str) -> None:
     files = {
         target / "workflows" / "hello.yaml": "hello.yaml",
         target / "workflows" / "steps.py": "steps.py",
+        target / "workflows" / "tests" / "hello.test.yaml": "hello.test.yaml",
     }
     existing = [str(p) for p in [*files, target / "pyproject.toml"] if p.exists()]
     if existing:
         raise click.UsageError(f"{', '.join(existing)} already exist(s); nothing was written")
     try:
-        (target / "workflows").mkdir(parents=True, exist_ok=True)
+        (target / "workflows" / "tests").mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise click.UsageError(
             f"cannot create {target / 'workflows'}: {exc.strerror or exc}"
@@ -425,6 +426,7 @@ def init(directory: str) -> None:
     )
     click.echo(f"created {target / 'workflows'} and {target / 'pyproject.toml'}; try:")
     click.echo(f'  cd {directory} && durable-yaml run hello --payload \'{{"name": "Ada"}}\'')
+    click.echo(f"  cd {directory} && durable-yaml test      # its test, on a virtual clock")
 
 
 @cli.command()

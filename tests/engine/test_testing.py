@@ -99,3 +99,10 @@ def test_a_failing_test_file_prints_its_difference_and_exits_1(tmp_path: Path) -
 def test_test_files_are_not_workflows() -> None:
     done = cli("validate", cwd=ROOT)
     assert done.returncode == 0, done.stdout
+
+
+def test_init_writes_a_first_test_that_passes(tmp_path: Path) -> None:
+    assert cli("init", str(tmp_path / "proj"), cwd=tmp_path).returncode == 0
+    done = cli("test", cwd=tmp_path / "proj")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "PASS" in done.stdout and "1 passed, 0 failed" in done.stdout
