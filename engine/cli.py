@@ -179,7 +179,11 @@ def _how_to_continue(engine: Engine, run: Run) -> str:
     if wait.get("kind") == "token":
         return f"it waits for token {wait['token']}: `durable-yaml complete {wait['token']} --data JSON`, {then}"
     if wait.get("kind") == "child":
-        return f"it waits for child run {wait['run_id']}: `durable-yaml resume {wait['run_id']}`, {then}"
+        child = engine.store.get_run(wait["run_id"])
+        if child.status.value == "waiting":  # say what the child waits for
+            inner = _how_to_continue(engine, child).removeprefix("it ")
+            return f"it waits for child run {child.id}, which {inner}; then the parent goes on"
+        return f"it waits for child run {child.id}: `durable-yaml resume {child.id}`, {then}"
     return f"continue it with `durable-yaml resume {run.id}`"
 
 

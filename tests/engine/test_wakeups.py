@@ -416,3 +416,22 @@ def test_a_result_the_database_refuses_fails_the_step_once(
     else:
         assert run.status == RunStatus.FAILED and "cannot be stored" in (run.error or ""), run
     assert calls(tmp_path) == ["nul"]
+
+
+def test_foreground_run_whose_child_waits_exits_3_with_the_childs_token(tmp_path: Path) -> None:
+    from tests.conftest import cli
+
+    done = cli(
+        "run",
+        "tokenparent",
+        "--db",
+        f"sqlite:///{tmp_path}/s.db",
+        "--workflows",
+        str(WAKE),
+        "-m",
+        "wakesteps",
+        cwd=WAKE,
+        timeout=60,
+    )
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "which waits for token" in done.stdout and "durable-yaml complete" in done.stdout
