@@ -21,15 +21,18 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from dsl import State, TemplateError, render_value
+from dsl.limits import JSON_SIZE_MAX
 
 from .errors import EngineError, ValueNotStorable
-from .inputs import InputInvalid, check_json
+from .inputs import InputInvalid, check_json, loggable
 from .models import Emission, NewRun, Run
 from .registry import StepContext, StepLogger, get_step
 from .retry import backoff_delay, is_retryable
 from .transitions import Done, Failed, Outcome, Suspended
 
-__all__ = ["Attempt", "Host", "child_run_id", "execute"]
+__all__ = ["Attempt", "Host", "child_run_id", "describe_exception", "execute"]
+
+ERROR_TYPE_MAX = 200  # dy_attempts.error_type
 
 
 class Host(Protocol):
@@ -122,9 +125,8 @@ def call_function(
     except Exception as exc:
         retryable = state.retry is not None and is_retryable(state.retry, exc)
         status = "timed_out" if isinstance(exc, TimeoutError) else "failed"
-        return Failed(
-            type(exc).__name__, str(exc) or repr(exc), retryable, traceback.format_exc(), status
-        )
+        name, message, trace = describe_exception(exc)
+        return Failed(name, message, retryable, trace, status)
     try:
         check_json(value, f"steps.{key}")
     except InputInvalid as exc:
@@ -135,6 +137,22 @@ def call_function(
             retryable=False,
         )
     return Done(value)
+
+
+def describe_exception(exc: BaseException) -> tuple[str, str, str]:
+    """A step's exception as (class name, message, traceback) that can always be shown and
+    stored: a message whose `__str__` raises, lone surrogates, NUL, a 50 MB message or a
+    200-character class name must not keep the run from recording its failure."""
+    name = type(exc).__name__[:ERROR_TYPE_MAX]
+    try:
+        message = str(exc) or repr(exc)
+    except Exception as inner:
+        message = f"<its message could not be read: {type(inner).__name__}>"
+    try:
+        trace = traceback.format_exc()
+    except Exception:
+        trace = f"{name}: {message}"
+    return name, str(loggable(message)), str(loggable(trace))
 
 
 def _timer(wake_at: float, now: float) -> Outcome:
@@ -227,6 +245,22 @@ def _for_each(a: Attempt) -> Outcome:
                 key,
             )
             if isinstance(outcome, Done):
+                size = len(json.dumps(outcome.output))
+                with lock:
+                    total[0] += size
+                    too_big = total[0] > JSON_SIZE_MAX
+                if too_big:  # the step's output (the list of all items') would be refused
+                    stop.set()
+                    with lock:
+                        failures.append(
+                            Failed(
+                                "StepOutputInvalid",
+                                f"{a.field}: the outputs of the items together exceed "
+                                f"{JSON_SIZE_MAX} bytes of JSON (at item {index})",
+                                retryable=False,
+                            )
+                        )
+                    return
                 try:
                     a.record_item(index, attempt, started, outcome.output)
                 except ValueNotStorable as exc:
@@ -259,6 +293,7 @@ def _for_each(a: Attempt) -> Outcome:
             attempt += 1
 
     pending = [i for i in range(len(items)) if i not in a.done_items]
+    total = [sum(len(json.dumps(v)) for v in a.done_items.values())]
     workers = max(1, min(int(cfg.get("concurrency") or 1), len(pending)))
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"for_each:{a.state.id}")
     try:

@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from dsl import DurationError, parse_duration
+from dsl.limits import YAML_BYTES_MAX
+from dsl.loader import load_yaml
 
 from .errors import EngineError
+from .inputs import InputInvalid, check_json
 from .testing import Env, exception_named
 
 __all__ = ["TestResult", "find_test_files", "run_test_file"]
@@ -59,22 +60,45 @@ def find_test_files(paths: Sequence[str | Path]) -> list[Path]:
 
 
 def _load(path: Path) -> dict[str, Any]:
+    """The test file, read by the workflow loader (bounded: size, depth, aliases, no tags)
+    and checked for shape, so a malformed test is a message, never a traceback."""
     try:
-        data = yaml.safe_load(path.read_text("utf-8"))
+        text = path.read_bytes()[: YAML_BYTES_MAX + 1].decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise TestFileError(f"cannot read the file: {exc}") from None
-    except yaml.YAMLError as exc:
-        raise TestFileError(f"not valid YAML: {exc}") from None
+    loaded, problems = load_yaml(text, str(path))
+    if loaded is None or problems:
+        raise TestFileError("; ".join(str(p) for p in problems[:3]) or "not valid YAML")
+    data = loaded.data
     if not isinstance(data, dict):
         raise TestFileError("a test file is a mapping with `workflow` and `expect`")
     unknown = set(data) - _KEYS
     if unknown:
-        raise TestFileError(f"unknown key(s) {sorted(unknown)}; a test has {sorted(_KEYS)}")
+        raise TestFileError(
+            f"unknown key(s) {sorted(map(str, unknown))}; a test has {sorted(_KEYS)}"
+        )
     if not isinstance(data.get("workflow"), str):
         raise TestFileError("`workflow` must name the workflow under test (its id)")
+    try:
+        check_json(data.get("payload"), "payload")
+    except InputInvalid as exc:
+        raise TestFileError(str(exc)) from None
+    stubs = data.get("stubs") or {}
+    if not isinstance(stubs, dict):
+        raise TestFileError("`stubs` maps step names to lists of {return: VALUE} or {raise: Name}")
+    events = data.get("events") or []
+    if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
+        raise TestFileError(
+            "`events` is a list of {at, send, payload} or {at, complete_token, data}"
+        )
     expect = data.get("expect") or {}
     if not isinstance(expect, dict) or set(expect) - _EXPECT_KEYS:
         raise TestFileError(f"`expect` may hold {sorted(_EXPECT_KEYS)}")
+    steps = expect.get("steps") or {}
+    if not isinstance(steps, dict) or not all(isinstance(v, dict | None) for v in steps.values()):
+        raise TestFileError("`expect.steps` maps step ids to {status, attempts, output}")
+    if not isinstance(expect.get("logs_contain") or [], list):
+        raise TestFileError("`expect.logs_contain` is a list of texts")
     return data
 
 
@@ -133,6 +157,8 @@ def run_test_file(
         problems = [str(exc)]
     except (EngineError, LookupError) as exc:
         problems = [f"{type(exc).__name__}: {exc}"]
+    except Exception as exc:  # a test file is user input: it fails, it never crashes the run
+        problems = [f"the test could not run: {type(exc).__name__}: {exc}"]
     return TestResult(str(path), not problems, time.perf_counter() - started, problems)
 
 

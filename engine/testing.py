@@ -60,10 +60,15 @@ class VirtualClock:
 def exception_named(name: str, message: str = "") -> BaseException:
     """An exception of class `name`: a builtin one, or a new class of that name (the engine
     matches `retry.on` and `catch.on` by class name)."""
+    text = message or f"{name} (stubbed)"
     cls = getattr(builtins, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, Exception)):
-        cls = type(name, (Exception,), {})
-    error: BaseException = cls(message or f"{name} (stubbed)")
+    if isinstance(cls, type) and issubclass(cls, Exception):
+        try:
+            made: BaseException = cls(text)
+            return made
+        except TypeError:  # a builtin that needs other arguments (UnicodeDecodeError...)
+            pass
+    error: BaseException = type(name, (Exception,), {})(text)
     return error
 
 

@@ -106,3 +106,28 @@ def test_init_writes_a_first_test_that_passes(tmp_path: Path) -> None:
     done = cli("test", cwd=tmp_path / "proj")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "PASS" in done.stdout and "1 passed, 0 failed" in done.stdout
+
+
+def test_malformed_test_files_fail_with_a_message(tmp_path: Path) -> None:
+    head = "workflow: hourly-report\n"
+    bomb = (
+        head
+        + 'expect:\n  output:\n    z0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n'
+    )
+    for i in range(1, 9):
+        bomb += f"    z{i}: &a{i} [{','.join([f'*a{i - 1}'] * 9)}]\n"
+    files = {
+        "events": head + "events: [5]\n",
+        "stubs": head + "stubs: [1, 2]\n",
+        "steps": head + "expect: {steps: 5}\n",
+        "logs": head + "expect: {logs_contain: 5}\n",
+        "deep": head + "payload: " + "[" * 5000 + "]" * 5000 + "\n",
+        "bomb": bomb,
+    }
+    for name, text in files.items():
+        (tmp_path / f"{name}.test.yaml").write_text(text)
+    started = time.perf_counter()
+    done = cli("test", str(tmp_path), cwd=ROOT)
+    assert done.returncode == 1 and "0 passed, 6 failed" in done.stdout, done.stdout
+    assert "Traceback" not in done.stdout + done.stderr
+    assert time.perf_counter() - started < 20

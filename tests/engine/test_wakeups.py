@@ -435,3 +435,19 @@ def test_foreground_run_whose_child_waits_exits_3_with_the_childs_token(tmp_path
     )
     assert done.returncode == 3, done.stdout + done.stderr
     assert "which waits for token" in done.stdout and "durable-yaml complete" in done.stdout
+
+
+# Found by the second review ------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["unprintable", "surrogate", "nul", "huge"])
+def test_a_step_failing_with_an_odd_exception_fails_its_run(engine: Engine, kind: str) -> None:
+    run_id = start(engine, "oddfail", {"kind": kind})
+    run = engine.store.get_run(run_id)
+    assert run.status == RunStatus.FAILED, run  # recorded, never left `running`
+    (step,) = [s for s in engine.store.get_steps(run_id) if s.step_key == "fail"]
+    assert step.error is not None and len(step.error) < 70_000
+
+
+def test_for_each_outputs_together_are_bounded(engine: Engine) -> None:
+    run_id = start(engine, "bigitems", {})
+    run = engine.store.get_run(run_id)
+    assert run.status == RunStatus.FAILED and "together exceed" in (run.error or ""), run

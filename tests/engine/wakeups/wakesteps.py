@@ -33,3 +33,24 @@ def maybe_fail(fail: bool) -> str:
     if fail:
         raise NonRetryableError("asked to fail")
     return "ok"
+
+
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no message for you")
+
+
+@step("wake.odd_failure")
+def odd_failure(kind: str) -> None:
+    if kind == "unprintable":
+        raise _Unprintable()
+    if kind == "surrogate":
+        raise ValueError("bad \udc80 text")
+    if kind == "nul":
+        raise ValueError("bad \x00 text")
+    raise ValueError("x" * 5_000_000)
+
+
+@step("wake.big")
+def big(n: int) -> str:
+    return "y" * 600_000
