@@ -3,6 +3,7 @@ traceback (SPEC §3)."""
 
 from __future__ import annotations
 
+import re
 import socket
 from pathlib import Path
 
@@ -112,3 +113,33 @@ def test_a_workflows_folder_with_a_fifo_and_a_dangling_symlink(tmp_path: Path) -
     assert "pipe.yaml:1:1: not a regular file" in out and "gone.yaml:1:1: no such file" in out
     engine = Engine(resolve_settings(db=f"sqlite:///{tmp_path}/s.db", workflows=str(folder)))
     assert engine.refresh_catalog() and not engine.catalog.workflows
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("import sys; sys.exit(7)", "called sys.exit(7) while importing"),
+        ("raise GeneratorExit('odd')", "failed while importing: GeneratorExit: odd"),
+    ],
+)
+def test_a_step_module_that_exits_while_importing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str, message: str
+) -> None:
+    import sys
+
+    from engine.registry import import_modules
+
+    name = f"exits_{abs(hash(body))}"
+    (tmp_path / f"{name}.py").write_text(body + "\n")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    with pytest.raises(ConfigError, match=rf"step module `{name}` {re.escape(message)}"):
+        import_modules([name], str(tmp_path))
+    sys.modules.pop(name, None)
+
+
+def test_the_cli_names_a_step_module_that_exits(tmp_path: Path) -> None:
+    (tmp_path / "m_exit.py").write_text("import sys; sys.exit(7)\n")
+    (tmp_path / "workflows").mkdir()
+    result = cli("validate", cwd=tmp_path, env={"DURABLE_YAML_MODULES": "m_exit"})
+    out = _clean(result)
+    assert result.returncode == 2 and "step module `m_exit` called sys.exit(7)" in out
