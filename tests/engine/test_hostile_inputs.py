@@ -68,6 +68,8 @@ CLI_CASES: list[tuple[list[str], str]] = [
     ),
     (["send", "order.placed", "--payload", "{k: 1}"], "--payload: is not valid JSON"),
     (["send", ""], "name: must not be empty"),
+    (["send", " "], "name: must not be blank"),
+    (["send", "\t\n"], "name: must not be blank"),
     (["send", LONG], "name: is 10000 characters long; at most 200"),
     (["send", "order.placed", "--idempotency-key", LONG], "idempotency_key: is 10000"),
     (
@@ -148,6 +150,7 @@ API_CASES: list[tuple[str, str, dict[str, Any], int, str]] = [
         "idempotency-key",
     ),
     ("POST", "/api/events", {"json": {"name": ""}}, 422, "name"),
+    ("POST", "/api/events", {"json": {"name": " "}}, 422, "name: must not be blank"),
     ("POST", "/api/events", {"json": {"name": LONG}}, 422, "name: is 10000"),
     (
         "POST",
@@ -245,6 +248,7 @@ CLIENT_CASES: list[tuple[Callable[[Client], Any], type[InputInvalid], str]] = [
     (lambda c: c.send_event("order.placed", _deep(100)), TooDeep, "payload"),
     (lambda c: c.send_event(LONG), TooLong, "name"),
     (lambda c: c.send_event(""), TooLong, "name"),
+    (lambda c: c.send_event(" \u3000"), TooLong, "name"),
     (lambda c: c.send_event("o", {}, idempotency_key=LONG), TooLong, "idempotency_key"),
     (lambda c: c.trigger("order", {}, delay=math.nan), InputInvalid, "delay"),
     (lambda c: c.trigger("order", {"k": "k" * 600}), TooLong, "concurrency_key"),
