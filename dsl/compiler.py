@@ -308,6 +308,12 @@ def _link(states: list[State], end: str, on_error: str | None) -> list[State]:
     return out
 
 
+def _check_event_name(c: _Checker, where: Path, name: Any) -> None:
+    """An event name of only whitespace could never be sent: send and the API refuse it."""
+    if isinstance(name, str) and name and not name.strip():
+        c.problem(where, "an event name must not be blank (only whitespace)")
+
+
 def _trigger(c: _Checker, value: Any) -> Trigger | None:
     if not isinstance(value, dict):
         return None
@@ -327,6 +333,8 @@ def _trigger(c: _Checker, value: Any) -> Trigger | None:
                 c.problem(
                     ("trigger", extra), f"`{extra}` applies to a `cron` trigger only", key=True
                 )
+    if kind == "event":
+        _check_event_name(c, ("trigger", "event"), value["event"])
     tz = str(value.get("timezone", "UTC"))
     if kind == "cron" and isinstance(value.get("cron"), str):
         try:
@@ -461,6 +469,7 @@ def _step(
                 c.problem((*where, "wait_until"), str(exc))
         config = {"at": at}
     elif kind == "wait_for_event":
+        _check_event_name(c, (*where, "wait_for_event"), raw["wait_for_event"])
         config = {"event": raw["wait_for_event"], "match": tmpl("match") or {}}
         if "lookback" in raw:
             config["lookback"] = c.duration((*where, "lookback"), raw["lookback"])
@@ -470,6 +479,7 @@ def _step(
         timeout = c.duration((*where, "wait_for_token", "timeout"), token_timeout)
         config = {}
     elif kind == "send_event":
+        _check_event_name(c, (*where, "send_event"), raw["send_event"])
         config = {"event": raw["send_event"], "payload": tmpl("payload") or {}}
     elif kind == "run_workflow":
         if raw["run_workflow"] == c.data.get("id"):

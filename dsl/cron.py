@@ -11,6 +11,7 @@ Rules for daylight-saving changes (documented in the README):
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -29,6 +30,13 @@ def check_cron(expr: str) -> None:
         raise CronError(
             f"cron {expr!r} has {len(fields)} fields; write 5: minute hour day-of-month month day-of-week"
         )
+    for field in fields:  # croniter's `R` fires at random, `H` at a hashed value
+        letters = set(re.findall(r"[a-z]+", field.lower()))
+        if letters & {"r", "h"}:
+            raise CronError(
+                f"cron {expr!r} uses `R`/`H` (random or hashed times), which are not"
+                f" supported; write the minutes and hours to fire at"
+            )
     if not croniter.is_valid(expr):
         raise CronError(f"cron {expr!r} is not a valid expression")
     try:  # a day that no month has (`* * 31 2 *`) is valid syntax that never fires

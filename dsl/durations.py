@@ -42,6 +42,11 @@ def parse_duration(value: object) -> float:
 def _seconds(value: object) -> float:
     if isinstance(value, bool):
         raise DurationError(f"{value!r} is not a duration")
+    if isinstance(value, int) and abs(value) > SECONDS_MAX:  # float() of a huge int overflows
+        shown = str(value) if value.bit_length() < 64 else f"a {value.bit_length()}-bit number"
+        if value < 0:
+            raise DurationError(f"a duration cannot be negative ({shown})")
+        raise DurationError(f"{shown} is longer than the longest duration allowed, 10 years")
     if isinstance(value, int | float):
         if math.isnan(value):
             raise DurationError(f"{value!r} is not a finite duration")

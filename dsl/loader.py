@@ -65,6 +65,7 @@ class _Composer(yaml.composer.Composer, yaml.constructor.SafeConstructor, _Resol
         self.depth = 0
         self.aliases = 0
         self.where: list[str | int] = []  # the path being composed, for messages
+        self.open_anchors: list[str] = []  # anchors of the collections being composed
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         """Compose with a depth limit, an alias limit and no explicit tags."""
@@ -86,6 +87,13 @@ class _Composer(yaml.composer.Composer, yaml.constructor.SafeConstructor, _Resol
             self.aliases += 1
             if self.aliases > YAML_ALIASES_MAX:
                 raise _Refused(f"more than {YAML_ALIASES_MAX} aliases (`*name`)", event, self.where)
+            if event.anchor in self.open_anchors:
+                raise _Refused(
+                    f"the alias `*{event.anchor}` stands inside the value it names"
+                    " (a value cannot contain itself)",
+                    event,
+                    self.where,
+                )
             return super().compose_node(parent, index)
         tag = getattr(event, "tag", None)
         if tag not in (None, "!"):
@@ -98,10 +106,15 @@ class _Composer(yaml.composer.Composer, yaml.constructor.SafeConstructor, _Resol
         self.depth += 1
         if self.depth > YAML_DEPTH_MAX:
             raise _Refused(f"nested more than {YAML_DEPTH_MAX} levels deep", event, self.where)
+        anchor = getattr(event, "anchor", None)
+        if anchor is not None:
+            self.open_anchors.append(anchor)
         try:
             return super().compose_node(parent, index)
         finally:
             self.depth -= 1
+            if anchor is not None:
+                self.open_anchors.pop()
 
 
 class _Loader(_Composer, yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser):
@@ -180,6 +193,15 @@ def load_yaml(text: str, path: str) -> tuple[Loaded | None, list[Problem]]:
         return None, [Problem(path, line, col, "", message)]
     except yaml.YAMLError as exc:
         return None, [Problem(path, 1, 1, "", f"YAML syntax error: {exc}")]
+    except Exception as exc:  # the pure-Python scanner's own failures, e.g. "\U00110000"
+        mark = loader.get_mark() if loader is not None else None
+        line, col = _where(mark)
+        escape = _escape_problem(text, mark.index if mark is not None else -1)
+        if escape is not None:
+            col -= 2  # at the backslash
+        why = f"YAML syntax error: cannot read this ({type(exc).__name__}: {_first_line(exc)})"
+        message = escape or why
+        return None, [Problem(path, line, col, "", message)]
     finally:
         if loader is not None:
             loader.dispose()
@@ -212,6 +234,15 @@ def _fast_node(text: str) -> Any:
         return _SLOW
     finally:
         loader.dispose()
+
+
+def _escape_problem(text: str, index: int) -> str | None:
+    """The message for an escape (`\\U00110000`) naming no character, when the scanner
+    stopped on its digits."""
+    if index < 2 or text[index - 2] != "\\" or text[index - 1] not in "xuU":
+        return None
+    escape = text[index - 2 : index + {"x": 2, "u": 4, "U": 8}[text[index - 1]]]
+    return f"YAML syntax error: the escape `{escape}` names no character (the last is \\U0010FFFF)"
 
 
 def _where(mark: yaml.Mark | None) -> tuple[int, int]:
@@ -282,7 +313,7 @@ class _Converter:
         """A scalar's value, or `_REFUSED` and a problem for what a workflow cannot hold."""
         try:
             value = self.constructor.construct_object(node)
-        except (ValueError, yaml.YAMLError) as exc:
+        except (ValueError, ArithmeticError, yaml.YAMLError) as exc:
             self.problem(node, where, f"{node.value!r} is not a valid value ({_first_line(exc)})")
             return _REFUSED
         if isinstance(value, bytes | set):

@@ -265,7 +265,13 @@ def import_modules(modules: Iterable[str], cwd: str = ".") -> None:
             raise ConfigError(f"cannot import step module `{module}`: {exc}") from None
         except ConfigError:
             raise
-        except Exception as exc:
+        except KeyboardInterrupt:
+            raise
+        except SystemExit as exc:
+            raise ConfigError(
+                f"step module `{module}` called sys.exit({exc.code!r}) while importing"
+            ) from None
+        except BaseException as exc:
             raise ConfigError(
                 f"step module `{module}` failed while importing: {type(exc).__name__}: {exc}"
             ) from None

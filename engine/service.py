@@ -32,7 +32,7 @@ from dsl.limits import (
 )
 
 from .errors import ConfigError, EngineError, NestedTooDeep, NotFound, PayloadInvalid
-from .inputs import check_json, check_text
+from .inputs import TooLong, check_json, check_text
 from .models import Emission, NewEvent, NewRun, QueueLimits, Run, RunStatus, Sent
 from .registry import import_modules, registered_names
 from .runner import Reporter, Runner, new_run_id
@@ -248,6 +248,8 @@ class Engine:
         """An event and the runs it triggers, every payload checked: all or nothing."""
         now = self.store.now() if now is None else now
         check_text(name, "name", EVENT_NAME_MAX)
+        if not name.strip():
+            raise TooLong("name", "must not be blank (only whitespace)")
         check_text(idempotency_key, "idempotency_key", IDEMPOTENCY_KEY_MAX, required=False)
         check_json(payload, "payload")
         event = NewEvent(

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from .errors import ConfigError
 
@@ -34,9 +35,20 @@ def _pyproject(start: Path) -> tuple[dict[str, Any], Path | None]:
         if candidate.is_file():
             try:
                 data = tomllib.loads(candidate.read_text("utf-8"))
+            except UnicodeDecodeError as exc:
+                raise ConfigError(
+                    f"{candidate}: cannot read [tool.durable-yaml]: not UTF-8 text (byte {exc.start})"
+                ) from None
+            except RecursionError:
+                raise ConfigError(
+                    f"{candidate}: cannot read [tool.durable-yaml]: nested too deeply"
+                ) from None
             except (OSError, tomllib.TOMLDecodeError) as exc:
                 raise ConfigError(f"{candidate}: cannot read [tool.durable-yaml]: {exc}") from None
-            section = data.get("tool", {}).get("durable-yaml")
+            tool = data.get("tool", {})
+            if not isinstance(tool, dict):
+                raise ConfigError(f"{candidate}: `tool` must be a table, not {type(tool).__name__}")
+            section = tool.get("durable-yaml")
             if section is not None:
                 if not isinstance(section, dict):
                     raise ConfigError(f"{candidate}: [tool.durable-yaml] must be a table")
@@ -92,9 +104,15 @@ def check_db_url(url: str) -> str:
         parsed = make_url(url)
     except (ArgumentError, ValueError):
         raise ConfigError(f"database URL {given!r} is not a URL; {example}") from None
-    backend, driver = parsed.get_backend_name(), parsed.get_driver_name()
+    backend = parsed.get_backend_name()
+    try:
+        driver = parsed.get_driver_name()
+    except NoSuchModuleError:
+        raise ConfigError(f"unsupported database {backend!r}; {example}") from None
     if backend == "sqlite":
-        return url
+        if "\x00" in (parsed.database or ""):
+            raise ConfigError(f"database URL {given!r}: the file name contains a NUL character")
+        return _engine_accepts(url, repr(given))
     if backend != "postgresql":
         raise ConfigError(f"unsupported database {backend!r}; {example}")
     if driver != "psycopg":
@@ -108,4 +126,18 @@ def check_db_url(url: str) -> str:
         raise ConfigError(
             "PostgreSQL needs the psycopg driver: pip install 'durable-yaml[postgres]'"
         )
+    return _engine_accepts(url, repr(parsed.render_as_string(hide_password=True)))
+
+
+def _engine_accepts(url: str, shown: str) -> str:
+    """The URL if SQLAlchemy can make an engine of it (its query options parsed); nothing is
+    opened: an engine connects only when first used."""
+    try:
+        sa.create_engine(url).dispose()
+    except (ArgumentError, NoSuchModuleError, ValueError, TypeError) as exc:
+        raise ConfigError(f"database URL {shown}: {_first_line(exc)}") from None
     return url
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -21,7 +21,7 @@ from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine, make_url
 
-from ..errors import DatabaseError
+from ..errors import ConfigError, DatabaseError
 from ..models import Lease
 from .sqlutil import sqlite_begin, sqlite_connect, upsert_statement
 
@@ -87,10 +87,20 @@ class DbClock:
 class Db:
     def __init__(self, url: str, *, skew: float = 0.0) -> None:
         self.url = url
+        try:
+            self._create_engine(url)
+        except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ValueError, TypeError) as exc:
+            # a URL that check_db_url did not see: SQLAlchemy's refusal is a setting's mistake
+            raise ConfigError(f"database URL cannot be used: {_first_line(exc)}") from None
+        self.clock = DbClock(self._server_time, skew=skew)
+
+    def _create_engine(self, url: str) -> None:
         parsed = make_url(url)
         self.dialect = parsed.get_backend_name()
         if self.dialect == "sqlite":
             database = parsed.database or ""
+            if "\x00" in database:
+                raise ValueError("the file name contains a NUL character")
             if database and database != ":memory:" and not database.startswith("file:"):
                 # OSError if it cannot be made: the engine's caller names the setting
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
@@ -102,10 +112,9 @@ class Db:
         elif self.dialect == "postgresql":
             self.engine = sa.create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
         else:
-            raise DatabaseError(
+            raise ConfigError(
                 f"unsupported database {parsed.drivername!r}; use sqlite:/// or postgresql://"
             )
-        self.clock = DbClock(self._server_time, skew=skew)
 
     @property
     def is_postgres(self) -> bool:

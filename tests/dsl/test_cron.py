@@ -138,11 +138,22 @@ def test_no_instant_fires_twice_over_a_year_of_dst() -> None:
         ("61 * * * *", "is not a valid expression"),
         ("* * * *", "has 4 fields"),
         ("0 * * * * *", "has 6 fields"),
+        ("R * * * *", "uses `R`/`H`"),
+        ("* r * * *", "uses `R`/`H`"),
+        ("R(0-30) * * * *", "uses `R`/`H`"),
+        ("H * * * *", "uses `R`/`H`"),
+        ("H/5 * * * *", "uses `R`/`H`"),
+        ("0 0 * * H", "uses `R`/`H`"),
     ],
 )
 def test_bad_cron(expr: str, message: str) -> None:
     with pytest.raises(CronError, match=message):
         check_cron(expr)
+
+
+@pytest.mark.parametrize("expr", ["0 0 * mar,apr thu", "0 0 * * sun-sat", "0 0 L * *"])
+def test_month_and_day_names_are_not_random_fields(expr: str) -> None:
+    check_cron(expr)
 
 
 def test_bad_timezone() -> None:

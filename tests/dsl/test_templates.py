@@ -76,6 +76,14 @@ def test_bad_durations(text: object) -> None:
         parse_duration(text)
 
 
+@pytest.mark.parametrize(
+    "value", [10**400, 10**5000, -(10**400), 10**9, float("inf")], ids=lambda v: f"v{hash(v)}"
+)
+def test_huge_numbers_are_duration_errors(value: float) -> None:
+    with pytest.raises(DurationError, match=r"longest duration|finite|negative"):
+        parse_duration(value)
+
+
 def test_mapping_keys_win_over_dict_methods() -> None:
     scope = {"payload": {"items": [1, 2], "keys": "k", "get": 3}}
     assert render_value("{{ payload.items }}", scope, "f") == [1, 2]

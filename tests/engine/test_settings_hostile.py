@@ -3,13 +3,14 @@ traceback (SPEC §3)."""
 
 from __future__ import annotations
 
+import re
 import socket
 from pathlib import Path
 
 import pytest
 
 from engine.errors import ConfigError
-from engine.settings import check_db_url
+from engine.settings import check_db_url, resolve_settings
 from tests.conftest import cli
 
 
@@ -27,11 +28,49 @@ def _clean(result: object) -> str:
         ("postgresql://", "must name the host and the database"),
         ("postgresql://localhost", "must name the host and the database"),
         ("postgresql+asyncpg://u@h/d", "the PostgreSQL driver is psycopg"),
+        ("http://example.com", "unsupported database 'http'"),
+        ("sqlite:///{tmp}/%00.db", "the file name contains a NUL character"),
+        ("sqlite:///{tmp}/p.db?timeout=abc", "could not convert string to float: 'abc'"),
     ],
 )
 def test_bad_database_urls(tmp_path: Path, url: str, message: str) -> None:
-    result = cli("runs", "list", "--db", url, cwd=tmp_path)
+    result = cli("runs", "list", "--db", url.format(tmp=tmp_path), cwd=tmp_path)
     assert result.returncode == 2 and message in _clean(result)
+    assert not list(tmp_path.iterdir()), "nothing is written"
+
+
+@pytest.mark.parametrize(
+    "url", ["sqlite:////tmp/%00.db", "sqlite:////tmp/p.db?timeout=abc", "http://example.com"]
+)
+def test_the_store_refuses_a_url_check_db_url_did_not_see(url: str) -> None:
+    from engine.store.db import Db
+
+    with pytest.raises(ConfigError, match="database"):
+        Db(url)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"tool = 5\n", "`tool` must be a table, not int"),
+        (b'tool = "x"\n', "`tool` must be a table, not str"),
+        (b"# caf\xe9\n[tool.durable-yaml]\n", "not UTF-8 text (byte 5)"),
+        (b"a = " + b"[" * 20000 + b"]" * 20000 + b"\n", "nested too deeply"),
+    ],
+    ids=["tool-int", "tool-str", "latin1", "deep"],
+)
+def test_a_pyproject_that_cannot_be_read(tmp_path: Path, content: bytes, message: str) -> None:
+    (tmp_path / "pyproject.toml").write_bytes(content)
+    with pytest.raises(ConfigError, match=r"pyproject\.toml: ") as raised:
+        resolve_settings(cwd=str(tmp_path))
+    assert message in str(raised.value)
+
+
+def test_the_cli_names_an_unreadable_pyproject(tmp_path: Path) -> None:
+    (tmp_path / "pyproject.toml").write_text("tool = 5\n")
+    result = cli("validate", cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"{tmp_path}/pyproject.toml: `tool` must be a table" in _clean(result)
 
 
 def test_missing_driver_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -112,3 +151,33 @@ def test_a_workflows_folder_with_a_fifo_and_a_dangling_symlink(tmp_path: Path) -
     assert "pipe.yaml:1:1: not a regular file" in out and "gone.yaml:1:1: no such file" in out
     engine = Engine(resolve_settings(db=f"sqlite:///{tmp_path}/s.db", workflows=str(folder)))
     assert engine.refresh_catalog() and not engine.catalog.workflows
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("import sys; sys.exit(7)", "called sys.exit(7) while importing"),
+        ("raise GeneratorExit('odd')", "failed while importing: GeneratorExit: odd"),
+    ],
+)
+def test_a_step_module_that_exits_while_importing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str, message: str
+) -> None:
+    import sys
+
+    from engine.registry import import_modules
+
+    name = f"exits_{abs(hash(body))}"
+    (tmp_path / f"{name}.py").write_text(body + "\n")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    with pytest.raises(ConfigError, match=rf"step module `{name}` {re.escape(message)}"):
+        import_modules([name], str(tmp_path))
+    sys.modules.pop(name, None)
+
+
+def test_the_cli_names_a_step_module_that_exits(tmp_path: Path) -> None:
+    (tmp_path / "m_exit.py").write_text("import sys; sys.exit(7)\n")
+    (tmp_path / "workflows").mkdir()
+    result = cli("validate", cwd=tmp_path, env={"DURABLE_YAML_MODULES": "m_exit"})
+    out = _clean(result)
+    assert result.returncode == 2 and "step module `m_exit` called sys.exit(7)" in out
