@@ -146,13 +146,20 @@ def _check_binop(operator: str, left: Any, right: Any) -> None:
 
 
 def _bounded_filter(name: str, filter_: Any) -> Any:
-    def bounded(value: Any, *args: Any, **kwargs: Any) -> Any:
-        _check_width(name, [*args, *kwargs.values()])
+    """`filter_` behind the width checks; it keeps Jinja's `pass_environment` /
+    `pass_context` / `pass_eval_context` marker, so it still receives what it asks for."""
+    passed = 1 if hasattr(filter_, "jinja_pass_arg") else 0
+
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        value, rest = args[passed], args[passed + 1 :]
+        _check_width(name, [*rest, *kwargs.values()])
         if name == "format":
             _check_format_widths(value)
-        return filter_(value, *args, **kwargs)
+        return filter_(*args, **kwargs)
 
     bounded.__name__ = name
+    if passed:
+        bounded.jinja_pass_arg = filter_.jinja_pass_arg  # type: ignore[attr-defined]
     return bounded
 
 
