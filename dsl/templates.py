@@ -223,10 +223,11 @@ class Expression:
 
     def evaluate(self, scope: Mapping[str, Any], field: str) -> Any:
         try:
-            with _budget(TEMPLATE_SECONDS):
-                if self.expression is not None:
+            if self.expression is not None:
+                with _budget(TEMPLATE_SECONDS):
                     value = _compiled_expression(self.expression)(**scope)
-                    return _plain(value, field)
+                return _plain(value, field)  # bounded in size, so in time, untraced
+            with _budget(TEMPLATE_SECONDS):
                 text = _compiled_template(self.source).render(**scope)
             _check_length(len(text), "the template")
             return text
@@ -261,22 +262,57 @@ def _compiled_template(source: str) -> jinja2.Template:
 
 
 def _plain(value: Any, field: str) -> Any:
-    """Turn an expression's value into plain JSON data; undefined anywhere is an error."""
-    if isinstance(value, jinja2.Undefined):
-        value._fail_with_undefined_error()
-    if isinstance(value, float) and not math.isfinite(value):
-        raise TemplateError(field, f"the expression gives {value}, which is not a JSON number")
-    if isinstance(value, str):
-        _check_length(len(value), "the expression")
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v, field) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v, field) for v in value]
-    raise TemplateError(
-        field, f"the expression gives a {type(value).__name__}, which is not JSON data"
-    )
+    """Turn an expression's value into plain JSON data; undefined anywhere is an error.
+
+    The result's size (about its JSON length) is bounded by `TEMPLATE_OUTPUT_MAX` in all:
+    an object shared many times (`[big] * 1000`) counts each time it appears, and the
+    conversion stops as soon as the total passes the bound."""
+    return _Plain(field).convert(value)
+
+
+class _Plain:
+    def __init__(self, field: str) -> None:
+        self.field = field
+        self.size = 0
+
+    def count(self, size: int) -> None:
+        self.size += size
+        if self.size > TEMPLATE_OUTPUT_MAX:
+            raise _TooBig(
+                f"the expression's value is larger than {TEMPLATE_OUTPUT_MAX:,} characters"
+            )
+
+    def convert(self, value: Any) -> Any:
+        if isinstance(value, jinja2.Undefined):
+            value._fail_with_undefined_error()
+        if isinstance(value, float) and not math.isfinite(value):
+            raise TemplateError(
+                self.field, f"the expression gives {value}, which is not a JSON number"
+            )
+        if isinstance(value, str):
+            _check_length(len(value), "the expression")
+            self.count(len(value) + 2)
+            return value
+        if value is None or isinstance(value, bool | float):
+            self.count(5)
+            return value
+        if isinstance(value, int):
+            self.count(value.bit_length() * 3 // 10 + 2)
+            return value
+        if isinstance(value, Mapping):
+            self.count(2)
+            plain = {}
+            for k, v in value.items():
+                key = str(k)
+                self.count(len(key) + 4)
+                plain[key] = self.convert(v)
+            return plain
+        if isinstance(value, list | tuple):
+            self.count(2)
+            return [self.convert(v) for v in value]
+        raise TemplateError(
+            self.field, f"the expression gives a {type(value).__name__}, which is not JSON data"
+        )
 
 
 @lru_cache(maxsize=4096)

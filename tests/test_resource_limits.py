@@ -125,6 +125,9 @@ def test_fifo_and_device_files(tmp_path: Path) -> None:
             "took longer than 1s",
         ),
         ("{{ [payload.l] * payload.n }}", {"payload": {"l": [1], "n": 10**9}}, "would make"),
+        ('{{ ({"a": "x" * 1000000}|items|list) * 1000 }}', {}, "value is larger than"),
+        ("{{ [2 ** 4000] * 100000 }}", {}, "value is larger than"),
+        ("{{ [[1] * 1000] * 1000 }}", {}, "value is larger than"),
     ],
 )
 def test_template_bombs(source: str, scope: dict[str, object], message: str) -> None:

@@ -122,3 +122,9 @@ def test_builtin_filters_work(source: str, expected: object) -> None:
         assert isinstance(value, str) and '<a href="https://example.com"' in value
     else:
         assert value == expected
+
+
+def test_value_size_counts_shared_objects() -> None:
+    with pytest.raises(TemplateError, match="value is larger than 1,048,576"):
+        render_value('{{ ({"a": "x" * 1000000}|items|list) * 1000 }}', {}, "f")
+    assert render_value('{{ ["x" * 1000] * 1000 }}', {}, "f") == ["x" * 1000] * 1000
