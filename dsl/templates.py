@@ -7,9 +7,11 @@ text, so the string "007" stays a string. Any other string renders to a string.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import re
+import string
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -73,7 +75,7 @@ class _Environment(ImmutableSandboxedEnvironment):
         method = getattr(__obj, "__wrapped__", __obj)  # the sandbox wraps str.format
         text = getattr(method, "__self__", None)
         if isinstance(text, str):
-            _check_str_method(text, getattr(method, "__name__", ""), args, kwargs)
+            args = _check_str_method(text, getattr(method, "__name__", ""), args, kwargs)
         return super().call(__context, __obj, *args, **kwargs)
 
 
@@ -99,15 +101,89 @@ def _check_format_widths(fmt: Any) -> None:
         raise _TooBig(f"a width in {fmt[:40]!r} is larger than {TEMPLATE_OUTPUT_MAX:,}")
 
 
-def _check_str_method(text: str, name: str, args: Any, kwargs: Any) -> None:
+def _check_str_method(text: str, name: str, args: Any, kwargs: Any) -> tuple[Any, ...]:
+    """Check a call of a method of `text`; return its arguments (an iterable to join is
+    read once into a list)."""
     if name in _PADDING:
         _check_width(name, [*args, *kwargs.values()])
-    elif name in ("format", "format_map"):
+    elif name == "format":
         _check_format_widths(text)
+        _check_length(_format_size(text, args, kwargs), "format")
+    elif name == "format_map" and args and isinstance(args[0], Mapping):
+        _check_length(_format_size(text, (), args[0]), "format_map")
     elif name == "replace" and len(args) >= 2:
-        old, new = str(args[0]), str(args[1])
-        growth = (text.count(old) if old else len(text) + 1) * max(0, len(new) - len(old))
-        _check_length(len(text) + growth, "replace")
+        _check_replace(text, str(args[0]), str(args[1]))
+    elif name == "join" and len(args) == 1:
+        items = list(args[0])
+        size = len(text) * max(0, len(items) - 1) + sum(_text_len(i) for i in items)
+        _check_length(size, "join")
+        return (items,)
+    return tuple(args)
+
+
+def _check_replace(text: str, old: str, new: str) -> None:
+    growth = (text.count(old) if old else len(text) + 1) * max(0, len(new) - len(old))
+    _check_length(len(text) + growth, "replace")
+
+
+_DIGITS = re.compile(r"\d+")
+_FORMATTER = string.Formatter()
+
+
+def _spec_size(spec: str) -> int:
+    """At most how many characters a format spec's width and precision produce."""
+    return sum(int(d) if len(d) < 12 else 10**12 for d in _DIGITS.findall(spec))
+
+
+def _format_size(fmt: str, args: Any, kwargs: Any) -> int:
+    """About how long `fmt.format(*args, **kwargs)` is at most, counting every field's width
+    and precision, nested `{}` arguments included, once per field (so repetition counts)."""
+    size, auto = len(fmt), 0
+
+    def lookup(field: str) -> Any:
+        nonlocal auto
+        key = field.split(".", 1)[0].split("[", 1)[0]
+        if key == "":
+            key, auto = str(auto), auto + 1
+        try:
+            return args[int(key)] if key.isdigit() else kwargs[key]
+        except (IndexError, KeyError, TypeError):
+            return ""
+
+    try:
+        for _literal, field, spec, _conversion in _FORMATTER.parse(fmt):
+            if field is None:
+                continue
+            value = lookup(field)
+            size += _text_len(value) if isinstance(value, str) or _is_int(value) else 32
+            if spec and "{" in spec:
+                spec = "".join(
+                    lit + (str(lookup(f)) if f is not None else "")
+                    for lit, f, _s, _c in _FORMATTER.parse(spec)
+                )
+            if spec:
+                size += _spec_size(spec)
+    except ValueError:
+        return len(fmt)  # malformed: `format` itself says so
+    return size
+
+
+_PERCENT = re.compile(r"%[-+#0 ]*(\d+|\*)?(?:\.(\d+|\*))?")
+
+
+def _percent_size(fmt: str, args: Any) -> int:
+    """About how long `fmt % args` is at most: every field's width and precision (a `*`
+    width counts as the largest number among the arguments)."""
+    values = args if isinstance(args, tuple | list) else (args,)
+    star = max((abs(v) for v in values if _is_int(v)), default=0)
+    size = len(fmt) + sum(_text_len(v) if isinstance(v, str) else 32 for v in values)
+    for match in _PERCENT.finditer(fmt):
+        for part in match.groups():
+            if part == "*":
+                size += star
+            elif part:
+                size += int(part) if len(part) < 12 else 10**12
+    return size
 
 
 def _lipsum(n: int = 5, html: bool = True, min: int = 20, max: int = 100) -> Any:
@@ -143,19 +219,23 @@ def _check_binop(operator: str, left: Any, right: Any) -> None:
         _check_length(len(left) + len(right), "+")
     elif operator == "%" and isinstance(left, str):
         _check_format_widths(left)
+        _check_length(_percent_size(left, right), "%")
 
 
 def _bounded_filter(name: str, filter_: Any) -> Any:
-    """`filter_` behind the width checks; it keeps Jinja's `pass_environment` /
+    """`filter_` behind the size checks; it keeps Jinja's `pass_environment` /
     `pass_context` / `pass_eval_context` marker, so it still receives what it asks for."""
     passed = 1 if hasattr(filter_, "jinja_pass_arg") else 0
+    signature = inspect.signature(filter_)
 
     def bounded(*args: Any, **kwargs: Any) -> Any:
-        value, rest = args[passed], args[passed + 1 :]
-        _check_width(name, [*rest, *kwargs.values()])
-        if name == "format":
-            _check_format_widths(value)
-        return filter_(*args, **kwargs)
+        _check_width(name, [*args[passed + 1 :], *kwargs.values()])
+        try:
+            call = signature.bind(*args, **kwargs)
+        except TypeError:
+            return filter_(*args, **kwargs)  # let the filter say what is wrong
+        _check_filter(name, call.arguments)
+        return filter_(*call.args, **call.kwargs)
 
     bounded.__name__ = name
     if passed:
@@ -163,11 +243,52 @@ def _bounded_filter(name: str, filter_: Any) -> Any:
     return bounded
 
 
+def _text_len(value: Any) -> int:
+    return len(value) if isinstance(value, str) else len(str(value)) if _is_int(value) else 1
+
+
+def _check_filter(name: str, arguments: dict[str, Any]) -> None:
+    """Refuse, from the sizes of its inputs, a filter's result beyond the bounds (the
+    arguments may be replaced: an iterable to join is read once into a list)."""
+    if name == "format":
+        fmt = arguments.get("value")
+        if isinstance(fmt, str):
+            _check_format_widths(fmt)
+            _check_length(_percent_size(fmt, arguments.get("args", ())), "format")
+    elif name == "join":
+        items = arguments["value"] = list(arguments["value"])
+        sep = str(arguments.get("d", ""))
+        size = len(sep) * max(0, len(items) - 1) + sum(_text_len(i) for i in items)
+        _check_length(size, "join")
+    elif name == "replace":
+        text, old, new = (str(arguments.get(k, "")) for k in ("s", "old", "new"))
+        _check_replace(text, old, new)
+    elif name == "indent":
+        text, width = str(arguments.get("s", "")), arguments.get("width", 4)
+        pad = len(width) if isinstance(width, str) else width if _is_int(width) else 0
+        _check_length(len(text) + (text.count("\n") + 1) * max(0, pad), "indent")
+    elif name == "wordwrap" and arguments.get("wrapstring") is not None:
+        text, wrap = str(arguments.get("s", "")), str(arguments["wrapstring"])
+        _check_length(len(text) + (len(text) + 1) * len(wrap), "wordwrap")
+    elif name == "truncate":
+        _check_length(len(str(arguments.get("end", ""))), "truncate")
+
+
 _ENV = _Environment(
     undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True, optimized=False
 )
 _ENV.filters["tojson"] = lambda v: json.dumps(v, sort_keys=True)
-for _name in ("center", "indent", "wordwrap", "format", "truncate", "batch", "slice"):
+for _name in (
+    "center",
+    "indent",
+    "wordwrap",
+    "format",
+    "truncate",
+    "batch",
+    "slice",
+    "join",
+    "replace",
+):
     _ENV.filters[_name] = _bounded_filter(_name, _ENV.filters[_name])
 _ENV_LIPSUM: Any = _ENV.globals["lipsum"]
 _ENV.globals["lipsum"] = _lipsum
@@ -228,9 +349,7 @@ class Expression:
                     value = _compiled_expression(self.expression)(**scope)
                 return _plain(value, field)  # bounded in size, so in time, untraced
             with _budget(TEMPLATE_SECONDS):
-                text = _compiled_template(self.source).render(**scope)
-            _check_length(len(text), "the template")
-            return text
+                return _render(_compiled_template(self.source), scope)
         except TemplateError:
             raise
         except _TooBig as exc:
@@ -249,6 +368,17 @@ class Expression:
             raise TemplateError(field, f"{exc} in {self.source!r}") from None
         except Exception as exc:  # a template can raise anything its expression does
             raise TemplateError(field, f"{type(exc).__name__}: {exc} in {self.source!r}") from None
+
+
+def _render(template: jinja2.Template, scope: Mapping[str, Any]) -> str:
+    """The template's text, its size counted as it renders: it stops at the first piece
+    that takes it past `TEMPLATE_OUTPUT_MAX` (a loop's output is never built whole)."""
+    pieces, size = [], 0
+    for piece in template.generate(**scope):
+        size += len(piece)
+        _check_length(size, "the template")
+        pieces.append(piece)
+    return "".join(pieces)
 
 
 @lru_cache(maxsize=4096)

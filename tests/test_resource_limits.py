@@ -128,6 +128,16 @@ def test_fifo_and_device_files(tmp_path: Path) -> None:
         ('{{ ({"a": "x" * 1000000}|items|list) * 1000 }}', {}, "value is larger than"),
         ("{{ [2 ** 4000] * 100000 }}", {}, "value is larger than"),
         ("{{ [[1] * 1000] * 1000 }}", {}, "value is larger than"),
+        ('{% for i in range(1000) %}{{ "x" * 1000000 }}{% endfor %}', {}, "`the template` would"),
+        ('{{ ("{0:>999999}" * 1000).format("a") }}', {}, "`format` would make"),
+        ('{{ "{:{}}".format("a", 500000000) }}', {}, "`format` would make"),
+        ('{{ ("%999999s" * 1000) % (("a",) * 1000) }}', {}, "`%` would make"),
+        ('{{ "%*s"|format(500000000, "a") }}', {}, "500,000,000"),
+        ('{{ (range(300)|list)|join("x" * 1000000) }}', {}, "`join` would make"),
+        ('{{ ("x" * 1000000).join(range(300)) }}', {}, "`join` would make"),
+        ('{{ ("a" * 300)|replace("a", "x" * 1000000) }}', {}, "`replace` would make"),
+        ('{{ ("x\n" * 300)|indent("y" * 1000000) }}', {}, "`indent` would make"),
+        ('{{ ("x " * 300)|wordwrap(1, wrapstring="y" * 1000000) }}', {}, "`wordwrap` would"),
     ],
 )
 def test_template_bombs(source: str, scope: dict[str, object], message: str) -> None:

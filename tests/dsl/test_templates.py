@@ -128,3 +128,16 @@ def test_value_size_counts_shared_objects() -> None:
     with pytest.raises(TemplateError, match="value is larger than 1,048,576"):
         render_value('{{ ({"a": "x" * 1000000}|items|list) * 1000 }}', {}, "f")
     assert render_value('{{ ["x" * 1000] * 1000 }}', {}, "f") == ["x" * 1000] * 1000
+
+
+def test_bounded_methods_and_filters_still_work() -> None:
+    assert render_value('{{ "{:>{}}".format("a", 3) }}', {}, "f") == "  a"
+    assert render_value('{{ "{0}-{x:.2f}".format(1, x=2) }}', {}, "f") == "1-2.00"
+    assert render_value('{{ "{a}".format_map({"a": 1}) }}', {}, "f") == "1"
+    assert render_value('{{ "%3s|%.1f" % ("a", 2) }}', {}, "f") == "  a|2.0"
+    assert render_value('{{ "%*d"|format(3, 1) }}', {}, "f") == "  1"
+    assert render_value('{{ "-".join(["a", "b"]) }}', {}, "f") == "a-b"
+    assert render_value("{{ range(3)|join(',') }}", {}, "f") == "0,1,2"
+    assert render_value('{{ [{"k": 1}, {"k": 2}]|join(",", attribute="k") }}', {}, "f") == "1,2"
+    assert render_value('{{ "a b"|wordwrap(1, wrapstring="|") }}', {}, "f") == "a|b"
+    assert render_value("{% for i in range(3) %}{{ i }}{% endfor %}", {}, "f") == "012"
