@@ -8,13 +8,15 @@ text, so the string "007" stays a string. Any other string renders to a string.
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 import math
 import re
 import string
 import sys
+import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sized
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -72,6 +74,7 @@ class _Environment(ImmutableSandboxedEnvironment):
             raise _TooBig(f"`{operator}` overflows: the result is too large a number") from None
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        _check_time()
         method = getattr(__obj, "__wrapped__", __obj)  # the sandbox wraps str.format
         text = getattr(method, "__self__", None)
         if isinstance(text, str):
@@ -229,6 +232,7 @@ def _bounded_filter(name: str, filter_: Any) -> Any:
     signature = inspect.signature(filter_)
 
     def bounded(*args: Any, **kwargs: Any) -> Any:
+        _check_time()
         _check_width(name, [*args[passed + 1 :], *kwargs.values()])
         try:
             call = signature.bind(*args, **kwargs)
@@ -270,6 +274,17 @@ def _check_filter(name: str, arguments: dict[str, Any]) -> None:
     elif name == "wordwrap" and arguments.get("wrapstring") is not None:
         text, wrap = str(arguments.get("s", "")), str(arguments["wrapstring"])
         _check_length(len(text) + (len(text) + 1) * len(wrap), "wordwrap")
+    elif name == "sum" and isinstance(arguments.get("start"), list | tuple):
+        items = arguments["iterable"] = list(arguments["iterable"])
+        attribute = arguments.get("attribute")
+        if attribute is not None:
+            getter = jinja2.filters.make_attrgetter(_ENV, attribute)
+            items = arguments["iterable"] = [getter(i) for i in items]
+            arguments["attribute"] = None
+        size = len(arguments["start"]) + sum(len(i) if isinstance(i, Sized) else 1 for i in items)
+        _check_length(size, "sum")
+        if all(type(i) is type(arguments["start"]) for i in items):  # no quadratic `+`
+            arguments["iterable"] = [type(arguments["start"])(itertools.chain.from_iterable(items))]
     elif name == "truncate":
         _check_length(len(str(arguments.get("end", ""))), "truncate")
 
@@ -288,35 +303,53 @@ for _name in (
     "slice",
     "join",
     "replace",
+    *("sum", "map", "urlize", "select", "reject", "selectattr", "rejectattr", "groupby"),
+    *("sort", "unique", "list", "string", "tojson", "wordcount", "striptags", "title"),
+    *("xmlattr", "filesizeformat", "dictsort", "items", "min", "max", "reverse", "first"),
+    *("last", "random", "trim", "upper", "lower", "capitalize", "escape", "forceescape"),
 ):
     _ENV.filters[_name] = _bounded_filter(_name, _ENV.filters[_name])
 _ENV_LIPSUM: Any = _ENV.globals["lipsum"]
 _ENV.globals["lipsum"] = _lipsum
 
 
+_deadline = threading.local()
+
+
+def _check_time() -> None:
+    """Raise `_TooSlow` once the evaluation running in this thread is past its deadline."""
+    deadline = getattr(_deadline, "at", None)
+    if deadline is not None and time.monotonic() > deadline:
+        raise _TooSlow()
+
+
 @contextmanager
 def _budget(seconds: float) -> Iterator[None]:
-    """Raise `_TooSlow` in a template's own code once it has run `seconds`: a trace
-    function counts the lines the compiled template executes (nested `range` loops)."""
+    """Raise `_TooSlow` once the evaluation has run `seconds` of wall-clock time: a trace
+    function counts the lines every frame executes while evaluating (the template's own
+    code, Jinja's runtime, filters written in Python), and the sandbox's `call` hook and
+    the bounded filters check the clock too."""
     deadline = time.monotonic() + seconds
     ticks = 0
 
     def local(frame: FrameType, event: str, arg: Any) -> Any:
         nonlocal ticks
         ticks += 1
-        if ticks % 512 == 0 and time.monotonic() > deadline:
+        if ticks % 256 == 0 and time.monotonic() > deadline:
             raise _TooSlow()
         return local
 
     def trace(frame: FrameType, event: str, arg: Any) -> Any:
-        return local if frame.f_code.co_filename == "<template>" else None
+        return local(frame, event, arg)
 
-    previous = sys.gettrace()
+    previous, outer = sys.gettrace(), getattr(_deadline, "at", None)
+    _deadline.at = deadline if outer is None else min(outer, deadline)
     sys.settrace(trace)
     try:
         yield
     finally:
         sys.settrace(previous)
+        _deadline.at = outer
 
 
 _ONE_EXPR = re.compile(r"^\s*\{\{(?P<expr>.*?)\}\}\s*$", re.DOTALL)
@@ -345,11 +378,13 @@ class Expression:
     def evaluate(self, scope: Mapping[str, Any], field: str) -> Any:
         try:
             if self.expression is not None:
+                compiled = _compiled_expression(self.expression)  # compiling is not timed
                 with _budget(TEMPLATE_SECONDS):
-                    value = _compiled_expression(self.expression)(**scope)
+                    value = compiled(**scope)
                 return _plain(value, field)  # bounded in size, so in time, untraced
+            template = _compiled_template(self.source)
             with _budget(TEMPLATE_SECONDS):
-                return _render(_compiled_template(self.source), scope)
+                return _render(template, scope)
         except TemplateError:
             raise
         except _TooBig as exc:

@@ -138,6 +138,9 @@ def test_fifo_and_device_files(tmp_path: Path) -> None:
         ('{{ ("a" * 300)|replace("a", "x" * 1000000) }}', {}, "`replace` would make"),
         ('{{ ("x\n" * 300)|indent("y" * 1000000) }}', {}, "`indent` would make"),
         ('{{ ("x " * 300)|wordwrap(1, wrapstring="y" * 1000000) }}', {}, "`wordwrap` would"),
+        ("{{ ([[1] * 1000] * 10000)|sum(start=[]) }}", {}, "`sum` would make"),
+        ('{{ ("a " * 500000)|urlize }}', {}, "took longer than 1s"),
+        ('{{ ((range(100000)|list) * 10)|map("string")|join|length }}', {}, "took longer than 1s"),
     ],
 )
 def test_template_bombs(source: str, scope: dict[str, object], message: str) -> None:

@@ -141,3 +141,12 @@ def test_bounded_methods_and_filters_still_work() -> None:
     assert render_value('{{ [{"k": 1}, {"k": 2}]|join(",", attribute="k") }}', {}, "f") == "1,2"
     assert render_value('{{ "a b"|wordwrap(1, wrapstring="|") }}', {}, "f") == "a|b"
     assert render_value("{% for i in range(3) %}{{ i }}{% endfor %}", {}, "f") == "012"
+
+
+def test_sum_of_lists_is_linear() -> None:
+    assert render_value("{{ ([[1]] * 100000)|sum(start=[])|length }}", {}, "f") == 100000
+    assert render_value('{{ [{"a": [1]}, {"a": [2]}]|sum(attribute="a", start=[]) }}', {}, "f") == [
+        1,
+        2,
+    ]
+    assert render_value("{{ [(1,), (2,)]|sum(start=()) }}", {}, "f") == [1, 2]
