@@ -158,7 +158,7 @@ def _format_size(fmt: str, args: Any, kwargs: Any) -> int:
             if field is None:
                 continue
             value = lookup(field)
-            size += _text_len(value) if isinstance(value, str) or _is_int(value) else 32
+            size += _text_len(value)
             if spec and "{" in spec:
                 spec = "".join(
                     lit + (str(lookup(f)) if f is not None else "")
@@ -179,7 +179,7 @@ def _percent_size(fmt: str, args: Any) -> int:
     width counts as the largest number among the arguments)."""
     values = args if isinstance(args, tuple | list) else (args,)
     star = max((abs(v) for v in values if _is_int(v)), default=0)
-    size = len(fmt) + sum(_text_len(v) if isinstance(v, str) else 32 for v in values)
+    size = len(fmt) + sum(32 if isinstance(v, Mapping) else _text_len(v) for v in values)
     for match in _PERCENT.finditer(fmt):
         for part in match.groups():
             if part == "*":
@@ -248,7 +248,36 @@ def _bounded_filter(name: str, filter_: Any) -> Any:
 
 
 def _text_len(value: Any) -> int:
-    return len(value) if isinstance(value, str) else len(str(value)) if _is_int(value) else 1
+    """About how long `str(value)` is, at least up to just past `TEMPLATE_OUTPUT_MAX`: a
+    walk that counts shared objects each time they appear and stops early (a list that
+    repeats one big list stringifies to gigabytes)."""
+    size, stack = 0, [value]
+    while stack and size <= TEMPLATE_OUTPUT_MAX:
+        item = stack.pop()
+        if isinstance(item, str):
+            size += len(item) + 2
+        elif _is_int(item):
+            size += item.bit_length() * 3 // 10 + 2
+        elif isinstance(item, Mapping):
+            size += 2 + 2 * len(item)
+            stack.extend(itertools.islice(itertools.chain(item.keys(), item.values()), 4096))
+            if len(item) > 2048:
+                size += 4 * len(item)
+        elif isinstance(item, list | tuple):
+            size += 2 + 2 * len(item)
+            stack.extend(item[:4096])
+            if len(item) > 4096:
+                size += 4 * len(item)
+        else:
+            size += 8
+    return size
+
+
+def _finalize(value: Any) -> Any:
+    """What `{{ value }}` prints in a text template: refused if its text would be too long."""
+    if not isinstance(value, str):
+        _check_length(_text_len(value), "the printed value")
+    return value
 
 
 def _check_filter(name: str, arguments: dict[str, Any]) -> None:
@@ -285,12 +314,19 @@ def _check_filter(name: str, arguments: dict[str, Any]) -> None:
         _check_length(size, "sum")
         if all(type(i) is type(arguments["start"]) for i in items):  # no quadratic `+`
             arguments["iterable"] = [type(arguments["start"])(itertools.chain.from_iterable(items))]
+    elif name in ("string", "tojson"):
+        value = next((arguments[k] for k in ("s", "value", "v") if k in arguments), "")
+        _check_length(_text_len(value), name)
     elif name == "truncate":
         _check_length(len(str(arguments.get("end", ""))), "truncate")
 
 
 _ENV = _Environment(
-    undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True, optimized=False
+    undefined=jinja2.StrictUndefined,
+    autoescape=False,
+    keep_trailing_newline=True,
+    optimized=False,
+    finalize=_finalize,
 )
 _ENV.filters["tojson"] = lambda v: json.dumps(v, sort_keys=True)
 for _name in (

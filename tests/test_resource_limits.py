@@ -141,6 +141,11 @@ def test_fifo_and_device_files(tmp_path: Path) -> None:
         ("{{ ([[1] * 1000] * 10000)|sum(start=[]) }}", {}, "`sum` would make"),
         ('{{ ("a " * 500000)|urlize }}', {}, "took longer than 1s"),
         ('{{ ((range(100000)|list) * 10)|map("string")|join|length }}', {}, "took longer than 1s"),
+        ("{{ ([[1] * 1000000] * 1000)|string|length }}", {}, "`string` would make"),
+        ("{{ ([[1] * 1000000] * 1000)|tojson|length }}", {}, "`tojson` would make"),
+        ('{{ "%s" % ([[1] * 1000000] * 1000,) }}', {}, "`%` would make"),
+        ('{{ "{}".format([[1] * 1000000] * 1000) }}', {}, "`format` would make"),
+        ("a {{ [[1] * 1000000] * 1000 }}", {}, "`the printed value` would make"),
     ],
 )
 def test_template_bombs(source: str, scope: dict[str, object], message: str) -> None:
