@@ -452,14 +452,29 @@ def _render(template: jinja2.Template, scope: Mapping[str, Any]) -> str:
     return "".join(pieces)
 
 
+def _str_join(seq: Any) -> str:
+    """`a ~ b`: refused if the text would be too long (Jinja's `str_join` stringifies
+    before anything could check it)."""
+    items = tuple(seq)
+    _check_length(sum(_text_len(i) for i in items), "~")
+    return "".join(map(str, items))
+
+
+def _bounded_concat(template: jinja2.Template) -> jinja2.Template:
+    template.root_render_func.__globals__["str_join"] = _str_join
+    return template
+
+
 @lru_cache(maxsize=4096)
 def _compiled_expression(expr: str) -> Any:
-    return _ENV.compile_expression(expr, undefined_to_none=False)
+    compiled = _ENV.compile_expression(expr, undefined_to_none=False)
+    _bounded_concat(compiled._template)
+    return compiled
 
 
 @lru_cache(maxsize=4096)
 def _compiled_template(source: str) -> jinja2.Template:
-    return _ENV.from_string(source)
+    return _bounded_concat(_ENV.from_string(source))
 
 
 def _plain(value: Any, field: str) -> Any:

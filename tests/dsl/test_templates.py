@@ -150,3 +150,8 @@ def test_sum_of_lists_is_linear() -> None:
         2,
     ]
     assert render_value("{{ [(1,), (2,)]|sum(start=()) }}", {}, "f") == [1, 2]
+
+
+def test_concat_and_printing_still_work() -> None:
+    assert render_value('{{ 1 ~ "a" ~ [2] }}', {}, "f") == "1a[2]"
+    assert render_value('a {{ [1, {"b": 2}] }} {{ none }}', {}, "f") == "a [1, {'b': 2}] None"
