@@ -287,7 +287,8 @@ def _check_filter(name: str, arguments: dict[str, Any]) -> None:
         fmt = arguments.get("value")
         if isinstance(fmt, str):
             _check_format_widths(fmt)
-            _check_length(_percent_size(fmt, arguments.get("args", ())), "format")
+            values = (*arguments.get("args", ()), *arguments.get("kwargs", {}).values())
+            _check_length(_percent_size(fmt, values), "format")
     elif name == "join":
         items = arguments["value"] = list(arguments["value"])
         sep = str(arguments.get("d", ""))

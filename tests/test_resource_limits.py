@@ -147,6 +147,7 @@ def test_fifo_and_device_files(tmp_path: Path) -> None:
         ('{{ "{}".format([[1] * 1000000] * 1000) }}', {}, "`format` would make"),
         ("a {{ [[1] * 1000000] * 1000 }}", {}, "`the printed value` would make"),
         ('{{ ("" ~ ([[1] * 1000000] * 1000))|length }}', {}, "`~` would make"),
+        ('{{ "%(a)s"|format(a=[[1] * 1000000] * 1000) }}', {}, "`format` would make"),
     ],
 )
 def test_template_bombs(source: str, scope: dict[str, object], message: str) -> None:
