@@ -490,6 +490,8 @@ def _step(
         config = {"workflow": raw["run_workflow"], "payload": tmpl("payload") or {}}
     elif kind == "for_each":
         name = raw.get("as", "item")
+        if not isinstance(name, str):  # the schema reports it; keep compiling the rest
+            name = "item"
         if name in _SCOPE:
             c.problem((*where, "as"), f"`{name}` is already a name in templates; choose another")
         if "call" not in raw:
