@@ -1,0 +1,46 @@
+"""`durable-yaml`: parse options, call the engine, render the result. Nothing else."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from dsl import DslError, WorkflowInvalid
+
+from ..errors import EngineError
+from . import authoring, foreground, operate, runs  # noqa: F401  (they register commands)
+from .common import cli
+
+__all__ = ["cli", "main"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: map every error a user can cause to a message and an exit code."""
+    try:
+        cli.main(args=argv, prog_name="durable-yaml", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:  # click's form of KeyboardInterrupt (and our SIGTERM)
+        click.echo(
+            "interrupted; a run's state is kept: continue it with `durable-yaml resume RUN_ID`",
+            err=True,
+        )
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo(
+            "\ninterrupted; the run's state is kept: continue it with `durable-yaml resume RUN_ID`",
+            err=True,
+        )
+        sys.exit(130)
+    except WorkflowInvalid as exc:
+        for p in exc.problems:
+            click.echo(str(p), err=True)
+        sys.exit(1)
+    except (EngineError, DslError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(getattr(exc, "exit_code", 1))
+    sys.exit(0)

@@ -1,0 +1,66 @@
+"""What every command shares: the command group, settings options, JSON and payload input."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from dsl.limits import JSON_SIZE_MAX
+
+from ..inputs import parse_json
+from ..service import Engine
+from ..settings import resolve_settings
+
+__all__ = ["EXIT_WAITING", "cli", "settings_options"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+EXIT_WAITING = 3
+
+
+def settings_options(fn: F) -> F:
+    """--db, -m/--module and --workflows on every command that touches the engine."""
+    fn = click.option("--workflows", "workflows", metavar="DIR", help="Workflows folder.")(fn)
+    fn = click.option(
+        "-m",
+        "--module",
+        "modules",
+        multiple=True,
+        metavar="MODULE",
+        help="Python module registering @step functions (repeatable).",
+    )(fn)
+    fn = click.option(
+        "--db", "db", metavar="URL", help="Database URL (default: SQLite in .durable-yaml/)."
+    )(fn)
+    return fn
+
+
+def _engine(db: str | None, modules: tuple[str, ...], workflows: str | None) -> Engine:
+    return Engine(resolve_settings(db=db, modules=modules, workflows=workflows))
+
+
+def _json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def _read_payload(payload: str | None, payload_file: str | None) -> Any:
+    if payload is not None and payload_file is not None:
+        raise click.UsageError("give --payload or --payload-file, not both")
+    if payload_file is not None:
+        try:
+            with open(payload_file, "rb") as f:
+                data = f.read(JSON_SIZE_MAX + 1)  # a device or a huge file stops here
+        except OSError as exc:
+            raise click.UsageError(f"cannot read {payload_file}: {exc.strerror}") from None
+        return parse_json(data, payload_file)
+    if payload is None:
+        return None
+    return parse_json(payload, "--payload")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="durable-yaml")
+def cli() -> None:
+    """Durable workflows: YAML steps, Python functions, state that survives anything."""

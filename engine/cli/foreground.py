@@ -1,0 +1,225 @@
+"""Commands that drive a run in this process, and how they show it: run, resume, send, complete."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from typing import Any
+
+import click
+
+from dsl import State
+
+from ..inputs import parse_json
+from ..models import Run, RunStatus
+from ..service import Engine
+from ..settings import resolve_settings
+from ..transitions import Done, Failed, Outcome, Skipped, Suspended
+from ..views import iso
+from .common import EXIT_WAITING, _engine, _read_payload, cli, settings_options
+
+
+class LiveReporter:
+    """Shows each step as it goes: attempt, duration, outcome."""
+
+    def __init__(self) -> None:
+        self.width = 18
+
+    def run_started(self, run: Run) -> None:
+        click.echo(f"run {run.id} of {run.workflow_id} v{run.version}")
+
+    def step_started(self, run: Run, state: State, attempt: int) -> None:
+        pass
+
+    def step_ended(
+        self, run: Run, state: State, attempt: int, outcome: Outcome, seconds: float
+    ) -> None:
+        took = f"{seconds * 1000:.0f}ms" if seconds < 1 else f"{seconds:.1f}s"
+        name = state.id.ljust(self.width)
+        tries = f" (attempt {attempt})" if attempt > 1 else ""
+        if isinstance(outcome, Done):
+            shown = json.dumps(outcome.output, default=str)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            click.echo(
+                f"  {click.style('✓', fg='green')} {name} {state.kind}{tries} {took}  {shown}"
+            )
+        elif isinstance(outcome, Skipped):
+            click.echo(f"  {click.style('-', fg='yellow')} {name} skipped (when is false)")
+        elif isinstance(outcome, Failed):
+            retry = state.retry
+            more = (
+                " - will retry"
+                if outcome.retryable and retry and attempt < retry.max_attempts
+                else ""
+            )
+            click.echo(
+                f"  {click.style('✗', fg='red')} {name} {state.kind}{tries} {took}  "
+                f"{outcome.error_type}: {outcome.message}{more}"
+            )
+        elif isinstance(outcome, Suspended):
+            pass
+
+    def waiting(
+        self, run: Run, state: State, until: float | None, wait: dict[str, Any] | None
+    ) -> None:
+        name = state.id.ljust(self.width)
+        wait = wait or {}
+        if wait.get("kind") == "token":
+            click.echo(f"  {click.style('…', fg='cyan')} {name} waiting for token {wait['token']}")
+        elif wait.get("kind") == "event":
+            click.echo(
+                f"  {click.style('…', fg='cyan')} {name} waiting for event {wait['event']}"
+                f" matching {json.dumps(wait.get('match') or {})}"
+            )
+        elif wait.get("kind") == "child":
+            click.echo(
+                f"  {click.style('…', fg='cyan')} {name} running child {wait['workflow']} "
+                f"({wait['run_id']})"
+            )
+        elif until is None:
+            click.echo(f"  {click.style('…', fg='cyan')} {name} waiting ({state.label})")
+        else:
+            left = max(0.0, until - time.time())
+            click.echo(
+                f"  {click.style('…', fg='cyan')} {name} waiting {left:.1f}s (until {iso(until)})"
+            )
+
+
+def _stop_on_sigterm() -> None:
+    """A foreground run stopped by SIGTERM ends like Ctrl-C: its lease is released, its
+    state kept, and the command exits 130 saying how to continue."""
+    import signal
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def _finish(engine: Engine, run: Run) -> None:
+    """Print how a foreground run ended and exit with SPEC's code."""
+    took = (run.finished_at or time.time()) - run.created_at
+    if run.status == RunStatus.COMPLETED:
+        click.echo(f"{click.style('completed', fg='green')} run {run.id} in {took:.1f}s")
+        click.echo(f"output: {json.dumps(run.output, default=str)}")
+        return
+    if run.status == RunStatus.WAITING:
+        click.echo(f"{click.style('waiting', fg='cyan')} run {run.id} at step {run.current_step}")
+        click.echo(_how_to_continue(engine, run))
+        sys.exit(EXIT_WAITING)
+    colour = "red" if run.status == RunStatus.FAILED else "yellow"
+    click.echo(f"{click.style(run.status.value, fg=colour)} run {run.id}: {run.error}")
+    if run.status == RunStatus.FAILED:
+        click.echo(
+            f"after fixing the cause: durable-yaml resume {run.id}  "
+            f"(or start over: durable-yaml runs replay {run.id})"
+        )
+    else:
+        click.echo(f"to run it again: durable-yaml runs replay {run.id}")
+    sys.exit(1)
+
+
+def _how_to_continue(engine: Engine, run: Run) -> str:
+    step = next((s for s in engine.store.get_steps(run.id) if s.step_key == run.current_step), None)
+    wait = (step.wait if step else None) or {}
+    then = f"then `durable-yaml resume {run.id}` (or let a worker continue it)"
+    if wait.get("kind") == "event":
+        event, match = shlex.quote(wait["event"]), shlex.quote(json.dumps(wait.get("match") or {}))
+        return f"it waits for event {event}: `durable-yaml send {event} --payload {match}`, {then}"
+    if wait.get("kind") == "token":
+        return f"it waits for token {wait['token']}: `durable-yaml complete {wait['token']} --data JSON`, {then}"
+    if wait.get("kind") == "child":
+        child = engine.store.get_run(wait["run_id"])
+        if child.status.value == "waiting":  # say what the child waits for
+            inner = _how_to_continue(engine, child).removeprefix("it ")
+            return f"it waits for child run {child.id}, which {inner}; then the parent goes on"
+        return f"it waits for child run {child.id}: `durable-yaml resume {child.id}`, {then}"
+    return f"continue it with `durable-yaml resume {run.id}`"
+
+
+@cli.command()
+@click.argument("workflow")
+@click.option("--payload", help="The payload as JSON.")
+@click.option("--payload-file", type=str, help="A file holding the payload as JSON.")
+@settings_options
+def run(
+    workflow: str,
+    payload: str | None,
+    payload_file: str | None,
+    db: str | None,
+    modules: tuple[str, ...],
+    workflows: str | None,
+) -> None:
+    """Run WORKFLOW (a file or an id) now, in this process, to the end."""
+    data = _read_payload(payload, payload_file)
+    engine = _engine(db, modules, workflows)
+    machine = engine.workflow(workflow)
+    _stop_on_sigterm()
+    result = engine.run(machine, data, LiveReporter())
+    _finish(engine, result)
+
+
+@cli.command()
+@click.argument("run_id")
+@settings_options
+def resume(run_id: str, db: str | None, modules: tuple[str, ...], workflows: str | None) -> None:
+    """Continue RUN_ID from its persisted state."""
+    engine = _engine(db, modules, workflows)
+    _stop_on_sigterm()
+    before = engine.store.get_run(run_id)
+    click.echo(
+        f"resuming run {run_id} of {before.workflow_id} v{before.version} at step {before.current_step}"
+    )
+    _finish(engine, engine.resume(run_id, LiveReporter()))
+
+
+@cli.command()
+@click.argument("event")
+@click.option("--payload", help="The event payload as JSON (default {}).")
+@click.option("--idempotency-key", help="At most one set of runs per key (kept 30 days).")
+@settings_options
+def send(
+    event: str,
+    payload: str | None,
+    idempotency_key: str | None,
+    db: str | None,
+    modules: tuple[str, ...],
+    workflows: str | None,
+) -> None:
+    """Record EVENT: queue the runs it triggers, resume the runs waiting for it."""
+    data = _read_payload(payload, None)
+    engine = Engine(
+        resolve_settings(db=db, modules=modules, workflows=workflows), import_steps=False
+    )
+    sent = engine.send_event(event, {} if data is None else data, idempotency_key)
+    if sent.duplicate:
+        click.echo(
+            f"idempotency key {idempotency_key!r} was used already: nothing new was queued",
+            err=True,
+        )
+    for run_id in sent.run_ids:
+        click.echo(f"{'already queued' if sent.duplicate else 'queued'} {run_id}")
+    for run_id in sent.resumed:
+        click.echo(f"resumed {run_id}")
+    if not sent.run_ids and not sent.resumed and not sent.duplicate:
+        click.echo(
+            f"event {event} recorded; no workflow is triggered by it and no run waits for it"
+        )
+
+
+@cli.command()
+@click.argument("token")
+@click.option("--data", help="The step's output as JSON (default null).")
+@settings_options
+def complete(
+    token: str, data: str | None, db: str | None, modules: tuple[str, ...], workflows: str | None
+) -> None:
+    """Complete a wait_for_token step with DATA."""
+    value = None if data is None else parse_json(data, "--data")
+    engine = Engine(resolve_settings(db=db, workflows=workflows), import_steps=False)
+    run_id = engine.complete_token(token, value)
+    click.echo(
+        f"completed; run {run_id} continues (a worker picks it up, or: durable-yaml resume {run_id})"
+    )

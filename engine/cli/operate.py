@@ -1,0 +1,190 @@
+"""Long-running processes and what they show: worker, serve, schedules, workers."""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+from ..service import Engine
+from ..settings import resolve_settings
+from ..views import iso, schedule_views
+from .common import _engine, _json, cli, settings_options
+
+
+@cli.command()
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 1000),
+    default=4,
+    show_default=True,
+    help="Runs executed at once by this process.",
+)
+@click.option(
+    "--queue", "queues", multiple=True, metavar="Q", help="Only these queues (repeatable)."
+)
+@click.option(
+    "--grace",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="Seconds in-flight steps get to finish on SIGTERM/SIGINT.",
+)
+@click.option("--no-schedules", is_flag=True, help="Do not fire cron schedules here.")
+@click.option(
+    "--lease-seconds",
+    type=click.FloatRange(1, 3600),
+    default=30.0,
+    show_default=True,
+    help="How long a run stays leased without a heartbeat (then others take it).",
+)
+@settings_options
+def worker(
+    concurrency: int,
+    queues: tuple[str, ...],
+    grace: float,
+    no_schedules: bool,
+    lease_seconds: float,
+    db: str | None,
+    modules: tuple[str, ...],
+    workflows: str | None,
+) -> None:
+    """Execute queued runs, fire cron schedules and wake timers until stopped."""
+    import logging
+
+    from .worker import Worker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    engine = _engine(db, modules, workflows)
+    engine.refresh_catalog()
+    w = Worker(
+        engine,
+        concurrency=concurrency,
+        queues=queues,
+        grace=grace,
+        schedules=not no_schedules,
+        lease_seconds=lease_seconds,
+    )
+    click.echo(w.status_line())
+    for p in engine.catalog.problems:
+        click.echo(f"  skipped: {p}", err=True)
+    w.run()
+    click.echo("worker stopped")
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@settings_options
+def serve(
+    host: str, port: int, db: str | None, modules: tuple[str, ...], workflows: str | None
+) -> None:
+    """The HTTP API (/api, /openapi.json) and the dashboard (/)."""
+    import os
+
+    from .server.security import is_loopback
+
+    key = os.environ.get("DURABLE_YAML_API_KEY") or None
+    if key is None and not is_loopback(host):
+        raise click.UsageError(
+            f"refusing to listen on {host} without an API key: set DURABLE_YAML_API_KEY "
+            "(clients send it as `Authorization: Bearer ...`), or listen on 127.0.0.1"
+        )
+    import uvicorn
+
+    from .server import create_app
+
+    _check_port_free(host, port)
+    engine = Engine(
+        resolve_settings(db=db, modules=modules, workflows=workflows), import_steps=False
+    )
+    engine.refresh_catalog()
+    engine.save_all_definitions()
+    if key is None:
+        click.echo("no DURABLE_YAML_API_KEY: listening on loopback only, without authentication")
+    url = engine.store.engine.url.render_as_string(hide_password=True)
+    click.echo(f"dashboard http://{host}:{port}/  API http://{host}:{port}/api  database {url}")
+    max_body = os.environ.get("DURABLE_YAML_MAX_BODY", "")
+    if max_body and not max_body.isdigit():
+        raise click.UsageError("DURABLE_YAML_MAX_BODY must be a number of bytes")
+    app = create_app(engine, key, port=port, **({"max_body": int(max_body)} if max_body else {}))
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Say so now (exit 1) if the port is taken, rather than after uvicorn's exit 3."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise click.UsageError(f"--host {host}: {exc.strerror or exc}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise click.ClickException(
+                f"cannot listen on {host}:{port}: {exc.strerror or exc} "
+                "(another server is running there? choose another --port)"
+            ) from None
+
+
+@cli.group()
+def schedules() -> None:
+    """Cron workflows."""
+
+
+@schedules.command("list")
+@click.option("--count", type=click.IntRange(1, 100), default=5, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@settings_options
+def schedules_list(
+    count: int, as_json: bool, db: str | None, modules: tuple[str, ...], workflows: str | None
+) -> None:
+    """Cron workflows with their next fire times (UTC and local) and last fire."""
+    engine = Engine(resolve_settings(db=db, workflows=workflows), import_steps=False)
+    listed = schedule_views(engine, time.time(), count)
+    if as_json:
+        _json(listed)
+        return
+    if not listed:
+        click.echo(f"no cron workflows in {engine.settings.workflows}")
+    for s in listed:
+        last = s["last_fire"] or "never"
+        click.echo(f"{s['workflow']:<24} {s['cron']:<16} {s['timezone']:<18} last {last}")
+        if s["error"]:
+            click.echo(f"    {s['error']}")
+        for fire in s["next"]:
+            click.echo(f"    next {fire['utc']}  ({fire['local']})")
+
+
+@cli.group()
+def workers() -> None:
+    """Worker processes."""
+
+
+@workers.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@settings_options
+def workers_list(
+    as_json: bool, db: str | None, modules: tuple[str, ...], workflows: str | None
+) -> None:
+    """Live workers: host, pid, queues, concurrency, running runs, last heartbeat."""
+    store = Engine(resolve_settings(db=db, workflows=workflows), import_steps=False).store
+    listed = [
+        {**w, "started_at": iso(w["started_at"]), "heartbeat_at": iso(w["heartbeat_at"])}
+        for w in store.list_workers(store.now())
+    ]
+    if as_json:
+        _json(listed)
+        return
+    if not listed:
+        click.echo("no live workers")
+    for w in listed:
+        queues = ",".join(w["queues"] or []) or "all"
+        click.echo(
+            f"{w['id']:<40} {w['host']:<20} pid {w['pid']:<8} queues {queues:<16} "
+            f"running {w['running']}/{w['concurrency']}  heartbeat {w['heartbeat_at']}"
+        )
