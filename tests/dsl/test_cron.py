@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -123,13 +124,23 @@ def test_fire_is_strictly_after() -> None:
     )
 
 
-def test_no_instant_fires_twice_over_a_year_of_dst() -> None:
-    for tz in ("Europe/Paris", "America/New_York"):
-        fires = next_fires("*/30 * * * *", tz, utc("2026-01-01T00:00:00"), 48 * 365)
-        assert len(set(fires)) == len(fires)
-        assert all(b > a for a, b in itertools.pairwise(fires))
-        gaps = {(b - a).total_seconds() for a, b in itertools.pairwise(fires)}
-        assert gaps == {1800.0}, "a half-hourly schedule follows real time through DST"
+@pytest.mark.parametrize(
+    ("tz", "start"),
+    [
+        ("Europe/Paris", "2026-03-26T00:00:00"),  # clocks go forward on 29 March
+        ("Europe/Paris", "2026-10-22T00:00:00"),  # and back on 25 October
+        ("America/New_York", "2026-03-05T00:00:00"),  # forward on 8 March
+        ("America/New_York", "2026-10-29T00:00:00"),  # back on 1 November
+    ],
+)
+def test_no_instant_fires_twice_across_dst_changes(tz: str, start: str) -> None:
+    fires = next_fires("*/30 * * * *", tz, utc(start), 48 * 7)
+    offsets = {f.astimezone(ZoneInfo(tz)).utcoffset() for f in fires}
+    assert len(offsets) == 2, "the window spans a daylight-saving change"
+    assert len(set(fires)) == len(fires)
+    assert all(b > a for a, b in itertools.pairwise(fires))
+    gaps = {(b - a).total_seconds() for a, b in itertools.pairwise(fires)}
+    assert gaps == {1800.0}, "a half-hourly schedule follows real time through DST"
 
 
 @pytest.mark.parametrize(
