@@ -21,6 +21,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 
 from ..models import ACTIVE_STATUSES, Lease, QueueLimits, Run, RunStatus
+from ..pauses import pause_point
 from . import schema as t
 from .db import Db
 from .runs import Runs
@@ -109,6 +110,7 @@ class Queues:
         paused = self._paused(c, names - set(limits)) | {
             q.name for q in limits.values() if q.paused
         }
+        pause_point("store.claim.queues_locked")
         # Count and stamp with the time at which this claim holds its locks: a `now`
         # taken before waiting for them would let a rate window admit one too many.
         locked_at = max(now, self.db.now())
