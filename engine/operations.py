@@ -67,6 +67,12 @@ class Operations:
         _check_filter(filter)
         return self.store.count_runs(filter)
 
+    def count_cancellable(self, filter: RunFilter) -> int:
+        """How many runs `cancel_runs(filter)` would cancel now (the active ones)."""
+        _check_filter(filter)
+        active = _active_only(filter)
+        return 0 if active is None else self.store.count_runs(active)
+
     def cancel_runs(self, filter: RunFilter, progress: Progress | None = None) -> int:
         """Cancel every active run matching `filter`, `BATCH` per transaction; how many were
         cancelled (or, executing, asked to stop at their next step). None twice: a run
@@ -117,22 +123,22 @@ class Operations:
     ) -> int:
         """Delete runs of `statuses` finished more than `older_than_s` ago, and all that
         hangs off them; how many runs went."""
-        for s in statuses:
-            if s not in FINISHED_STATUSES:
-                raise InputInvalid(
-                    "status",
-                    f"{s.value} runs are not finished: only "
-                    + ", ".join(x.value for x in FINISHED_STATUSES)
-                    + " are purged",
-                )
+        _check_finished(statuses)
         before = self.store.now() - older_than_s
         keep = self._current_hashes()
+        total = self.store.count_purgeable(before, statuses) if progress is not None else 0
         done = 0
         for n in self.store.purge_runs(before, statuses, keep):
             done += n
             if progress is not None:
-                progress(done, 0)
+                progress(done, max(total, done))
         return done
+
+    def count_purgeable(
+        self, older_than_s: float, statuses: Sequence[RunStatus] = FINISHED_STATUSES
+    ) -> int:
+        _check_finished(statuses)
+        return self.store.count_purgeable(self.store.now() - older_than_s, statuses)
 
     def purge_by_retention(self, retention: dict[RunStatus, float]) -> int:
         """What workers do once a minute: each status by its own retention."""
@@ -152,3 +158,12 @@ def _check_filter(f: RunFilter) -> None:
     check_tags(list(f.tags), "tag")
     if f.since is not None and f.until is not None and f.until <= f.since:
         raise InputInvalid("until", "must be later than since")
+
+
+def _check_finished(statuses: Sequence[RunStatus]) -> None:
+    for s in statuses:
+        if s not in FINISHED_STATUSES:
+            names = ", ".join(x.value for x in FINISHED_STATUSES)
+            raise InputInvalid(
+                "status", f"{s.value} runs are not finished: only {names} are purged"
+            )

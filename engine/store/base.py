@@ -144,6 +144,9 @@ class Store(Protocol):
         """Delete finished runs (and all hanging off them) finished before `before`, one
         short transaction per batch; yields each batch's count."""
 
+    def count_purgeable(self, before: float, statuses: Sequence[RunStatus]) -> int:
+        """How many runs `purge_runs(before, statuses)` would delete now."""
+
     def get_steps(self, run_id: str) -> list[StepState]: ...
 
     def get_attempts(self, run_id: str) -> list[Attempt]: ...

@@ -62,6 +62,13 @@ class Retention:
             yield n
         self.db.transact(functools.partial(self._definitions, keep=keep))
 
+    def count(self, before: float, statuses: Sequence[RunStatus]) -> int:
+        """How many runs a purge with these arguments would delete now."""
+        statuses = [s for s in statuses if s not in ACTIVE_STATUSES]
+        q = select(func.count()).select_from(t.runs).where(_purgeable(t.runs, before, statuses))
+        with self.db.read() as c:
+            return int(c.execute(q).scalar_one())
+
     def _batch(self, c: Connection, before: float, statuses: Sequence[RunStatus], size: int) -> int:
         chosen = list(
             c.execute(

@@ -55,7 +55,7 @@ def filtered(f: RunFilter, columns: Any = None) -> tuple[Any, Any, Any]:
         )
         created, run_id = tags.c.created_at, tags.c.run_id
     else:
-        q = select(*cols)
+        q = select(*cols).select_from(t.runs)
         created, run_id = t.runs.c.created_at, t.runs.c.id
     return _where(q, f, created, run_id), created, run_id
 

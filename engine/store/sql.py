@@ -317,6 +317,10 @@ class SqlStore:
     ) -> Iterator[int]:
         yield from self.retention.purge(before, statuses, set(keep_definitions), batch)
 
+    @translate
+    def count_purgeable(self, before: float, statuses: Sequence[RunStatus]) -> int:
+        return self.retention.count(before, statuses)
+
     # reading ------------------------------------------------------------------------------
     @translate
     def get_run(self, run_id: str) -> Run:
