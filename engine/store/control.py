@@ -148,8 +148,15 @@ class Control:
             for ended in done:
                 self._tell_parent(c, ended, "cancelled", "child run was cancelled", now)
             count = len(done)
-            left = sorted(set(ids) - {r["id"] for r in done})
-            for run_id in left:
+            rest = sorted(set(ids) - {r["id"] for r in done})
+            # those still to cancel (read without locks; each is checked again under its lock)
+            still = select(t.runs.c.id).where(
+                t.runs.c.id.in_(rest),
+                t.runs.c.status.in_(_ACTIVE),
+                t.runs.c.cancel_requested.is_(False),
+            )
+            left: list[str] = list(c.execute(still).scalars()) if rest else []
+            for run_id in sorted(left):
                 row = (
                     c.execute(self.db.locked(select(t.runs).where(t.runs.c.id == run_id)))
                     .mappings()
