@@ -4,6 +4,7 @@ locking (see engine/store/control.py, search.py, retention.py)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -128,11 +129,18 @@ class Operations:
         keep = self._current_hashes()
         total = self.store.count_purgeable(before, statuses) if progress is not None else 0
         done = 0
-        for n in self.store.purge_runs(before, statuses, keep):
+        batches = self.store.purge_runs(before, statuses, keep)
+        while True:
+            started = time.monotonic()
+            n = next(batches, 0)
+            if not n:
+                return done
             done += n
             if progress is not None:
                 progress(done, max(total, done))
-        return done
+            # as long again between batches: claimers waiting for the lock (SQLite's one
+            # writer, PostgreSQL's I/O) get it between two batches, however many there are
+            time.sleep(min(0.5, time.monotonic() - started))
 
     def count_purgeable(
         self, older_than_s: float, statuses: Sequence[RunStatus] = FINISHED_STATUSES
