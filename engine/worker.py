@@ -116,6 +116,7 @@ class Worker:
             scheduler = CronScheduler.from_environment(self.engine, self.wake)
             self._spawn(scheduler.run_forever, "scheduler", self.stopping)
         self._spawn(self._refresh_workflows, "reloader")
+        self._spawn(self._retention_forever, "retention")
 
     def _spawn(self, target: Callable[..., None], name: str, *args: Any) -> None:
         thread = threading.Thread(
@@ -354,6 +355,17 @@ class Worker:
             self._notified.clear()
             conn.close()
 
+    def _retention_forever(self) -> None:
+        """Once a minute (the first at a random point of it): purge by `retention`. Its own
+        thread: a long purge (a backlog of a million runs) delays nothing else."""
+        wait = RETENTION_EVERY * random.random()
+        while not self.stopping.wait(wait):
+            wait = RETENTION_EVERY
+            try:
+                self.apply_retention()
+            except Exception as exc:
+                log.error("retention: %s", exc, exc_info=not isinstance(exc, EngineError))
+
     def apply_retention(self) -> int:
         """Purge finished runs older than the `retention` setting, in small batches."""
         retention = {RunStatus(k): v for k, v in self.engine.settings.retention}
@@ -367,7 +379,6 @@ class Worker:
         Every hour: forget idempotency keys older than 30 days."""
         store = self.engine.store
         next_purge = 0.0
-        next_retention = time.monotonic() + RETENTION_EVERY * random.random()
         while not self.stopping.wait(2.0):
             try:
                 if time.monotonic() >= next_purge:
@@ -375,9 +386,6 @@ class Worker:
                     next_purge = time.monotonic() + 3600
                 if store.expire_runs(store.now()):  # queued runs past their TTL
                     self.wake()
-                if time.monotonic() >= next_retention:
-                    next_retention = time.monotonic() + RETENTION_EVERY
-                    self.apply_retention()
                 if store.expire_dead_leases(store.now()):
                     self.wake()
                 if self.engine.refresh_catalog():

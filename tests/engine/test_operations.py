@@ -199,3 +199,40 @@ def test_purge_removes_every_dependent_row_and_leaves_nothing_orphaned(engine: E
     assert _count(engine, t.idempotency_keys) == 0
     # the key may be used again: its run is gone
     assert not engine.trigger("marked", {"n": 1}, idempotency_key="k1").duplicate
+
+
+def test_workers_purge_by_the_retention_setting(tmp_path: Path, db_url: str) -> None:
+    from engine.errors import ConfigError
+    from engine.worker import Worker
+
+    (tmp_path / "pyproject.toml").write_text(
+        '[tool.durable-yaml]\nretention = {completed = "1s", failed = "1h"}\n'
+    )
+    settings = resolve_settings(db=db_url, workflows=str(OPS), cwd=str(tmp_path))
+    assert dict(settings.retention) == {
+        "completed": 1.0,
+        "failed": 3600.0,
+        "cancelled": 90 * 86400.0,
+        "expired": 90 * 86400.0,
+    }
+    import_modules(["opssteps"], str(OPS))
+    engine = Engine(settings, import_steps=False)
+    done = engine.run(engine.workflow("marked"), {"n": 1})
+    failed = engine.run(engine.workflow("marked"), {"n": -1})
+    worker = Worker(engine)
+    assert worker.apply_retention() == 0  # finished less than a second ago
+    with engine.store.engine.begin() as c:  # as if they had finished a minute ago
+        c.execute(sa.update(t.runs).values(finished_at=t.runs.c.finished_at - 60))
+        c.execute(sa.update(t.runs).values(created_at=t.runs.c.created_at - 60))
+    assert worker.apply_retention() == 1
+    assert {r.id for r in engine.list_runs(RunFilter(), 10)} == {failed.id}
+    assert done.id not in {r.id for r in engine.list_runs(RunFilter(), 10)}
+    engine.close()
+    for bad, message in (
+        ('retention = {done = "1d"}', "retention.done: not a finished status"),
+        ('retention = {failed = "soon"}', "retention.failed"),
+        ('retention = "30d"', "retention must be a table"),
+    ):
+        (tmp_path / "pyproject.toml").write_text(f"[tool.durable-yaml]\n{bad}\n")
+        with pytest.raises(ConfigError, match=message):
+            resolve_settings(db=db_url, cwd=str(tmp_path))
