@@ -597,7 +597,7 @@ def _answered(state: State, stored: StepState, answer: Answer) -> Outcome:
         return Failed("Cancelled", "the run was cancelled", retryable=False)
     data = answer.data
     if answer.kind == "child" and isinstance(data, dict):
-        if data.get("status") in ("failed", "cancelled"):
+        if data.get("status") in ("failed", "cancelled", "expired"):
             return Failed(
                 "ChildFailed",
                 f"child run {data.get('run_id')} {data['status']}: {data.get('error')}",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
 import socket
 import threading
@@ -39,6 +40,7 @@ from .store.workers import lease_owner, new_worker_id
 __all__ = ["Worker"]
 
 log = logging.getLogger("durable_yaml.worker")
+RETENTION_EVERY = 60.0  # seconds between retention purges (the first at a random point)
 MAX_IDLE = 5.0  # while notifications flow, one idle executor looks this often anyway
 LONG_IDLE = 60.0  # ... and the other idle executors this often (a look that finds work
 # wakes them all)
@@ -114,6 +116,7 @@ class Worker:
             scheduler = CronScheduler.from_environment(self.engine, self.wake)
             self._spawn(scheduler.run_forever, "scheduler", self.stopping)
         self._spawn(self._refresh_workflows, "reloader")
+        self._spawn(self._retention_forever, "retention")
 
     def _spawn(self, target: Callable[..., None], name: str, *args: Any) -> None:
         thread = threading.Thread(
@@ -352,6 +355,25 @@ class Worker:
             self._notified.clear()
             conn.close()
 
+    def _retention_forever(self) -> None:
+        """Once a minute (the first at a random point of it): purge by `retention`. Its own
+        thread: a long purge (a backlog of a million runs) delays nothing else."""
+        wait = RETENTION_EVERY * random.random()
+        while not self.stopping.wait(wait):
+            wait = RETENTION_EVERY
+            try:
+                self.apply_retention()
+            except Exception as exc:
+                log.error("retention: %s", exc, exc_info=not isinstance(exc, EngineError))
+
+    def apply_retention(self) -> int:
+        """Purge finished runs older than the `retention` setting, in small batches."""
+        retention = {RunStatus(k): v for k, v in self.engine.settings.retention}
+        purged = self.engine.purge_by_retention(retention)
+        if purged:
+            log.info("retention: purged %d finished runs", purged)
+        return purged
+
     def _refresh_workflows(self) -> None:
         """Every 2 s: free the leases of dead workers; reload changed workflow files.
         Every hour: forget idempotency keys older than 30 days."""
@@ -362,6 +384,8 @@ class Worker:
                 if time.monotonic() >= next_purge:
                     store.purge_idempotency_keys(store.now())
                     next_purge = time.monotonic() + 3600
+                if store.expire_runs(store.now()):  # queued runs past their TTL
+                    self.wake()
                 if store.expire_dead_leases(store.now()):
                     self.wake()
                 if self.engine.refresh_catalog():

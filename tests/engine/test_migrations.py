@@ -47,3 +47,40 @@ def test_v1_database_is_upgraded_and_keeps_its_runs(tmp_path: Path) -> None:
     store.migrate()  # idempotent
     store.close()
     assert ROOT.exists()
+
+
+def test_v4_database_gains_tags_metadata_ttl_and_pause(db_url: str) -> None:
+    """v5: a version-4 database (made here by taking v5's additions away) is upgraded in
+    place: run tags and their search table, metadata, not_before, expires_at, paused."""
+    store = open_store(db_url)
+    with store.engine.begin() as c:
+        c.execute(sa.text("DROP TABLE dy_run_tags"))
+        for index in ("dy_runs_expiry", "dy_inbox_event_id"):
+            c.execute(sa.text(f"DROP INDEX {index}"))
+        for table, column in (
+            ("dy_runs", "tags"),
+            ("dy_runs", "metadata"),
+            ("dy_runs", "not_before"),
+            ("dy_runs", "expires_at"),
+            ("dy_queues", "paused"),
+        ):
+            c.execute(sa.text(f"ALTER TABLE {table} DROP COLUMN {column}"))
+        c.execute(sa.update(t.meta).values(value="4"))
+    store.migrate()
+    with store.engine.connect() as c:
+        assert c.execute(sa.select(t.meta.c.value)).scalar_one() == str(t.SCHEMA_VERSION)
+        insp = sa.inspect(c)
+        columns = {col["name"] for col in insp.get_columns("dy_runs")}
+        assert {"tags", "metadata", "not_before", "expires_at"} <= columns
+        assert "paused" in {col["name"] for col in insp.get_columns("dy_queues")}
+        assert "dy_runs_expiry" in {i["name"] for i in insp.get_indexes("dy_runs")}
+        assert "dy_run_tags" in insp.get_table_names()
+    from engine.models import NewRun, RunFilter
+
+    store.save_definition("h", "wf", "1", {}, "")
+    new = NewRun("r1", "wf", "1", "h", {}, "s", "q", tags=("a:b",), ttl=5.0)
+    store.send([new], 1000.0)
+    assert [r.id for r in store.search_runs(RunFilter(tags=("a:b",)))] == ["r1"]
+    run = store.get_run("r1")
+    assert run.expires_at == run.created_at + 5.0
+    store.close()
