@@ -33,7 +33,7 @@ from dsl.limits import (
 
 from .errors import ConfigError, EngineError, NestedTooDeep, NotFound, PayloadInvalid
 from .inputs import TooLong, check_json, check_text
-from .models import Emission, NewEvent, NewRun, QueueLimits, Run, RunStatus, Sent
+from .models import Emission, Lease, NewEvent, NewRun, QueueLimits, Run, RunStatus, Sent
 from .registry import import_modules, registered_names
 from .runner import Reporter, Runner, new_run_id
 from .settings import Settings, resolve_settings
@@ -370,6 +370,24 @@ class Engine:
                 )
             self.store.reopen_failed_run(run_id, step, runner.lease, self.store.now())
         return runner.drive(run_id)
+
+    def queue_resume(self, run_id: str) -> Run:
+        """Resume a failed run for workers (the dashboard's button): its failed step becomes a
+        due retry under a lease that has already expired, so the next worker to claim takes
+        it. The store reopens it only if it is still failed (under the run's lock): a second
+        click, or a resume in a terminal in between, finds it reopened and changes nothing."""
+        run = self.store.get_run(run_id)
+        if run.status != RunStatus.FAILED:
+            raise EngineError(f"run {run_id} is {run.status.value}; only a failed run resumes")
+        machine = Machine.from_json(self.store.load_definition(run.definition_hash))
+        failed = {s.step_key for s in self.store.get_steps(run_id) if s.status.value == "failed"}
+        step = next((s.id for s in machine.main_states() if s.id in failed), None)
+        if step is None:
+            raise EngineError(
+                f"run {run_id} failed outside its steps ({run.error}); replay it instead"
+            )
+        lease = Lease(owner="dashboard-resume", host="", pid=0, seconds=0.0)
+        return self.store.reopen_failed_run(run_id, step, lease, self.store.now())
 
     def _replay(self, run_id: str) -> tuple[Machine, NewRun]:
         """A new run with the same payload, on the workflow's current definition if it is in
