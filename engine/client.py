@@ -25,11 +25,27 @@ class Client:
         self._engine = Engine(resolve_settings(db=db_url, workflows=workflows), import_steps=False)
 
     def send_event(
-        self, name: str, payload: Any = None, idempotency_key: str | None = None
+        self,
+        name: str,
+        payload: Any = None,
+        idempotency_key: str | None = None,
+        *,
+        tags: list[str] | None = None,
+        priority: int | None = None,
+        ttl: float | str | None = None,
     ) -> dict[str, Any]:
         """Queue a run of every workflow `name` triggers and resume the runs waiting for it.
+        `tags` ("key:value"), `priority` (higher first) and `ttl` (seconds or "10m": not
+        started by then, the run ends `expired`) apply to the runs it starts.
         Returns {"runs": [ids], "resumed": [ids], "duplicate": bool}."""
-        sent = self._engine.send_event(name, {} if payload is None else payload, idempotency_key)
+        sent = self._engine.send_event(
+            name,
+            {} if payload is None else payload,
+            idempotency_key,
+            tags=tags,
+            priority=priority,
+            ttl=to_seconds(ttl, "ttl"),
+        )
         return {
             "runs": list(sent.run_ids),
             "resumed": list(sent.resumed),
@@ -42,9 +58,22 @@ class Client:
         payload: Any = None,
         idempotency_key: str | None = None,
         delay: float | str | None = None,
+        *,
+        tags: list[str] | None = None,
+        priority: int | None = None,
+        ttl: float | str | None = None,
     ) -> dict[str, Any]:
-        """Queue one run of `workflow_id` (after `delay`: seconds or "5m"); the run as a dict."""
-        sent = self._engine.trigger(workflow_id, payload, idempotency_key, to_seconds(delay))
+        """Queue one run of `workflow_id` (after `delay`: seconds or "5m"); the run as a dict.
+        `tags`, `priority` and `ttl` as for `send_event`."""
+        sent = self._engine.trigger(
+            workflow_id,
+            payload,
+            idempotency_key,
+            to_seconds(delay),
+            tags=tags,
+            priority=priority,
+            ttl=to_seconds(ttl, "ttl"),
+        )
         return run_summary(self._engine.store.get_run(sent.run_ids[0]))
 
     def get_run(self, run_id: str) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from .transitions import Done, Failed, Outcome, Suspended
 __all__ = ["Attempt", "Host", "child_run_id", "describe_exception", "execute"]
 
 ERROR_TYPE_MAX = 200  # dy_attempts.error_type
+METADATA_MAX = 64 * 1024  # ctx.metadata of one step, as JSON text
 
 
 class Host(Protocol):
@@ -126,7 +127,10 @@ def call_function(
         retryable = state.retry is not None and is_retryable(state.retry, exc)
         status = "timed_out" if isinstance(exc, TimeoutError) else "failed"
         name, message, trace = describe_exception(exc)
-        return Failed(name, message, retryable, trace, status)
+        metadata, refused = _metadata(ctx, key)
+        if refused is not None:
+            return refused
+        return Failed(name, message, retryable, trace, status, metadata)
     try:
         check_json(value, f"steps.{key}")
     except InputInvalid as exc:
@@ -136,7 +140,23 @@ def call_function(
             f"which is not JSON data that can be stored ({exc})",
             retryable=False,
         )
-    return Done(value)
+    metadata, refused = _metadata(ctx, key)
+    return refused or Done(value, metadata=metadata)
+
+
+def _metadata(ctx: StepContext, key: str) -> tuple[dict[str, Any] | None, Failed | None]:
+    """What the step set on ctx.metadata, through the input boundary (text keys, JSON
+    values, bounded in size); a step that set something unstorable fails, not retried."""
+    if not ctx.metadata:
+        return None, None
+    data = dict(ctx.metadata)
+    try:
+        check_json(data, f"steps.{key}.metadata")
+        if len(json.dumps(data)) > METADATA_MAX:
+            raise InputInvalid(f"steps.{key}.metadata", f"is larger than {METADATA_MAX} bytes")
+    except InputInvalid as exc:
+        return None, Failed("MetadataInvalid", str(exc), retryable=False)
+    return data, None
 
 
 def describe_exception(exc: BaseException) -> tuple[str, str, str]:

@@ -8,6 +8,7 @@ from typing import Any
 
 __all__ = [
     "ACTIVE_STATUSES",
+    "FINISHED_STATUSES",
     "Answer",
     "Attempt",
     "Emission",
@@ -18,6 +19,7 @@ __all__ = [
     "NewRun",
     "QueueLimits",
     "Run",
+    "RunFilter",
     "RunStatus",
     "Sent",
     "StepRecord",
@@ -36,9 +38,42 @@ class RunStatus(enum.StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    EXPIRED = "expired"  # queued and not started within its TTL
 
 
 ACTIVE_STATUSES = (RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.WAITING)
+FINISHED_STATUSES = (
+    RunStatus.COMPLETED,
+    RunStatus.FAILED,
+    RunStatus.CANCELLED,
+    RunStatus.EXPIRED,
+)
+
+
+@dataclass(frozen=True)
+class RunFilter:
+    """Which runs `runs list`, bulk cancel/replay and the API's search select: every given
+    field must hold (AND). `tags` are "key:value" strings, all required; `since`/`until`
+    bound `created_at` (since inclusive, until exclusive); `ids` selects those runs only."""
+
+    statuses: tuple[RunStatus, ...] = ()
+    workflow_id: str | None = None
+    tags: tuple[str, ...] = ()
+    since: float | None = None
+    until: float | None = None
+    ids: tuple[str, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        """Nothing given: it selects every run (bulk actions refuse this)."""
+        return not (
+            self.statuses
+            or self.workflow_id
+            or self.tags
+            or self.since is not None
+            or self.until is not None
+            or self.ids
+        )
 
 
 class StepStatus(enum.StrEnum):
@@ -90,6 +125,10 @@ class Run:
     started_at: float | None
     finished_at: float | None
     updated_at: float
+    tags: tuple[str, ...] = ()
+    metadata: dict[str, Any] = field(default_factory=dict)
+    not_before: float | None = None  # a delayed run's start time
+    expires_at: float | None = None  # a queued run not started by then ends `expired`
 
     @property
     def finished(self) -> bool:
@@ -165,6 +204,8 @@ class NewRun:
     available_at: float | None = None  # a delayed run is not claimable before this
     parent_attempt: int | None = None
     first_wait_event: str | None = None  # its first step waits for this event (see lock_names)
+    tags: tuple[str, ...] = ()  # "key:value", searchable (dy_run_tags)
+    ttl: float | None = None  # seconds from creation: not started by then -> expired
 
 
 @dataclass(frozen=True)
@@ -225,6 +266,7 @@ class Transition:
     children: tuple[NewRun, ...] = ()  # child runs started by a waiting run_workflow step
     cancel_runs: tuple[str, ...] = ()  # runs to cancel (a child whose wait ended otherwise)
     reach_event: str | None = None  # the step it begins waits for this event (see lock_names)
+    metadata: dict[str, Any] | None = None  # keys a step set on ctx.metadata, merged into the run
 
     @property
     def simple(self) -> bool:
@@ -235,6 +277,7 @@ class Transition:
             or self.children
             or self.cancel_runs
             or self.reach_event
+            or self.metadata
             or self.status in (RunStatus.WAITING, RunStatus.CANCELLED)
             or (self.record is not None and self.record.attempt_status)
         )
@@ -264,6 +307,7 @@ class QueueLimits:
     concurrency: int | None = None
     rate_limit: int | None = None
     rate_period: float | None = None
+    paused: bool = False
 
 
 @dataclass(frozen=True)

@@ -109,6 +109,8 @@ class StepContext:
     attempt: int
     idempotency_key: str
     logger: StepLogger = field(repr=False)
+    # searchable keys for the run, stored with this step's result (JSON data, bounded)
+    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 class StepTimeout(TimeoutError):

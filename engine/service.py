@@ -5,6 +5,8 @@ The CLI, the `Client` and the HTTP server are thin layers over this.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,14 +34,17 @@ from dsl.limits import (
 )
 
 from .errors import ConfigError, EngineError, NestedTooDeep, NotFound, PayloadInvalid
-from .inputs import TooLong, check_json, check_text
+from .inputs import InputInvalid, TooLong, check_json, check_text
 from .models import Emission, Lease, NewEvent, NewRun, QueueLimits, Run, RunStatus, Sent
+from .operations import Operations, check_tags, check_ttl
 from .registry import import_modules, registered_names
 from .runner import Reporter, Runner, new_run_id
 from .settings import Settings, resolve_settings
 from .store import SqlStore, open_store
 
 __all__ = ["Engine", "validate_payload"]
+
+RESAVE_SECONDS = 3600.0  # a definition in use is saved again this often (retention keeps it)
 
 
 def first_wait_event(machine: Machine) -> str | None:
@@ -79,7 +84,7 @@ def _mtime(path: Path) -> float:
         return -1.0
 
 
-class Engine:
+class Engine(Operations):
     def __init__(self, settings: Settings | None = None, *, import_steps: bool = True) -> None:
         self.settings = settings or resolve_settings()
         self.steps_imported = import_steps and bool(self.settings.modules)
@@ -87,7 +92,7 @@ class Engine:
             import_modules(self.settings.modules, self.settings.project_dir)
         self._store: SqlStore | None = None
         self._catalog: Catalog | None = None
-        self._saved: set[str] = set()
+        self._saved: dict[str, float] = {}  # hash -> when saved (monotonic)
 
     @property
     def store(self) -> SqlStore:
@@ -174,7 +179,8 @@ class Engine:
 
     def _save(self, machine: Machine) -> None:
         """Store the definition and its queue's limits once per process."""
-        if machine.content_hash in self._saved:
+        saved = self._saved.get(machine.content_hash)
+        if saved is not None and time.monotonic() - saved < RESAVE_SECONDS:
             return
         self.store.save_definition(
             machine.content_hash,
@@ -187,7 +193,7 @@ class Engine:
         self.store.save_queue_limits(
             [QueueLimits(q.name, q.concurrency, q.rate_limit, q.rate_period)]
         )
-        self._saved.add(machine.content_hash)
+        self._saved[machine.content_hash] = time.monotonic()
 
     def new_run(
         self,
@@ -200,6 +206,9 @@ class Engine:
         parent: tuple[str, str] | None = None,
         run_id: str | None = None,
         now: float | None = None,
+        tags: tuple[str, ...] = (),
+        priority: int | None = None,
+        ttl: float | None = None,
     ) -> NewRun:
         """A run ready to store: payload checked, concurrency key rendered, definition saved."""
         now = self.store.now() if now is None else now
@@ -228,13 +237,15 @@ class Engine:
             first_step=machine.start,
             queue=machine.queue.name,
             concurrency_key=key,
-            priority=machine.priority,
+            priority=machine.priority if priority is None else priority,
             trigger=trigger,
             parent_run_id=parent[0] if parent else None,
             parent_step=parent[1] if parent else None,
             idempotency_key=idempotency_key,
             available_at=now + delay if delay else None,
             first_wait_event=first_wait_event(machine),
+            tags=tags,
+            ttl=ttl,
         )
 
     def prepare_event(
@@ -244,6 +255,9 @@ class Engine:
         source: tuple[str, str] | None = None,
         idempotency_key: str | None = None,
         now: float | None = None,
+        tags: tuple[str, ...] = (),
+        priority: int | None = None,
+        ttl: float | None = None,
     ) -> Emission:
         """An event and the runs it triggers, every payload checked: all or nothing."""
         now = self.store.now() if now is None else now
@@ -262,7 +276,16 @@ class Engine:
         )
         trigger = {"kind": "event", "event": name, "event_id": event.id}
         runs = tuple(
-            self.new_run(m, payload, trigger, idempotency_key=idempotency_key, now=now)
+            self.new_run(
+                m,
+                payload,
+                trigger,
+                idempotency_key=idempotency_key,
+                now=now,
+                tags=tags,
+                priority=priority,
+                ttl=ttl,
+            )
             for m in self.event_workflows(name)
         )
         return Emission(event, runs)
@@ -272,11 +295,25 @@ class Engine:
         name: str,
         payload: Any,
         idempotency_key: str | None = None,
+        *,
+        tags: Any = None,
+        priority: int | None = None,
+        ttl: float | None = None,
     ) -> Sent:
         """Queue a run of every workflow `name` triggers and answer every matching parked
-        wait. Every payload is checked first: all or nothing."""
+        wait. Every payload is checked first: all or nothing. `tags`, `priority` and `ttl`
+        apply to the runs it starts."""
+        tags, ttl, priority = check_tags(tags), check_ttl(ttl), _check_priority(priority)
         now = self.store.now()
-        emission = self.prepare_event(name, payload, idempotency_key=idempotency_key, now=now)
+        emission = self.prepare_event(
+            name,
+            payload,
+            idempotency_key=idempotency_key,
+            now=now,
+            tags=tags,
+            priority=priority,
+            ttl=ttl,
+        )
         return self.store.send(
             emission.runs, now, event=emission.event, idempotency_key=idempotency_key
         )
@@ -287,15 +324,28 @@ class Engine:
         payload: Any,
         idempotency_key: str | None = None,
         delay: float | None = None,
+        *,
+        tags: Any = None,
+        priority: int | None = None,
+        ttl: float | None = None,
     ) -> Sent:
         """Queue one run of a workflow (for workers to execute)."""
+        tags, ttl, priority = check_tags(tags), check_ttl(ttl), _check_priority(priority)
         check_text(workflow_id, "workflow", WORKFLOW_ID_MAX)
         check_json(payload, "payload")
         machine = self.workflow(workflow_id)
         now = self.store.now()
         payload, trigger = self.initial_payload(machine, payload, now)
         new = self.new_run(
-            machine, payload, trigger, idempotency_key=idempotency_key, delay=delay, now=now
+            machine,
+            payload,
+            trigger,
+            idempotency_key=idempotency_key,
+            delay=delay,
+            now=now,
+            tags=tags,
+            priority=priority,
+            ttl=ttl,
         )
         return self.store.send([new], now, idempotency_key=idempotency_key)
 
@@ -342,11 +392,19 @@ class Engine:
             payload = {}
         return payload, {"kind": "manual"}
 
-    def run(self, machine: Machine, payload: Any, reporter: Reporter | None = None) -> Run:
+    def run(
+        self,
+        machine: Machine,
+        payload: Any,
+        reporter: Reporter | None = None,
+        *,
+        tags: Any = None,
+    ) -> Run:
         """Validate the payload, then create and drive a run in this process."""
+        tags = check_tags(tags)
         now = self.store.now()
         payload, trigger = self.initial_payload(machine, payload, now)
-        new = self.new_run(machine, payload, trigger, now=now)
+        new = self.new_run(machine, payload, trigger, now=now, tags=tags)
         return self.runner(reporter).start(machine, payload, new=new)
 
     def runner(self, reporter: Reporter | None = None) -> Runner:
@@ -397,7 +455,9 @@ class Engine:
         if machine is None:
             machine = Machine.from_json(self.store.load_definition(original.definition_hash))
         trigger = {**original.trigger, "replay_of": run_id}
-        return machine, self.new_run(machine, original.payload, trigger)
+        return machine, self.new_run(
+            machine, original.payload, trigger, tags=original.tags, priority=original.priority
+        )
 
     def replay(self, run_id: str, reporter: Reporter | None = None) -> Run:
         """Replay in this process (the `runs replay` command)."""
@@ -409,3 +469,22 @@ class Engine:
         _, new = self._replay(run_id)
         self.store.send([new], self.store.now())
         return new.id
+
+    def queue_replays(self, run_ids: Sequence[str]) -> list[str]:
+        """Replays of many runs queued in one transaction; the new runs' ids."""
+        news = [self._replay(run_id)[1] for run_id in run_ids]
+        if news:
+            self.store.send(news, self.store.now())
+        return [n.id for n in news]
+
+    def _current_hashes(self) -> set[str]:
+        """Definitions of the workflow files as they are now: retention keeps them."""
+        return {m.content_hash for m in self.catalog.workflows.values()}
+
+
+def _check_priority(priority: Any) -> int | None:
+    if priority is None:
+        return None
+    if isinstance(priority, bool) or not isinstance(priority, int) or abs(priority) > 1_000_000:
+        raise InputInvalid("priority", "must be a whole number between -1000000 and 1000000")
+    return priority

@@ -16,9 +16,18 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from .errors import ConfigError
 
-__all__ = ["DEFAULT_DB", "Settings", "check_db_url", "resolve_settings"]
+__all__ = ["DEFAULT_DB", "DEFAULT_RETENTION", "Settings", "check_db_url", "resolve_settings"]
 
 DEFAULT_DB = "sqlite:///.durable-yaml/state.db"
+
+
+# Retention (seconds) by finished status: `retention = {completed = "30d", ...}`
+DEFAULT_RETENTION: dict[str, float] = {
+    "completed": 30 * 86400.0,
+    "failed": 90 * 86400.0,
+    "cancelled": 90 * 86400.0,
+    "expired": 90 * 86400.0,
+}
 
 
 @dataclass(frozen=True)
@@ -27,6 +36,31 @@ class Settings:
     modules: tuple[str, ...]
     workflows: str
     project_dir: str
+    retention: tuple[tuple[str, float], ...] = tuple(DEFAULT_RETENTION.items())
+
+
+def _retention(value: Any, where: str) -> tuple[tuple[str, float], ...]:
+    """`retention` of [tool.durable-yaml]: a table of status = duration ("30d"); statuses
+    it does not name keep their defaults."""
+    from dsl import DurationError, parse_duration
+
+    if value is None:
+        return tuple(DEFAULT_RETENTION.items())
+    if not isinstance(value, dict):
+        raise ConfigError(f'{where}: retention must be a table like {{completed = "30d"}}')
+    out = dict(DEFAULT_RETENTION)
+    for status, duration in value.items():
+        if status not in DEFAULT_RETENTION:
+            known = ", ".join(DEFAULT_RETENTION)
+            raise ConfigError(f"{where}: retention.{status}: not a finished status ({known})")
+        try:
+            seconds = parse_duration(duration)
+        except DurationError as exc:
+            raise ConfigError(f"{where}: retention.{status}: {exc}") from None
+        if seconds <= 0:
+            raise ConfigError(f"{where}: retention.{status}: must be longer than 0")
+        out[status] = float(seconds)
+    return tuple(out.items())
 
 
 def _pyproject(start: Path) -> tuple[dict[str, Any], Path | None]:
@@ -88,7 +122,14 @@ def resolve_settings(
     base = folder or here
     if not Path(chosen_workflows).is_absolute() and folder is not None and not workflows:
         chosen_workflows = str(base / chosen_workflows)
-    return Settings(check_db_url(str(db_url)), chosen_modules, str(chosen_workflows), str(base))
+    where = f"{folder / 'pyproject.toml'} [tool.durable-yaml]" if folder else "settings"
+    return Settings(
+        check_db_url(str(db_url)),
+        chosen_modules,
+        str(chosen_workflows),
+        str(base),
+        _retention(project.get("retention"), where),
+    )
 
 
 def check_db_url(url: str) -> str:

@@ -19,6 +19,7 @@ __all__ = ["Done", "Failed", "Outcome", "Skipped", "Suspended", "decide"]
 class Done:
     output: Any
     emission: Emission | None = None  # a send_event's event, stored with this result
+    metadata: dict[str, Any] | None = None  # what the step set on ctx.metadata
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class Failed:
     retryable: bool
     traceback: str | None = None
     attempt_status: str = "failed"
+    metadata: dict[str, Any] | None = None  # what the step set on ctx.metadata before failing
 
 
 Outcome = Done | Skipped | Suspended | Failed
@@ -73,6 +75,7 @@ def decide(
         "active_seconds": active_seconds,
         "logs": logs,
         "cancel_runs": cancel_runs,
+        "metadata": getattr(outcome, "metadata", None) or None,
     }
     if isinstance(outcome, Suspended):
         record = StepRecord(

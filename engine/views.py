@@ -8,7 +8,7 @@ from typing import Any
 from dsl import Machine
 from dsl.cron import check_timezone
 
-from .models import Attempt, LogEntry, Run, StepState
+from .models import Attempt, LogEntry, Run, RunStatus, StepState
 from .store import Store
 
 __all__ = ["iso", "log_view", "run_detail", "run_summary", "schedule_views"]
@@ -24,7 +24,9 @@ def iso(ts: float | None) -> str | None:
         return "+inf" if ts > 0 else "-inf"
 
 
-def run_summary(run: Run) -> dict[str, Any]:
+def run_summary(run: Run, blocked_by: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A run as `runs list --json` and the API list it; `blocked_by` (computed by
+    `Engine.blocked_by` / `Store.blocked_by`) says why a queued run has not started."""
     return {
         "id": run.id,
         "workflow": run.workflow_id,
@@ -39,6 +41,12 @@ def run_summary(run: Run) -> dict[str, Any]:
         "queue": run.queue,
         "parent_run_id": run.parent_run_id,
         "definition_hash": run.definition_hash,
+        "tags": list(run.tags),
+        "metadata": run.metadata,
+        "priority": run.priority,
+        "not_before": iso(run.not_before),
+        "expires_at": iso(run.expires_at),
+        "blocked_by": blocked_by,
     }
 
 
@@ -84,8 +92,9 @@ def run_detail(store: Store, run: Run) -> dict[str, Any]:
             }
         )
     children = [c.id for c in store.list_runs(parent_run_id=run.id, limit=1000)]
+    blocked = store.blocked_by(run, store.now()) if run.status == RunStatus.QUEUED else None
     return {
-        **run_summary(run),
+        **run_summary(run, blocked),
         "children": children,
         "payload": run.payload,
         "trigger": run.trigger,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
 import socket
 import threading
@@ -39,6 +40,7 @@ from .store.workers import lease_owner, new_worker_id
 __all__ = ["Worker"]
 
 log = logging.getLogger("durable_yaml.worker")
+RETENTION_EVERY = 60.0  # seconds between retention purges (the first at a random point)
 MAX_IDLE = 5.0  # while notifications flow, one idle executor looks this often anyway
 LONG_IDLE = 60.0  # ... and the other idle executors this often (a look that finds work
 # wakes them all)
@@ -352,16 +354,30 @@ class Worker:
             self._notified.clear()
             conn.close()
 
+    def apply_retention(self) -> int:
+        """Purge finished runs older than the `retention` setting, in small batches."""
+        retention = {RunStatus(k): v for k, v in self.engine.settings.retention}
+        purged = self.engine.purge_by_retention(retention)
+        if purged:
+            log.info("retention: purged %d finished runs", purged)
+        return purged
+
     def _refresh_workflows(self) -> None:
         """Every 2 s: free the leases of dead workers; reload changed workflow files.
         Every hour: forget idempotency keys older than 30 days."""
         store = self.engine.store
         next_purge = 0.0
+        next_retention = time.monotonic() + RETENTION_EVERY * random.random()
         while not self.stopping.wait(2.0):
             try:
                 if time.monotonic() >= next_purge:
                     store.purge_idempotency_keys(store.now())
                     next_purge = time.monotonic() + 3600
+                if store.expire_runs(store.now()):  # queued runs past their TTL
+                    self.wake()
+                if time.monotonic() >= next_retention:
+                    next_retention = time.monotonic() + RETENTION_EVERY
+                    self.apply_retention()
                 if store.expire_dead_leases(store.now()):
                     self.wake()
                 if self.engine.refresh_catalog():

@@ -12,6 +12,7 @@ import click
 
 from dsl import State
 
+from ..durations import to_seconds
 from ..inputs import parse_json
 from ..models import Run, RunStatus
 from ..service import Engine
@@ -143,11 +144,13 @@ def _how_to_continue(engine: Engine, run: Run) -> str:
 @click.argument("workflow")
 @click.option("--payload", help="The payload as JSON.")
 @click.option("--payload-file", type=str, help="A file holding the payload as JSON.")
+@click.option("--tag", "tags", multiple=True, metavar="K:V", help="Tag the run (repeatable).")
 @settings_options
 def run(
     workflow: str,
     payload: str | None,
     payload_file: str | None,
+    tags: tuple[str, ...],
     db: str | None,
     modules: tuple[str, ...],
     workflows: str | None,
@@ -157,7 +160,7 @@ def run(
     engine = _engine(db, modules, workflows)
     machine = engine.workflow(workflow)
     _stop_on_sigterm()
-    result = engine.run(machine, data, LiveReporter())
+    result = engine.run(machine, data, LiveReporter(), tags=list(tags))
     _finish(engine, result)
 
 
@@ -179,11 +182,17 @@ def resume(run_id: str, db: str | None, modules: tuple[str, ...], workflows: str
 @click.argument("event")
 @click.option("--payload", help="The event payload as JSON (default {}).")
 @click.option("--idempotency-key", help="At most one set of runs per key (kept 30 days).")
+@click.option("--tag", "tags", multiple=True, metavar="K:V", help="Tag the runs (repeatable).")
+@click.option("--priority", type=int, help="Priority of the runs (higher first).")
+@click.option("--ttl", metavar="DURATION", help="Not started within this, a run ends expired.")
 @settings_options
 def send(
     event: str,
     payload: str | None,
     idempotency_key: str | None,
+    tags: tuple[str, ...],
+    priority: int | None,
+    ttl: str | None,
     db: str | None,
     modules: tuple[str, ...],
     workflows: str | None,
@@ -193,7 +202,14 @@ def send(
     engine = Engine(
         resolve_settings(db=db, modules=modules, workflows=workflows), import_steps=False
     )
-    sent = engine.send_event(event, {} if data is None else data, idempotency_key)
+    sent = engine.send_event(
+        event,
+        {} if data is None else data,
+        idempotency_key,
+        tags=list(tags),
+        priority=priority,
+        ttl=to_seconds(ttl, "--ttl"),
+    )
     if sent.duplicate:
         click.echo(
             f"idempotency key {idempotency_key!r} was used already: nothing new was queued",

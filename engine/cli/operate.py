@@ -188,3 +188,56 @@ def workers_list(
             f"{w['id']:<40} {w['host']:<20} pid {w['pid']:<8} queues {queues:<16} "
             f"running {w['running']}/{w['concurrency']}  heartbeat {w['heartbeat_at']}"
         )
+
+
+@cli.group()
+def queues() -> None:
+    """Queues: depth, limits, pause and resume."""
+
+
+@queues.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@settings_options
+def queues_list(
+    as_json: bool, db: str | None, modules: tuple[str, ...], workflows: str | None
+) -> None:
+    """Each queue: queued, running and waiting runs, its limits, whether it is paused."""
+    store = Engine(resolve_settings(db=db, workflows=workflows), import_steps=False).store
+    listed = store.queue_stats()
+    if as_json:
+        _json(listed)
+        return
+    if not listed:
+        click.echo("no queues yet")
+    for q in listed:
+        limit = f"concurrency {q['concurrency']}" if q["concurrency"] else "unlimited"
+        if q["rate_limit"]:
+            limit += f", {q['rate_limit']} per {q['rate_period']:g}s"
+        state = "PAUSED" if q["paused"] else "active"
+        click.echo(
+            f"{q['name']:<24} {state:<7} queued {q['queued']:<6} running {q['running']:<5} "
+            f"waiting {q['waiting']:<5} {limit}"
+        )
+
+
+@queues.command("pause")
+@click.argument("name")
+@settings_options
+def queues_pause(
+    name: str, db: str | None, modules: tuple[str, ...], workflows: str | None
+) -> None:
+    """Start no run of queue NAME until it is resumed (its runs stay queued; runs already
+    executing go on)."""
+    Engine(resolve_settings(db=db, workflows=workflows), import_steps=False).pause_queue(name)
+    click.echo(f"paused queue {name}: its queued runs start when it is resumed")
+
+
+@queues.command("resume")
+@click.argument("name")
+@settings_options
+def queues_resume(
+    name: str, db: str | None, modules: tuple[str, ...], workflows: str | None
+) -> None:
+    """Let queue NAME start runs again."""
+    Engine(resolve_settings(db=db, workflows=workflows), import_steps=False).resume_queue(name)
+    click.echo(f"resumed queue {name}")

@@ -1,17 +1,25 @@
-"""`runs`: inspect and control runs."""
+"""`runs`: inspect and control runs, one or many (by the filters of `runs list`)."""
 
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
-from ..models import RunStatus
+from dsl import DurationError, InstantError, parse_duration, parse_instant
+
+from ..models import FINISHED_STATUSES, RunFilter, RunStatus
 from ..service import Engine
 from ..settings import resolve_settings
 from ..views import iso, log_view, run_detail, run_summary
 from .common import _engine, _json, cli, settings_options
 from .foreground import LiveReporter, _finish, _stop_on_sigterm
+
+F = TypeVar("F", bound=Callable[..., Any])
+STATUSES = [s.value for s in RunStatus]
 
 
 @cli.group()
@@ -19,30 +27,124 @@ def runs() -> None:
     """Inspect and control runs."""
 
 
+def filter_options(fn: F) -> F:
+    """--status, --workflow, --tag, --since, --until: the filters of `runs list`, which
+    bulk cancel and replay take too. All given must hold (AND)."""
+    fn = click.option(
+        "--until",
+        metavar="WHEN",
+        help="Created before: an ISO-8601 time, or a duration ago (1h).",
+    )(fn)
+    fn = click.option(
+        "--since",
+        metavar="WHEN",
+        help="Created at or after: an ISO-8601 time, or a duration ago (1h, 7d).",
+    )(fn)
+    fn = click.option(
+        "--tag", "tags", multiple=True, metavar="K:V", help="Has this tag (repeatable: all)."
+    )(fn)
+    fn = click.option("--workflow", "workflow_id", metavar="ID", help="Of this workflow.")(fn)
+    fn = click.option(
+        "--status",
+        "statuses",
+        multiple=True,
+        type=click.Choice(STATUSES),
+        help="In this status (repeatable: any of them).",
+    )(fn)
+    return fn
+
+
+def _when(value: str | None, now: float, option: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        return now - parse_duration(value)
+    except DurationError:
+        pass
+    try:
+        return parse_instant(value)
+    except InstantError as exc:
+        raise click.BadParameter(
+            f"{value!r} is neither a duration (1h, 7d) nor an ISO-8601 time: {exc}",
+            param_hint=option,
+        ) from None
+
+
+def _filter(
+    engine: Engine,
+    ids: tuple[str, ...],
+    statuses: tuple[str, ...],
+    workflow_id: str | None,
+    tags: tuple[str, ...],
+    since: str | None,
+    until: str | None,
+) -> RunFilter:
+    now = engine.store.now()
+    return RunFilter(
+        statuses=tuple(RunStatus(s) for s in statuses),
+        workflow_id=workflow_id,
+        tags=tags,
+        since=_when(since, now, "--since"),
+        until=_when(until, now, "--until"),
+        ids=ids,
+    )
+
+
+def _confirm(what: str, yes: bool) -> None:
+    """Bulk actions ask on a terminal; without one, only --yes lets them go on."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise click.UsageError(f"{what}: not a terminal to ask for confirmation; add --yes")
+    if not click.confirm(f"{what}?", default=False):
+        raise click.UsageError(f"{what}: not confirmed; nothing was changed")
+
+
+def _progress(label: str) -> tuple[Callable[[int, int], None], Callable[[], None]]:
+    """A progress line on stderr, rewritten as batches finish."""
+    state = {"shown": False}
+
+    def show(done: int, total: int) -> None:
+        state["shown"] = True
+        width = 30
+        filled = width * done // total if total else width
+        bar = "#" * filled + "-" * (width - filled)
+        click.echo(f"\r{label} [{bar}] {done}/{total}", nl=False, err=True)
+
+    def end() -> None:
+        if state["shown"]:
+            click.echo("", err=True)
+
+    return show, end
+
+
 @runs.command("list")
-@click.option("--status", type=click.Choice([s.value for s in RunStatus]))
-@click.option("--workflow", "workflow_id")
+@filter_options
 @click.option("--limit", type=click.IntRange(1, 10000), default=20)
 @click.option("--json", "as_json", is_flag=True)
 @settings_options
 def runs_list(
-    status: str | None,
+    statuses: tuple[str, ...],
     workflow_id: str | None,
+    tags: tuple[str, ...],
+    since: str | None,
+    until: str | None,
     limit: int,
     as_json: bool,
     db: str | None,
     modules: tuple[str, ...],
     workflows: str | None,
 ) -> None:
-    """The newest runs first."""
+    """The newest runs first, filtered by status, workflow, tags and creation time."""
     engine = Engine(resolve_settings(db=db, workflows=workflows), import_steps=False)
-    found = engine.store.list_runs(RunStatus(status) if status else None, workflow_id, limit)
+    found = engine.list_runs(_filter(engine, (), statuses, workflow_id, tags, since, until), limit)
     if as_json:
         _json([run_summary(r) for r in found])
         return
     for r in found:
         click.echo(
             f"{r.id}  {r.status.value:<9}  {r.workflow_id} v{r.version}  {iso(r.created_at)}"
+            + (f"  [{', '.join(r.tags)}]" if r.tags else "")
             + (f"  {r.error}" if r.error else "")
         )
 
@@ -54,7 +156,7 @@ def runs_list(
 def runs_show(
     run_id: str, as_json: bool, db: str | None, modules: tuple[str, ...], workflows: str | None
 ) -> None:
-    """One run with its steps and attempts."""
+    """One run with its steps and attempts; for a queued run, why it has not started."""
     engine = Engine(resolve_settings(db=db, workflows=workflows), import_steps=False)
     detail = run_detail(engine.store, engine.store.get_run(run_id))
     if as_json:
@@ -62,6 +164,19 @@ def runs_show(
         return
     click.echo(f"run {detail['id']}  {detail['workflow']} v{detail['version']}  {detail['status']}")
     click.echo(f"created {detail['created_at']}  finished {detail['finished_at'] or '-'}")
+    if detail["tags"]:
+        click.echo(f"tags: {', '.join(detail['tags'])}")
+    if detail["metadata"]:
+        click.echo(f"metadata: {json.dumps(detail['metadata'], default=str)}")
+    if detail["priority"]:
+        click.echo(f"priority: {detail['priority']}")
+    if detail["not_before"]:
+        click.echo(f"starts at: {detail['not_before']}")
+    if detail["expires_at"]:
+        click.echo(f"expires at: {detail['expires_at']} (if not started by then)")
+    blocked = detail["blocked_by"]
+    if blocked:
+        click.echo(f"blocked by: {blocked['reason']}: {blocked['detail']}")
     click.echo(f"payload: {json.dumps(detail['payload'], default=str)}")
     for s in detail["steps"]:
         click.echo(
@@ -93,14 +208,50 @@ def runs_logs(
         click.echo(f"{e['time']}  {e['level']:<7} {where:<20} {e['message']}{extra}")
 
 
+def _bulk(engine: Engine, ids: tuple[str, ...], filters: dict[str, Any], verb: str) -> RunFilter:
+    f = _filter(engine, ids, **filters)
+    if f.empty:
+        raise click.UsageError(
+            f"give the ids of the runs to {verb}, or filters (--status, --workflow, --tag, "
+            "--since, --until)"
+        )
+    return f
+
+
 @runs.command("cancel")
-@click.argument("run_id")
+@click.argument("run_ids", nargs=-1)
+@filter_options
+@click.option("--dry-run", is_flag=True, help="Only say how many runs would be cancelled.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @settings_options
 def runs_cancel(
-    run_id: str, db: str | None, modules: tuple[str, ...], workflows: str | None
+    run_ids: tuple[str, ...],
+    dry_run: bool,
+    yes: bool,
+    db: str | None,
+    modules: tuple[str, ...],
+    workflows: str | None,
+    **filters: Any,
 ) -> None:
-    """Cancel a run (and its child runs) at its next step boundary."""
+    """Cancel runs (and their child runs): by id, or every active run the filters select.
+    An executing run stops at its next step boundary."""
     engine = Engine(resolve_settings(db=db, workflows=workflows), import_steps=False)
+    f = _bulk(engine, run_ids, filters, "cancel")
+    if len(run_ids) == 1 and f == RunFilter(ids=run_ids) and not dry_run:
+        _cancel_one(engine, run_ids[0])
+        return
+    n = engine.count_cancellable(f)
+    click.echo(f"{n} active run(s) match")
+    if dry_run or n == 0:
+        return
+    _confirm(f"cancel {n} run(s)", yes)
+    show, end = _progress("cancelling")
+    done = engine.cancel_runs(f, show)
+    end()
+    click.echo(f"cancelled {done} run(s)")
+
+
+def _cancel_one(engine: Engine, run_id: str) -> None:
     run_ = engine.store.request_cancel(run_id, engine.store.now())
     if run_.status == RunStatus.CANCELLED:
         click.echo(f"cancelled run {run_id}")
@@ -111,13 +262,86 @@ def runs_cancel(
 
 
 @runs.command("replay")
-@click.argument("run_id")
+@click.argument("run_ids", nargs=-1)
+@filter_options
+@click.option("--dry-run", is_flag=True, help="Only say how many runs would be replayed.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @settings_options
 def runs_replay(
-    run_id: str, db: str | None, modules: tuple[str, ...], workflows: str | None
+    run_ids: tuple[str, ...],
+    dry_run: bool,
+    yes: bool,
+    db: str | None,
+    modules: tuple[str, ...],
+    workflows: str | None,
+    **filters: Any,
 ) -> None:
-    """Run again with the same payload, as a new run, in this process."""
-    engine = _engine(db, modules, workflows)
-    _stop_on_sigterm()
-    click.echo(f"replaying run {run_id}")
-    _finish(engine, engine.replay(run_id, LiveReporter()))
+    """Run again with the same payload, as new runs. One id: in this process, shown step
+    by step. Several ids or filters: queued for workers, in batches."""
+    if len(run_ids) == 1 and not any(filters.values()) and not dry_run:
+        engine = _engine(db, modules, workflows)
+        _stop_on_sigterm()
+        click.echo(f"replaying run {run_ids[0]}")
+        _finish(engine, engine.replay(run_ids[0], LiveReporter()))
+        return
+    engine = Engine(resolve_settings(db=db, workflows=workflows), import_steps=False)
+    f = _bulk(engine, run_ids, filters, "replay")
+    n = engine.count_runs(f)
+    click.echo(f"{n} run(s) match")
+    if dry_run or n == 0:
+        return
+    _confirm(f"replay {n} run(s)", yes)
+    show, end = _progress("replaying")
+    new_ids = engine.replay_runs(f, show)
+    end()
+    click.echo(f"queued {len(new_ids)} replay(s)")
+
+
+@runs.command("purge")
+@click.option(
+    "--older-than", required=True, metavar="DURATION", help="Finished longer ago than this (30d)."
+)
+@click.option(
+    "--status",
+    "status_list",
+    metavar="S[,S...]",
+    default=",".join(s.value for s in FINISHED_STATUSES),
+    show_default=True,
+    help="Finished statuses to purge.",
+)
+@click.option("--dry-run", is_flag=True, help="Only say how many runs would be deleted.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@settings_options
+def runs_purge(
+    older_than: str,
+    status_list: str,
+    dry_run: bool,
+    yes: bool,
+    db: str | None,
+    modules: tuple[str, ...],
+    workflows: str | None,
+) -> None:
+    """Delete finished runs and everything that hangs off them (steps, attempts, logs,
+    tags, answers, tokens, events no other run needs, old cron fires, idempotency keys)."""
+    try:
+        seconds = parse_duration(older_than)
+    except DurationError as exc:
+        raise click.BadParameter(str(exc), param_hint="--older-than") from None
+    statuses = []
+    for name in filter(None, (s.strip() for s in status_list.split(","))):
+        if name not in [s.value for s in FINISHED_STATUSES]:
+            known = ", ".join(s.value for s in FINISHED_STATUSES)
+            raise click.BadParameter(
+                f"{name!r} is not a finished status ({known})", param_hint="--status"
+            )
+        statuses.append(RunStatus(name))
+    engine = Engine(resolve_settings(db=db, workflows=workflows), import_steps=False)
+    n = engine.count_purgeable(seconds, statuses)
+    click.echo(f"{n} finished run(s) older than {older_than} match")
+    if dry_run or n == 0:
+        return
+    _confirm(f"delete {n} run(s) and all that hangs off them", yes)
+    show, end = _progress("purging")
+    done = engine.purge(seconds, statuses, show)
+    end()
+    click.echo(f"purged {done} run(s)")

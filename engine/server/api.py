@@ -28,9 +28,9 @@ from dsl.limits import INT_MAX
 from ..durations import to_seconds
 from ..errors import NotFound, PayloadInvalid, TokenError
 from ..inputs import InputInvalid, parse_json
-from ..models import RunStatus
+from ..models import Run, RunFilter, RunStatus
 from ..service import Engine
-from ..views import log_view, run_detail, run_summary, schedule_views
+from ..views import iso, log_view, run_detail, run_summary, schedule_views
 
 __all__ = ["InputRefused", "error_response", "router"]
 
@@ -46,6 +46,9 @@ class EventIn(BaseModel):
     idempotency_key: str | None = Field(
         default=None, description="At most one set of runs per key."
     )
+    tags: list[str] | None = Field(default=None, description='"key:value" strings.')
+    priority: StrictInt | None = Field(default=None, description="Higher starts first.")
+    ttl: _Delay | None = Field(default=None, description="Not started within it: expired.")
 
 
 class TriggerIn(BaseModel):
@@ -54,6 +57,9 @@ class TriggerIn(BaseModel):
     payload: Any = Field(default=None, description="The run's payload (JSON).")
     idempotency_key: str | None = None
     delay: _Delay | None = Field(default=None, description="Seconds or text like '5m'.")
+    tags: list[str] | None = Field(default=None, description='"key:value" strings.')
+    priority: StrictInt | None = Field(default=None, description="Higher starts first.")
+    ttl: _Delay | None = Field(default=None, description="Not started within it: expired.")
 
 
 class TokenIn(BaseModel):
@@ -160,7 +166,12 @@ def _instant(value: str | None, name: str) -> float | None:
 @router.post("/events", status_code=202, summary="Send an event")
 def send_event(body: EventIn, engine: EngineDep) -> Any:
     sent = engine.send_event(
-        body.name, {} if body.payload is None else body.payload, body.idempotency_key
+        body.name,
+        {} if body.payload is None else body.payload,
+        body.idempotency_key,
+        tags=body.tags,
+        priority=body.priority,
+        ttl=to_seconds(body.ttl, "ttl"),
     )
     return JSONResponse(
         {"runs": list(sent.run_ids), "resumed": list(sent.resumed), "duplicate": sent.duplicate},
@@ -172,38 +183,100 @@ def send_event(body: EventIn, engine: EngineDep) -> Any:
 def trigger(workflow_id: str, body: TriggerIn, engine: EngineDep) -> Any:
     if engine.catalog.get(workflow_id) is None:
         raise NotFound(f"no workflow has id `{workflow_id}`")
-    sent = engine.trigger(workflow_id, body.payload, body.idempotency_key, to_seconds(body.delay))
-    run = run_summary(engine.store.get_run(sent.run_ids[0]))
+    sent = engine.trigger(
+        workflow_id,
+        body.payload,
+        body.idempotency_key,
+        to_seconds(body.delay),
+        tags=body.tags,
+        priority=body.priority,
+        ttl=to_seconds(body.ttl, "ttl"),
+    )
+    run = _summary(engine, engine.store.get_run(sent.run_ids[0]))
     return JSONResponse({**run, "duplicate": sent.duplicate}, 200 if sent.duplicate else 201)
 
 
 @router.get("/runs", summary="List runs, newest first")
 def list_runs(
     engine: EngineDep,
-    status: RunStatus | None = None,
+    status: Annotated[list[RunStatus] | None, Query()] = None,
     workflow: str | None = None,
+    tag: Annotated[list[str] | None, Query(description="K:V; repeat: all must hold")] = None,
+    since: str | None = None,
+    until: str | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: str | None = None,
     created_after: str | None = None,
     created_before: str | None = None,
 ) -> dict[str, Any]:
     before = decode_cursor(cursor) if cursor else None
-    upper = _instant(created_before, "created_before")
-    if upper is not None and (before is None or upper < before[0]):
-        before = (upper, "")
-    runs = engine.store.list_runs(
-        status, workflow, limit + 1, before, since=_instant(created_after, "created_after")
+    f = RunFilter(
+        statuses=tuple(status or ()),
+        workflow_id=workflow,
+        tags=tuple(tag or ()),
+        since=_instant(since or created_after, "since"),
+        until=_instant(until or created_before, "until"),
     )
+    runs = engine.list_runs(f, limit + 1, before)
     page = runs[:limit]
     more = len(runs) > limit
     return {
-        "runs": [run_summary(r) for r in page],
+        "runs": [_summary(engine, r) for r in page],
         "next_cursor": encode_cursor(page[-1].created_at, page[-1].id) if more else None,
     }
 
 
+def _summary(engine: Engine, run: Run) -> dict[str, Any]:
+    return run_summary(run, engine.blocked_by(run) if run.status == RunStatus.QUEUED else None)
+
+
+class FilterIn(BaseModel):
+    """The filters of `runs list`; every given one must hold."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: list[RunStatus] | None = None
+    workflow: str | None = None
+    tag: list[str] | None = Field(default=None, description="K:V strings; all must hold.")
+    since: str | None = Field(default=None, description="ISO-8601: created at or after.")
+    until: str | None = Field(default=None, description="ISO-8601: created before.")
+
+
+class BulkIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    filter: FilterIn | None = None
+    ids: list[str] | None = Field(default=None, max_length=100_000)
+
+
+def _bulk_filter(body: BulkIn) -> RunFilter:
+    fi = body.filter or FilterIn()
+    f = RunFilter(
+        statuses=tuple(fi.status or ()),
+        workflow_id=fi.workflow,
+        tags=tuple(fi.tag or ()),
+        since=_instant(fi.since, "filter.since"),
+        until=_instant(fi.until, "filter.until"),
+        ids=tuple(body.ids or ()),
+    )
+    if f.empty:
+        raise HTTPException(422, "give `ids` or a non-empty `filter`: a bulk action needs one")
+    return f
+
+
+@router.post("/runs/cancel", summary="Cancel the runs of a filter or a list of ids")
+def cancel_many(body: BulkIn, engine: EngineDep) -> dict[str, Any]:
+    return {"count": engine.cancel_runs(_bulk_filter(body))}
+
+
+@router.post("/runs/replay", status_code=201, summary="Queue replays of many runs")
+def replay_many(body: BulkIn, engine: EngineDep) -> dict[str, Any]:
+    new_ids = engine.replay_runs(_bulk_filter(body))
+    return {"count": len(new_ids), "runs": new_ids}
+
+
 @router.get("/runs/{run_id}", summary="One run with its steps and attempts")
-def get_run(run_id: str, engine: EngineDep) -> dict[str, Any]:
+def get_run(run_id: str, engine: EngineDep) -> dict[str, Any]:  # with blocked_by
     return run_detail(engine.store, engine.store.get_run(run_id))
 
 
@@ -264,6 +337,29 @@ def schedules(engine: EngineDep) -> dict[str, Any]:
     return {"schedules": schedule_views(engine, time.time())}
 
 
-@router.get("/queues", summary="Queues: depth, running, limits")
+@router.get("/queues", summary="Queues: depth, running, limits, paused")
 def queues(engine: EngineDep) -> dict[str, Any]:
     return {"queues": engine.store.queue_stats()}
+
+
+@router.post("/queues/{name}/pause", summary="Start no run of the queue until resumed")
+def pause_queue(name: str, engine: EngineDep) -> dict[str, Any]:
+    engine.pause_queue(name)
+    return {"name": name, "paused": True}
+
+
+@router.post("/queues/{name}/resume", summary="Let the queue start runs again")
+def resume_queue(name: str, engine: EngineDep) -> dict[str, Any]:
+    engine.resume_queue(name)
+    return {"name": name, "paused": False}
+
+
+@router.get("/workers", summary="Live workers with their heartbeats")
+def workers(engine: EngineDep) -> dict[str, Any]:
+    store = engine.store
+    return {
+        "workers": [
+            {**w, "started_at": iso(w["started_at"]), "heartbeat_at": iso(w["heartbeat_at"])}
+            for w in store.list_workers(store.now())
+        ]
+    }

@@ -6,7 +6,7 @@ errors into `engine.errors` types; callers never see SQLAlchemy or driver except
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 from ..models import (
@@ -19,6 +19,7 @@ from ..models import (
     NewRun,
     QueueLimits,
     Run,
+    RunFilter,
     RunStatus,
     Sent,
     StepState,
@@ -107,6 +108,44 @@ class Store(Protocol):
         since: float | None = None,
     ) -> list[Run]:
         """Newest first; `before` is the (created_at, id) keyset cursor."""
+
+    def search_runs(
+        self, filter: RunFilter, limit: int = 50, before: tuple[float, str] | None = None
+    ) -> list[Run]:
+        """Runs matching every field of `filter`, newest first, after the (created_at, id)
+        cursor; a tag filter is a range scan of dy_run_tags, fast at any size."""
+
+    def count_runs(self, filter: RunFilter) -> int: ...
+
+    def run_id_batches(self, filter: RunFilter, size: int = 500) -> Iterator[list[str]]:
+        """Matching ids, newest first, `size` at a time, each page read when asked for."""
+
+    def cancel_runs_batch(self, run_ids: Sequence[str], now: float) -> int:
+        """Cancel these runs in one transaction; how many this call cancelled or flagged
+        (never one cancelled or flagged already)."""
+
+    def set_queue_paused(self, name: str, paused: bool, now: float) -> None:
+        """Pause or resume a queue (NotFound if unknown); after a pause returns no claim
+        starts one of its runs."""
+
+    def expire_runs(self, now: float, limit: int = 500) -> list[str]:
+        """Queued runs past their TTL end `expired` (conditionally on still queued)."""
+
+    def blocked_by(self, run: Run, now: float) -> dict[str, Any] | None:
+        """Why a queued run has not started: {reason, detail}; None if nothing holds it."""
+
+    def purge_runs(
+        self,
+        before: float,
+        statuses: Sequence[RunStatus],
+        keep_definitions: Iterable[str] = (),
+        batch: int = 200,
+    ) -> Iterator[int]:
+        """Delete finished runs (and all hanging off them) finished before `before`, one
+        short transaction per batch; yields each batch's count."""
+
+    def count_purgeable(self, before: float, statuses: Sequence[RunStatus]) -> int:
+        """How many runs `purge_runs(before, statuses)` would delete now."""
 
     def get_steps(self, run_id: str) -> list[StepState]: ...
 

@@ -23,7 +23,7 @@ from .db import Db
 from .sqlutil import INSERT_RUN
 from .waits import Inbox
 
-__all__ = ["IDEMPOTENCY_SECONDS", "Events", "new_run_values"]
+__all__ = ["IDEMPOTENCY_SECONDS", "Events", "insert_tags", "new_run_values"]
 
 IDEMPOTENCY_SECONDS = 30 * 86400
 
@@ -65,6 +65,7 @@ class Events:
         """Queue new runs (the names of their first waits locked by the caller)."""
         for run in runs:
             c.execute(INSERT_RUN, new_run_values(run, now))
+        insert_tags(c, runs, now)
         if runs:
             self.db.notify(c)
 
@@ -194,4 +195,18 @@ def new_run_values(new: NewRun, now: float) -> dict[str, Any]:
         "created_at": now,
         "updated_at": now,
         "cancel_requested": False,
+        "tags": list(new.tags) or None,
+        "not_before": new.available_at,
+        "expires_at": now + new.ttl if new.ttl is not None else None,
     }
+
+
+def insert_tags(c: Connection, runs: Sequence[NewRun], now: float) -> None:
+    """The search rows of new runs' tags, stamped with the runs' created_at (`now`)."""
+    rows = [
+        {"tag": tag, "created_at": now, "run_id": run.id}
+        for run in runs
+        for tag in dict.fromkeys(run.tags)
+    ]
+    if rows:
+        c.execute(insert(t.run_tags), rows)

@@ -96,4 +96,22 @@ def _v4(c: Connection) -> None:
     )
 
 
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _v2, 3: _v3, 4: _v4}
+def _v5(c: Connection) -> None:
+    """Operating many runs: tags (and their search table), metadata, a delayed run's start,
+    a TTL, paused queues."""
+    real = "DOUBLE PRECISION" if c.dialect.name == "postgresql" else "FLOAT"
+    json_type = "JSONB" if c.dialect.name == "postgresql" else "JSON"
+    for table, column, kind in (
+        ("dy_runs", "tags", json_type),
+        ("dy_runs", "metadata", json_type),
+        ("dy_runs", "not_before", real),
+        ("dy_runs", "expires_at", real),
+        ("dy_queues", "paused", "BOOLEAN NOT NULL DEFAULT false"),
+    ):
+        c.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {column} {kind}"))
+    t.run_tags.create(c, checkfirst=True)
+    _index("dy_runs_expiry").create(c, checkfirst=True)
+    _index("dy_inbox_event_id").create(c, checkfirst=True)
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _v2, 3: _v3, 4: _v4, 5: _v5}

@@ -21,6 +21,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 
 from ..models import ACTIVE_STATUSES, Lease, QueueLimits, Run, RunStatus
+from ..pauses import pause_point
 from . import schema as t
 from .db import Db
 from .runs import Runs
@@ -32,8 +33,9 @@ LOOKS = (2, 512)  # candidates per look: from the first, x4 per look up to the l
 
 
 class Queues:
-    def __init__(self, db: Db, runs: Runs) -> None:
+    def __init__(self, db: Db, runs: Runs, expire_row: Any) -> None:
         self.db, self.runs = db, runs
+        self.expire_row = expire_row  # (conn, locked row, now): a queued run past its TTL
         self.engine, self.dialect = db.engine, db.dialect
         self._limited: tuple[float, frozenset[str]] | None = None
 
@@ -102,7 +104,13 @@ class Queues:
         candidates = self._candidates(c, now, queues, full, width)
         if not candidates:
             return None, set(), True
-        limits = self._limits(c, {row["queue"] for row in candidates})
+        names = {row["queue"] for row in candidates}
+        limits = self._limits(c, names)
+        # read under the queue rows' locks: a pause that returned is seen here
+        paused = self._paused(c, names - set(limits)) | {
+            q.name for q in limits.values() if q.paused
+        }
+        pause_point("store.claim.queues_locked")
         # Count and stamp with the time at which this claim holds its locks: a `now`
         # taken before waiting for them would let a rate window admit one too many.
         locked_at = max(now, self.db.now())
@@ -113,6 +121,13 @@ class Queues:
             queue, key = row["queue"], row["concurrency_key"]
             if (queue, None) in learned or (queue, key) in learned:
                 continue
+            if row["status"] == RunStatus.QUEUED.value:
+                if queue in paused:
+                    learned.add((queue, None))
+                    continue
+                if row["expires_at"] is not None and row["expires_at"] <= locked_at:
+                    self.expire_row(c, row, locked_at)  # its TTL passed: it never starts
+                    continue
             verdict = self._allowed(c, row, limits.get(queue), locked_at)
             if verdict == "queue":
                 learned.add((queue, None))
@@ -147,6 +162,11 @@ class Queues:
                 full_keys.setdefault(name, []).append(key)
         if full_queues:
             q = q.where(sa.or_(recovering, t.runs.c.queue.not_in(full_queues)))
+        # a paused queue's queued runs are no candidates (checked again under its row lock)
+        paused = select(t.queues.c.name).where(t.queues.c.paused)
+        q = q.where(
+            sa.or_(t.runs.c.status != RunStatus.QUEUED.value, t.runs.c.queue.not_in(paused))
+        )
         # keys are scoped by queue: a full `u1` in qa leaves `u1` in qb alone; one NOT IN
         # list per queue (PostgreSQL hashes long lists: the cost stays per row, not per key)
         for name, keys in full_keys.items():
@@ -171,9 +191,21 @@ class Queues:
         if self.dialect == "postgresql":
             q = q.order_by(t.queues.c.name).with_for_update()  # counted under this lock
         return {
-            r["name"]: QueueLimits(r["name"], r["concurrency"], r["rate_limit"], r["rate_period"])
+            r["name"]: QueueLimits(
+                r["name"], r["concurrency"], r["rate_limit"], r["rate_period"], r["paused"]
+            )
             for r in c.execute(q).mappings()
         }
+
+    def _paused(self, c: Connection, names: set[str]) -> set[str]:
+        """Which of these (unlimited) queues are paused, read under FOR SHARE of their rows
+        (PostgreSQL): a pause waits for this claim, and a claim after it sees the pause."""
+        if not names:
+            return set()
+        q = select(t.queues.c.name, t.queues.c.paused).where(t.queues.c.name.in_(sorted(names)))
+        if self.dialect == "postgresql":
+            q = q.order_by(t.queues.c.name).with_for_update(read=True)
+        return {r.name for r in c.execute(q) if r.paused}
 
     def _allowed(self, c: Connection, row: Any, limits: QueueLimits | None, now: float) -> str:
         """'ok', or which limit is full: 'queue' or 'key'."""
@@ -205,6 +237,10 @@ class Queues:
     def admits(self, c: Connection, row: Any, now: float) -> bool:
         """Whether the limits of the locked run's queue let it start now."""
         limits = self._limits(c, {row["queue"]})
+        if row["queue"] in self._paused(c, {row["queue"]} - set(limits)) or any(
+            q.paused for q in limits.values()
+        ):
+            return False
         return self._allowed(c, row, limits.get(row["queue"]), now) == "ok"
 
     def _take(self, c: Connection, row: Any, lease: Lease, now: float) -> Run:
@@ -292,6 +328,7 @@ class Queues:
             lim = limits.get(name)
             stats[name] = {
                 "name": name,
+                "paused": bool(lim["paused"]) if lim else False,
                 "queued": 0,
                 "running": 0,
                 "waiting": 0,

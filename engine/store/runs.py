@@ -31,7 +31,7 @@ from ..models import (
 from ..pauses import pause_point
 from . import schema as t
 from .db import Db
-from .events import Events, new_run_values
+from .events import Events, insert_tags, new_run_values
 from .sqlutil import (
     INSERT_RUN,
     NO_LEASE,
@@ -63,14 +63,16 @@ class Runs:
                 step_running=True,
                 step_started_at=now,
             )
-        if new.first_wait_event is None:
+        if new.first_wait_event is None and not new.tags:
             with self.db.autocommit() as c:
                 c.execute(INSERT_RUN, values)
             return run_from_row(values)
 
         def work(c: Connection) -> Run:
-            values["step_since"] = self.db.lock_names(c, [new.first_wait_event], now)
+            if new.first_wait_event is not None:
+                values["step_since"] = self.db.lock_names(c, [new.first_wait_event], now)
             c.execute(INSERT_RUN, values)
+            insert_tags(c, [new], now)
             return run_from_row(values)
 
         return self.db.transact(work)
@@ -265,6 +267,8 @@ class Runs:
             values.update(self.db.lease_values(lease, now))
         update_values = {k: v for k, v in values.items() if not k.startswith("w_")}
         update_values["active_seconds"] = row["active_seconds"] + tr.active_seconds
+        if tr.metadata:  # merged under the run's lock: concurrent items keep each other's keys
+            update_values["metadata"] = {**(row["metadata"] or {}), **tr.metadata}
         c.execute(update(t.runs).where(t.runs.c.id == run_id).values(**update_values))
         if tr.status not in ACTIVE_STATUSES:
             self._answer_parent(

@@ -6,6 +6,7 @@ backend, cheap to compare, and free of timezone ambiguity.
 
 from __future__ import annotations
 
+import sqlalchemy as sa
 from sqlalchemy import (
     JSON,
     Boolean,
@@ -23,7 +24,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 __all__ = ["SCHEMA_VERSION", "metadata"]
 
-SCHEMA_VERSION = 4  # bump with a function in migrations.py for the step up
+SCHEMA_VERSION = 5  # bump with a function in migrations.py for the step up
 Json = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
 metadata = MetaData()
 
@@ -84,6 +85,10 @@ runs = Table(
     Column("started_at", Float),
     Column("finished_at", Float),
     Column("updated_at", Float, nullable=False),
+    Column("tags", Json),  # ["key:value", ...]; searched through dy_run_tags
+    Column("metadata", Json),  # what steps set on ctx.metadata
+    Column("not_before", Float),  # a delayed run's start time
+    Column("expires_at", Float),  # TTL: queued past this -> expired
 )
 # Claiming reads runs in exactly this order (priority first, then FIFO by next_at), so the
 # scan stops after the first few due rows however many runs are queued.
@@ -117,6 +122,24 @@ Index("dy_runs_parent", runs.c.parent_run_id)
 Index("dy_runs_queue_status", runs.c.queue, runs.c.status, runs.c.concurrency_key)
 Index("dy_runs_queue_started", runs.c.queue, runs.c.started_at)
 Index("dy_runs_idempotency", runs.c.idempotency_key)
+# the TTL sweep reads only queued runs with a TTL
+Index(
+    "dy_runs_expiry",
+    runs.c.expires_at,
+    postgresql_where=sa.and_(runs.c.status == "queued", runs.c.expires_at.isnot(None)),
+    sqlite_where=sa.and_(runs.c.status == "queued", runs.c.expires_at.isnot(None)),
+)
+
+# One row per tag of a run, stamped with the run's created_at: a tag-filtered, newest-first
+# page is a range scan of the primary key, however many runs there are.
+run_tags = Table(
+    "dy_run_tags",
+    metadata,
+    Column("tag", String(500), primary_key=True),
+    Column("created_at", Float, primary_key=True),
+    Column("run_id", String(40), primary_key=True),
+)
+Index("dy_run_tags_run", run_tags.c.run_id)
 
 steps = Table(
     "dy_steps",
@@ -211,6 +234,7 @@ inbox = Table(
 )
 # an event is consumed by at most one wait of a run
 Index("dy_inbox_event", inbox.c.run_id, inbox.c.event_id, unique=True)
+Index("dy_inbox_event_id", inbox.c.event_id)  # retention: does any run still need an event?
 
 idempotency_keys = Table(
     "dy_idempotency_keys",
@@ -239,6 +263,8 @@ queues = Table(
     Column("rate_limit", Integer),
     Column("rate_period", Float),
     Column("updated_at", Float, nullable=False),
+    # a paused queue keeps its runs and starts none (claims read this under the row's lock)
+    Column("paused", Boolean, nullable=False, server_default=text("false")),
 )
 
 workers = Table(

@@ -10,7 +10,7 @@ holds definitions and the read side.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -27,6 +27,7 @@ from ..models import (
     NewRun,
     QueueLimits,
     Run,
+    RunFilter,
     RunStatus,
     Sent,
     StepState,
@@ -35,12 +36,15 @@ from ..models import (
     WorkerInfo,
 )
 from . import schema as t
+from .control import Control
 from .db import Db
 from .events import Events
 from .migrations import MIGRATIONS
 from .queueing import Queues
+from .retention import Retention
 from .runs import Runs
 from .schedules import Schedules
+from .search import Search
 from .sqlutil import run_from_row, step_from_row, translate
 from .waits import Inbox
 from .workers import Workers
@@ -66,8 +70,11 @@ class SqlStore:
         self.events = Events(self.db, self.inbox)
         self.workers = Workers(self.db)
         self.runs = Runs(self.db, self.inbox, self.events, self.workers.owner_alive)
-        self.queues = Queues(self.db, self.runs)
+        self.control = Control(self.db, self.runs)
+        self.queues = Queues(self.db, self.runs, self.control.expire_row)
         self.schedules = Schedules(self.db)
+        self.search = Search(self.db)
+        self.retention = Retention(self.db)
 
     def close(self) -> None:
         self.db.close()
@@ -124,7 +131,10 @@ class SqlStore:
             "source_path": source_path,
             "created_at": self.now(),
         }
-        self.db.transact(lambda c: self.db.insert_ignore(c, t.definitions, values, ["hash"]))
+        # created_at is when it was last saved: retention keeps recently saved definitions
+        self.db.transact(
+            lambda c: self.db.upsert(c, t.definitions, values, ["hash"], ["created_at"])
+        )
 
     @translate
     def load_definition(self, content_hash: str) -> dict[str, Any]:
@@ -265,6 +275,51 @@ class SqlStore:
     @translate
     def fires(self, workflow_id: str, limit: int = 100) -> list[tuple[float, str | None]]:
         return self.schedules.fires(workflow_id, limit)
+
+    # operating many runs (see search.py, control.py, retention.py) --------------------------
+    @translate
+    def search_runs(
+        self, filter: RunFilter, limit: int = 50, before: tuple[float, str] | None = None
+    ) -> list[Run]:
+        return self.search.search_runs(filter, limit, before)
+
+    @translate
+    def count_runs(self, filter: RunFilter) -> int:
+        return self.search.count_runs(filter)
+
+    @translate
+    def run_id_batches(self, filter: RunFilter, size: int = 500) -> Iterator[list[str]]:
+        yield from self.search.batches(filter, size)
+
+    @translate
+    def cancel_runs_batch(self, run_ids: Sequence[str], now: float) -> int:
+        return self.control.cancel_batch(run_ids, now)
+
+    @translate
+    def set_queue_paused(self, name: str, paused: bool, now: float) -> None:
+        self.control.set_paused(name, paused, now)
+
+    @translate
+    def expire_runs(self, now: float, limit: int = 500) -> list[str]:
+        return self.control.expire_due(now, limit)
+
+    @translate
+    def blocked_by(self, run: Run, now: float) -> dict[str, Any] | None:
+        return self.control.blocked_by(run, now, self.workers.list_workers(now))
+
+    @translate
+    def purge_runs(
+        self,
+        before: float,
+        statuses: Sequence[RunStatus],
+        keep_definitions: Iterable[str] = (),
+        batch: int = 200,
+    ) -> Iterator[int]:
+        yield from self.retention.purge(before, statuses, set(keep_definitions), batch)
+
+    @translate
+    def count_purgeable(self, before: float, statuses: Sequence[RunStatus]) -> int:
+        return self.retention.count(before, statuses)
 
     # reading ------------------------------------------------------------------------------
     @translate

@@ -19,6 +19,7 @@ __all__ = [
 ]
 
 import functools
+import inspect
 import os
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
@@ -39,17 +40,30 @@ R = TypeVar("R")
 def translate(fn: Callable[P, R]) -> Callable[P, R]:
     """Turn driver errors into DatabaseError with the (password-free) URL."""
 
+    def translated(store: Any, exc: sa.exc.SQLAlchemyError) -> Exception:
+        url = make_url(store.url).render_as_string(hide_password=True)
+        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        if isinstance(exc, sa.exc.DataError):
+            return ValueNotStorable(f"database {url} cannot store a value: {detail}")
+        return DatabaseError(f"database {url}: {detail}")
+
+    if inspect.isgeneratorfunction(fn):  # errors raised while the caller iterates, too
+
+        @functools.wraps(fn)
+        def generator(*args: Any, **kwargs: Any) -> Any:
+            try:
+                yield from fn(*args, **kwargs)  # type: ignore[misc]
+            except sa.exc.SQLAlchemyError as exc:
+                raise translated(args[0], exc) from exc
+
+        return generator  # type: ignore[return-value]
+
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return fn(*args, **kwargs)
         except sa.exc.SQLAlchemyError as exc:
-            store = args[0]
-            url = make_url(store.url).render_as_string(hide_password=True)  # type: ignore[attr-defined]
-            detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-            if isinstance(exc, sa.exc.DataError):
-                raise ValueNotStorable(f"database {url} cannot store a value: {detail}") from exc
-            raise DatabaseError(f"database {url}: {detail}") from exc
+            raise translated(args[0], exc) from exc
 
     return wrapper
 
@@ -167,6 +181,10 @@ def run_from_row(row: Any) -> Run:
         started_at=r.get("started_at"),
         finished_at=r.get("finished_at"),
         updated_at=r["updated_at"],
+        tags=tuple(r.get("tags") or ()),
+        metadata=dict(r.get("metadata") or {}),
+        not_before=r.get("not_before"),
+        expires_at=r.get("expires_at"),
     )
 
 
