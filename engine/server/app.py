@@ -19,7 +19,7 @@ from dsl import DslError
 
 from ..errors import EngineError, NotFound
 from ..service import Engine
-from . import api, dashboard
+from . import api, dashboard, live
 from .guard import MAX_BODY, Guard
 from .security import Keys
 
@@ -43,6 +43,7 @@ def create_app(
     app.state.engine = engine
     app.state.keys = keys = Keys(api_key, port)
     app.include_router(api.router)
+    app.include_router(live.router)
     app.include_router(dashboard.router)
     app.add_middleware(Guard, keys=keys, max_body=max_body, refusal=_refusal)
 
