@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import importlib
 import inspect
@@ -243,7 +244,12 @@ class RegisteredStep:
             except BaseException as exc:  # re-raised in the caller's thread
                 box["error"] = exc
 
-        worker = threading.Thread(target=target, name=f"step:{self.name}", daemon=True)
+        worker = threading.Thread(  # in this context: the attempt's span and run ids
+            target=contextvars.copy_context().run,
+            args=(target,),
+            name=f"step:{self.name}",
+            daemon=True,
+        )
         worker.start()
         worker.join(timeout)
         if worker.is_alive():

@@ -35,6 +35,7 @@ from .models import (
     StepStatus,
     Transition,
 )
+from .observe import observed_attempt
 from .pauses import pause_point
 from .registry import StepLogger
 from .store import Store
@@ -315,7 +316,9 @@ class Runner:
             )
         else:
             self.reporter.step_started(run, state, attempt)
-            outcome = self._attempt(live, state, attempt, logger, now)
+            with observed_attempt(run, state, attempt) as ended:
+                outcome = self._attempt(live, state, attempt, logger, now)
+                ended(outcome, self.clock() - now)
         elapsed = self.clock() - now
         self.reporter.step_ended(run, state, attempt, outcome, elapsed)
         transition = self._decide(live, state, attempt, now, outcome, logger, elapsed)

@@ -6,18 +6,20 @@ import json
 from typing import Any
 
 import sqlalchemy as sa
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exception_handlers import (
     http_exception_handler,
     request_validation_exception_handler,
 )
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dsl import DslError
 
 from ..errors import EngineError, NotFound
+from ..metrics import build_registry
 from ..service import Engine
 from . import api, dashboard, live
 from .guard import MAX_BODY, Guard
@@ -55,6 +57,18 @@ def create_app(
         except (EngineError, sa.exc.SQLAlchemyError):
             return JSONResponse({"status": "unavailable", "database": "unreachable"}, 503)
         return JSONResponse({"status": "ok", "database": "ok"})
+
+    registry = build_registry(engine.store)
+
+    @app.get(
+        "/metrics",
+        tags=["health"],
+        summary="Prometheus metrics (text format)",
+        dependencies=[Depends(api.require_key)],
+        response_class=PlainTextResponse,
+    )
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(dashboard.LoginRequired)
     def login_required(request: Request, exc: Exception) -> Response:
@@ -98,7 +112,13 @@ def create_app(
 
 
 def _is_api(path: str) -> bool:
-    return path.startswith("/api") or path in ("/openapi.json", "/docs", "/redoc", "/healthz")
+    return path.startswith("/api") or path in (
+        "/openapi.json",
+        "/docs",
+        "/redoc",
+        "/healthz",
+        "/metrics",
+    )
 
 
 def _error_page(request: Request, status: int, message: str) -> Response:

@@ -42,6 +42,7 @@ from .queueing import Queues
 from .runs import Runs
 from .schedules import Schedules
 from .sqlutil import run_from_row, step_from_row, translate
+from .stats import Snapshot, Stats
 from .waits import Inbox
 from .workers import Workers
 
@@ -68,6 +69,7 @@ class SqlStore:
         self.runs = Runs(self.db, self.inbox, self.events, self.workers.owner_alive)
         self.queues = Queues(self.db, self.runs)
         self.schedules = Schedules(self.db)
+        self.stats = Stats(self.db)
 
     def close(self) -> None:
         self.db.close()
@@ -224,6 +226,10 @@ class SqlStore:
     @translate
     def queue_stats(self) -> list[dict[str, Any]]:
         return self.queues.queue_stats()
+
+    @translate
+    def metrics_snapshot(self, now: float) -> Snapshot:
+        return self.stats.snapshot(now)
 
     # events and tokens (see events.py) --------------------------------------------------------
     @translate
