@@ -67,7 +67,7 @@ def worker(
     import logging
 
     from ..tracing import RunContextFilter, StepLogFormatter
-    from .worker import Worker
+    from ..worker import Worker
 
     handler = logging.StreamHandler()
     handler.setFormatter(StepLogFormatter())  # a run's records end with [run=... step=...#n]
@@ -117,7 +117,7 @@ def serve(
     """The HTTP API (/api, /openapi.json) and the dashboard (/)."""
     import os
 
-    from .server.security import is_loopback
+    from ..server.security import is_loopback
 
     key = os.environ.get("DURABLE_YAML_API_KEY") or None
     if key is None and not is_loopback(host):
@@ -127,7 +127,7 @@ def serve(
         )
     import uvicorn
 
-    from .server import create_app
+    from ..server import create_app
 
     _check_port_free(host, port)
     engine = Engine(

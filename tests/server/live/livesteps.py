@@ -30,3 +30,10 @@ def gated(label: str, ctx: StepContext) -> dict[str, str]:
 def quick(ctx: StepContext) -> str:
     ctx.logger.info("quick step ran")
     return "ok"
+
+
+@step("live.fail")
+def fail() -> None:
+    from engine import NonRetryableError
+
+    raise NonRetryableError("the lamp is broken")
