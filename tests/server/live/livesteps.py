@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 from engine import StepContext, step
 
 GATE = threading.Event()  # in-process tests set it once they saw the log line
+USER_LOG: logging.Logger | None = None  # a test's own logger, used inside live.quick
 
 
 @step("live.gated")
@@ -29,6 +31,8 @@ def gated(label: str, ctx: StepContext) -> dict[str, str]:
 @step("live.quick")
 def quick(ctx: StepContext) -> str:
     ctx.logger.info("quick step ran")
+    if USER_LOG is not None:
+        USER_LOG.info("user code logs too")
     return "ok"
 
 
