@@ -190,8 +190,10 @@ def test_a_worker_in_another_process_continues_the_trace(engine: Engine, db_url:
         "PYTHONUNBUFFERED": "1",
     }
     worker = subprocess.Popen(
-        [sys.executable, "-m", "engine", "worker", "--concurrency", "1", "--no-schedules"]
-        + ["-m", "livesteps", "--workflows", str(LIVE), "--db", db_url],
+        [
+            *(sys.executable, "-m", "engine", "worker", "--concurrency", "1", "--no-schedules"),
+            *("-m", "livesteps", "--workflows", str(LIVE), "--db", db_url),
+        ],
         cwd=LIVE,
         env=env,
         text=True,
