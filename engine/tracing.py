@@ -39,6 +39,7 @@ from typing import Any
 __all__ = [
     "RunContextFilter",
     "StepLogFormatter",
+    "TraceHeaders",
     "attempt_context",
     "current_attempt",
     "enabled",
@@ -248,3 +249,33 @@ def attempt_context(
             yield AttemptSpan(span)
     finally:
         _ATTEMPT.reset(token)
+
+
+class TraceHeaders:
+    """ASGI middleware: with tracing on, a request's `traceparent`/`tracestate` headers are
+    the current context while it is handled, so a run it creates continues the caller's
+    trace (a POST /api/events from a traced service)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not enabled():
+            await self.app(scope, receive, send)
+            return
+        headers = {
+            k.decode("latin-1"): v.decode("latin-1")
+            for k, v in scope.get("headers", [])
+            if k in (b"traceparent", b"tracestate")
+        }
+        if "traceparent" not in headers:
+            await self.app(scope, receive, send)
+            return
+        from opentelemetry import context
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        token = context.attach(TraceContextTextMapPropagator().extract(headers))
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            context.detach(token)

@@ -21,6 +21,7 @@ from dsl import DslError
 from ..errors import EngineError, NotFound
 from ..metrics import build_registry
 from ..service import Engine
+from ..tracing import TraceHeaders
 from . import api, dashboard, live
 from .guard import MAX_BODY, Guard
 from .security import Keys
@@ -48,6 +49,7 @@ def create_app(
     app.include_router(live.router)
     app.include_router(dashboard.router)
     app.add_middleware(Guard, keys=keys, max_body=max_body, refusal=_refusal)
+    app.add_middleware(TraceHeaders)
 
     @app.get("/healthz", tags=["health"], summary="Liveness and database reachability")
     def healthz() -> Response:

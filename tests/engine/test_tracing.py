@@ -212,3 +212,23 @@ def test_a_worker_in_another_process_continues_the_trace(engine: Engine, db_url:
     assert attempt["attributes"]["durable_yaml.run_id"] == run_id
     # the worker's own log output names the run and step of a ctx.logger line
     assert f"quick step ran  [run={run_id} step=only#1]" in out
+
+
+def test_an_api_call_continues_the_callers_trace(engine: Engine) -> None:
+    from fastapi.testclient import TestClient
+
+    from engine.server import create_app
+
+    client = TestClient(create_app(engine, "k"), raise_server_exceptions=False)
+    caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    created = client.post(
+        "/api/workflows/quick/runs",
+        json={"payload": {}},
+        headers={"Authorization": "Bearer k", "traceparent": caller},
+    )
+    assert created.status_code == 201, created.text
+    run_span = _one(list(EXPORTER.get_finished_spans()), "run quick")
+    assert run_span.context.trace_id == 0x0AF7651916CD43DD8448EB211C80319C
+    assert run_span.parent is not None and run_span.parent.span_id == 0xB7AD6B7169203331
+    traceparent = engine.store.get_run(created.json()["id"]).trigger["traceparent"]
+    assert traceparent.startswith("00-0af7651916cd43dd8448eb211c80319c-")
