@@ -33,6 +33,7 @@ from dsl.limits import (
     WORKFLOW_ID_MAX,
 )
 
+from . import tracing
 from .errors import ConfigError, EngineError, NestedTooDeep, NotFound, PayloadInvalid
 from .inputs import InputInvalid, TooLong, check_json, check_text
 from .models import Emission, Lease, NewEvent, NewRun, QueueLimits, Run, RunStatus, Sent
@@ -228,8 +229,10 @@ class Engine(Operations):
             key = None if rendered is None else str(rendered)
             check_text(key, "concurrency_key", CONCURRENCY_KEY_MAX, required=False)
         self._save(machine)
+        run_id = run_id or new_run_id()
+        trigger = tracing.run_created(trigger, run_id, machine.workflow_id)
         return NewRun(
-            id=run_id or new_run_id(),
+            id=run_id,
             workflow_id=machine.workflow_id,
             version=machine.version,
             definition_hash=machine.content_hash,
