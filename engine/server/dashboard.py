@@ -112,9 +112,12 @@ def run_page(
     run = engine.store.get_run(run_id)
     detail = run_detail(engine.store, run)
     for step in detail["steps"]:
+        step["sig"] = f"{step['status']}:{step['attempts']}"  # as the event stream sends it
         step["status"] = step_status(detail["status"], step["status"])
     logs = [log_view(e) for e in engine.store.get_logs(run_id, logs_after, LOG_PAGE + 1)]
     more_logs = logs[LOG_PAGE - 1]["id"] if len(logs) > LOG_PAGE else None
+    # the newest line this page shows; with more pages, new lines are not on this one
+    last_log = INT_MAX if more_logs else (logs[-1]["id"] if logs else logs_after)
     waiting = _waiting(detail) if run.status.value == "waiting" else None
     children = [run_summary(c) for c in engine.store.list_runs(parent_run_id=run_id, limit=100)]
     return _render(
@@ -132,7 +135,9 @@ def run_page(
         resumable=_resumable(engine, run, detail),
         timeline=Markup(timeline_svg(detail)),
         active=not run.finished,
-        stream=f"/partials/runs/{run_id}/events" if not run.finished else "",
+        last_log=last_log,
+        sig="|".join([detail["status"], detail["current_step"] or "", detail["finished_at"] or ""]),
+        run_stream="" if run.finished else f"/api/runs/{run_id}/events?after={last_log}",
     )
 
 
@@ -258,7 +263,8 @@ async def trigger(request: Request, workflow_id: str) -> Response:
         )
         if machine.trigger.kind == "cron" and payload == {} and not fields:
             payload = None  # the cron payload a scheduled fire would get
-        sent = engine.trigger(workflow_id, payload)
+        tags = form.get("tags", "").replace(",", " ").split()
+        sent = engine.trigger(workflow_id, payload, tags=tags or None)
     except EngineError as exc:
         return _workflow_page(request, engine, machine, form, str(exc))
     return RedirectResponse(f"/runs/{sent.run_ids[0]}", 303)

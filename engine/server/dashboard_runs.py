@@ -5,19 +5,25 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse, StreamingResponse
+from fastapi import APIRouter, Form, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from ..models import Run, RunStatus
+from dsl import DurationError, InstantError, parse_duration, parse_instant
+
+from ..errors import EngineError, NotFound
+from ..inputs import InputInvalid
+from ..models import Run, RunFilter, RunStatus
+from ..operations import check_tags
 from ..service import Engine
 from ..views import iso, run_summary
 from .api import decode_cursor, encode_cursor
-from .rendering import _guard, _render
+from .rendering import _guard, _guard_post, _render
 from .ui import waiting_for
 
 __all__ = ["router"]
@@ -50,77 +56,177 @@ def _waits(engine: Engine, run: Run) -> dict[str, Any] | None:
 
 def _row(engine: Engine, run: Run, now: float) -> dict[str, Any]:
     end = run.finished_at or now
+    blocked = engine.blocked_by(run) if run.status == RunStatus.QUEUED else None
     return {
-        **run_summary(run),
+        **run_summary(run, blocked),
         "duration": f"{end - run.started_at:.1f}s" if run.started_at else "-",
         "waits": _waits(engine, run),
         "replay_of": run.trigger.get("replay_of"),
     }
 
 
-def _query(params: dict[str, str | None]) -> dict[str, str]:
-    return {k: v for k, v in params.items() if v}
+def _instant(value: str, name: str, now: float) -> float:
+    """A time bound as typed: a duration ago (`15m`, `24h`, `7d`) or an ISO-8601 time (UTC
+    without an offset)."""
+    value = value.strip()
+    try:
+        return now - parse_duration(value)
+    except DurationError:
+        pass
+    try:
+        return parse_instant(value)
+    except InstantError:
+        raise InputInvalid(
+            name, f"{value!r} is neither a duration ago (15m, 24h, 7d) nor an ISO-8601 time"
+        ) from None
 
 
-def runs_page(
-    engine: Engine, status: str | None, workflow: str | None, cursor: str | None
-) -> dict[str, Any]:
-    wanted = RunStatus(status) if status in {s.value for s in RunStatus} else None
-    before = decode_cursor(cursor) if cursor else None
-    runs = engine.store.list_runs(wanted, workflow or None, PAGE + 1, before)
-    page = runs[:PAGE]
+@dataclass(frozen=True)
+class Filters:
+    """The runs page's filters as typed in its form (and its URL)."""
+
+    status: str = ""
+    workflow: str = ""
+    tags: tuple[str, ...] = ()
+    since: str = ""
+    until: str = ""
+
+    @classmethod
+    def of(cls, params: Mapping[str, Any]) -> Filters:
+        raw = params.getlist("tag") if hasattr(params, "getlist") else params.get("tag", [])
+        tags = tuple(t for value in raw for t in value.replace(",", " ").split() if t)
+        return cls(
+            status=str(params.get("status") or ""),
+            workflow=str(params.get("workflow") or ""),
+            tags=tags,
+            since=str(params.get("since") or ""),
+            until=str(params.get("until") or ""),
+        )
+
+    def query(self) -> list[tuple[str, str]]:
+        pairs = [("status", self.status), ("workflow", self.workflow)]
+        pairs += [("tag", t) for t in self.tags]
+        pairs += [("since", self.since), ("until", self.until)]
+        return [(k, v) for k, v in pairs if v]
+
+    def run_filter(self, now: float) -> RunFilter:
+        """The store's filter; InputInvalid naming the field for an unknown status or a
+        time that is neither a duration nor an instant."""
+        statuses: tuple[RunStatus, ...] = ()
+        if self.status:
+            if self.status not in {s.value for s in RunStatus}:
+                raise InputInvalid("status", f"{self.status!r} is not a run status")
+            statuses = (RunStatus(self.status),)
+        return RunFilter(
+            statuses=statuses,
+            workflow_id=self.workflow or None,
+            tags=check_tags(list(self.tags), "tag"),
+            since=_instant(self.since, "since", now) if self.since else None,
+            until=_instant(self.until, "until", now) if self.until else None,
+        )
+
+
+def runs_page(engine: Engine, filters: Filters, cursor: str | None) -> dict[str, Any]:
     now = time.time()
-    filters = _query({"status": status, "workflow": workflow})
+    error = None
+    try:
+        f = filters.run_filter(now)
+        before = decode_cursor(cursor) if cursor else None
+        runs = engine.list_runs(f, PAGE + 1, before)
+        total = engine.count_runs(f) if not f.empty else None
+    except EngineError as exc:
+        error, runs, total = str(exc), [], 0
+    page = runs[:PAGE]
     older = None
     if len(runs) > PAGE:
-        older = urlencode({**filters, "cursor": encode_cursor(page[-1].created_at, page[-1].id)})
+        cursor_value = encode_cursor(page[-1].created_at, page[-1].id)
+        older = urlencode([*filters.query(), ("cursor", cursor_value)])
+    query = urlencode(filters.query())
     return {
         "runs": [_row(engine, r, now) for r in page],
         "older": older,
-        "status": status or "",
-        "workflow": workflow or "",
+        "f": filters,
+        "filters": filters.query(),
+        "total": total,
+        "error": error,
         "statuses": [s.value for s in RunStatus],
         "workflows": sorted(engine.catalog.workflows),
-        "filters": filters,
-        "stream": "/partials/runs/events?" + urlencode(filters) if not cursor else "",
+        "stream": "" if cursor or error else f"/partials/runs/events?{query}",
     }
 
 
 @router.get("/", response_class=HTMLResponse)
-def runs_list(
-    request: Request,
-    status: str | None = None,
-    workflow: str | None = None,
-    cursor: str | None = None,
-) -> HTMLResponse:
+def runs_list(request: Request, cursor: str | None = None) -> HTMLResponse:
     engine, _ = _guard(request)
-    return _render(request, "runs.html", page="runs", **runs_page(engine, status, workflow, cursor))
+    notice = {k: int(v) for k, v in request.query_params.items() if k in NOTICES and v.isdigit()}
+    context = runs_page(engine, Filters.of(request.query_params), cursor)
+    return _render(request, "runs.html", page="runs", notice=notice, **context)
+
+
+# bulk actions -----------------------------------------------------------------------------
+NOTICES = ("cancelled", "replayed")
+
+
+def _bulk_target(form: Mapping[str, Any], now: float) -> tuple[RunFilter, Filters, int]:
+    """The selected runs (`ids`), or else the filter; refuses neither (every run)."""
+    filters = Filters.of(form)
+    ids = tuple(str(i) for i in form.getlist("ids")) if hasattr(form, "getlist") else ()
+    if ids:
+        return RunFilter(ids=ids), filters, len(ids)
+    f = filters.run_filter(now)
+    if f.empty:
+        raise InputInvalid("runs", "select runs or set a filter first: no bulk action on every run")
+    return f, filters, 0
+
+
+@router.post("/runs/bulk")
+async def bulk(request: Request) -> Response:
+    """Cancel or replay the selected runs, or every run matching the filter: first a page
+    with the count to confirm, then (with `confirmed`) the action, in batches."""
+    form = await request.form()
+    engine = _guard_post(request, str(form.get("csrf", "")))
+    action = str(form.get("action", ""))
+    if action not in ("cancel", "replay"):
+        raise InputInvalid("action", "must be cancel or replay")
+    target, filters, picked = _bulk_target(form, time.time())
+    if form.get("confirmed") != "yes":
+        count = (
+            engine.count_cancellable(target) if action == "cancel" else engine.count_runs(target)
+        )
+        return _render(
+            request,
+            "bulk.html",
+            page="runs",
+            action=action,
+            count=count,
+            picked=picked,
+            ids=list(target.ids),
+            f=filters,
+            back="/?" + urlencode(filters.query()),
+        )
+    if action == "cancel":
+        done = {"cancelled": engine.cancel_runs(target)}
+    else:
+        done = {"replayed": len(engine.replay_runs(target))}
+    return RedirectResponse("/?" + urlencode([*filters.query(), *done.items()]), 303)
 
 
 # change streams ---------------------------------------------------------------------------
-async def _changes(
-    request: Request, fingerprint: Callable[[], Any], ended: Callable[[Any], bool]
-) -> AsyncIterator[str]:
-    """`event: <name>` each time `fingerprint()` changes, `event: end` once `ended` says so;
-    the stream closes after STREAM_SECONDS (the browser's EventSource reconnects), so a
-    server asked to stop never waits long for an open page."""
+async def _changes(request: Request, fingerprint: Callable[[], Any]) -> AsyncIterator[str]:
+    """`event: run` each time `fingerprint()` changes. The stream closes after
+    STREAM_SECONDS (the browser's EventSource reconnects at once), so a server asked to
+    stop never waits long for an open page."""
     yield "retry: 1000\n\n"
     last = await run_in_threadpool(fingerprint)
-    if ended(last):
-        yield "event: end\ndata: {}\n\n"
-        return
     deadline = time.monotonic() + STREAM_SECONDS
     while time.monotonic() < deadline:
         await asyncio.sleep(CHECK_SECONDS)
         if await request.is_disconnected():
             return
-        now = await run_in_threadpool(fingerprint)
-        if now != last:
-            last = now
+        current = await run_in_threadpool(fingerprint)
+        if current != last:
+            last = current
             yield "event: run\ndata: {}\n\n"
-            if ended(now):
-                yield "event: end\ndata: {}\n\n"
-                return
     yield ": reconnect\n\n"
 
 
@@ -133,36 +239,16 @@ def _stream(events: AsyncIterator[str]) -> StreamingResponse:
 
 
 @router.get("/partials/runs/events")
-def runs_events(
-    request: Request, status: str | None = None, workflow: str | None = None
-) -> StreamingResponse:
+def runs_events(request: Request) -> StreamingResponse:
     """Tells the runs page that its first page changed (a run added, moved or finished)."""
     engine, _ = _guard(request)
-    wanted = RunStatus(status) if status in {s.value for s in RunStatus} else None
+    filters = Filters.of(request.query_params)
+    f = filters.run_filter(time.time())  # relative bounds fixed when the page was opened
 
     def fingerprint() -> Any:
-        runs = engine.store.list_runs(wanted, workflow or None, PAGE)
-        return [(r.id, r.status.value, r.updated_at) for r in runs]
+        return [(r.id, r.status.value, r.updated_at) for r in engine.list_runs(f, PAGE)]
 
-    return _stream(_changes(request, fingerprint, lambda _: False))
-
-
-@router.get("/partials/runs/{run_id}/events")
-def run_events(request: Request, run_id: str) -> StreamingResponse:
-    """Tells a run's page that the run changed (status, step, a new log line); ends with it."""
-    engine, _ = _guard(request)
-    engine.store.get_run(run_id)  # 404 for an unknown run
-
-    newest_log = 0
-
-    def fingerprint() -> Any:
-        nonlocal newest_log
-        run = engine.store.get_run(run_id)
-        logs = engine.store.get_logs(run_id, newest_log, 1000)
-        newest_log = logs[-1].id if logs else newest_log
-        return (run.status.value, run.updated_at, newest_log, run.finished)
-
-    return _stream(_changes(request, fingerprint, lambda f: bool(f[3])))
+    return _stream(_changes(request, fingerprint))
 
 
 # queues -----------------------------------------------------------------------------------
@@ -170,3 +256,24 @@ def run_events(request: Request, run_id: str) -> StreamingResponse:
 def queues(request: Request) -> HTMLResponse:
     engine, _ = _guard(request)
     return _render(request, "queues.html", page="queues", queues=engine.store.queue_stats())
+
+
+@router.post("/queues/pause")
+def pause_queue(request: Request, queue: str = Form(""), csrf: str = Form("")) -> Response:
+    """A paused queue keeps its runs queued and starts none until resumed."""
+    engine = _guard_post(request, csrf)
+    engine.pause_queue(_known_queue(engine, queue))
+    return RedirectResponse("/queues", 303)
+
+
+@router.post("/queues/resume")
+def resume_queue(request: Request, queue: str = Form(""), csrf: str = Form("")) -> Response:
+    engine = _guard_post(request, csrf)
+    engine.resume_queue(_known_queue(engine, queue))
+    return RedirectResponse("/queues", 303)
+
+
+def _known_queue(engine: Engine, name: str) -> str:
+    if name not in {q["name"] for q in engine.store.queue_stats()}:
+        raise NotFound(f"no queue is named {name!r}")
+    return name

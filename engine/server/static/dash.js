@@ -23,7 +23,7 @@
   }
   setInterval(refreshTimes, 10000);
 
-  // bulk selection on the runs page: the count on the buttons, "select all" on the page
+  // bulk selection on the runs page: what the bulk buttons act on, "select all" on the page
   function selection() {
     const form = document.getElementById("bulk");
     if (!form) return;
@@ -31,10 +31,12 @@
     const picked = [...boxes].filter((b) => b.checked).length;
     const all = document.getElementById("pick-all");
     if (all) all.checked = boxes.length > 0 && picked === boxes.length;
+    const filtered = form.dataset.total !== "";
     const total = Number(form.dataset.total || 0);
-    const scope = picked ? picked + " selected" : "all " + total + " matching the filter";
-    form.dataset.picked = String(picked);
+    const scope = picked ? picked + " selected"
+      : filtered ? "all " + total + " matching the filter" : "select runs, or filter them";
     document.getElementById("bulk-scope").textContent = scope;
+    for (const b of form.querySelectorAll("button")) b.disabled = !picked && !filtered;
   }
   document.addEventListener("change", (e) => {
     const t = e.target;
@@ -42,16 +44,6 @@
       for (const b of document.querySelectorAll("input.pick")) b.checked = t.checked;
     }
     if (t && (t.id === "pick-all" || (t.classList && t.classList.contains("pick")))) selection();
-  });
-  document.addEventListener("submit", (e) => {
-    const form = e.target;
-    if (!form || form.id !== "bulk") return;
-    const action = e.submitter ? e.submitter.value : "cancel";
-    const picked = Number(form.dataset.picked || 0);
-    const count = picked || Number(form.dataset.total || 0);
-    const what = picked ? count + " selected run" + (count === 1 ? "" : "s")
-                        : "all " + count + " run" + (count === 1 ? "" : "s") + " matching the filter";
-    if (!window.confirm(action[0].toUpperCase() + action.slice(1) + " " + what + "?")) e.preventDefault();
   });
   document.addEventListener("click", (e) => {
     const b = e.target.closest ? e.target.closest("button[data-confirm]") : null;
@@ -89,20 +81,46 @@
     if (pending) return;
     pending = setTimeout(() => { pending = null; refreshPage(); }, 250);
   }
-  function listen(url, onEnd) {
+  function status(text, state) {
     const live = document.getElementById("live");
-    const source = new EventSource(url, { withCredentials: true });
-    const changed = () => soon();
-    for (const name of ["run", "step", "log", "rows"]) source.addEventListener(name, changed);
-    source.addEventListener("end", () => { source.close(); soon(); if (onEnd) onEnd(); });
-    source.onopen = () => { if (live) { live.textContent = "live"; live.dataset.state = "open"; } };
-    source.onerror = () => { if (live) { live.textContent = "reconnecting…"; live.dataset.state = "error"; } };
-    return source;
+    if (live) { live.textContent = text; live.dataset.state = state; }
   }
-  window.durableYaml = { listen, refreshPage, refreshTimes, selection };
+  // the runs page: its own change stream says "the first page changed"
+  function listenRows(url) {
+    const source = new EventSource(url, { withCredentials: true });
+    source.addEventListener("run", soon);
+    source.onopen = () => status("live", "open");
+    source.onerror = () => status("reconnecting…", "error");
+  }
+  // a run's page: GET /api/runs/{id}/events sends the run, each step and each log line;
+  // the page refreshes when one differs from what it shows
+  function listenRun(url) {
+    const source = new EventSource(url, { withCredentials: true });
+    const shown = (sel, attr) => { const el = document.querySelector(sel); return el ? el.dataset[attr] : null; };
+    source.addEventListener("run", (e) => {
+      const r = JSON.parse(e.data);
+      const sig = [r.status, r.current_step || "", r.finished_at || ""].join("|");
+      if (sig !== shown("#run-page", "sig")) soon();
+    });
+    source.addEventListener("step", (e) => {
+      const st = JSON.parse(e.data);
+      const sig = st.status + ":" + st.attempts;
+      const el = document.querySelector('tr.step[data-step="' + CSS.escape(st.id) + '"]');
+      if (!el || el.dataset.sig !== sig) soon();
+    });
+    source.addEventListener("log", (e) => {
+      const id = Number(e.lastEventId || 0);
+      if (id > Number(shown("#run-page", "lastLog") || 0)) soon();
+    });
+    source.addEventListener("end", () => { source.close(); status("", "closed"); soon(); });
+    source.onopen = () => status("live", "open");
+    source.onerror = () => status("reconnecting…", "error");
+  }
+  window.durableYaml = { refreshPage, refreshTimes, selection };
   document.addEventListener("DOMContentLoaded", () => {
     selection();
-    const stream = document.body.dataset.stream;
-    if (stream) listen(stream);
+    const b = document.body.dataset;
+    if (b.runStream) listenRun(b.runStream);
+    else if (b.stream) listenRows(b.stream);
   });
 })();
