@@ -38,6 +38,7 @@ from .errors import ConfigError, EngineError, NestedTooDeep, NotFound, PayloadIn
 from .inputs import InputInvalid, TooLong, check_json, check_text
 from .models import Emission, Lease, NewEvent, NewRun, QueueLimits, Run, RunStatus, Sent
 from .operations import Operations, check_tags, check_ttl
+from .pauses import pause_point
 from .registry import import_modules, registered_names
 from .runner import Reporter, Runner, new_run_id
 from .settings import Settings, resolve_settings
@@ -447,6 +448,7 @@ class Engine(Operations):
             raise EngineError(
                 f"run {run_id} failed outside its steps ({run.error}); replay it instead"
             )
+        pause_point("service.resume.checked")
         lease = Lease(owner="dashboard-resume", host="", pid=0, seconds=0.0)
         return self.store.reopen_failed_run(run_id, step, lease, self.store.now())
 

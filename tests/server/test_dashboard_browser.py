@@ -91,6 +91,21 @@ def test_every_page_fits_a_phone_and_a_desktop(
     phone.goto(f"{base}/runs/{done}")
     out = phone.locator("#output").bounding_box()
     assert out is not None and out["width"] > 300 and out["x"] + out["width"] <= 390
+    # every diagram label fits its box; retries and waits are drawn
+    desktop.goto(base + "/workflows")
+    misfits = desktop.evaluate(
+        """[...document.querySelectorAll("svg.machine g.state")].filter((g) => {
+             const room = g.querySelector("rect").width.baseVal.value - 10
+               - (g.classList.contains("wait") ? 26 : 0);
+             return g.querySelector("text.label").getComputedTextLength() > room;
+           }).map((g) => g.dataset.step)"""
+    )
+    assert misfits == []
+    boom = desktop.locator("#wf-boom svg.machine")
+    expect(boom.locator("g.state[data-step='call_upstream'] path.retry-loop")).to_have_count(1)
+    expect(boom.locator("g.state[data-step='call_upstream'] .retry-count")).to_have_text("\u00d72")
+    expect(boom.locator("g.state[data-step='tell_someone'] path.retry-loop")).to_have_count(0)
+    expect(desktop.locator("#wf-review g.state.wait[data-step='approval'] .clock")).to_have_count(1)
     # the workers page lists the live worker with its heartbeat
     desktop.goto(base + "/workers")
     expect(desktop.locator("tr.worker")).to_have_count(1)
