@@ -4,6 +4,7 @@ for, and the change streams (Server-Sent Events) that tell an open page to refre
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -133,9 +134,9 @@ def runs_page(engine: Engine, filters: Filters, cursor: str | None) -> dict[str,
         f = filters.run_filter(now)
         before = decode_cursor(cursor) if cursor else None
         runs = engine.list_runs(f, PAGE + 1, before)
-        total = engine.count_runs(f) if not f.empty else None
+        filtered = not f.empty  # counted only on the bulk confirmation: a count costs
     except EngineError as exc:
-        error, runs, total = str(exc), [], 0
+        error, runs, filtered = str(exc), [], False
     page = runs[:PAGE]
     older = None
     if len(runs) > PAGE:
@@ -143,11 +144,12 @@ def runs_page(engine: Engine, filters: Filters, cursor: str | None) -> dict[str,
         older = urlencode([*filters.query(), ("cursor", cursor_value)])
     query = urlencode(filters.query())
     return {
+        "seen": seen(page),
         "runs": [_row(engine, r, now) for r in page],
         "older": older,
         "f": filters,
         "filters": filters.query(),
-        "total": total,
+        "filtered": filtered,
         "error": error,
         "statuses": [s.value for s in RunStatus],
         "workflows": sorted(engine.catalog.workflows),
@@ -212,12 +214,23 @@ async def bulk(request: Request) -> Response:
 
 
 # change streams ---------------------------------------------------------------------------
-async def _changes(request: Request, fingerprint: Callable[[], Any]) -> AsyncIterator[str]:
-    """`event: run` each time `fingerprint()` changes. The stream closes after
-    STREAM_SECONDS (the browser's EventSource reconnects at once), so a server asked to
-    stop never waits long for an open page."""
+def seen(runs: list[Run]) -> str:
+    """What a page of runs looks like, in a few characters: it changes when a run of it
+    is added, removed or updated."""
+    shown = "|".join(f"{r.id}:{r.status.value}:{r.updated_at!r}" for r in runs)
+    return hashlib.sha1(shown.encode()).hexdigest()[:16]
+
+
+async def _changes(
+    request: Request, fingerprint: Callable[[], str], shown: str
+) -> AsyncIterator[str]:
+    """`event: run` each time `fingerprint()` changes, at once if it is not what the page
+    `shown`. The stream closes after STREAM_SECONDS (the page opens it again, with what it
+    shows then), so a server asked to stop never waits long for an open page."""
     yield "retry: 1000\n\n"
     last = await run_in_threadpool(fingerprint)
+    if shown and last != shown:
+        yield "event: run\ndata: {}\n\n"
     deadline = time.monotonic() + STREAM_SECONDS
     while time.monotonic() < deadline:
         await asyncio.sleep(CHECK_SECONDS)
@@ -245,10 +258,10 @@ def runs_events(request: Request) -> StreamingResponse:
     filters = Filters.of(request.query_params)
     f = filters.run_filter(time.time())  # relative bounds fixed when the page was opened
 
-    def fingerprint() -> Any:
-        return [(r.id, r.status.value, r.updated_at) for r in engine.list_runs(f, PAGE)]
+    def fingerprint() -> str:
+        return seen(engine.list_runs(f, PAGE))
 
-    return _stream(_changes(request, fingerprint))
+    return _stream(_changes(request, fingerprint, request.query_params.get("seen", "")))
 
 
 # queues -----------------------------------------------------------------------------------

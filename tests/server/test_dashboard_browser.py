@@ -223,7 +223,7 @@ def test_tag_search_and_bulk_cancel(stack: tuple[str, Engine], phone: Any) -> No
         other: RunStatus.QUEUED,
     }
     # nothing selected: the filter's active runs (one left), after confirming
-    expect(page.locator("#bulk-scope")).to_have_text("all 3 matching the filter")
+    expect(page.locator("#bulk-scope")).to_have_text("all runs matching the filter")
     page.click("#bulk-cancel")
     expect(page.locator("#bulk-count")).to_contain_text("1 run matching")
     page.click("#confirm")

@@ -31,10 +31,9 @@
     const picked = [...boxes].filter((b) => b.checked).length;
     const all = document.getElementById("pick-all");
     if (all) all.checked = boxes.length > 0 && picked === boxes.length;
-    const filtered = form.dataset.total !== "";
-    const total = Number(form.dataset.total || 0);
+    const filtered = form.dataset.filtered === "yes";
     const scope = picked ? picked + " selected"
-      : filtered ? "all " + total + " matching the filter" : "select runs, or filter them";
+      : filtered ? "all runs matching the filter" : "select runs, or filter them";
     document.getElementById("bulk-scope").textContent = scope;
     for (const b of form.querySelectorAll("button")) b.disabled = !picked && !filtered;
   }
@@ -85,36 +84,58 @@
     const live = document.getElementById("live");
     if (live) { live.textContent = text; live.dataset.state = state; }
   }
-  // the runs page: its own change stream says "the first page changed"
+  // the runs page: its own change stream says "the first page changed"; the server closes
+  // it every few seconds and the page opens it again with what it shows now (data-seen)
+  let failures = 0;
   function listenRows(url) {
-    const source = new EventSource(url, { withCredentials: true });
+    const rows = document.getElementById("rows");
+    const u = new URL(url, location.href);
+    u.searchParams.set("seen", rows ? rows.dataset.seen || "" : "");
+    const source = new EventSource(u.toString(), { withCredentials: true });
     source.addEventListener("run", soon);
-    source.onopen = () => status("live", "open");
-    source.onerror = () => status("reconnecting…", "error");
+    source.onopen = () => { failures = 0; status("live", "open"); };
+    source.onerror = () => {  // also the server's planned close: reopen, say so if it fails
+      source.close();
+      if (++failures > 1) status("reconnecting…", "error");
+      setTimeout(() => listenRows(url), failures > 1 ? 3000 : 200);
+    };
   }
   // a run's page: GET /api/runs/{id}/events sends the run, each step and each log line;
-  // the page refreshes when one differs from what it shows
+  // the page refreshes when one differs from what it shows. The page reopens the stream
+  // every ROTATE_MS (from the newest line seen), so a server asked to stop waits for it
+  // at most that long.
+  const ROTATE_MS = 15000;
   function listenRun(url) {
-    const source = new EventSource(url, { withCredentials: true });
     const shown = (sel, attr) => { const el = document.querySelector(sel); return el ? el.dataset[attr] : null; };
-    source.addEventListener("run", (e) => {
-      const r = JSON.parse(e.data);
-      const sig = [r.status, r.current_step || "", r.finished_at || ""].join("|");
-      if (sig !== shown("#run-page", "sig")) soon();
-    });
-    source.addEventListener("step", (e) => {
-      const st = JSON.parse(e.data);
-      const sig = st.status + ":" + st.attempts;
-      const el = document.querySelector('tr.step[data-step="' + CSS.escape(st.id) + '"]');
-      if (!el || el.dataset.sig !== sig) soon();
-    });
-    source.addEventListener("log", (e) => {
-      const id = Number(e.lastEventId || 0);
-      if (id > Number(shown("#run-page", "lastLog") || 0)) soon();
-    });
-    source.addEventListener("end", () => { source.close(); status("", "closed"); soon(); });
-    source.onopen = () => status("live", "open");
-    source.onerror = () => status("reconnecting…", "error");
+    let newest = Number(shown("#run-page", "lastLog") || 0);
+    let ended = false;
+    const open = () => {
+      const u = new URL(url, location.href);
+      u.searchParams.set("after", String(Math.max(newest, Number(u.searchParams.get("after") || 0))));
+      const source = new EventSource(u.toString(), { withCredentials: true });
+      const rotate = setTimeout(() => { source.close(); if (!ended) open(); }, ROTATE_MS);
+      source.addEventListener("run", (e) => {
+        const r = JSON.parse(e.data);
+        const sig = [r.status, r.current_step || "", r.finished_at || ""].join("|");
+        if (sig !== shown("#run-page", "sig")) soon();
+      });
+      source.addEventListener("step", (e) => {
+        const st = JSON.parse(e.data);
+        const el = document.querySelector('tr.step[data-step="' + CSS.escape(st.id) + '"]');
+        if (!el || el.dataset.sig !== st.status + ":" + st.attempts) soon();
+      });
+      source.addEventListener("log", (e) => {
+        const id = Number(e.lastEventId || 0);
+        if (id > newest) newest = id;
+        if (id > Number(shown("#run-page", "lastLog") || 0)) soon();
+      });
+      source.addEventListener("end", () => {
+        ended = true; clearTimeout(rotate); source.close(); status("", "closed"); soon();
+      });
+      source.onopen = () => status("live", "open");
+      source.onerror = () => status("reconnecting…", "error");
+    };
+    open();
   }
   window.durableYaml = { refreshPage, refreshTimes, selection };
   document.addEventListener("DOMContentLoaded", () => {
