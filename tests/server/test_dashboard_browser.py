@@ -213,6 +213,7 @@ def test_tag_search_and_bulk_cancel(stack: tuple[str, Engine], phone: Any) -> No
     expect(page.locator("#bulk-scope")).to_have_text("2 selected")
     page.click("#bulk-cancel")
     expect(page.locator("h1")).to_have_text("Cancel 2 runs?")
+    _fits(page)
     page.click("#confirm")
     expect(page.locator("#notice")).to_have_text("Cancelled 2 runs.")
     status = {i: engine.store.get_run(i).status for i in [*acme, other]}
