@@ -34,7 +34,7 @@ from .rendering import (
     templates,
 )
 from .security import COOKIE, Keys
-from .ui import FINISHED, form_fields, payload_from_form, step_status, waiting_for
+from .ui import form_fields, payload_from_form, step_status, waiting_for
 
 __all__ = ["LoginRequired", "_render", "router", "templates"]
 
@@ -291,4 +291,4 @@ def workers(request: Request) -> HTMLResponse:
         }
         for w in engine.store.list_workers(now)
     ]
-    return _render(request, "workers.html", page="workers", workers=rows, finished=FINISHED)
+    return _render(request, "workers.html", page="workers", workers=rows)

@@ -231,3 +231,24 @@ def test_diagram_boxes_fit_their_labels() -> None:
     review = engine.workflow("review")
     assert 'class="state wait"' in machine_svg(review)
     assert "timeout 1h" in _box_label(review.state("approval"))
+
+
+def test_the_runs_change_stream_needs_a_session_and_says_what_changed(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from engine.server import dashboard_runs
+
+    monkeypatch.setattr(dashboard_runs, "STREAM_SECONDS", 1.0)
+    client = TestClient(create_app(engine, "k3y", port=8080), base_url=BASE)
+    refused = client.get("/partials/runs/events", follow_redirects=False)
+    assert refused.status_code == 303 and refused.headers["location"] == "/login"
+    client.post("/login", data={"key": "k3y"}, headers={"origin": BASE})
+    page = client.get("/?workflow=later")
+    shown = re.search(r'data-seen="([0-9a-f]+)"', page.text)
+    assert shown
+    quiet = client.get(f"/partials/runs/events?workflow=later&seen={shown.group(1)}")
+    assert quiet.headers["content-type"].startswith("text/event-stream")
+    assert "event: run" not in quiet.text  # nothing changed since the page was rendered
+    engine.trigger("later", {}, delay=3600)
+    moved = client.get(f"/partials/runs/events?workflow=later&seen={shown.group(1)}")
+    assert moved.text.count("event: run") == 1  # at once: the page is behind
