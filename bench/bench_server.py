@@ -82,7 +82,7 @@ def build(url: str, runs: int, logs: int) -> tuple[TestClient, str]:
         with engine.store.engine.connect() as c:
             c.execute(sa.text("ANALYZE"))
             c.commit()
-    return TestClient(create_app(engine, None)), run_id
+    return TestClient(create_app(engine, None), base_url="http://127.0.0.1"), run_id
 
 
 def timed(client: TestClient, path: str, n: int = 30) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import importlib
 import inspect
@@ -37,24 +38,41 @@ _LEVELS = {
     logging.ERROR: "error",
     logging.CRITICAL: "error",
 }
+_NUMERIC = {name: number for number, name in _LEVELS.items() if number != logging.CRITICAL}
+_step_log = logging.getLogger("durable_yaml.step")
 
 
 class StepLogger:
-    """A logger whose records are persisted with the run (with step and attempt)."""
+    """A logger whose records are persisted with the run (with step and attempt).
+
+    Each record also goes, as it is written, to `listener` (the foreground `run` shows it)
+    and to the Python logger `durable_yaml.step` with `run_id`, `step_id` and `attempt` in
+    its `extra` (a worker's own log output)."""
 
     def __init__(
         self,
         step_key: str | None = None,
         attempt: int | None = None,
         _shared: tuple[threading.Lock, list[NewLog]] | None = None,
+        *,
+        run_id: str | None = None,
+        listener: Callable[[NewLog], None] | None = None,
     ) -> None:
         self.step_key = step_key
         self.attempt = attempt
+        self.run_id = run_id
+        self.listener = listener
         self._lock, self._buffer = _shared or (threading.Lock(), [])
 
     def bind(self, step_key: str, attempt: int) -> StepLogger:
         """A logger for one attempt that writes into this logger's buffer."""
-        return StepLogger(step_key, attempt, (self._lock, self._buffer))
+        return StepLogger(
+            step_key,
+            attempt,
+            (self._lock, self._buffer),
+            run_id=self.run_id,
+            listener=self.listener,
+        )
 
     def log(
         self,
@@ -69,6 +87,25 @@ class StepLogger:
         entry = NewLog(name, text, self.step_key, self.attempt, _jsonable(extra), time.time())
         with self._lock:
             self._buffer.append(entry)
+        _step_log.log(
+            _NUMERIC.get(name, logging.INFO),
+            "%s",
+            text,
+            extra={
+                "run_id": self.run_id,
+                "step_id": self.step_key,
+                "attempt": self.attempt,
+                "fields": entry.extra,
+            },
+        )
+        if self.listener is not None:
+            self.listener(entry)
+
+    @property
+    def pending(self) -> bool:
+        """Whether records wait to be written to the store."""
+        with self._lock:
+            return bool(self._buffer)
 
     def debug(self, message: str, *args: Any, **kw: Any) -> None:
         self.log("debug", message, *args, **kw)
@@ -209,7 +246,12 @@ class RegisteredStep:
             except BaseException as exc:  # re-raised in the caller's thread
                 box["error"] = exc
 
-        worker = threading.Thread(target=target, name=f"step:{self.name}", daemon=True)
+        worker = threading.Thread(  # in this context: the attempt's span and run ids
+            target=contextvars.copy_context().run,
+            args=(target,),
+            name=f"step:{self.name}",
+            daemon=True,
+        )
         worker.start()
         worker.join(timeout)
         if worker.is_alive():

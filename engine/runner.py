@@ -35,6 +35,7 @@ from .models import (
     StepStatus,
     Transition,
 )
+from .observe import observed_attempt
 from .pauses import pause_point
 from .registry import StepLogger
 from .store import Store
@@ -54,6 +55,7 @@ __all__ = [
 log = logging.getLogger("durable_yaml.runner")
 MAX_INTERRUPTIONS = 3  # extra attempts granted to a step whose process died mid-attempt
 TIMER_KINDS = ("wait", "wait_until")
+LOG_FLUSH_SECONDS = 0.5  # a step's log lines reach the store this soon (with a heartbeat)
 
 
 def new_run_id() -> str:
@@ -105,8 +107,10 @@ class _Live:
 
 class _Heartbeats:
     """Extends the leases of the runs being driven in this process and flushes their step
-    logs, each a third of its lease after the last beat. One daemon thread per process,
-    however many runners: a runner that ends leaves nothing behind."""
+    logs, each a third of its lease after the last beat, or `LOG_FLUSH_SECONDS` after it
+    when log lines wait (so `runs logs --follow` and the SSE stream see them while the step
+    works). One daemon thread per process, however many runners: a runner that ends
+    leaves nothing behind."""
 
     _shared: _Heartbeats | None = None
     _shared_lock = threading.Lock()
@@ -149,7 +153,10 @@ class _Heartbeats:
             time.sleep(0.5)
             with self._lock:
                 due = [
-                    w for w in self._watched.values() if time.monotonic() - w[4] >= w[1].seconds / 3
+                    w
+                    for w in self._watched.values()
+                    if time.monotonic() - w[4] >= w[1].seconds / 3
+                    or (w[3].pending and time.monotonic() - w[4] >= LOG_FLUSH_SECONDS)
                 ]
             for store, lease, run_id, logger, _ in due:
                 try:
@@ -253,7 +260,9 @@ class Runner:
 
     # the loop ---------------------------------------------------------------------------
     def _drive(self, live: _Live) -> Run:
-        logger = StepLogger()
+        logger = StepLogger(
+            run_id=live.run.id, listener=getattr(self.reporter, "log_written", None)
+        )
         self._heartbeats.watch(self.store, self.lease, live.run.id, logger)
         try:
             while not live.run.finished and live.run.lease_owner == self.lease.owner:
@@ -307,7 +316,9 @@ class Runner:
             )
         else:
             self.reporter.step_started(run, state, attempt)
-            outcome = self._attempt(live, state, attempt, logger, now)
+            with observed_attempt(run, state, attempt) as ended:
+                outcome = self._attempt(live, state, attempt, logger, now)
+                ended(outcome, self.clock() - now)
         elapsed = self.clock() - now
         self.reporter.step_ended(run, state, attempt, outcome, elapsed)
         transition = self._decide(live, state, attempt, now, outcome, logger, elapsed)

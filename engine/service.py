@@ -33,10 +33,12 @@ from dsl.limits import (
     WORKFLOW_ID_MAX,
 )
 
+from . import tracing
 from .errors import ConfigError, EngineError, NestedTooDeep, NotFound, PayloadInvalid
 from .inputs import InputInvalid, TooLong, check_json, check_text
-from .models import Emission, NewEvent, NewRun, QueueLimits, Run, RunStatus, Sent
+from .models import Emission, Lease, NewEvent, NewRun, QueueLimits, Run, RunStatus, Sent
 from .operations import Operations, check_tags, check_ttl
+from .pauses import pause_point
 from .registry import import_modules, registered_names
 from .runner import Reporter, Runner, new_run_id
 from .settings import Settings, resolve_settings
@@ -228,8 +230,10 @@ class Engine(Operations):
             key = None if rendered is None else str(rendered)
             check_text(key, "concurrency_key", CONCURRENCY_KEY_MAX, required=False)
         self._save(machine)
+        run_id = run_id or new_run_id()
+        trigger = tracing.run_created(trigger, run_id, machine.workflow_id)
         return NewRun(
-            id=run_id or new_run_id(),
+            id=run_id,
             workflow_id=machine.workflow_id,
             version=machine.version,
             definition_hash=machine.content_hash,
@@ -428,6 +432,25 @@ class Engine(Operations):
                 )
             self.store.reopen_failed_run(run_id, step, runner.lease, self.store.now())
         return runner.drive(run_id)
+
+    def queue_resume(self, run_id: str) -> Run:
+        """Resume a failed run for workers (the dashboard's button): its failed step becomes a
+        due retry under a lease that has already expired, so the next worker to claim takes
+        it. The store reopens it only if it is still failed (under the run's lock): a second
+        click, or a resume in a terminal in between, finds it reopened and changes nothing."""
+        run = self.store.get_run(run_id)
+        if run.status != RunStatus.FAILED:
+            raise EngineError(f"run {run_id} is {run.status.value}; only a failed run resumes")
+        machine = Machine.from_json(self.store.load_definition(run.definition_hash))
+        failed = {s.step_key for s in self.store.get_steps(run_id) if s.status.value == "failed"}
+        step = next((s.id for s in machine.main_states() if s.id in failed), None)
+        if step is None:
+            raise EngineError(
+                f"run {run_id} failed outside its steps ({run.error}); replay it instead"
+            )
+        pause_point("service.resume.checked")
+        lease = Lease(owner="dashboard-resume", host="", pid=0, seconds=0.0)
+        return self.store.reopen_failed_run(run_id, step, lease, self.store.now())
 
     def _replay(self, run_id: str) -> tuple[Machine, NewRun]:
         """A new run with the same payload, on the workflow's current definition if it is in

@@ -118,6 +118,7 @@ def _attempt(a: Attempt) -> dict[str, Any]:
 def log_view(entry: LogEntry) -> dict[str, Any]:
     return {
         "id": entry.id,
+        "run_id": entry.run_id,
         "time": iso(entry.created_at),
         "level": entry.level,
         "step": entry.step_key,

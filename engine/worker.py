@@ -30,6 +30,7 @@ from types import FrameType
 from typing import Any
 
 from .errors import DatabaseError, EngineError, LeaseLost, RunBusy, ValueNotStorable
+from .metrics import observe_claim
 from .models import Lease, Run, RunStatus, Transition, WorkerInfo
 from .pauses import pause_point
 from .runner import Runner
@@ -203,7 +204,9 @@ class Worker:
             try:
                 pause_point("worker.claim")
                 claimed_at = store.now()
+                began = time.monotonic()
                 run = store.claim_next_run(lease, claimed_at, self.queues)
+                observe_claim(run is not None, time.monotonic() - began)
             except Exception as exc:
                 log.error("claiming failed: %s", exc, exc_info=not isinstance(exc, EngineError))
                 self._idle(self.poll_interval, seen)

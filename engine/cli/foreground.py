@@ -6,86 +6,16 @@ import json
 import shlex
 import sys
 import time
-from typing import Any
 
 import click
-
-from dsl import State
 
 from ..durations import to_seconds
 from ..inputs import parse_json
 from ..models import Run, RunStatus
 from ..service import Engine
 from ..settings import resolve_settings
-from ..transitions import Done, Failed, Outcome, Skipped, Suspended
-from ..views import iso
 from .common import EXIT_WAITING, _engine, _read_payload, cli, settings_options
-
-
-class LiveReporter:
-    """Shows each step as it goes: attempt, duration, outcome."""
-
-    def __init__(self) -> None:
-        self.width = 18
-
-    def run_started(self, run: Run) -> None:
-        click.echo(f"run {run.id} of {run.workflow_id} v{run.version}")
-
-    def step_started(self, run: Run, state: State, attempt: int) -> None:
-        pass
-
-    def step_ended(
-        self, run: Run, state: State, attempt: int, outcome: Outcome, seconds: float
-    ) -> None:
-        took = f"{seconds * 1000:.0f}ms" if seconds < 1 else f"{seconds:.1f}s"
-        name = state.id.ljust(self.width)
-        tries = f" (attempt {attempt})" if attempt > 1 else ""
-        if isinstance(outcome, Done):
-            shown = json.dumps(outcome.output, default=str)
-            shown = shown if len(shown) <= 60 else shown[:57] + "..."
-            click.echo(
-                f"  {click.style('✓', fg='green')} {name} {state.kind}{tries} {took}  {shown}"
-            )
-        elif isinstance(outcome, Skipped):
-            click.echo(f"  {click.style('-', fg='yellow')} {name} skipped (when is false)")
-        elif isinstance(outcome, Failed):
-            retry = state.retry
-            more = (
-                " - will retry"
-                if outcome.retryable and retry and attempt < retry.max_attempts
-                else ""
-            )
-            click.echo(
-                f"  {click.style('✗', fg='red')} {name} {state.kind}{tries} {took}  "
-                f"{outcome.error_type}: {outcome.message}{more}"
-            )
-        elif isinstance(outcome, Suspended):
-            pass
-
-    def waiting(
-        self, run: Run, state: State, until: float | None, wait: dict[str, Any] | None
-    ) -> None:
-        name = state.id.ljust(self.width)
-        wait = wait or {}
-        if wait.get("kind") == "token":
-            click.echo(f"  {click.style('…', fg='cyan')} {name} waiting for token {wait['token']}")
-        elif wait.get("kind") == "event":
-            click.echo(
-                f"  {click.style('…', fg='cyan')} {name} waiting for event {wait['event']}"
-                f" matching {json.dumps(wait.get('match') or {})}"
-            )
-        elif wait.get("kind") == "child":
-            click.echo(
-                f"  {click.style('…', fg='cyan')} {name} running child {wait['workflow']} "
-                f"({wait['run_id']})"
-            )
-        elif until is None:
-            click.echo(f"  {click.style('…', fg='cyan')} {name} waiting ({state.label})")
-        else:
-            left = max(0.0, until - time.time())
-            click.echo(
-                f"  {click.style('…', fg='cyan')} {name} waiting {left:.1f}s (until {iso(until)})"
-            )
+from .reporter import LiveReporter
 
 
 def _stop_on_sigterm() -> None:
@@ -160,7 +90,11 @@ def run(
     engine = _engine(db, modules, workflows)
     machine = engine.workflow(workflow)
     _stop_on_sigterm()
-    result = engine.run(machine, data, LiveReporter(), tags=list(tags))
+    reporter = LiveReporter()
+    try:
+        result = engine.run(machine, data, reporter, tags=list(tags))
+    finally:
+        reporter.close()
     _finish(engine, result)
 
 
@@ -175,7 +109,12 @@ def resume(run_id: str, db: str | None, modules: tuple[str, ...], workflows: str
     click.echo(
         f"resuming run {run_id} of {before.workflow_id} v{before.version} at step {before.current_step}"
     )
-    _finish(engine, engine.resume(run_id, LiveReporter()))
+    reporter = LiveReporter()
+    try:
+        result = engine.resume(run_id, reporter)
+    finally:
+        reporter.close()
+    _finish(engine, result)
 
 
 @cli.command()

@@ -38,6 +38,18 @@ from .common import _engine, _json, cli, settings_options
     show_default=True,
     help="How long a run stays leased without a heartbeat (then others take it).",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    metavar="P",
+    help="Serve Prometheus metrics on http://HOST:P/metrics (this worker's own).",
+)
+@click.option(
+    "--metrics-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address of the metrics endpoint (0.0.0.0 for a scraper on another host).",
+)
 @settings_options
 def worker(
     concurrency: int,
@@ -45,6 +57,8 @@ def worker(
     grace: float,
     no_schedules: bool,
     lease_seconds: float,
+    metrics_port: int | None,
+    metrics_host: str,
     db: str | None,
     modules: tuple[str, ...],
     workflows: str | None,
@@ -52,9 +66,13 @@ def worker(
     """Execute queued runs, fire cron schedules and wake timers until stopped."""
     import logging
 
+    from ..tracing import RunContextFilter, StepLogFormatter
     from ..worker import Worker
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(StepLogFormatter())  # a run's records end with [run=... step=...#n]
+    handler.addFilter(RunContextFilter())
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     engine = _engine(db, modules, workflows)
     engine.refresh_catalog()
     w = Worker(
@@ -65,10 +83,27 @@ def worker(
         schedules=not no_schedules,
         lease_seconds=lease_seconds,
     )
+    metrics = None
+    if metrics_port is not None:
+        from ..metrics import serve_metrics
+
+        try:
+            metrics = serve_metrics(engine.store, metrics_host, metrics_port)
+        except OSError as exc:
+            raise click.UsageError(
+                f"--metrics-port {metrics_port}: cannot listen on {metrics_host}:{metrics_port}: "
+                f"{exc.strerror or exc}"
+            ) from None
     click.echo(w.status_line())
+    if metrics is not None:
+        click.echo(f"metrics http://{metrics_host}:{metrics_port}/metrics")
     for p in engine.catalog.problems:
         click.echo(f"  skipped: {p}", err=True)
-    w.run()
+    try:
+        w.run()
+    finally:
+        if metrics is not None:
+            metrics.shutdown()
     click.echo("worker stopped")
 
 

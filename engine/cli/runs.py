@@ -11,12 +11,14 @@ import click
 
 from dsl import DurationError, InstantError, parse_duration, parse_instant
 
+from ..follow import follow_logs
 from ..models import FINISHED_STATUSES, RunFilter, RunStatus
 from ..service import Engine
 from ..settings import resolve_settings
 from ..views import iso, log_view, run_detail, run_summary
 from .common import _engine, _json, cli, settings_options
-from .foreground import LiveReporter, _finish, _stop_on_sigterm
+from .foreground import _finish, _stop_on_sigterm
+from .reporter import LiveReporter
 
 F = TypeVar("F", bound=Callable[..., Any])
 STATUSES = [s.value for s in RunStatus]
@@ -190,22 +192,38 @@ def runs_show(
 
 @runs.command("logs")
 @click.argument("run_id")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="JSON (with --follow: one object a line).")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until the run ends.")
 @settings_options
 def runs_logs(
-    run_id: str, as_json: bool, db: str | None, modules: tuple[str, ...], workflows: str | None
+    run_id: str,
+    as_json: bool,
+    follow: bool,
+    db: str | None,
+    modules: tuple[str, ...],
+    workflows: str | None,
 ) -> None:
     """The logs of a run."""
     engine = Engine(resolve_settings(db=db, workflows=workflows), import_steps=False)
     engine.store.get_run(run_id)
+    if follow:
+        click.echo(f"following run {run_id} until it ends (Ctrl-C stops)", err=True)
+        for entry in follow_logs(engine.store, run_id):
+            view = log_view(entry)
+            click.echo(json.dumps(view, default=str) if as_json else _log_line(view))
+        return
     entries = [log_view(e) for e in engine.store.get_logs(run_id, limit=1_000_000)]
     if as_json:
         _json(entries)
         return
     for e in entries:
-        where = f"{e['step']}#{e['attempt']}" if e["step"] else "-"
-        extra = f"  {json.dumps(e['extra'])}" if e["extra"] else ""
-        click.echo(f"{e['time']}  {e['level']:<7} {where:<20} {e['message']}{extra}")
+        click.echo(_log_line(e))
+
+
+def _log_line(e: dict[str, Any]) -> str:
+    where = f"{e['step']}#{e['attempt']}" if e["step"] else "-"
+    extra = f"  {json.dumps(e['extra'])}" if e["extra"] else ""
+    return f"{e['time']}  {e['level']:<7} {where:<20} {e['message']}{extra}"
 
 
 def _bulk(engine: Engine, ids: tuple[str, ...], filters: dict[str, Any], verb: str) -> RunFilter:
@@ -282,7 +300,12 @@ def runs_replay(
         engine = _engine(db, modules, workflows)
         _stop_on_sigterm()
         click.echo(f"replaying run {run_ids[0]}")
-        _finish(engine, engine.replay(run_ids[0], LiveReporter()))
+        reporter = LiveReporter()
+        try:
+            result = engine.replay(run_ids[0], reporter)
+        finally:
+            reporter.close()
+        _finish(engine, result)
         return
     engine = Engine(resolve_settings(db=db, workflows=workflows), import_steps=False)
     f = _bulk(engine, run_ids, filters, "replay")

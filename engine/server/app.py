@@ -6,20 +6,23 @@ import json
 from typing import Any
 
 import sqlalchemy as sa
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exception_handlers import (
     http_exception_handler,
     request_validation_exception_handler,
 )
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dsl import DslError
 
 from ..errors import EngineError, NotFound
+from ..metrics import build_registry
 from ..service import Engine
-from . import api, dashboard
+from ..tracing import TraceHeaders
+from . import api, dashboard, live
 from .guard import MAX_BODY, Guard
 from .security import Keys
 
@@ -43,8 +46,10 @@ def create_app(
     app.state.engine = engine
     app.state.keys = keys = Keys(api_key, port)
     app.include_router(api.router)
+    app.include_router(live.router)
     app.include_router(dashboard.router)
     app.add_middleware(Guard, keys=keys, max_body=max_body, refusal=_refusal)
+    app.add_middleware(TraceHeaders)
 
     @app.get("/healthz", tags=["health"], summary="Liveness and database reachability")
     def healthz() -> Response:
@@ -54,6 +59,18 @@ def create_app(
         except (EngineError, sa.exc.SQLAlchemyError):
             return JSONResponse({"status": "unavailable", "database": "unreachable"}, 503)
         return JSONResponse({"status": "ok", "database": "ok"})
+
+    registry = build_registry(engine.store)
+
+    @app.get(
+        "/metrics",
+        tags=["health"],
+        summary="Prometheus metrics (text format)",
+        dependencies=[Depends(api.require_key)],
+        response_class=PlainTextResponse,
+    )
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(dashboard.LoginRequired)
     def login_required(request: Request, exc: Exception) -> Response:
@@ -97,7 +114,13 @@ def create_app(
 
 
 def _is_api(path: str) -> bool:
-    return path.startswith("/api") or path in ("/openapi.json", "/docs", "/redoc", "/healthz")
+    return path.startswith("/api") or path in (
+        "/openapi.json",
+        "/docs",
+        "/redoc",
+        "/healthz",
+        "/metrics",
+    )
 
 
 def _error_page(request: Request, status: int, message: str) -> Response:

@@ -1,82 +1,55 @@
-"""The dashboard: server-rendered pages (Jinja2), a little plain JavaScript for live updates,
-forms for cancel, replay and waiting human steps. No build step."""
+"""The dashboard: server-rendered pages (Jinja2), a little plain JavaScript (static/dash.js)
+for relative times, selections and live updates over Server-Sent Events, forms for cancel,
+replay, resume, triggering a run and waiting human steps. No build step.
+
+The runs and queues pages live in `dashboard_runs.py`; this module holds the shared
+rendering, sign-in, a run's page and the workflow pages."""
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import urlencode
 
 from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup
 
-from dsl import render_graph
+from dsl import Machine, render_graph
 from dsl.limits import INT_MAX
 
-from ..errors import ConfigError
+from ..errors import ConfigError, EngineError
 from ..inputs import parse_json
-from ..models import RunStatus
+from ..models import Run
 from ..service import Engine
-from ..views import log_view, run_detail, run_summary, schedule_views
-from .api import decode_cursor, encode_cursor
+from ..views import iso, log_view, run_detail, run_summary, schedule_views
+from . import dashboard_runs
 from .pictures import machine_svg, timeline_svg
-from .security import COOKIE, SESSION_SECONDS, Keys
-
-__all__ = ["router"]
-
-LOG_PAGE = 100  # log lines per run page; "More logs" pages through the rest
-templates = Environment(
-    loader=FileSystemLoader(Path(__file__).parent / "templates"),
-    autoescape=select_autoescape(["html"]),
+from .rendering import (
+    STATIC,
+    LoginRequired,
+    _guard,
+    _guard_post,
+    _render,
+    _set_session,
+    templates,
 )
-templates.filters["json"] = lambda v: json.dumps(v, indent=2, default=str)
-templates.filters["short"] = lambda v: (v or "")[:19].replace("T", " ")
+from .security import COOKIE, Keys
+from .ui import form_fields, payload_from_form, step_status, waiting_for
+
+__all__ = ["LoginRequired", "_render", "router", "templates"]
+
 router = APIRouter(include_in_schema=False)
+router.include_router(dashboard_runs.router)
+LOG_PAGE = 100  # log lines per run page; "More logs" pages through the rest
 
 
-class LoginRequired(Exception):
-    pass
-
-
-def _render(request: Request, name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
-    """Render a page; without an API key a browser's first page starts its session."""
-    keys: Keys = request.app.state.keys
-    cookie = request.cookies.get(COOKIE)
-    fresh = None
-    if not keys.required and not keys.session_ok(cookie):
-        cookie = fresh = keys.new_session()
-    html = templates.get_template(name).render(
-        request=request, csrf=keys.csrf_token(cookie), auth=keys.required, **context
+@router.get("/static/dash.js")
+def script() -> Response:
+    return Response(
+        (STATIC / "dash.js").read_text(encoding="utf-8"),
+        media_type="text/javascript",
+        headers={"cache-control": "no-cache"},
     )
-    response = HTMLResponse(html, status_code)
-    if fresh is not None:
-        _set_session(response, fresh)
-    return response
-
-
-def _set_session(response: Response, value: str) -> None:
-    response.set_cookie(
-        COOKIE, value, max_age=SESSION_SECONDS, httponly=True, samesite="strict", path="/"
-    )
-
-
-def _guard(request: Request) -> tuple[Engine, Keys]:
-    keys: Keys = request.app.state.keys
-    if keys.required and not keys.session_ok(request.cookies.get(COOKIE)):
-        raise LoginRequired()
-    return request.app.state.engine, keys
-
-
-def _guard_post(request: Request, csrf: str) -> Engine:
-    """A form that changes something: its CSRF token must be this session's (any mode)."""
-    engine, keys = _guard(request)
-    if not keys.csrf_ok(request.cookies.get(COOKIE), csrf):
-        raise ConfigError("the form is stale (CSRF token mismatch); reload the page and try again")
-    return engine
 
 
 @router.get("/login", response_class=HTMLResponse)
@@ -104,67 +77,31 @@ def logout(request: Request, csrf: str = Form("")) -> Response:
     return response
 
 
-def _runs_page(
-    engine: Engine, status: str | None, workflow: str | None, cursor: str | None
-) -> dict[str, Any]:
-    wanted = RunStatus(status) if status in {s.value for s in RunStatus} else None
-    before = decode_cursor(cursor) if cursor else None
-    runs = engine.store.list_runs(wanted, workflow or None, 51, before)
-    page = runs[:50]
-    rows = []
-    for r in page:
-        end = r.finished_at or time.time()
-        rows.append(
-            {
-                **run_summary(r),
-                "duration": f"{end - (r.started_at or r.created_at):.1f}s" if r.started_at else "-",
-            }
-        )
-    older = None
-    if len(runs) > 50:
-        older = urlencode(
-            {
-                k: v
-                for k, v in {
-                    "status": status,
-                    "workflow": workflow,
-                    "cursor": encode_cursor(page[-1].created_at, page[-1].id),
-                }.items()
-                if v
-            }
-        )
-    return {
-        "runs": rows,
-        "older": older,
-        "status": status or "",
-        "workflow": workflow or "",
-        "statuses": [s.value for s in RunStatus],
-        "workflows": sorted(engine.catalog.workflows),
-    }
+# a run ------------------------------------------------------------------------------------
+def _waiting(detail: dict[str, Any]) -> dict[str, Any] | None:
+    """The step of a waiting run and what it waits for."""
+    for step in detail["steps"]:
+        if step["status"] in ("waiting", "retrying"):
+            info = waiting_for(step.get("wait"), step.get("wake_at"), step["id"])
+            if step["status"] == "retrying":
+                info = {**info, "text": "a retry", "until_word": "at"}
+            return {**info, **(step.get("wait") or {}), "step": step["id"]}
+    return None
 
 
-@router.get("/", response_class=HTMLResponse)
-def runs_list(
-    request: Request,
-    status: str | None = None,
-    workflow: str | None = None,
-    cursor: str | None = None,
-) -> HTMLResponse:
-    engine, _ = _guard(request)
-    return _render(
-        request, "runs.html", page="runs", **_runs_page(engine, status, workflow, cursor)
-    )
+def _replays(engine: Engine, run: Run) -> list[dict[str, Any]]:
+    """Replays of `run` (newest first) among the 200 runs of its workflow created since it."""
+    later = engine.store.list_runs(workflow_id=run.workflow_id, since=run.created_at, limit=200)
+    return [run_summary(r) for r in later if r.trigger.get("replay_of") == run.id]
 
 
-@router.get("/partials/runs", response_class=HTMLResponse)
-def runs_rows(
-    request: Request,
-    status: str | None = None,
-    workflow: str | None = None,
-    cursor: str | None = None,
-) -> HTMLResponse:
-    engine, _ = _guard(request)
-    return _render(request, "_runs_rows.html", **_runs_page(engine, status, workflow, cursor))
+def _resumable(engine: Engine, run: Run, detail: dict[str, Any]) -> bool:
+    """A failed run whose failure was one of its main steps (what `queue_resume` retries)."""
+    if run.status.value != "failed":
+        return False
+    machine = Machine.from_json(engine.store.load_definition(run.definition_hash))
+    main = {s.id for s in machine.main_states()}
+    return any(s["status"] == "failed" and s["id"] in main for s in detail["steps"])
 
 
 @router.get("/runs/{run_id}", response_class=HTMLResponse)
@@ -174,13 +111,14 @@ def run_page(
     engine, _ = _guard(request)
     run = engine.store.get_run(run_id)
     detail = run_detail(engine.store, run)
+    for step in detail["steps"]:
+        step["sig"] = f"{step['status']}:{step['attempts']}"  # as the event stream sends it
+        step["status"] = step_status(detail["status"], step["status"])
     logs = [log_view(e) for e in engine.store.get_logs(run_id, logs_after, LOG_PAGE + 1)]
     more_logs = logs[LOG_PAGE - 1]["id"] if len(logs) > LOG_PAGE else None
-    waiting = None
-    for step in detail["steps"]:
-        wait = step.get("wait") or {}
-        if step["status"] == "waiting" and wait.get("kind") in ("token", "event"):
-            waiting = {"step": step["id"], **wait}
+    # the newest line this page shows; with more pages, new lines are not on this one
+    last_log = INT_MAX if more_logs else (logs[-1]["id"] if logs else logs_after)
+    waiting = _waiting(detail) if run.status.value == "waiting" else None
     children = [run_summary(c) for c in engine.store.list_runs(parent_run_id=run_id, limit=100)]
     return _render(
         request,
@@ -192,17 +130,15 @@ def run_page(
         logs_after=logs_after,
         waiting=waiting,
         children=children,
+        replay_of=run.trigger.get("replay_of"),
+        replays=_replays(engine, run),
+        resumable=_resumable(engine, run, detail),
         timeline=Markup(timeline_svg(detail)),
         active=not run.finished,
-        version=f"{run.status.value}:{run.updated_at}",
+        last_log=last_log,
+        sig="|".join([detail["status"], detail["current_step"] or "", detail["finished_at"] or ""]),
+        run_stream="" if run.finished else f"/api/runs/{run_id}/events?after={last_log}",
     )
-
-
-@router.get("/partials/runs/{run_id}/version")
-def run_version(request: Request, run_id: str) -> Response:
-    engine, _ = _guard(request)
-    run = engine.store.get_run(run_id)
-    return Response(f"{run.status.value}:{run.updated_at}", media_type="text/plain")
 
 
 @router.post("/runs/{run_id}/cancel")
@@ -216,6 +152,14 @@ def cancel(request: Request, run_id: str, csrf: str = Form("")) -> Response:
 def replay(request: Request, run_id: str, csrf: str = Form("")) -> Response:
     engine = _guard_post(request, csrf)
     return RedirectResponse(f"/runs/{engine.queue_replay(run_id)}", 303)
+
+
+@router.post("/runs/{run_id}/resume")
+def resume(request: Request, run_id: str, csrf: str = Form("")) -> Response:
+    """One more attempt of the failed step, by a worker (after its cause was fixed)."""
+    engine = _guard_post(request, csrf)
+    engine.queue_resume(run_id)
+    return RedirectResponse(f"/runs/{run_id}", 303)
 
 
 @router.post("/runs/{run_id}/respond")
@@ -256,11 +200,12 @@ def respond(
     return RedirectResponse(f"/runs/{run_id}", 303)
 
 
+# workflows --------------------------------------------------------------------------------
 @router.get("/workflows", response_class=HTMLResponse)
 def workflows(request: Request) -> HTMLResponse:
     engine, _ = _guard(request)
     items = [
-        {"machine": m, "svg": Markup(machine_svg(m)), "mermaid": render_graph(m)}
+        {"machine": m, "svg": Markup(machine_svg(m))}
         for m in sorted(engine.catalog.workflows.values(), key=lambda m: m.workflow_id)
     ]
     return _render(
@@ -272,6 +217,59 @@ def workflows(request: Request) -> HTMLResponse:
     )
 
 
+def _workflow_page(
+    request: Request,
+    engine: Engine,
+    machine: Machine,
+    values: dict[str, str] | None = None,
+    error: str | None = None,
+) -> HTMLResponse:
+    fields, rest = form_fields(machine.schema)
+    recent = [run_summary(r) for r in engine.store.list_runs(workflow_id=machine.workflow_id)]
+    return _render(
+        request,
+        "workflow.html",
+        status_code=400 if error else 200,
+        page="workflows",
+        m=machine,
+        svg=Markup(machine_svg(machine)),
+        mermaid=render_graph(machine),
+        fields=fields,
+        rest=rest,
+        values=values or {},
+        error=error,
+        recent=recent[:20],
+        cron=machine.trigger.kind == "cron",
+    )
+
+
+@router.get("/workflows/{workflow_id}", response_class=HTMLResponse)
+def workflow_page(request: Request, workflow_id: str) -> HTMLResponse:
+    engine, _ = _guard(request)
+    return _workflow_page(request, engine, engine.workflow(workflow_id))
+
+
+@router.post("/workflows/{workflow_id}/trigger")
+async def trigger(request: Request, workflow_id: str) -> Response:
+    """Queue a run from the form generated from the workflow's payload schema; a payload
+    the schema refuses re-shows the form with the message and the values typed."""
+    form = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
+    engine = _guard_post(request, form.get("csrf", ""))
+    machine = engine.workflow(workflow_id)
+    fields, rest = form_fields(machine.schema)
+    try:
+        payload = payload_from_form(
+            workflow_id, fields, form, form.get("payload") if rest else None
+        )
+        if machine.trigger.kind == "cron" and payload == {} and not fields:
+            payload = None  # the cron payload a scheduled fire would get
+        tags = form.get("tags", "").replace(",", " ").split()
+        sent = engine.trigger(workflow_id, payload, tags=tags or None)
+    except EngineError as exc:
+        return _workflow_page(request, engine, machine, form, str(exc))
+    return RedirectResponse(f"/runs/{sent.run_ids[0]}", 303)
+
+
 @router.get("/schedules", response_class=HTMLResponse)
 def schedules(request: Request) -> HTMLResponse:
     engine, _ = _guard(request)
@@ -280,7 +278,17 @@ def schedules(request: Request) -> HTMLResponse:
     )
 
 
-@router.get("/queues", response_class=HTMLResponse)
-def queues(request: Request) -> HTMLResponse:
+@router.get("/workers", response_class=HTMLResponse)
+def workers(request: Request) -> HTMLResponse:
     engine, _ = _guard(request)
-    return _render(request, "queues.html", page="queues", queues=engine.store.queue_stats())
+    now = engine.store.now()
+    rows = [
+        {
+            **w,
+            "started": iso(w["started_at"]),
+            "heartbeat": iso(w["heartbeat_at"]),
+            "stale_in": max(0.0, w["heartbeat_at"] + w["lease_seconds"] - now),
+        }
+        for w in engine.store.list_workers(now)
+    ]
+    return _render(request, "workers.html", page="workers", workers=rows)

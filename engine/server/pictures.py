@@ -3,12 +3,13 @@ workflow's state machine."""
 
 from __future__ import annotations
 
+import math
 import time
 from datetime import datetime
 from html import escape
 from typing import Any
 
-from dsl import COMPLETED, FAILED, WAIT_KINDS, Machine
+from dsl import COMPLETED, FAILED, WAIT_KINDS, Machine, State
 
 __all__ = ["machine_svg", "timeline_svg"]
 
@@ -26,6 +27,75 @@ COLORS = {
 
 def _ts(value: str | None) -> float | None:
     return None if value is None else datetime.fromisoformat(value).timestamp()
+
+
+# the machine's boxes: sized to their labels, waits and retries drawn --------------------
+CHAR_W = 7.2  # a generous average width of a 12 px sans-serif character
+BOX_MIN, BOX_MAX = 250, 520
+
+
+def _duration(seconds: float) -> str:
+    for size, unit in ((86400, "d"), (3600, "h"), (60, "m"), (1, "s")):
+        if seconds >= size:
+            amount = seconds / size
+            return f"{amount:g}{unit}" if amount == int(amount) else f"{amount:.1f}{unit}"
+    return f"{seconds:g}s"
+
+
+def _box_label(state: State) -> str:
+    """What a box says: the step, its kind and detail, a wait's length and a timeout."""
+    label = f"{state.id}: {state.label}"
+    if state.kind == "wait" and state.config.get("seconds") is not None:
+        label += f" {_duration(float(state.config['seconds']))}"
+    if state.timeout:
+        label += f" · timeout {_duration(state.timeout)}"
+    return label
+
+
+def _box_width(labels: list[str]) -> int:
+    """Wide enough for the longest label (and a wait's clock), within BOX_MIN..BOX_MAX."""
+    longest = max((len(label) for label in labels), default=0)
+    return min(BOX_MAX, max(BOX_MIN, math.ceil(longest * CHAR_W) + 46))
+
+
+def _fit(label: str, width: float) -> str:
+    room = math.floor((width - 44) / CHAR_W)
+    return label if len(label) <= room else label[: max(room - 1, 1)] + "…"
+
+
+def _state_box(state: State, x: float, y: float, w: float, h: float, fill: str) -> str:
+    """A step's box: its label (cut to fit, whole in the tooltip); a wait dashed blue with a
+    clock; a retried step with a loop back to itself and its attempts (x N)."""
+    label = _box_label(state)
+    waits = state.kind in WAIT_KINDS
+    stroke = ' stroke="#4a7fd1" stroke-dasharray="5,3"' if waits else ' stroke="#7a8ca5"'
+    kind = "state wait" if waits else "state"
+    out = [
+        f'<g class="{kind}" data-step="{escape(state.id)}"><title>{escape(label)}</title>'
+        f'<rect x="{x}" y="{y}" width="{w}" height="{h}" rx="6" fill="{fill}"{stroke}/>'
+        f'<text class="label" x="{x + 10}" y="{y + 21}" font-size="12">'
+        f"{escape(_fit(label, w))}</text>"
+    ]
+    if waits:
+        cx, cy = x + w - 16, y + h / 2
+        out.append(
+            f'<circle class="clock" cx="{cx}" cy="{cy}" r="7" fill="#fff" stroke="#4a7fd1"/>'
+            f'<path d="M{cx},{cy - 4} L{cx},{cy} L{cx + 3},{cy + 2}" stroke="#4a7fd1" '
+            'fill="none"/>'
+        )
+    retry = state.retry
+    if retry is not None and retry.max_attempts > 1:
+        # a loop over the box's top edge, right of the arrow coming in at its middle
+        x1, x2, top = x + w - 18, x + w - 46, y - 15
+        out.append(
+            f'<path class="retry-loop" d="M{x1},{y} C{x1},{top} {x2},{top} {x2},{y - 2}" '
+            'fill="none" stroke="#e08a1e" marker-end="url(#arrow)">'
+            f"<title>retried: up to {retry.max_attempts} attempts</title></path>"
+            f'<text class="retry-count" x="{x1 + 4}" y="{y - 5}" font-size="11" '
+            f'fill="#b26a00">&#215;{retry.max_attempts}</text>'
+        )
+    out.append("</g>")
+    return "".join(out)
 
 
 def _segments(step: dict[str, Any], now: float) -> list[tuple[float, float, str, str]]:
@@ -94,13 +164,13 @@ def timeline_svg(detail: dict[str, Any], width: int = 900) -> str:
 def machine_svg(machine: Machine) -> str:
     """Main states top to bottom; failure handlers in a column beside them."""
     main, handlers = machine.main_states(), [s for s in machine.states if s.handler]
-    box_w, box_h, gap = 250, 34, 22
-    col2 = 330
+    box_w, box_h, gap = _box_width([_box_label(s) for s in machine.states]), 34, 22
+    col2 = box_w + 80
     rows = max(len(main), len(handlers)) + 1
     height = rows * (box_h + gap) + 40
     parts = [
         f'<svg class="machine" xmlns="http://www.w3.org/2000/svg" width="{col2 + box_w + 20}" '
-        f'height="{height}"><defs><marker id="arrow" markerWidth="8" markerHeight="8" refX="7" '
+        f'height="{height + 12}" viewBox="0 -12 {col2 + box_w + 20} {height + 12}"><defs><marker id="arrow" markerWidth="8" markerHeight="8" refX="7" '
         'refY="4" orient="auto"><path d="M0,0 L8,4 L0,8 z" fill="#555"/></marker></defs>'
     ]
     pos: dict[str, tuple[float, float]] = {}
@@ -109,11 +179,7 @@ def machine_svg(machine: Machine) -> str:
             x, y = float(col), float(10 + i * (box_h + gap))
             pos[s.id] = (x, y)
             fill = "#fff4e5" if s.handler else "#eef3fb"
-            parts.append(
-                f'<rect x="{x}" y="{y}" width="{box_w}" height="{box_h}" rx="6" fill="{fill}" '
-                f'stroke="#7a8ca5"/><text x="{x + 10}" y="{y + 21}" font-size="12">'
-                f"{escape(s.id)}: {escape(s.label)}</text>"
-            )
+            parts.append(_state_box(s, x, y, box_w, box_h, fill))
     end_y = 10 + len(main) * (box_h + gap)
     pos[COMPLETED] = (10, end_y)
     pos[FAILED] = (col2, 10 + len(handlers) * (box_h + gap))

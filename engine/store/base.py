@@ -27,6 +27,7 @@ from ..models import (
     TransitionResult,
     WorkerInfo,
 )
+from .stats import Snapshot
 
 __all__ = ["Store"]
 
@@ -198,6 +199,9 @@ class Store(Protocol):
         and stale workers' rows are removed, atomically, under the stale rows' locks."""
 
     def queue_stats(self) -> list[dict[str, Any]]: ...
+
+    def metrics_snapshot(self, now: float) -> Snapshot:
+        """Runs per workflow and status, queue depths and waits, live workers: one read."""
 
     # events, tokens, idempotency ------------------------------------------------------------
     def send(

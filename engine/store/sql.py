@@ -46,6 +46,7 @@ from .runs import Runs
 from .schedules import Schedules
 from .search import Search
 from .sqlutil import run_from_row, step_from_row, translate
+from .stats import Snapshot, Stats
 from .waits import Inbox
 from .workers import Workers
 
@@ -75,6 +76,7 @@ class SqlStore:
         self.schedules = Schedules(self.db)
         self.search = Search(self.db)
         self.retention = Retention(self.db)
+        self.stats = Stats(self.db)
 
     def close(self) -> None:
         self.db.close()
@@ -234,6 +236,10 @@ class SqlStore:
     @translate
     def queue_stats(self) -> list[dict[str, Any]]:
         return self.queues.queue_stats()
+
+    @translate
+    def metrics_snapshot(self, now: float) -> Snapshot:
+        return self.stats.snapshot(now)
 
     # events and tokens (see events.py) --------------------------------------------------------
     @translate

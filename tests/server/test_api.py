@@ -178,8 +178,8 @@ def test_dashboard_pages_after_login(client: TestClient, engine: Engine) -> None
         "/schedules",
         "/queues",
         f"/runs/{run.id}",
-        "/partials/runs",
-        f"/partials/runs/{run.id}/version",
+        "/workers",
+        "/workflows/token",
     ):
         page = client.get(path)
         assert page.status_code == 200, path

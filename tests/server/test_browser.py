@@ -1,6 +1,8 @@
 """The dashboard in real headless Chromium (Debian's `chromium`, driven by Playwright) against
 a real `durable-yaml serve` and a real worker: the runs list, a failed run's attempts and
-error, approving a waiting human step, cancelling a running run."""
+error, approving a waiting human step, cancelling a running run. The phone and desktop
+layouts, the trigger form, resume and replay links, live updates, tag search, bulk cancel
+and queue pause are in test_dashboard_browser.py (which shares these fixtures)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -33,8 +36,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[tuple[str, Engine]]:
+@contextmanager
+def serve_and_work(tmp_path: Path) -> Iterator[tuple[str, Engine]]:
+    """`durable-yaml serve` and `durable-yaml worker` on a fresh SQLite database of FLOWS."""
     db = f"sqlite:///{tmp_path}/state.db"
     env = {
         **os.environ,
@@ -79,7 +83,14 @@ def stack(tmp_path: Path) -> Iterator[tuple[str, Engine]]:
 
 
 @pytest.fixture
-def page() -> Iterator[object]:
+def stack(tmp_path: Path) -> Iterator[tuple[str, Engine]]:
+    with serve_and_work(tmp_path) as s:
+        yield s
+
+
+@contextmanager
+def chromium() -> Iterator[object]:
+    """Headless Debian chromium, driven by Playwright: the Browser."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -95,11 +106,19 @@ def page() -> Iterator[object]:
                 "--disable-sync",
             ],
         )
-        yield browser.new_page()
-        browser.close()
+        try:
+            yield browser
+        finally:
+            browser.close()
 
 
-def _wait_status(engine: Engine, run_id: str, status: str, timeout: float = 30) -> None:
+@pytest.fixture
+def page() -> Iterator[object]:
+    with chromium() as browser:
+        yield browser.new_page()  # type: ignore[attr-defined]
+
+
+def wait_status(engine: Engine, run_id: str, status: str, timeout: float = 30) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if engine.store.get_run(run_id).status.value == status:
@@ -116,12 +135,12 @@ def test_runs_list_and_a_failed_run(stack: tuple[str, Engine], page: object) -> 
     assert isinstance(page, Page)
     base, engine = stack
     (run_id,) = engine.send_event("boom.requested", {}).run_ids
-    _wait_status(engine, run_id, "failed")
+    wait_status(engine, run_id, "failed")
     page.goto(base + "/")
     row = page.locator(f"tr.run-row:has(a[href='/runs/{run_id}'])")
     expect(row).to_contain_text("boom")
     expect(row.locator(".badge")).to_have_text("failed")
-    row.locator("a").click()
+    row.locator("a.run-id").click()
     expect(page.locator("#run-status")).to_have_text("failed")
     expect(page.locator("#run-error")).to_contain_text(
         "step call_upstream failed: ConnectionError: upstream refused the connection"
@@ -132,6 +151,13 @@ def test_runs_list_and_a_failed_run(stack: tuple[str, Engine], page: object) -> 
     attempts.nth(1).locator("summary").click()
     expect(attempts.nth(1).locator("pre")).to_contain_text("Traceback")
     expect(page.locator("svg.timeline rect.seg-failed")).to_have_count(2)
+    # the step before was skipped, the one after never ran: neither is "pending"
+    expect(page.locator("tr.step[data-step='only_when_asked'] .step-status")).to_have_text(
+        "skipped"
+    )
+    expect(page.locator("tr.step[data-step='tell_someone'] .step-status")).to_have_text(
+        "not reached"
+    )
 
 
 def test_approve_a_waiting_human_step(stack: tuple[str, Engine], page: object) -> None:
@@ -140,7 +166,7 @@ def test_approve_a_waiting_human_step(stack: tuple[str, Engine], page: object) -
     assert isinstance(page, Page)
     base, engine = stack
     (run_id,) = engine.send_event("review.requested", {}).run_ids
-    _wait_status(engine, run_id, "waiting")
+    wait_status(engine, run_id, "waiting")
     page.goto(f"{base}/runs/{run_id}")
     expect(page.locator("#human-step")).to_contain_text("Waiting for a person")
     page.fill("#human-step input[name=comment]", "looks good")
@@ -157,7 +183,7 @@ def test_cancel_a_running_run(stack: tuple[str, Engine], page: object) -> None:
     assert isinstance(page, Page)
     base, engine = stack
     (run_id,) = engine.send_event("slow.requested", {}).run_ids
-    _wait_status(engine, run_id, "running")
+    wait_status(engine, run_id, "running")
     page.goto(f"{base}/runs/{run_id}")
     page.click("#cancel")
     expect(page.locator("#run-status")).to_have_text("cancelled", timeout=20000)

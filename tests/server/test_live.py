@@ -1,0 +1,146 @@
+"""`GET /api/runs/{id}/events` (SSE) through the real ASGI app, on SQLite and PostgreSQL,
+while a real worker executes the run: the log line of a step that is still working arrives
+before the step ends, then the step's end, the run's end and `event: end`."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from engine.registry import import_modules
+from engine.server import create_app
+from engine.service import Engine
+from engine.settings import resolve_settings
+from engine.worker import Worker
+
+LIVE = Path(__file__).parent / "live"
+KEY = "live-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    import_modules(["livesteps"], str(LIVE))
+    e = Engine(resolve_settings(db=db_url, workflows=str(LIVE)), import_steps=False)
+    e.save_all_definitions()
+    yield e
+    e.close()
+
+
+@pytest.fixture
+def client(engine: Engine) -> TestClient:
+    app = create_app(engine, KEY)
+    app.state.sse_poll_seconds = 0.05
+    return TestClient(app, raise_server_exceptions=False)
+
+
+@pytest.fixture
+def gate() -> Iterator[threading.Event]:
+    import livesteps  # type: ignore[import-not-found]
+
+    livesteps.GATE.clear()
+    yield livesteps.GATE
+    livesteps.GATE.set()
+
+
+@pytest.fixture
+def worker(engine: Engine) -> Iterator[Worker]:
+    w = Worker(engine, concurrency=1, poll_interval=0.05, grace=5, schedules=False)
+    w.start()
+    yield w
+    w.stop()
+    w.shutdown()
+
+
+def events(lines: Iterator[str]) -> Iterator[tuple[str, Any, str | None]]:
+    """(event, data, id) of each Server-Sent Event; comments and `retry:` skipped."""
+    name, data, event_id = None, [], None
+    for line in lines:
+        if line == "":
+            if name is not None:
+                yield name, json.loads("\n".join(data)), event_id
+            name, data, event_id = None, [], None
+        elif line.startswith("event: "):
+            name = line[len("event: ") :]
+        elif line.startswith("data: "):
+            data.append(line[len("data: ") :])
+        elif line.startswith("id: "):
+            event_id = line[len("id: ") :]
+
+
+def test_a_run_streams_as_it_happens(
+    client: TestClient, engine: Engine, gate: threading.Event, worker: Worker
+) -> None:
+    (run_id,) = engine.send_event("gated.requested", {"label": "lamp"}).run_ids
+    seen: list[tuple[str, Any, str | None]] = []
+    with client.stream("GET", f"/api/runs/{run_id}/events", headers=AUTH) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for event in events(response.iter_lines()):
+            seen.append(event)
+            name, data, _ = event
+            if name == "log" and data["message"] == "working on lamp":
+                # the step is still working (it waits for this gate): nothing ended yet
+                assert not any(n == "step" and d["status"] == "completed" for n, d, _ in seen)
+                assert not any(n == "end" for n, _, _ in seen)
+                gate.set()
+    names = [n for n, _, _ in seen]
+    assert names[-1] == "end" and seen[-1][1] == {"status": "completed"}
+    assert names.count("end") == 1
+    statuses = [d["status"] for n, d, _ in seen if n == "run"]
+    assert statuses[-1] == "completed" and "running" in statuses
+    assert all(d["id"] == run_id for n, d, _ in seen if n == "run")
+    work = [d["status"] for n, d, _ in seen if n == "step" and d["id"] == "work"]
+    assert "running" in work and work[-1] == "completed"
+    assert [d["status"] for n, d, _ in seen if n == "step" and d["id"] == "after"][-1] == (
+        "completed"
+    )
+    logs = [(d["message"], d["step"], i) for n, d, i in seen if n == "log"]
+    assert [m for m, _, _ in logs] == ["working on lamp", "done with lamp", "quick step ran"]
+    assert [s for _, s, _ in logs] == ["work", "work", "after"]
+    ids = [int(i or 0) for _, _, i in logs]
+    assert ids == sorted(ids) and len(set(ids)) == 3
+    first_log = names.index("log")
+    assert names.index("end") > first_log
+    # each state is sent once: no duplicate consecutive step events
+    steps = [(d["id"], d["status"], d["attempts"]) for n, d, _ in seen if n == "step"]
+    assert len(steps) == len(set(steps))
+
+    # a reconnect with Last-Event-ID gets the state again and only the later lines
+    again = client.get(f"/api/runs/{run_id}/events", headers={**AUTH, "Last-Event-ID": str(ids[0])})
+    replayed = list(events(iter(again.text.splitlines())))
+    assert [d["message"] for n, d, _ in replayed if n == "log"] == [
+        "done with lamp",
+        "quick step ran",
+    ]
+    assert replayed[0][0] == "run" and replayed[-1] == ("end", {"status": "completed"}, None)
+    later = client.get(f"/api/runs/{run_id}/events?after={ids[-1]}", headers=AUTH)
+    assert [n for n, _, _ in events(iter(later.text.splitlines()))].count("log") == 0
+
+
+def test_events_need_the_key_or_the_session_and_a_known_run(
+    client: TestClient, engine: Engine
+) -> None:
+    (run_id,) = engine.send_event("gated.requested", {"label": "x"}).run_ids
+    assert client.get(f"/api/runs/{run_id}/events").status_code == 401
+    wrong = client.get(f"/api/runs/{run_id}/events", headers={"Authorization": "Bearer no"})
+    assert wrong.status_code == 401
+    missing = client.get("/api/runs/nope/events", headers=AUTH)
+    assert missing.status_code == 404 and "nope" in missing.json()["error"]
+    bad = client.get(f"/api/runs/{run_id}/events?after=-1", headers=AUTH)
+    assert bad.status_code == 422
+    # the dashboard's session cookie is accepted like the key
+    login = client.post("/login", data={"key": KEY}, follow_redirects=False)
+    assert login.status_code in (302, 303), login.text
+    engine.store.request_cancel(run_id, engine.store.now())  # ends it: the stream closes
+    done = client.get(f"/api/runs/{run_id}/events")
+    assert done.status_code == 200
+    seen = list(events(iter(done.text.splitlines())))
+    assert seen[0][0] == "run" and seen[0][1]["status"] == "cancelled"
+    assert seen[-1] == ("end", {"status": "cancelled"}, None)
