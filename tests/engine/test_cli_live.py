@@ -165,3 +165,54 @@ def test_follow_prints_what_a_worker_writes_then_exits(
     )
     assert missing.returncode != 0 and "nope" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def _on_a_terminal(tmp_path: Path, env: dict[str, str]) -> str:
+    """`run gated` with stdout on a pseudo-terminal; all it wrote. The gate opens once the
+    step's log line is on the screen, so the spinner draws a few frames first."""
+    import pty
+    import select
+
+    gate = tmp_path / "gate"
+    main, child = pty.openpty()
+    full = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "engine", "run", "gated", "--payload", '{"label": "tty"}'),
+            *("-m", "livesteps", "--workflows", str(LIVE), "--db", f"sqlite:///{tmp_path}/s.db"),
+        ],
+        cwd=LIVE,
+        env={**full, "TERM": "xterm", "COLUMNS": "100", "LIVE_GATE_FILE": str(gate), **env},
+        stdin=child,
+        stdout=child,
+        stderr=child,
+    )
+    os.close(child)
+    out = b""
+    while True:
+        ready, _, _ = select.select([main], [], [], 30)
+        assert ready, out
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+        if b"working on tty" in out and not gate.exists():
+            select.select([], [], [], 0.5)  # a few frames of the spinner
+            gate.touch()
+    assert proc.wait(30) == 0, out
+    os.close(main)
+    return out.decode()
+
+
+def test_a_terminal_gets_a_spinner_and_no_color_gets_plain_lines(tmp_path: Path) -> None:
+    fancy = _on_a_terminal(tmp_path / "a", {})
+    assert "\x1b[" in fancy  # redrawn in place, coloured
+    assert "work call" in fancy and "s\r" in fancy.replace("\x1b[0m", "")  # elapsed time
+    assert "working on tty" in fancy and "completed" in fancy
+    assert "▸" not in fancy  # the spinner stands for the plain start line
+    plain = _on_a_terminal(tmp_path / "b", {"NO_COLOR": "1"})
+    assert "\x1b" not in plain
+    assert "  ▸ work call" in plain and "working on tty" in plain and "completed run" in plain
