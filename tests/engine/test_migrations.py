@@ -47,3 +47,18 @@ def test_v1_database_is_upgraded_and_keeps_its_runs(tmp_path: Path) -> None:
     store.migrate()  # idempotent
     store.close()
     assert ROOT.exists()
+
+
+def test_v4_database_gets_the_metrics_index(db_url: str) -> None:
+    store = open_store(db_url)
+    with store.engine.begin() as c:
+        c.execute(sa.text("DROP INDEX dy_runs_workflow_status"))
+        c.execute(sa.update(t.meta).where(t.meta.c.key == "schema_version").values(value="4"))
+    store.close()
+    store = open_store(db_url)
+    with store.engine.connect() as c:
+        assert c.execute(sa.select(t.meta.c.value)).scalar_one() == "5"
+        indexes = {i["name"] for i in sa.inspect(c).get_indexes("dy_runs")}
+    assert "dy_runs_workflow_status" in indexes
+    store.migrate()  # idempotent
+    store.close()
