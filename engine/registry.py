@@ -40,6 +40,7 @@ _LEVELS = {
 }
 _NUMERIC = {name: number for number, name in _LEVELS.items() if number != logging.CRITICAL}
 _step_log = logging.getLogger("durable_yaml.step")
+_step_log.addHandler(logging.NullHandler())  # shown where logging is configured, else nowhere
 
 
 class StepLogger:

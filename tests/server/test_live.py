@@ -144,3 +144,20 @@ def test_events_need_the_key_or_the_session_and_a_known_run(
     seen = list(events(iter(done.text.splitlines())))
     assert seen[0][0] == "run" and seen[0][1]["status"] == "cancelled"
     assert seen[-1] == ("end", {"status": "cancelled"}, None)
+
+
+def test_a_run_deleted_while_streamed_ends_the_stream(client: TestClient, engine: Engine) -> None:
+    import sqlalchemy as sa
+
+    from engine.store import schema as t
+
+    (run_id,) = engine.send_event("gated.requested", {"label": "gone"}).run_ids
+    seen = []
+    with client.stream("GET", f"/api/runs/{run_id}/events", headers=AUTH) as response:
+        for event in events(response.iter_lines()):
+            seen.append(event)
+            if event[0] == "run":  # queued, and no worker: delete it (as a purge would)
+                with engine.store.engine.begin() as c:
+                    c.execute(sa.delete(t.runs).where(t.runs.c.id == run_id))
+    assert seen[0][0] == "run" and seen[0][1]["status"] == "queued"
+    assert seen[-1] == ("end", {"status": None, "error": f"run {run_id} no longer exists"}, None)
