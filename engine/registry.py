@@ -100,7 +100,10 @@ class StepLogger:
             },
         )
         if self.listener is not None:
-            self.listener(entry)
+            try:
+                self.listener(entry)
+            except Exception:  # showing a line must never fail the step that logs it
+                logging.getLogger("durable_yaml.runner").exception("a log listener failed")
 
     @property
     def pending(self) -> bool:

@@ -155,6 +155,8 @@ def test_follow_prints_what_a_worker_writes_then_exits(
     assert again.returncode == 0, again.stderr
     rows = [json.loads(line) for line in again.stdout.splitlines()]
     assert [r["message"] for r in rows] == ["working on kite", "done with kite", "quick step ran"]
+    if not db_url.startswith("sqlite"):
+        return  # the rest is the same on every database
     missing = subprocess.run(
         [sys.executable, "-m", "engine", "runs", "logs", "nope", "--follow"],
         cwd=tmp_path,
