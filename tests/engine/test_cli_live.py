@@ -72,7 +72,10 @@ class Lines:
         return rc
 
 
-def test_run_streams_steps_and_log_lines_as_they_happen(tmp_path: Path, db_url: str) -> None:
+def test_run_streams_steps_and_log_lines_as_they_happen(tmp_path: Path, sqlite_url: str) -> None:
+    """What `run` prints does not depend on the database (the logs' store path is tested on
+    both by --follow below and by the SSE tests)."""
+    db_url = sqlite_url
     gate = tmp_path / "gate"
     proc = Lines(
         "run",
