@@ -8,6 +8,7 @@ finished item again, and the two kinds that act on other runs through the `Host`
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import json
 import secrets
@@ -317,7 +318,8 @@ def _for_each(a: Attempt) -> Outcome:
     workers = max(1, min(int(cfg.get("concurrency") or 1), len(pending)))
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"for_each:{a.state.id}")
     try:
-        for future in [pool.submit(one, i) for i in pending]:
+        # each item in a copy of this context: the attempt's span and run ids (tracing.py)
+        for future in [pool.submit(contextvars.copy_context().run, one, i) for i in pending]:
             future.result()
     finally:
         stop.set()  # on an error nothing queued starts; running items end at their next check

@@ -40,6 +40,7 @@ _LEVELS = {
 }
 _NUMERIC = {name: number for number, name in _LEVELS.items() if number != logging.CRITICAL}
 _step_log = logging.getLogger("durable_yaml.step")
+_step_log.addHandler(logging.NullHandler())  # shown where logging is configured, else nowhere
 
 
 class StepLogger:
@@ -99,7 +100,10 @@ class StepLogger:
             },
         )
         if self.listener is not None:
-            self.listener(entry)
+            try:
+                self.listener(entry)
+            except Exception:  # showing a line must never fail the step that logs it
+                logging.getLogger("durable_yaml.runner").exception("a log listener failed")
 
     @property
     def pending(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -62,5 +63,8 @@ def _read_payload(payload: str | None, payload_file: str | None) -> Any:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="durable-yaml")
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """Durable workflows: YAML steps, Python functions, state that survives anything."""
+    if os.environ.get("NO_COLOR"):  # https://no-color.org: no colour even on a terminal
+        ctx.color = False

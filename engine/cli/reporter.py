@@ -67,11 +67,8 @@ class LiveReporter:
         self._live: Any = None
         self._console: Any = None
         # The lines are shown here: the Python logger's copy of them (`durable_yaml.step`,
-        # for workers) would print warnings a second time on stderr.
-        step_log = logging.getLogger("durable_yaml.step")
-        step_log.propagate = False
-        if not step_log.handlers:
-            step_log.addHandler(logging.NullHandler())
+        # for workers) would print them a second time if a steps module configured logging.
+        logging.getLogger("durable_yaml.step").propagate = False
 
     # output ----------------------------------------------------------------------------------
     def _echo(self, text: str) -> None:

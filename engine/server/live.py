@@ -22,6 +22,7 @@ commit) first locks the run's row, so a run's lines commit in the order of their
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -32,6 +33,7 @@ from fastapi.responses import StreamingResponse
 
 from dsl.limits import INT_MAX
 
+from ..errors import EngineError, NotFound
 from ..models import Run
 from ..service import Engine
 from ..store import Store
@@ -44,6 +46,7 @@ POLL_SECONDS = 0.5
 KEEPALIVE_SECONDS = 15.0
 LOG_BATCH = 500
 
+log = logging.getLogger("durable_yaml.server")
 router = APIRouter(prefix="/api", dependencies=[Depends(require_key)])
 
 
@@ -67,7 +70,15 @@ async def run_events(
     quiet_since = time.monotonic()
     yield "retry: 2000\n\n"
     while True:
-        run = await anyio.to_thread.run_sync(store.get_run, run_id)
+        try:
+            run = await anyio.to_thread.run_sync(store.get_run, run_id)
+        except NotFound:  # deleted meanwhile (runs purge)
+            yield sse("end", {"status": None, "error": f"run {run_id} no longer exists"})
+            return
+        except EngineError as exc:  # the database is restarting: look again
+            log.warning("events of run %s: %s", run_id, exc)
+            await anyio.sleep(max(poll, 1.0))
+            continue
         out: list[str] = []
         if run.updated_at != seen_updated:
             seen_updated = run.updated_at
@@ -75,18 +86,28 @@ async def run_events(
             if view != seen_run:
                 seen_run = view
                 out.append(sse("run", view))
-            detail = await anyio.to_thread.run_sync(run_detail, store, run)
+            try:
+                detail = await anyio.to_thread.run_sync(run_detail, store, run)
+            except EngineError:  # deleted or unreachable since: the next look says which
+                seen_updated, seen_run = None, None
+                await anyio.sleep(poll)
+                continue
             for step in detail["steps"]:
                 if seen_steps.get(step["id"]) != step:
                     seen_steps[step["id"]] = step
                     out.append(sse("step", step))
         # Logs are read after the run row: the commit that ends a run writes its last lines
         # in the same transaction, so a finished run's lines are all visible here.
-        entries = await anyio.to_thread.run_sync(store.get_logs, run_id, after, LOG_BATCH)
+        read_all = True
+        try:
+            entries = await anyio.to_thread.run_sync(store.get_logs, run_id, after, LOG_BATCH)
+        except EngineError as exc:
+            log.warning("events of run %s: %s", run_id, exc)
+            entries, read_all = [], False
         for entry in entries:
             after = entry.id
             out.append(sse("log", log_view(entry), entry.id))
-        if run.finished and len(entries) < LOG_BATCH:
+        if run.finished and read_all and len(entries) < LOG_BATCH:
             out.append(sse("end", {"status": run.status.value}))
             yield "".join(out)
             return

@@ -114,4 +114,9 @@ def _v5(c: Connection) -> None:
     _index("dy_inbox_event_id").create(c, checkfirst=True)
 
 
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _v2, 3: _v3, 4: _v4, 5: _v5}
+def _v6(c: Connection) -> None:
+    """An index covering the metrics' count of runs by workflow and status."""
+    _index("dy_runs_workflow_status").create(c, checkfirst=True)
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _v2, 3: _v3, 4: _v4, 5: _v5, 6: _v6}

@@ -239,6 +239,7 @@ class Runs:
         )
         if row is None or row["lease_owner"] != lease.owner:
             raise LeaseLost(f"run {run_id}: this process no longer holds its lease")
+        pause_point("store.commit.run_locked")
         output = rec.output if rec is not None else None
         if tr.emission is not None and rec is not None:
             sent = self.events.store_emission(c, tr.emission, locked_now)

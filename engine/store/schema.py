@@ -24,7 +24,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 __all__ = ["SCHEMA_VERSION", "metadata"]
 
-SCHEMA_VERSION = 5  # bump with a function in migrations.py for the step up
+SCHEMA_VERSION = 6  # bump with a function in migrations.py for the step up
 Json = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
 metadata = MetaData()
 
@@ -118,6 +118,8 @@ Index(
 Index("dy_runs_created", runs.c.created_at, runs.c.id)
 Index("dy_runs_status", runs.c.status, runs.c.created_at)
 Index("dy_runs_workflow", runs.c.workflow_id, runs.c.created_at)
+# the metrics' runs-by-workflow-and-status count reads only this index (10x less than the table)
+Index("dy_runs_workflow_status", runs.c.workflow_id, runs.c.status)
 Index("dy_runs_parent", runs.c.parent_run_id)
 Index("dy_runs_queue_status", runs.c.queue, runs.c.status, runs.c.concurrency_key)
 Index("dy_runs_queue_started", runs.c.queue, runs.c.started_at)

@@ -72,7 +72,10 @@ class Lines:
         return rc
 
 
-def test_run_streams_steps_and_log_lines_as_they_happen(tmp_path: Path, db_url: str) -> None:
+def test_run_streams_steps_and_log_lines_as_they_happen(tmp_path: Path, sqlite_url: str) -> None:
+    """What `run` prints does not depend on the database (the logs' store path is tested on
+    both by --follow below and by the SSE tests)."""
+    db_url = sqlite_url
     gate = tmp_path / "gate"
     proc = Lines(
         "run",
@@ -155,6 +158,8 @@ def test_follow_prints_what_a_worker_writes_then_exits(
     assert again.returncode == 0, again.stderr
     rows = [json.loads(line) for line in again.stdout.splitlines()]
     assert [r["message"] for r in rows] == ["working on kite", "done with kite", "quick step ran"]
+    if not db_url.startswith("sqlite"):
+        return  # the rest is the same on every database
     missing = subprocess.run(
         [sys.executable, "-m", "engine", "runs", "logs", "nope", "--follow"],
         cwd=tmp_path,
@@ -165,3 +170,54 @@ def test_follow_prints_what_a_worker_writes_then_exits(
     )
     assert missing.returncode != 0 and "nope" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def _on_a_terminal(tmp_path: Path, env: dict[str, str]) -> str:
+    """`run gated` with stdout on a pseudo-terminal; all it wrote. The gate opens once the
+    step's log line is on the screen, so the spinner draws a few frames first."""
+    import pty
+    import select
+
+    gate = tmp_path / "gate"
+    main, child = pty.openpty()
+    full = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "engine", "run", "gated", "--payload", '{"label": "tty"}'),
+            *("-m", "livesteps", "--workflows", str(LIVE), "--db", f"sqlite:///{tmp_path}/s.db"),
+        ],
+        cwd=LIVE,
+        env={**full, "TERM": "xterm", "COLUMNS": "100", "LIVE_GATE_FILE": str(gate), **env},
+        stdin=child,
+        stdout=child,
+        stderr=child,
+    )
+    os.close(child)
+    out = b""
+    while True:
+        ready, _, _ = select.select([main], [], [], 30)
+        assert ready, out
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+        if b"working on tty" in out and not gate.exists():
+            select.select([], [], [], 0.5)  # a few frames of the spinner
+            gate.touch()
+    assert proc.wait(30) == 0, out
+    os.close(main)
+    return out.decode()
+
+
+def test_a_terminal_gets_a_spinner_and_no_color_gets_plain_lines(tmp_path: Path) -> None:
+    fancy = _on_a_terminal(tmp_path / "a", {})
+    assert "\x1b[" in fancy  # redrawn in place, coloured
+    assert "work call" in fancy and "s\r" in fancy.replace("\x1b[0m", "")  # elapsed time
+    assert "working on tty" in fancy and "completed" in fancy
+    assert "▸" not in fancy  # the spinner stands for the plain start line
+    plain = _on_a_terminal(tmp_path / "b", {"NO_COLOR": "1"})
+    assert "\x1b" not in plain
+    assert "  ▸ work call" in plain and "working on tty" in plain and "completed run" in plain

@@ -154,6 +154,8 @@ def test_worker_metrics_port(engine: Engine, db_url: str, tmp_path: Path) -> Non
         assert value(found, "durable_yaml_workers_live") == 1
         assert value(found, "durable_yaml_database_up") == 1
 
+        if not db_url.startswith("sqlite"):
+            return  # the rest is the same on every database
         # the port is taken: a second worker says so and stops (exit 2), no traceback
         second = subprocess.run(
             [*args, "--metrics-port", str(port), *common],

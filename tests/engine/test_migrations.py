@@ -84,3 +84,18 @@ def test_v4_database_gains_tags_metadata_ttl_and_pause(db_url: str) -> None:
     run = store.get_run("r1")
     assert run.expires_at == run.created_at + 5.0
     store.close()
+
+
+def test_v5_database_gets_the_metrics_index(db_url: str) -> None:
+    store = open_store(db_url)
+    with store.engine.begin() as c:
+        c.execute(sa.text("DROP INDEX dy_runs_workflow_status"))
+        c.execute(sa.update(t.meta).where(t.meta.c.key == "schema_version").values(value="5"))
+    store.close()
+    store = open_store(db_url)
+    with store.engine.connect() as c:
+        assert c.execute(sa.select(t.meta.c.value)).scalar_one() == "6"
+        indexes = {i["name"] for i in sa.inspect(c).get_indexes("dy_runs")}
+    assert "dy_runs_workflow_status" in indexes
+    store.migrate()  # idempotent
+    store.close()

@@ -168,11 +168,21 @@ def test_records_inside_a_step_name_it(engine: Engine) -> None:
     livesteps.USER_LOG = user_log
     try:
         run = engine.run(engine.workflow("quick"), {})
+        # a step with a timeout (its own thread), an async step (the event loop's thread)
+        # and for_each items (a pool's threads) execute in the attempt's context too
+        timed = engine.run(engine.workflow("timed"), {})
     finally:
         livesteps.USER_LOG = None
         user_log.removeHandler(handler)
-    (record,) = seen
-    assert (record.run_id, record.step_id, record.attempt) == (run.id, "only", 1)  # type: ignore[attr-defined]
+    assert timed.status == RunStatus.COMPLETED, timed.error
+    where = [(r.run_id, r.step_id, r.attempt) for r in seen]  # type: ignore[attr-defined]
+    assert where == [
+        (run.id, "only", 1),
+        (timed.id, "bounded", 1),
+        (timed.id, "awaited", 1),
+        (timed.id, "each", 1),
+        (timed.id, "each", 1),
+    ]
     outside = logging.LogRecord("x", logging.INFO, __file__, 1, "m", (), None)
     RunContextFilter().filter(outside)
     assert outside.run_id is None  # type: ignore[attr-defined]

@@ -144,3 +144,82 @@ def test_events_need_the_key_or_the_session_and_a_known_run(
     seen = list(events(iter(done.text.splitlines())))
     assert seen[0][0] == "run" and seen[0][1]["status"] == "cancelled"
     assert seen[-1] == ("end", {"status": "cancelled"}, None)
+
+
+def test_a_run_deleted_while_streamed_ends_the_stream(client: TestClient, engine: Engine) -> None:
+    import sqlalchemy as sa
+
+    from engine.store import schema as t
+
+    (run_id,) = engine.send_event("gated.requested", {"label": "gone"}).run_ids
+    seen = []
+    with client.stream("GET", f"/api/runs/{run_id}/events", headers=AUTH) as response:
+        for event in events(response.iter_lines()):
+            seen.append(event)
+            if event[0] == "run":  # queued, and no worker: delete it (as a purge would)
+                with engine.store.engine.begin() as c:
+                    c.execute(sa.delete(t.runs).where(t.runs.c.id == run_id))
+    assert seen[0][0] == "run" and seen[0][1]["status"] == "queued"
+    assert seen[-1] == ("end", {"status": None, "error": f"run {run_id} no longer exists"}, None)
+
+
+def test_log_ids_commit_in_order_while_a_heartbeat_races_a_commit(db_url: str) -> None:
+    """Reading a run's logs by id skips nothing: a heartbeat writing lines while the step's
+    commit holds the run (paused after its locks) waits for it, so its lines get the later
+    ids and a poller that saw nothing in between misses nothing afterwards."""
+    import os
+    import time
+
+    from engine.follow import follow_logs
+    from engine.models import Lease, NewLog, NewRun, RunStatus, StepRecord, StepStatus, Transition
+    from engine.pauses import pause_at
+    from engine.store import open_store
+
+    store = open_store(db_url)
+    store.save_definition("h1", "wf", "1", {"any": "machine"}, "wf.yaml")
+    lease = Lease("racer", "host", os.getpid())
+    new = NewRun("r1", "wf", "1", "h1", {}, "s1", "q")
+    now = store.now()
+    store.create_run(new, now, lease)
+    locked, go = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        locked.set()
+        assert go.wait(30)
+
+    record = StepRecord("s1", StepStatus.COMPLETED, 1, now, output=1)
+    move = Transition(
+        RunStatus.RUNNING,
+        record,
+        current_step="s2",
+        begin_attempt=1,
+        logs=(NewLog("info", "from the commit", "s1", 1),),
+    )
+    with pause_at("store.commit.run_locked", hold):
+        commit = threading.Thread(target=store.commit_transition, args=("r1", lease, move, now + 1))
+        commit.start()
+        assert locked.wait(30)
+        beat = threading.Thread(
+            target=store.heartbeat,
+            args=("r1", lease, now + 1, [NewLog("info", "from the heartbeat", "s2", 1)]),
+        )
+        beat.start()
+        time.sleep(0.3)  # the heartbeat is at the run's lock now (or at SQLite's write lock)
+        assert store.get_logs("r1") == []  # a poller sees nothing yet ...
+        go.set()
+        commit.join(30)
+        beat.join(30)
+    entries = store.get_logs("r1")
+    # ... and then both lines, the commit's first: none committed behind a later id
+    assert [e.message for e in entries] == ["from the commit", "from the heartbeat"]
+    store.commit_transition(
+        "r1",
+        lease,
+        Transition(RunStatus.COMPLETED, StepRecord("s2", StepStatus.COMPLETED, 1, now), output=1),
+        now + 2,
+    )
+    assert [e.message for e in follow_logs(store, "r1", poll=0.01)] == [
+        "from the commit",
+        "from the heartbeat",
+    ]
+    store.close()

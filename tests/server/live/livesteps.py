@@ -41,3 +41,10 @@ def fail() -> None:
     from engine import NonRetryableError
 
     raise NonRetryableError("the lamp is broken")
+
+
+@step("live.aquick")
+async def aquick(ctx: StepContext) -> str:
+    if USER_LOG is not None:
+        USER_LOG.info("async user code logs too")
+    return "ok"
