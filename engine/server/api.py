@@ -214,8 +214,8 @@ def list_runs(
         statuses=tuple(status or ()),
         workflow_id=workflow,
         tags=tuple(tag or ()),
-        since=_instant(since or created_after, "since"),
-        until=_instant(until or created_before, "until"),
+        since=_instant(since, "since") if since else _instant(created_after, "created_after"),
+        until=_instant(until, "until") if until else _instant(created_before, "created_before"),
     )
     runs = engine.list_runs(f, limit + 1, before)
     page = runs[:limit]

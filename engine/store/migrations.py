@@ -98,7 +98,7 @@ def _v4(c: Connection) -> None:
 
 def _v5(c: Connection) -> None:
     """Operating many runs: tags (and their search table), metadata, a delayed run's start,
-    a TTL, paused queues."""
+    a TTL, paused queues; indexes retention deletes by."""
     real = "DOUBLE PRECISION" if c.dialect.name == "postgresql" else "FLOAT"
     json_type = "JSONB" if c.dialect.name == "postgresql" else "JSON"
     for table, column, kind in (
@@ -111,7 +111,8 @@ def _v5(c: Connection) -> None:
         c.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {column} {kind}"))
     t.run_tags.create(c, checkfirst=True)
     _index("dy_runs_expiry").create(c, checkfirst=True)
-    _index("dy_inbox_event_id").create(c, checkfirst=True)
+    for name in ("dy_inbox_event_id", "dy_tokens_run", "dy_cron_fires_run"):
+        _index(name).create(c, checkfirst=True)
 
 
 def _v6(c: Connection) -> None:

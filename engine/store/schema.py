@@ -219,6 +219,7 @@ tokens = Table(
     Column("completed_at", Float),
     Column("data", Json),
 )
+Index("dy_tokens_run", tokens.c.run_id)  # retention deletes a run's tokens
 
 # The answer to one wait: (run, step, attempt) is answered at most once, by whichever of an
 # event, a token, a child's result, a timeout or a cancel is written first. The commit that
@@ -256,6 +257,7 @@ cron_fires = Table(
     Column("run_id", String(40)),
     Column("created_at", Float, nullable=False),
 )
+Index("dy_cron_fires_run", cron_fires.c.run_id)  # retention finds a run's fire
 
 queues = Table(
     "dy_queues",

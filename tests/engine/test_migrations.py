@@ -55,7 +55,7 @@ def test_v4_database_gains_tags_metadata_ttl_and_pause(db_url: str) -> None:
     store = open_store(db_url)
     with store.engine.begin() as c:
         c.execute(sa.text("DROP TABLE dy_run_tags"))
-        for index in ("dy_runs_expiry", "dy_inbox_event_id"):
+        for index in ("dy_runs_expiry", "dy_inbox_event_id", "dy_tokens_run", "dy_cron_fires_run"):
             c.execute(sa.text(f"DROP INDEX {index}"))
         for table, column in (
             ("dy_runs", "tags"),
@@ -74,6 +74,7 @@ def test_v4_database_gains_tags_metadata_ttl_and_pause(db_url: str) -> None:
         assert {"tags", "metadata", "not_before", "expires_at"} <= columns
         assert "paused" in {col["name"] for col in insp.get_columns("dy_queues")}
         assert "dy_runs_expiry" in {i["name"] for i in insp.get_indexes("dy_runs")}
+        assert "dy_tokens_run" in {i["name"] for i in insp.get_indexes("dy_tokens")}
         assert "dy_run_tags" in insp.get_table_names()
     from engine.models import NewRun, RunFilter
 
