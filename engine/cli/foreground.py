@@ -10,7 +10,8 @@ from typing import Any
 
 import click
 
-from dsl import State
+from dsl import Machine, State
+from dsl.reads import example_answer
 
 from ..inputs import parse_json
 from ..models import Run, RunStatus
@@ -122,14 +123,22 @@ def _finish(engine: Engine, run: Run) -> None:
 
 
 def _how_to_continue(engine: Engine, run: Run) -> str:
+    """The exact commands that answer what the run waits for: an answer carrying the wait's
+    match values and every field the workflow later reads from the step's output."""
     step = next((s for s in engine.store.get_steps(run.id) if s.step_key == run.current_step), None)
     wait = (step.wait if step else None) or {}
     then = f"then `durable-yaml resume {run.id}` (or let a worker continue it)"
-    if wait.get("kind") == "event":
-        event, match = shlex.quote(wait["event"]), shlex.quote(json.dumps(wait.get("match") or {}))
-        return f"it waits for event {event}: `durable-yaml send {event} --payload {match}`, {then}"
-    if wait.get("kind") == "token":
-        return f"it waits for token {wait['token']}: `durable-yaml complete {wait['token']} --data JSON`, {then}"
+    if wait.get("kind") in ("event", "token"):
+        machine = Machine.from_json(engine.store.load_definition(run.definition_hash))
+        given = (wait.get("match") or {}) if wait["kind"] == "event" else {}
+        answer = shlex.quote(json.dumps(example_answer(machine, str(run.current_step), given)))
+        if wait["kind"] == "event":
+            event = shlex.quote(wait["event"])
+            return f"it waits for event {event}: `durable-yaml send {event} --payload {answer}`, {then}"
+        return (
+            f"it waits for token {wait['token']}: "
+            f"`durable-yaml complete {wait['token']} --data {answer}`, {then}"
+        )
     if wait.get("kind") == "child":
         child = engine.store.get_run(wait["run_id"])
         if child.status.value == "waiting":  # say what the child waits for
