@@ -10,8 +10,17 @@ from dsl.cron import check_timezone
 
 from .models import Attempt, LogEntry, Run, StepState
 from .store import Store
+from .tracebacks import user_traceback
 
-__all__ = ["iso", "log_view", "run_detail", "run_summary", "schedule_views"]
+__all__ = [
+    "iso",
+    "last_failure",
+    "log_view",
+    "run_detail",
+    "run_summary",
+    "schedule_views",
+    "user_traceback",
+]
 
 
 def iso(ts: float | None) -> str | None:
@@ -80,6 +89,9 @@ def run_detail(store: Store, run: Run) -> dict[str, Any]:
                 "finished_at": iso(st.finished_at) if st else None,
                 "wake_at": iso(st.wake_at) if st else None,
                 "wait": st.wait if st else None,
+                "traceback": next(
+                    (h["traceback"] for h in reversed(history) if h.get("traceback")), None
+                ),
                 "attempt_history": history,
             }
         )
@@ -102,8 +114,15 @@ def _attempt(a: Attempt) -> dict[str, Any]:
         "finished_at": iso(a.finished_at),
         "error": a.error_message,
         "error_type": a.error_type,
-        "traceback": a.traceback,
+        "traceback": user_traceback(a.traceback),  # the user's frames only
+        "traceback_full": a.traceback,  # as stored, the engine's frames included
     }
+
+
+def last_failure(store: Store, run_id: str) -> Attempt | None:
+    """The run's latest failed attempt that left a traceback, if any."""
+    failed = [a for a in store.get_attempts(run_id) if a.traceback]
+    return max(failed, key=lambda a: a.finished_at or 0.0, default=None)
 
 
 def log_view(entry: LogEntry) -> dict[str, Any]:

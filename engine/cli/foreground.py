@@ -18,7 +18,7 @@ from ..models import Run, RunStatus
 from ..service import Engine
 from ..settings import resolve_settings
 from ..transitions import Done, Failed, Outcome, Skipped, Suspended
-from ..views import iso
+from ..views import iso, last_failure, user_traceback
 from .common import EXIT_WAITING, _engine, _read_payload, cli, settings_options
 
 
@@ -99,8 +99,9 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
-def _finish(engine: Engine, run: Run) -> None:
-    """Print how a foreground run ended and exit with SPEC's code."""
+def _finish(engine: Engine, run: Run, verbose: bool = False) -> None:
+    """Print how a foreground run ended and exit with SPEC's code; a failed run's traceback
+    as the user's frames (all of it with `verbose`)."""
     took = (run.finished_at or time.time()) - run.created_at
     if run.status == RunStatus.COMPLETED:
         click.echo(f"{click.style('completed', fg='green')} run {run.id} in {took:.1f}s")
@@ -113,6 +114,7 @@ def _finish(engine: Engine, run: Run) -> None:
     colour = "red" if run.status == RunStatus.FAILED else "yellow"
     click.echo(f"{click.style(run.status.value, fg=colour)} run {run.id}: {run.error}")
     if run.status == RunStatus.FAILED:
+        _show_traceback(engine, run, verbose)
         click.echo(
             f"after fixing the cause: durable-yaml resume {run.id}  "
             f"(or start over: durable-yaml runs replay {run.id})"
@@ -120,6 +122,23 @@ def _finish(engine: Engine, run: Run) -> None:
     else:
         click.echo(f"to run it again: durable-yaml runs replay {run.id}")
     sys.exit(1)
+
+
+def _show_traceback(engine: Engine, run: Run, verbose: bool) -> None:
+    failure = last_failure(engine.store, run.id)
+    if failure is None or not failure.traceback:
+        return
+    text = failure.traceback if verbose else user_traceback(failure.traceback)
+    if text:
+        click.echo(f"step {failure.step_key}, attempt {failure.attempt}:")
+        click.echo(text.rstrip("\n"))
+        if not verbose:
+            click.echo("(the engine's frames are hidden; --verbose shows them)")
+
+
+VERBOSE = click.option(
+    "-v", "--verbose", is_flag=True, help="Show full tracebacks, the engine's frames included."
+)
 
 
 def _how_to_continue(engine: Engine, run: Run) -> str:
@@ -152,11 +171,13 @@ def _how_to_continue(engine: Engine, run: Run) -> str:
 @click.argument("workflow")
 @click.option("--payload", help="The payload as JSON.")
 @click.option("--payload-file", type=str, help="A file holding the payload as JSON.")
+@VERBOSE
 @settings_options
 def run(
     workflow: str,
     payload: str | None,
     payload_file: str | None,
+    verbose: bool,
     db: str | None,
     modules: tuple[str, ...],
     workflows: str | None,
@@ -167,13 +188,16 @@ def run(
     machine = engine.workflow(workflow)
     _stop_on_sigterm()
     result = engine.run(machine, data, LiveReporter())
-    _finish(engine, result)
+    _finish(engine, result, verbose)
 
 
 @cli.command()
 @click.argument("run_id")
+@VERBOSE
 @settings_options
-def resume(run_id: str, db: str | None, modules: tuple[str, ...], workflows: str | None) -> None:
+def resume(
+    run_id: str, verbose: bool, db: str | None, modules: tuple[str, ...], workflows: str | None
+) -> None:
     """Continue RUN_ID from its persisted state."""
     engine = _engine(db, modules, workflows)
     _stop_on_sigterm()
@@ -181,7 +205,7 @@ def resume(run_id: str, db: str | None, modules: tuple[str, ...], workflows: str
     click.echo(
         f"resuming run {run_id} of {before.workflow_id} v{before.version} at step {before.current_step}"
     )
-    _finish(engine, engine.resume(run_id, LiveReporter()))
+    _finish(engine, engine.resume(run_id, LiveReporter()), verbose)
 
 
 @cli.command()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import textwrap
+from typing import Any
 
 import click
 
@@ -11,7 +13,7 @@ from ..service import Engine
 from ..settings import resolve_settings
 from ..views import iso, log_view, run_detail, run_summary
 from .common import _engine, _json, cli, settings_options
-from .foreground import LiveReporter, _finish, _stop_on_sigterm
+from .foreground import VERBOSE, LiveReporter, _finish, _stop_on_sigterm
 
 
 @cli.group()
@@ -50,9 +52,15 @@ def runs_list(
 @runs.command("show")
 @click.argument("run_id")
 @click.option("--json", "as_json", is_flag=True)
+@VERBOSE
 @settings_options
 def runs_show(
-    run_id: str, as_json: bool, db: str | None, modules: tuple[str, ...], workflows: str | None
+    run_id: str,
+    as_json: bool,
+    verbose: bool,
+    db: str | None,
+    modules: tuple[str, ...],
+    workflows: str | None,
 ) -> None:
     """One run with its steps and attempts."""
     engine = Engine(resolve_settings(db=db, workflows=workflows), import_steps=False)
@@ -68,9 +76,21 @@ def runs_show(
             f"  {s['id']:<18} {s['status']:<9} attempts={s['attempts']}"
             + (f"  error: {s['error']}" if s["error"] else "")
         )
+        trace = _traceback(s, verbose)
+        if trace:
+            click.echo(textwrap.indent(trace.rstrip("\n"), "      "))
     if detail["error"]:
         click.echo(f"error: {detail['error']}")
     click.echo(f"output: {json.dumps(detail['output'], default=str)}")
+
+
+def _traceback(step: dict[str, Any], verbose: bool) -> str | None:
+    if step["status"] != "failed":
+        return None
+    if not verbose:
+        return step["traceback"]  # type: ignore[no-any-return]
+    full = [h["traceback_full"] for h in step["attempt_history"] if h.get("traceback_full")]
+    return full[-1] if full else None
 
 
 @runs.command("logs")
@@ -112,12 +132,13 @@ def runs_cancel(
 
 @runs.command("replay")
 @click.argument("run_id")
+@VERBOSE
 @settings_options
 def runs_replay(
-    run_id: str, db: str | None, modules: tuple[str, ...], workflows: str | None
+    run_id: str, verbose: bool, db: str | None, modules: tuple[str, ...], workflows: str | None
 ) -> None:
     """Run again with the same payload, as a new run, in this process."""
     engine = _engine(db, modules, workflows)
     _stop_on_sigterm()
     click.echo(f"replaying run {run_id}")
-    _finish(engine, engine.replay(run_id, LiveReporter()))
+    _finish(engine, engine.replay(run_id, LiveReporter()), verbose)

@@ -75,3 +75,87 @@ def test_the_token_hint_carries_the_fields_read_from_its_data(
     assert done.returncode == 0, done.stdout + done.stderr
     shown = json.loads(cli("runs", "show", resume[1], "--json", cwd=cwd, env=env).stdout)
     assert {s["id"]: s["status"] for s in shown["steps"]}["go"] == "completed"
+
+
+FAILING_STEPS = """from engine import step
+
+
+def lookup(data: dict, key: str) -> str:
+    return data[key]
+
+
+@step("t.fetch")
+def fetch(key: str) -> dict:
+    return {"v": lookup({}, key)}
+"""
+
+
+@pytest.fixture
+def failing(project: tuple[Path, dict[str, str]]) -> tuple[Path, dict[str, str]]:
+    cwd, env = project
+    (cwd / "workflows" / "failing.py").write_text(FAILING_STEPS)
+    (cwd / "workflows" / "fetcher.yaml").write_text(
+        'id: fetcher\nversion: "1"\ntrigger: {manual: true}\nsteps:\n'
+        "  - id: fetch\n    call: t.fetch\n    with: {key: missing}\n"
+        "    retry: {max_attempts: 1}\n"
+    )
+    return cwd, {**env, "DURABLE_YAML_MODULES": "workflows.failing"}
+
+
+def _run_id(text: str) -> str:
+    found = re.search(r"run (\w{20,})", text)
+    assert found, text
+    return found[1]
+
+
+def test_a_failing_step_shows_the_users_frames_only(failing: tuple[Path, dict[str, str]]) -> None:
+    cwd, env = failing
+    result = cli("run", "fetcher", cwd=cwd, env=env)
+    assert result.returncode == 1, result.stdout + result.stderr
+    out = result.stdout
+    assert "workflows/failing.py:10 in fetch" in out and "workflows/failing.py:5 in lookup" in out
+    assert "return data[key]" in out and "KeyError: 'missing'" in out
+    assert "executor.py" not in out and "registry.py" not in out and "Traceback" not in out
+    run_id = _run_id(out)
+
+    full = cli("runs", "show", run_id, "--verbose", cwd=cwd, env=env)
+    assert "executor.py" in full.stdout and 'failing.py", line 5, in lookup' in full.stdout
+
+    shown = cli("runs", "show", run_id, cwd=cwd, env=env)
+    assert "workflows/failing.py:5 in lookup" in shown.stdout
+    assert "executor.py" not in shown.stdout
+
+    detail = json.loads(cli("runs", "show", run_id, "--json", cwd=cwd, env=env).stdout)
+    (step,) = detail["steps"]
+    assert "failing.py:5 in lookup" in step["traceback"] and "executor.py" not in step["traceback"]
+    (attempt,) = step["attempt_history"]
+    assert "executor.py" not in attempt["traceback"]
+    assert "executor.py" in attempt["traceback_full"]  # the store keeps all of it
+
+    resumed = cli("resume", run_id, "--verbose", cwd=cwd, env=env)
+    assert resumed.returncode == 1 and "executor.py" in resumed.stdout
+
+
+def test_the_api_run_object_carries_the_cleaned_traceback(
+    failing: tuple[Path, dict[str, str]],
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from engine.server import create_app
+    from engine.service import Engine
+    from engine.settings import resolve_settings
+
+    cwd, env = failing
+    run_id = _run_id(cli("run", "fetcher", cwd=cwd, env=env).stdout)
+    engine = Engine(
+        resolve_settings(db=env["DURABLE_YAML_DB"], workflows=str(cwd / "workflows")),
+        import_steps=False,
+    )
+    try:
+        client = TestClient(create_app(engine, "k"), raise_server_exceptions=False)
+        body = client.get(f"/api/runs/{run_id}", headers={"Authorization": "Bearer k"}).json()
+    finally:
+        engine.close()
+    (step,) = body["steps"]
+    assert "in lookup" in step["traceback"] and "KeyError: 'missing'" in step["traceback"]
+    assert "executor.py" not in step["traceback"]
