@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import shlex
 from datetime import UTC, datetime
 from typing import Any
 
 from dsl import Machine
 from dsl.cron import check_timezone
+from dsl.reads import example_answer
 
-from .models import Attempt, LogEntry, Run, StepState
+from .models import Attempt, LogEntry, Run, RunStatus, StepState
 from .store import Store
 from .tracebacks import user_traceback
 
@@ -20,6 +23,7 @@ __all__ = [
     "run_summary",
     "schedule_views",
     "user_traceback",
+    "waiting_view",
 ]
 
 
@@ -96,6 +100,7 @@ def run_detail(store: Store, run: Run) -> dict[str, Any]:
             }
         )
     children = [c.id for c in store.list_runs(parent_run_id=run.id, limit=1000)]
+    waiting = waiting_view(run, stored.get(run.current_step or ""), machine)
     return {
         **run_summary(run),
         "children": children,
@@ -103,7 +108,44 @@ def run_detail(store: Store, run: Run) -> dict[str, Any]:
         "trigger": run.trigger,
         "cancel_requested": run.cancel_requested,
         "steps": steps,
+        "waiting": waiting,
     }
+
+
+def waiting_view(run: Run, step: StepState | None, machine: Machine) -> dict[str, Any] | None:
+    """What a waiting run waits for, and the command that answers it: `kind` (event, token,
+    timer, child), the step, since when, `wake_at` for a timer, `deadline` (the step's
+    timeout, null without one), the event and its `match` values, or the token; `command`
+    sends an answer carrying the match values and every field the workflow later reads
+    from that step's output (placeholders to edit). None unless the run is waiting."""
+    if run.status != RunStatus.WAITING or step is None or step.status.value != "waiting":
+        return None
+    wait = step.wait or {}
+    kind = str(wait.get("kind") or "timer")
+    view: dict[str, Any] = {"step": step.step_key, "kind": kind, "since": iso(step.started_at)}
+    if kind == "timer":
+        view["wake_at"] = iso(step.wake_at)
+        view["command"] = f"durable-yaml resume {run.id}"
+        return view
+    view["deadline"] = iso(step.wake_at)
+    if kind == "event":
+        answer = example_answer(machine, step.step_key, wait.get("match") or {})
+        view |= {"event": wait["event"], "match": wait.get("match") or {}}
+        view["command"] = (
+            f"durable-yaml send {shlex.quote(wait['event'])} --payload {_quoted(answer)}"
+        )
+    elif kind == "token":
+        answer = example_answer(machine, step.step_key, {})
+        view["token"] = wait["token"]
+        view["command"] = f"durable-yaml complete {wait['token']} --data {_quoted(answer)}"
+    elif kind == "child":
+        view |= {"run_id": wait.get("run_id"), "workflow": wait.get("workflow")}
+        view["command"] = f"durable-yaml runs show {wait.get('run_id')}"
+    return view
+
+
+def _quoted(value: Any) -> str:
+    return shlex.quote(json.dumps(value, default=str))
 
 
 def _attempt(a: Attempt) -> dict[str, Any]:

@@ -6,19 +6,19 @@ import json
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import click
 
 from dsl import Machine, State
-from dsl.reads import example_answer
 
 from ..inputs import parse_json
 from ..models import Run, RunStatus
 from ..service import Engine
 from ..settings import resolve_settings
 from ..transitions import Done, Failed, Outcome, Skipped, Suspended
-from ..views import iso, last_failure, user_traceback
+from ..views import iso, last_failure, user_traceback, waiting_view
 from .common import EXIT_WAITING, _engine, _read_payload, cli, settings_options
 
 
@@ -88,15 +88,53 @@ class LiveReporter:
             )
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would raise KeyboardInterrupt, so both end alike."""
+
+
 def _stop_on_sigterm() -> None:
     """A foreground run stopped by SIGTERM ends like Ctrl-C: its lease is released, its
     state kept, and the command exits 130 saying how to continue."""
     import signal
 
     def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
+        raise _Terminated
 
     signal.signal(signal.SIGTERM, interrupt)
+
+
+class _Remembering(LiveReporter):
+    """The live reporter, remembering the id of the run it shows (for the resume command)."""
+
+    run_id: str | None = None
+
+    def run_started(self, run: Run) -> None:
+        self.run_id = run.id
+        super().run_started(run)
+
+
+def _drive_foreground(drive: Callable[[LiveReporter], Run], run_id: str | None = None) -> Run:
+    """`drive(reporter)` with SIGTERM and SIGINT ending it cleanly: the runner releases the
+    run (its state kept) and this exits 130 printing the exact `resume` command."""
+    _stop_on_sigterm()
+    reporter = _Remembering()
+    try:
+        return drive(reporter)
+    except KeyboardInterrupt as exc:
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut this short
+        name = "SIGTERM" if isinstance(exc, _Terminated) else "SIGINT (Ctrl-C)"
+        shown = reporter.run_id or run_id
+        if shown is None:
+            click.echo(f"\ninterrupted by {name} before the run started", err=True)
+        else:
+            click.echo(
+                f"\ninterrupted by {name}; run {shown} keeps its state. "
+                f"Continue it with: durable-yaml resume {shown}",
+                err=True,
+            )
+        sys.exit(130)
 
 
 def _finish(engine: Engine, run: Run, verbose: bool = False) -> None:
@@ -149,15 +187,11 @@ def _how_to_continue(engine: Engine, run: Run) -> str:
     then = f"then `durable-yaml resume {run.id}` (or let a worker continue it)"
     if wait.get("kind") in ("event", "token"):
         machine = Machine.from_json(engine.store.load_definition(run.definition_hash))
-        given = (wait.get("match") or {}) if wait["kind"] == "event" else {}
-        answer = shlex.quote(json.dumps(example_answer(machine, str(run.current_step), given)))
-        if wait["kind"] == "event":
-            event = shlex.quote(wait["event"])
-            return f"it waits for event {event}: `durable-yaml send {event} --payload {answer}`, {then}"
-        return (
-            f"it waits for token {wait['token']}: "
-            f"`durable-yaml complete {wait['token']} --data {answer}`, {then}"
+        view = waiting_view(run, step, machine) or {}
+        what = (
+            f"event {shlex.quote(wait['event'])}" if "event" in wait else f"token {wait['token']}"
         )
+        return f"it waits for {what}: `{view['command']}`, {then}"
     if wait.get("kind") == "child":
         child = engine.store.get_run(wait["run_id"])
         if child.status.value == "waiting":  # say what the child waits for
@@ -186,8 +220,7 @@ def run(
     data = _read_payload(payload, payload_file)
     engine = _engine(db, modules, workflows)
     machine = engine.workflow(workflow)
-    _stop_on_sigterm()
-    result = engine.run(machine, data, LiveReporter())
+    result = _drive_foreground(lambda reporter: engine.run(machine, data, reporter))
     _finish(engine, result, verbose)
 
 
@@ -200,12 +233,11 @@ def resume(
 ) -> None:
     """Continue RUN_ID from its persisted state."""
     engine = _engine(db, modules, workflows)
-    _stop_on_sigterm()
     before = engine.store.get_run(run_id)
     click.echo(
         f"resuming run {run_id} of {before.workflow_id} v{before.version} at step {before.current_step}"
     )
-    _finish(engine, engine.resume(run_id, LiveReporter()), verbose)
+    _finish(engine, _drive_foreground(lambda r: engine.resume(run_id, r), run_id), verbose)
 
 
 @cli.command()

@@ -13,7 +13,7 @@ from ..service import Engine
 from ..settings import resolve_settings
 from ..views import iso, log_view, run_detail, run_summary
 from .common import _engine, _json, cli, settings_options
-from .foreground import VERBOSE, LiveReporter, _finish, _stop_on_sigterm
+from .foreground import VERBOSE, _drive_foreground, _finish
 
 
 @cli.group()
@@ -79,9 +79,26 @@ def runs_show(
         trace = _traceback(s, verbose)
         if trace:
             click.echo(textwrap.indent(trace.rstrip("\n"), "      "))
+    if detail["waiting"]:
+        click.echo(_waiting_line(detail["waiting"]))
     if detail["error"]:
         click.echo(f"error: {detail['error']}")
     click.echo(f"output: {json.dumps(detail['output'], default=str)}")
+
+
+def _waiting_line(w: dict[str, Any]) -> str:
+    """`runs show`'s account of what a waiting run waits for and how to answer it."""
+    what = {
+        "event": lambda: f"event {w['event']} matching {json.dumps(w['match'], default=str)}",
+        "token": lambda: f"token {w['token']}",
+        "timer": lambda: f"a timer, waking at {w['wake_at']}",
+        "child": lambda: f"child run {w['run_id']} of {w['workflow']}",
+    }.get(w["kind"], lambda: str(w["kind"]))()
+    deadline = f"; times out at {w['deadline']}" if w.get("deadline") else ""
+    return (
+        f"waiting at step {w['step']} since {w['since']} for {what}{deadline}\n"
+        f"  to continue: {w['command']}"
+    )
 
 
 def _traceback(step: dict[str, Any], verbose: bool) -> str | None:
@@ -139,6 +156,5 @@ def runs_replay(
 ) -> None:
     """Run again with the same payload, as a new run, in this process."""
     engine = _engine(db, modules, workflows)
-    _stop_on_sigterm()
     click.echo(f"replaying run {run_id}")
-    _finish(engine, engine.replay(run_id, LiveReporter()), verbose)
+    _finish(engine, _drive_foreground(lambda r: engine.replay(run_id, r)), verbose)

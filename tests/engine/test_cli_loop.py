@@ -5,10 +5,15 @@ says what it waits for, signals leave the exact resume command."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,6 +49,17 @@ def test_the_approval_hint_completes_the_run_as_printed(
     assert send[:2] == ["send", "review.completed"]
     answer = json.loads(send[send.index("--payload") + 1])
     assert answer == {"episode_id": "ep1", "approved": True}  # match value + what `when` reads
+
+    # `runs show` says the same: the event, its match values, the deadline, the command
+    shown = cli("runs", "show", resume[1], cwd=cwd, env=env).stdout
+    assert 'for event review.completed matching {"episode_id": "ep1"}; times out at' in shown
+    assert "to continue: " + shlex.join(["durable-yaml", *send]) in shown
+    waiting = json.loads(cli("runs", "show", resume[1], "--json", cwd=cwd, env=env).stdout)[
+        "waiting"
+    ]
+    assert waiting["kind"] == "event" and waiting["step"] == "review"
+    assert waiting["event"] == "review.completed" and waiting["match"] == {"episode_id": "ep1"}
+    assert waiting["deadline"] and shlex.split(waiting["command"])[1:] == send
     sent = cli(*send, cwd=cwd, env=env)
     assert sent.returncode == 0 and "resumed" in sent.stdout, sent.stdout + sent.stderr
     done = cli(*resume, cwd=cwd, env=env)
@@ -70,6 +86,18 @@ def test_the_token_hint_carries_the_fields_read_from_its_data(
     assert complete[0] == "complete"
     data = json.loads(complete[complete.index("--data") + 1])
     assert data == {"decision": "yes", "who": {"name": "..."}}
+    token = complete[1]
+
+    shown = cli("runs", "show", resume[1], cwd=cwd, env=env).stdout
+    assert f"for token {token}; times out at" in shown
+    assert f"to continue: durable-yaml complete {token} --data" in shown
+    detail = json.loads(cli("runs", "show", resume[1], "--json", cwd=cwd, env=env).stdout)
+    assert detail["waiting"]["kind"] == "token" and detail["waiting"]["token"] == token
+    assert detail["waiting"]["deadline"]
+    api = _api_run(cwd, env, resume[1])
+    assert api["waiting"]["token"] == token and api["waiting"]["command"].startswith(
+        f"durable-yaml complete {token} --data "
+    )
     assert cli(*complete, cwd=cwd, env=env).returncode == 0
     done = cli(*resume, cwd=cwd, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -136,26 +164,70 @@ def test_a_failing_step_shows_the_users_frames_only(failing: tuple[Path, dict[st
     assert resumed.returncode == 1 and "executor.py" in resumed.stdout
 
 
-def test_the_api_run_object_carries_the_cleaned_traceback(
-    failing: tuple[Path, dict[str, str]],
-) -> None:
+def _api_run(cwd: Path, env: dict[str, str], run_id: str) -> Any:
+    """GET /api/runs/{id} of the real app on the project's database."""
     from fastapi.testclient import TestClient
 
     from engine.server import create_app
     from engine.service import Engine
     from engine.settings import resolve_settings
 
-    cwd, env = failing
-    run_id = _run_id(cli("run", "fetcher", cwd=cwd, env=env).stdout)
     engine = Engine(
         resolve_settings(db=env["DURABLE_YAML_DB"], workflows=str(cwd / "workflows")),
         import_steps=False,
     )
     try:
         client = TestClient(create_app(engine, "k"), raise_server_exceptions=False)
-        body = client.get(f"/api/runs/{run_id}", headers={"Authorization": "Bearer k"}).json()
+        return client.get(f"/api/runs/{run_id}", headers={"Authorization": "Bearer k"}).json()
     finally:
         engine.close()
+
+
+def test_the_api_run_object_carries_the_cleaned_traceback(
+    failing: tuple[Path, dict[str, str]],
+) -> None:
+    cwd, env = failing
+    run_id = _run_id(cli("run", "fetcher", cwd=cwd, env=env).stdout)
+    body = _api_run(cwd, env, run_id)
     (step,) = body["steps"]
     assert "in lookup" in step["traceback"] and "KeyError: 'missing'" in step["traceback"]
     assert "executor.py" not in step["traceback"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_on_a_foreground_run_prints_its_resume_command(
+    project: tuple[Path, dict[str, str]], sig: signal.Signals
+) -> None:
+    cwd, env = project
+    (cwd / "workflows" / "slow.yaml").write_text(
+        'id: slow\nversion: "1"\ntrigger: {manual: true}\n'
+        "steps:\n  - {id: a, log: hi}\n  - {id: b, wait: 1h}\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine", "run", "slow"],
+        cwd=cwd,
+        env={**os.environ, **env, "NO_COLOR": "1", "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # a shell's background job ignores SIGINT, and a child inherits that: undo it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    assert proc.stdout is not None
+    first = proc.stdout.readline()
+    run_id = _run_id(first)
+    for line in proc.stdout:  # the run now sleeps through its timer
+        if "waiting" in line:
+            break
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert f"durable-yaml resume {run_id}" in err and "Traceback" not in err
+    assert ("SIGTERM" if sig == signal.SIGTERM else "SIGINT") in err
+
+    # the run keeps its state and says what it waits for: the timer, its wake time
+    shown = cli("runs", "show", run_id, cwd=cwd, env=env)
+    assert "waiting at step b" in shown.stdout and "a timer, waking at" in shown.stdout
+    detail = json.loads(cli("runs", "show", run_id, "--json", cwd=cwd, env=env).stdout)
+    assert detail["status"] == "waiting"
+    assert detail["waiting"]["kind"] == "timer" and detail["waiting"]["wake_at"]
