@@ -115,7 +115,7 @@ def test_command(
     paths: tuple[str, ...], db: str | None, modules: tuple[str, ...], workflows: str | None
 ) -> None:
     """Run workflow tests (*.test.yaml) on a virtual clock; exit 1 if any fails."""
-    from .testfiles import find_test_files, run_test_file
+    from ..testfiles import find_test_files, run_test_file
 
     settings = resolve_settings(modules=modules, workflows=workflows)
     targets = list(paths) or [settings.workflows, str(Path(settings.project_dir) / "tests")]

@@ -7,14 +7,17 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
 
 from dsl import Machine, State
 
+from ..errors import ConfigError
 from ..inputs import parse_json
 from ..models import Run, RunStatus
+from ..registry import registered_names
 from ..service import Engine
 from ..settings import resolve_settings
 from ..transitions import Done, Failed, Outcome, Skipped, Suspended
@@ -179,6 +182,22 @@ VERBOSE = click.option(
 )
 
 
+def _check_steps_known(engine: Engine, machine: Machine) -> None:
+    """Refuse, before anything is stored, a workflow calling steps no module registered
+    (with modules imported, loading the workflow checked that already)."""
+    if engine.steps_imported:
+        return
+    calls = {str(s.config["function"]) for s in machine.states if s.config.get("function")}
+    missing = sorted(calls - registered_names())
+    if missing:
+        raise ConfigError(
+            f"workflow {machine.workflow_id} calls {', '.join(missing)}, but no step module "
+            f"is configured for {engine.settings.project_dir}: pass -m MODULE, set "
+            "DURABLE_YAML_MODULES, or `modules = [...]` under [tool.durable-yaml] in its "
+            "pyproject.toml; nothing was created"
+        )
+
+
 def _how_to_continue(engine: Engine, run: Run) -> str:
     """The exact commands that answer what the run waits for: an answer carrying the wait's
     match values and every field the workflow later reads from the step's output."""
@@ -218,8 +237,13 @@ def run(
 ) -> None:
     """Run WORKFLOW (a file or an id) now, in this process, to the end."""
     data = _read_payload(payload, payload_file)
-    engine = _engine(db, modules, workflows)
+    path = Path(workflow)
+    is_file = path.suffix in (".yaml", ".yml") or path.is_file()
+    engine = Engine(
+        resolve_settings(db, modules, workflows, workflow_file=workflow if is_file else None)
+    )
     machine = engine.workflow(workflow)
+    _check_steps_known(engine, machine)
     result = _drive_foreground(lambda reporter: engine.run(machine, data, reporter))
     _finish(engine, result, verbose)
 

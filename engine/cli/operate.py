@@ -52,7 +52,7 @@ def worker(
     """Execute queued runs, fire cron schedules and wake timers until stopped."""
     import logging
 
-    from .worker import Worker
+    from ..worker import Worker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     engine = _engine(db, modules, workflows)
@@ -82,7 +82,7 @@ def serve(
     """The HTTP API (/api, /openapi.json) and the dashboard (/)."""
     import os
 
-    from .server.security import is_loopback
+    from ..server.security import is_loopback
 
     key = os.environ.get("DURABLE_YAML_API_KEY") or None
     if key is None and not is_loopback(host):
@@ -92,7 +92,7 @@ def serve(
         )
     import uvicorn
 
-    from .server import create_app
+    from ..server import create_app
 
     _check_port_free(host, port)
     engine = Engine(

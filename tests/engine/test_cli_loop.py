@@ -231,3 +231,49 @@ def test_a_signal_on_a_foreground_run_prints_its_resume_command(
     detail = json.loads(cli("runs", "show", run_id, "--json", cwd=cwd, env=env).stdout)
     assert detail["status"] == "waiting"
     assert detail["waiting"]["kind"] == "timer" and detail["waiting"]["wake_at"]
+
+
+def _project_elsewhere(tmp_path: Path, modules: str = '["projsteps"]') -> tuple[Path, Path]:
+    proj, elsewhere = tmp_path / "proj", tmp_path / "elsewhere"
+    (proj / "workflows").mkdir(parents=True)
+    elsewhere.mkdir()
+    (proj / "pyproject.toml").write_text(f"[tool.durable-yaml]\nmodules = {modules}\n")
+    (proj / "projsteps.py").write_text(
+        "from engine import step\n\n\n@step('proj.hello')\n"
+        "def hello(name: str) -> dict:\n    return {'message': 'hello ' + name}\n"
+    )
+    (proj / "workflows" / "hello.yaml").write_text(
+        'id: hello\nversion: "1"\ntrigger: {manual: true}\nsteps:\n'
+        "  - {id: greet, call: proj.hello, with: {name: ada}}\n"
+    )
+    return proj, elsewhere
+
+
+def _clean_env() -> dict[str, str]:
+    return {"PYTHONPATH": str(ROOT), "DURABLE_YAML_DB": "", "DURABLE_YAML_MODULES": ""}
+
+
+def test_run_of_a_path_takes_the_settings_of_the_files_project(tmp_path: Path) -> None:
+    proj, elsewhere = _project_elsewhere(tmp_path)
+    wf = str(proj / "workflows" / "hello.yaml")
+    result = cli("run", wf, cwd=elsewhere, env=_clean_env())
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert '"hello ada"' in result.stdout  # the project's step module ran
+    assert not (elsewhere / ".durable-yaml").exists()  # nothing in the current folder
+    assert (proj / ".durable-yaml" / "state.db").is_file()  # the project's database
+    listed = cli("runs", "list", "--json", cwd=proj, env=_clean_env())
+    assert [r["status"] for r in json.loads(listed.stdout)] == ["completed"]
+
+
+def test_run_of_a_path_stops_before_creating_anything(tmp_path: Path) -> None:
+    proj, elsewhere = _project_elsewhere(tmp_path, modules="[]")
+    wf = str(proj / "workflows" / "hello.yaml")
+    result = cli("run", wf, cwd=elsewhere, env=_clean_env())
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "calls proj.hello, but no step module is configured" in result.stderr
+    assert not (elsewhere / ".durable-yaml").exists() and not (proj / ".durable-yaml").exists()
+
+    (proj / "pyproject.toml").unlink()  # a file in no project, outside the current folder
+    result = cli("run", wf, "-m", "projsteps", cwd=elsewhere, env=_clean_env())
+    assert result.returncode == 2 and "is in no project" in result.stderr, result.stderr
+    assert not (elsewhere / ".durable-yaml").exists() and not (proj / ".durable-yaml").exists()
