@@ -293,9 +293,48 @@ def send(
     for run_id in sent.resumed:
         click.echo(f"resumed {run_id}")
     if not sent.run_ids and not sent.resumed and not sent.duplicate:
-        click.echo(
-            f"event {event} recorded; no workflow is triggered by it and no run waits for it"
-        )
+        click.echo(f"event {event} recorded; it started no run and resumed none")
+        _warn_if_unheard(engine, event)
+
+
+def _listened_events(engine: Engine) -> set[str]:
+    """Event names something listens to: the folder's triggers and waits (a wait_for_any's
+    branches included), and the waits of stored runs."""
+    names: set[str] = set(engine.store.waited_event_names())
+
+    def events_in(value: Any) -> None:
+        if isinstance(value, dict):
+            if isinstance(value.get("event"), str):
+                names.add(value["event"])
+            for v in value.values():
+                events_in(v)
+        elif isinstance(value, list):
+            for v in value:
+                events_in(v)
+
+    for machine in engine.catalog.workflows.values():
+        if machine.trigger.kind == "event" and machine.trigger.event:
+            names.add(machine.trigger.event)
+        for state in machine.states:
+            if state.kind != "send_event":
+                events_in(state.config)
+    return names
+
+
+def _warn_if_unheard(engine: Engine, event: str) -> None:
+    """On stderr: nothing triggers or waits for `event` (a typo?), with the closest names."""
+    import difflib
+
+    listened = _listened_events(engine)
+    if event in listened:
+        return  # some run or workflow listens: none matched this payload
+    close = difflib.get_close_matches(event, sorted(listened), n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(f'`{c}`' for c in close)}?" if close else ""
+    click.echo(
+        f"warning: no workflow in {engine.settings.workflows} is triggered by `{event}` and "
+        f"no workflow or run waits for it{hint}",
+        err=True,
+    )
 
 
 @cli.command()

@@ -277,3 +277,30 @@ def test_run_of_a_path_stops_before_creating_anything(tmp_path: Path) -> None:
     result = cli("run", wf, "-m", "projsteps", cwd=elsewhere, env=_clean_env())
     assert result.returncode == 2 and "is in no project" in result.stderr, result.stderr
     assert not (elsewhere / ".durable-yaml").exists() and not (proj / ".durable-yaml").exists()
+
+
+def test_send_of_an_event_nothing_listens_to_warns_with_a_did_you_mean(
+    project: tuple[Path, dict[str, str]],
+) -> None:
+    cwd, env = project
+    typo = cli("send", "process.imag", cwd=cwd, env=env)
+    assert typo.returncode == 0, typo.stderr  # it was recorded all the same
+    assert "warning: " in typo.stderr and "did you mean `process.image`?" in typo.stderr
+    assert "recorded" in typo.stdout
+
+    # a wait of a stored run counts: `sign.off` is in no workflow file any more
+    (cwd / "workflows" / "signer.yaml").write_text(
+        'id: signer\nversion: "1"\ntrigger: {manual: true}\nsteps:\n'
+        "  - {id: ask, wait_for_event: sign.off, match: {doc: a}}\n"
+    )
+    assert cli("run", "signer", cwd=cwd, env=env).returncode == 3
+    (cwd / "workflows" / "signer.yaml").unlink()
+    near = cli("send", "sign.of", cwd=cwd, env=env)
+    assert near.returncode == 0 and "did you mean `sign.off`?" in near.stderr
+
+    # an event some run waits for, whose match this payload misses, is no typo
+    known = cli("send", "sign.off", "--payload", '{"doc": "b"}', cwd=cwd, env=env)
+    assert known.returncode == 0 and "warning" not in known.stderr
+
+    far = cli("send", "zzz.qqq", cwd=cwd, env=env)
+    assert "warning: " in far.stderr and "did you mean" not in far.stderr
