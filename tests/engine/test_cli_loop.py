@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -304,3 +305,59 @@ def test_send_of_an_event_nothing_listens_to_warns_with_a_did_you_mean(
 
     far = cli("send", "zzz.qqq", cwd=cwd, env=env)
     assert "warning: " in far.stderr and "did you mean" not in far.stderr
+
+
+def test_serve_picks_up_a_workflow_added_after_start(
+    project: tuple[Path, dict[str, str]],
+) -> None:
+    import socket
+
+    import httpx
+
+    cwd, env = project
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine", "serve", "--port", str(port)],
+        cwd=cwd,
+        env={**os.environ, **env, "DURABLE_YAML_API_KEY": "k", "NO_COLOR": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert "dashboard http://" in proc.stdout.readline()
+        client = httpx.Client(
+            base_url=f"http://127.0.0.1:{port}", headers={"Authorization": "Bearer k"}
+        )
+        for _ in range(200):  # until uvicorn listens
+            try:
+                client.get("/healthz")
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.communicate()
+                time.sleep(0.05)
+
+        def names() -> list[str]:
+            return [w["id"] for w in client.get("/api/workflows").json()["workflows"]]
+
+        assert "late" not in names() and "ai-pipeline" in names()
+
+        (cwd / "workflows" / "late.yaml").write_text(
+            'id: late\nversion: "1"\ntrigger: {event: late.arrived}\nsteps:\n'
+            "  - {id: a, log: here}\n"
+        )
+        for _ in range(100):  # the folder is re-read at most once a second
+            sent = client.post("/api/events", json={"name": "late.arrived", "payload": {}})
+            if sent.json()["runs"]:
+                break
+            time.sleep(0.1)
+        assert sent.status_code == 202 and len(sent.json()["runs"]) == 1, sent.text
+        assert "late" in names()
+        run = client.get(f"/api/runs/{sent.json()['runs'][0]}").json()
+        assert run["workflow"] == "late" and run["status"] == "queued"
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
