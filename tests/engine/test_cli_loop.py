@@ -361,3 +361,35 @@ def test_serve_picks_up_a_workflow_added_after_start(
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
+
+
+def test_validate_checks_test_files_as_tests(tmp_path: Path) -> None:
+    proj, _ = _project_elsewhere(tmp_path)
+    tests = proj / "workflows" / "tests"
+    tests.mkdir()
+    (tests / "good.test.yaml").write_text(
+        "workflow: hello\nstubs:\n  proj.hello: [{return: {message: hi}}]\n"
+        "expect:\n  status: completed\n  steps: {greet: {status: completed}}\n"
+    )
+    (tests / "typo.test.yaml").write_text("workflow: helo\nexpect: {status: completed}\n")
+    (tests / "step.test.yaml").write_text(
+        "workflow: hello\nexpect:\n  steps:\n    gret: {status: completed}\n"
+    )
+    (tests / "shape.test.yaml").write_text(
+        "workflow: hello\nevents:\n  - {at: soon, send: x}\nexpect: {status: completed}\n"
+    )
+    result = cli("validate", cwd=proj, env=_clean_env())
+    assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
+    out = result.stdout
+    assert (
+        f"{tests / 'typo.test.yaml'}:1:11: workflow: no workflow has id `helo`; did you mean `hello`?"
+        in out
+    )
+    assert (
+        f"{tests / 'step.test.yaml'}:4:5: expect.steps.gret: workflow hello has no step `gret`; did you mean `greet`?"
+        in out
+    )
+    assert f"{tests / 'shape.test.yaml'}:3:6: events[0].at: 'soon' is not a duration" in out
+    assert "good.test.yaml" not in out
+    alone = cli("validate", str(tests / "good.test.yaml"), cwd=proj, env=_clean_env())
+    assert alone.returncode == 0 and "1 file(s) valid" in alone.stdout, alone.stdout + alone.stderr
