@@ -45,15 +45,17 @@ def _hidden(file: str) -> bool:
 
 
 def _shown_path(file: str, base: str | None) -> str:
+    """Relative to `base` when inside it, else as written."""
     try:
-        return os.path.relpath(file, base or os.getcwd()) if not file.startswith("<") else file
-    except ValueError:  # another drive on Windows
+        inside = Path(file).resolve().relative_to(Path(base or os.getcwd()).resolve())
+    except (OSError, ValueError):
         return file
+    return str(inside)
 
 
 def user_traceback(text: str | None, base: str | None = None) -> str | None:
     """`text` (a stored traceback) with the user's frames only, paths relative to `base`
-    (default: the current folder) when inside it. A text that is not a traceback, or one
+    (default: the current folder) when inside it, absolute otherwise. A text that is not a traceback, or one
     with no frame of the user's (a failure raised by the engine itself: a bad template, a
     non-JSON output), comes back with only its exception lines."""
     if not text:

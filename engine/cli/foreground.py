@@ -169,7 +169,11 @@ def _show_traceback(engine: Engine, run: Run, verbose: bool) -> None:
     failure = last_failure(engine.store, run.id)
     if failure is None or not failure.traceback:
         return
-    text = failure.traceback if verbose else user_traceback(failure.traceback)
+    text = (
+        failure.traceback
+        if verbose
+        else user_traceback(failure.traceback, engine.settings.project_dir)
+    )
     if text:
         click.echo(f"step {failure.step_key}, attempt {failure.attempt}:")
         click.echo(text.rstrip("\n"))

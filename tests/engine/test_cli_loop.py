@@ -165,8 +165,9 @@ def test_a_failing_step_shows_the_users_frames_only(failing: tuple[Path, dict[st
     assert resumed.returncode == 1 and "executor.py" in resumed.stdout
 
 
-def _api_run(cwd: Path, env: dict[str, str], run_id: str) -> Any:
-    """GET /api/runs/{id} of the real app on the project's database."""
+def _api_run(cwd: Path, env: dict[str, str], run_id: str, page: bool = False) -> Any:
+    """GET /api/runs/{id} (or, with `page`, the dashboard's run page, signed in) of the real
+    app on the project's database."""
     from fastapi.testclient import TestClient
 
     from engine.server import create_app
@@ -177,8 +178,12 @@ def _api_run(cwd: Path, env: dict[str, str], run_id: str) -> Any:
         resolve_settings(db=env["DURABLE_YAML_DB"], workflows=str(cwd / "workflows")),
         import_steps=False,
     )
+    base = "http://127.0.0.1:8765"
     try:
-        client = TestClient(create_app(engine, "k"), raise_server_exceptions=False)
+        client = TestClient(create_app(engine, "k", port=8765), base_url=base)
+        if page:
+            assert client.post("/login", data={"key": "k"}, headers={"origin": base}).is_success
+            return client.get(f"/runs/{run_id}").text
         return client.get(f"/api/runs/{run_id}", headers={"Authorization": "Bearer k"}).json()
     finally:
         engine.close()
@@ -193,6 +198,8 @@ def test_the_api_run_object_carries_the_cleaned_traceback(
     (step,) = body["steps"]
     assert "in lookup" in step["traceback"] and "KeyError: 'missing'" in step["traceback"]
     assert "executor.py" not in step["traceback"]
+    html = _api_run(cwd, env, run_id, page=True)  # the dashboard reads the same field
+    assert "workflows/failing.py:5 in lookup" in html and "executor.py" not in html
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
