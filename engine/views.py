@@ -141,6 +141,8 @@ def waiting_view(run: Run, step: StepState | None, machine: Machine) -> dict[str
     elif kind == "child":
         view |= {"run_id": wait.get("run_id"), "workflow": wait.get("workflow")}
         view["command"] = f"durable-yaml runs show {wait.get('run_id')}"
+    else:  # a kind this view does not know yet: what is stored, as it is
+        view["wait"] = wait
     return view
 
 

@@ -93,12 +93,10 @@ def _waiting_line(w: dict[str, Any]) -> str:
         "token": lambda: f"token {w['token']}",
         "timer": lambda: f"a timer, waking at {w['wake_at']}",
         "child": lambda: f"child run {w['run_id']} of {w['workflow']}",
-    }.get(w["kind"], lambda: str(w["kind"]))()
+    }.get(w["kind"], lambda: f"{w['kind']} {json.dumps(w.get('wait'), default=str)}")()
     deadline = f"; times out at {w['deadline']}" if w.get("deadline") else ""
-    return (
-        f"waiting at step {w['step']} since {w['since']} for {what}{deadline}\n"
-        f"  to continue: {w['command']}"
-    )
+    line = f"waiting at step {w['step']} since {w['since']} for {what}{deadline}"
+    return line + (f"\n  to continue: {w['command']}" if w.get("command") else "")
 
 
 def _traceback(step: dict[str, Any], verbose: bool) -> str | None:
