@@ -28,10 +28,16 @@ __all__ = ["create_app"]
 
 
 def create_app(
-    engine: Engine, api_key: str | None, *, port: int | None = None, max_body: int = MAX_BODY
+    engine: Engine,
+    api_key: str | None,
+    *,
+    port: int | None = None,
+    max_body: int = MAX_BODY,
+    reload_workflows: bool = False,
 ) -> FastAPI:
     """The app. Without `api_key` it answers loopback names only (on `port`, when given);
-    request bodies over `max_body` bytes are refused with 413."""
+    request bodies over `max_body` bytes are refused with 413. With `reload_workflows` (as
+    `serve` runs it) the workflows folder is re-read before requests, at most once a second."""
     from importlib.metadata import version
 
     app = FastAPI(
@@ -46,7 +52,8 @@ def create_app(
     app.include_router(api.router)
     app.include_router(dashboard.router)
     app.add_middleware(Guard, keys=keys, max_body=max_body, refusal=_refusal)
-    _reload_workflows(app, engine)
+    if reload_workflows:
+        _reload_workflows(app, engine)
 
     @app.get("/healthz", tags=["health"], summary="Liveness and database reachability")
     def healthz() -> Response:
