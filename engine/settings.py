@@ -105,6 +105,8 @@ def resolve_settings(
             )
     chosen_modules = tuple(modules) or tuple(env_modules) or tuple(str(m) for m in project_modules)
     db_url = db or os.environ.get("DURABLE_YAML_DB") or project.get("db") or default_db
+    if workflow_file is not None and folder is not None and db_url == project.get("db"):
+        db_url = _inside(str(db_url), folder)  # the project's own relative SQLite file
     chosen_workflows = (
         workflows
         or os.environ.get("DURABLE_YAML_WORKFLOWS")
@@ -116,6 +118,20 @@ def resolve_settings(
     if not Path(chosen_workflows).is_absolute() and (folder or from_file) and not workflows:
         chosen_workflows = str(base / chosen_workflows)
     return Settings(check_db_url(str(db_url)), chosen_modules, str(chosen_workflows), str(base))
+
+
+def _inside(url: str, folder: Path) -> str:
+    """A SQLite URL with a relative file made relative to `folder`; any other URL as is."""
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return url  # check_db_url says what is wrong with it
+    name = parsed.database or ""
+    if parsed.get_backend_name() != "sqlite" or not name or name == ":memory:":
+        return url
+    if Path(name).is_absolute() or name.startswith("file:"):
+        return url
+    return parsed.set(database=str(folder / name)).render_as_string(hide_password=False)
 
 
 def check_db_url(url: str) -> str:

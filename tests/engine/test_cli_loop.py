@@ -407,3 +407,19 @@ def test_validate_checks_test_files_as_tests(tmp_path: Path) -> None:
     assert "good.test.yaml" not in out
     alone = cli("validate", str(tests / "good.test.yaml"), cwd=proj, env=_clean_env())
     assert alone.returncode == 0 and "1 file(s) valid" in alone.stdout, alone.stdout + alone.stderr
+
+
+def test_a_projects_relative_sqlite_file_is_in_the_project(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from engine.settings import resolve_settings
+
+    monkeypatch.delenv("DURABLE_YAML_DB", raising=False)
+    proj, elsewhere = _project_elsewhere(tmp_path)
+    with (proj / "pyproject.toml").open("a") as f:
+        f.write('db = "sqlite:///state/app.db"\n')
+    wf = str(proj / "workflows" / "hello.yaml")
+    chosen = resolve_settings(workflow_file=wf, cwd=str(elsewhere))
+    assert chosen.db_url == f"sqlite:///{proj}/state/app.db"
+    assert chosen.modules == ("projsteps",) and chosen.project_dir == str(proj)
+    assert chosen.workflows == str(proj / "workflows")
