@@ -303,6 +303,10 @@ def test_send_of_an_event_nothing_listens_to_warns_with_a_did_you_mean(
     assert "warning: " in typo.stderr and "did you mean `process.image`?" in typo.stderr
     assert "recorded" in typo.stdout
 
+    # a workflow's wait counts: ai-pipeline waits for review.completed
+    wait_typo = cli("send", "review.complete", cwd=cwd, env=env)
+    assert "did you mean `review.completed`?" in wait_typo.stderr
+
     # a wait of a stored run counts: `sign.off` is in no workflow file any more
     (cwd / "workflows" / "signer.yaml").write_text(
         'id: signer\nversion: "1"\ntrigger: {manual: true}\nsteps:\n'
