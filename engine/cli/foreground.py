@@ -177,8 +177,8 @@ def _show_traceback(engine: Engine, run: Run, verbose: bool) -> None:
     if text:
         click.echo(f"step {failure.step_key}, attempt {failure.attempt}:")
         click.echo(text.rstrip("\n"))
-        if not verbose:
-            click.echo("(the engine's frames are hidden; --verbose shows them)")
+        if not verbose and "File " in failure.traceback:  # frames were left out
+            click.echo("(the engine's and libraries' frames are hidden; --verbose shows them)")
 
 
 VERBOSE = click.option(
