@@ -16,7 +16,14 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from .errors import ConfigError
 
-__all__ = ["DEFAULT_DB", "DEFAULT_RETENTION", "Settings", "check_db_url", "resolve_settings"]
+__all__ = [
+    "DEFAULT_DB",
+    "DEFAULT_RETENTION",
+    "Settings",
+    "check_db_url",
+    "project_of",
+    "resolve_settings",
+]
 
 DEFAULT_DB = "sqlite:///.durable-yaml/state.db"
 
@@ -90,13 +97,39 @@ def _pyproject(start: Path) -> tuple[dict[str, Any], Path | None]:
     return {}, None
 
 
+def project_of(workflow_file: str) -> Path | None:
+    """The project a workflow file belongs to: the folder of the nearest pyproject.toml
+    above it, None when there is none."""
+    start = Path(workflow_file).resolve().parent
+    return next((f for f in (start, *start.parents) if (f / "pyproject.toml").is_file()), None)
+
+
 def resolve_settings(
     db: str | None = None,
     modules: tuple[str, ...] | list[str] = (),
     workflows: str | None = None,
     cwd: str | None = None,
+    workflow_file: str | None = None,
 ) -> Settings:
+    """With `workflow_file` (a `run PATH`), settings come from the file's project: its
+    pyproject.toml, its folder on sys.path, its `.durable-yaml/` for the default database,
+    wherever the command is typed. A file in no project and outside the current folder is
+    refused (ConfigError) unless a database is given, so nothing is created in a folder
+    that happens to be current."""
     here = Path(cwd or os.getcwd()).resolve()
+    default_db = DEFAULT_DB
+    if workflow_file is not None:
+        home = project_of(workflow_file)
+        given_db = db or os.environ.get("DURABLE_YAML_DB")
+        if home is not None:
+            here = home
+            default_db = f"sqlite:///{home / '.durable-yaml' / 'state.db'}"
+        elif not given_db and not Path(workflow_file).resolve().is_relative_to(here):
+            raise ConfigError(
+                f"{workflow_file} is in no project (no pyproject.toml above it) and outside "
+                f"the current folder {here}: run it from its own folder, or give --db "
+                "(and -m for its step modules); nothing was created"
+            )
     project, folder = _pyproject(here)
     env_modules = [
         m.strip() for m in os.environ.get("DURABLE_YAML_MODULES", "").split(",") if m.strip()
@@ -112,7 +145,9 @@ def resolve_settings(
                 f"[tool.durable-yaml] {key} must be a string, not {type(project[key]).__name__}"
             )
     chosen_modules = tuple(modules) or tuple(env_modules) or tuple(str(m) for m in project_modules)
-    db_url = db or os.environ.get("DURABLE_YAML_DB") or project.get("db") or DEFAULT_DB
+    db_url = db or os.environ.get("DURABLE_YAML_DB") or project.get("db") or default_db
+    if workflow_file is not None and folder is not None and db_url == project.get("db"):
+        db_url = _inside(str(db_url), folder)  # the project's own relative SQLite file
     chosen_workflows = (
         workflows
         or os.environ.get("DURABLE_YAML_WORKFLOWS")
@@ -120,7 +155,8 @@ def resolve_settings(
         or "workflows"
     )
     base = folder or here
-    if not Path(chosen_workflows).is_absolute() and folder is not None and not workflows:
+    from_file = workflow_file is not None and base == here
+    if not Path(chosen_workflows).is_absolute() and (folder or from_file) and not workflows:
         chosen_workflows = str(base / chosen_workflows)
     where = f"{folder / 'pyproject.toml'} [tool.durable-yaml]" if folder else "settings"
     return Settings(
@@ -130,6 +166,20 @@ def resolve_settings(
         str(base),
         _retention(project.get("retention"), where),
     )
+
+
+def _inside(url: str, folder: Path) -> str:
+    """A SQLite URL with a relative file made relative to `folder`; any other URL as is."""
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return url  # check_db_url says what is wrong with it
+    name = parsed.database or ""
+    if parsed.get_backend_name() != "sqlite" or not name or name == ":memory:":
+        return url
+    if Path(name).is_absolute() or name.startswith("file:"):
+        return url
+    return parsed.set(database=str(folder / name)).render_as_string(hide_password=False)
 
 
 def check_db_url(url: str) -> str:

@@ -18,20 +18,21 @@ clock of `engine.testing`.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dsl import DurationError, parse_duration
+from dsl import DurationError, Machine, Problem, parse_duration
 from dsl.limits import YAML_BYTES_MAX
-from dsl.loader import load_yaml
+from dsl.loader import Loaded, _field, load_yaml
+from dsl.schema_check import closest
 
 from .errors import EngineError
 from .inputs import InputInvalid, check_json
 from .testing import Env, exception_named
 
-__all__ = ["TestResult", "find_test_files", "run_test_file"]
+__all__ = ["TestResult", "check_test_file", "find_test_files", "run_test_file"]
 
 _KEYS = {"workflow", "payload", "stubs", "events", "expect", "name"}
 _EXPECT_KEYS = {"status", "output", "error_contains", "steps", "logs_contain"}
@@ -46,7 +47,11 @@ class TestResult:
 
 
 class TestFileError(Exception):
-    pass
+    """A malformed test file; `where` is the path of keys to the offending value."""
+
+    def __init__(self, message: str, where: tuple[str | int, ...] = ()) -> None:
+        super().__init__(message)
+        self.where = where
 
 
 def find_test_files(paths: Sequence[str | Path]) -> list[Path]:
@@ -59,47 +64,112 @@ def find_test_files(paths: Sequence[str | Path]) -> list[Path]:
     return found
 
 
-def _load(path: Path) -> dict[str, Any]:
-    """The test file, read by the workflow loader (bounded: size, depth, aliases, no tags)
-    and checked for shape, so a malformed test is a message, never a traceback."""
+def _read(path: Path) -> tuple[Loaded | None, list[Problem]]:
+    """The test file by the workflow loader (bounded: size, depth, aliases, no tags)."""
     try:
         text = path.read_bytes()[: YAML_BYTES_MAX + 1].decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise TestFileError(f"cannot read the file: {exc}") from None
+        return None, [Problem(str(path), 1, 1, "", f"cannot read the file: {exc}")]
     loaded, problems = load_yaml(text, str(path))
+    if loaded is None and not problems:
+        problems = [Problem(str(path), 1, 1, "", "not valid YAML")]
+    return loaded, problems
+
+
+def _load(path: Path) -> dict[str, Any]:
+    """The test file, read and checked for shape, so a malformed test is a message, never
+    a traceback."""
+    loaded, problems = _read(path)
     if loaded is None or problems:
         raise TestFileError("; ".join(str(p) for p in problems[:3]) or "not valid YAML")
-    data = loaded.data
+    return _shape(loaded.data)
+
+
+def _shape(data: Any) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise TestFileError("a test file is a mapping with `workflow` and `expect`")
     unknown = set(data) - _KEYS
     if unknown:
         raise TestFileError(
-            f"unknown key(s) {sorted(map(str, unknown))}; a test has {sorted(_KEYS)}"
+            f"unknown key(s) {sorted(map(str, unknown))}; a test has {sorted(_KEYS)}",
+            (sorted(map(str, unknown))[0],),
         )
     if not isinstance(data.get("workflow"), str):
-        raise TestFileError("`workflow` must name the workflow under test (its id)")
+        raise TestFileError("`workflow` must name the workflow under test (its id)", ("workflow",))
     try:
         check_json(data.get("payload"), "payload")
     except InputInvalid as exc:
-        raise TestFileError(str(exc)) from None
+        raise TestFileError(str(exc), ("payload",)) from None
     stubs = data.get("stubs") or {}
     if not isinstance(stubs, dict):
-        raise TestFileError("`stubs` maps step names to lists of {return: VALUE} or {raise: Name}")
+        raise TestFileError(
+            "`stubs` maps step names to lists of {return: VALUE} or {raise: Name}", ("stubs",)
+        )
     events = data.get("events") or []
     if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
         raise TestFileError(
-            "`events` is a list of {at, send, payload} or {at, complete_token, data}"
+            "`events` is a list of {at, send, payload} or {at, complete_token, data}", ("events",)
         )
     expect = data.get("expect") or {}
     if not isinstance(expect, dict) or set(expect) - _EXPECT_KEYS:
-        raise TestFileError(f"`expect` may hold {sorted(_EXPECT_KEYS)}")
+        raise TestFileError(f"`expect` may hold {sorted(_EXPECT_KEYS)}", ("expect",))
     steps = expect.get("steps") or {}
     if not isinstance(steps, dict) or not all(isinstance(v, dict | None) for v in steps.values()):
-        raise TestFileError("`expect.steps` maps step ids to {status, attempts, output}")
+        raise TestFileError(
+            "`expect.steps` maps step ids to {status, attempts, output}", ("expect", "steps")
+        )
     if not isinstance(expect.get("logs_contain") or [], list):
-        raise TestFileError("`expect.logs_contain` is a list of texts")
+        raise TestFileError("`expect.logs_contain` is a list of texts", ("expect", "logs_contain"))
     return data
+
+
+def check_test_file(path: Path, workflows: Mapping[str, Machine]) -> list[Problem]:
+    """What `validate` says of a test file, each problem at `path:line:col`: its shape, its
+    stubs and events, that its workflow is one of `workflows` and its expected steps exist."""
+    loaded, problems = _read(path)
+    if loaded is None or problems:
+        return problems
+    at = loaded.positions
+
+    def problem(where: tuple[str | int, ...], message: str, value: bool = False) -> Problem:
+        line, col = at.of_value(where) if value else at.of_key(where)
+        return Problem(str(path), line, col, _field(where), message)
+
+    try:
+        data = _shape(loaded.data)
+        for name, outcomes in (data.get("stubs") or {}).items():
+            plan = outcomes if isinstance(outcomes, list) else [outcomes]
+            for i, o in enumerate(plan):
+                try:
+                    _outcome(name, o, i)
+                except TestFileError as exc:
+                    raise TestFileError(str(exc), ("stubs", name)) from None
+        for i, event in enumerate(data.get("events") or []):
+            _seconds(event.get("at", 0), f"events[{i}].at", ("events", i, "at"))
+            if "send" not in event and "complete_token" not in event:
+                raise TestFileError("needs `send: EVENT` or `complete_token: STEP`", ("events", i))
+    except TestFileError as exc:
+        return [problem(exc.where, str(exc))]
+    machine = workflows.get(data["workflow"])
+    if machine is None:
+        known = ", ".join(sorted(workflows)) or "none"
+        return [
+            problem(
+                ("workflow",),
+                f"no workflow has id `{data['workflow']}`{closest(data['workflow'], workflows)}"
+                f" (known: {known})",
+                value=True,
+            )
+        ]
+    ids = {s.id for s in machine.states}
+    return [
+        problem(
+            ("expect", "steps", step_id),
+            f"workflow {machine.workflow_id} has no step `{step_id}`{closest(str(step_id), ids)}",
+        )
+        for step_id in (data.get("expect") or {}).get("steps") or {}
+        if step_id not in ids
+    ]
 
 
 def _outcome(name: str, spec: Any, i: int) -> Any:
@@ -112,11 +182,11 @@ def _outcome(name: str, spec: Any, i: int) -> Any:
     )
 
 
-def _seconds(value: Any, where: str) -> float:
+def _seconds(value: Any, where: str, at: tuple[str | int, ...] = ()) -> float:
     try:
         return parse_duration(value)
     except DurationError as exc:
-        raise TestFileError(f"{where}: {exc}") from None
+        raise TestFileError(str(exc) if at else f"{where}: {exc}", at) from None
 
 
 def run_test_file(

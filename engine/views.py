@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import json
+import shlex
 from datetime import UTC, datetime
 from typing import Any
 
 from dsl import Machine
 from dsl.cron import check_timezone
+from dsl.reads import example_answer
 
 from .models import Attempt, LogEntry, Run, RunStatus, StepState
 from .store import Store
+from .tracebacks import user_traceback
 
-__all__ = ["iso", "log_view", "run_detail", "run_summary", "schedule_views"]
+__all__ = [
+    "iso",
+    "last_failure",
+    "log_view",
+    "run_detail",
+    "run_summary",
+    "schedule_views",
+    "user_traceback",
+    "waiting_view",
+]
 
 
 def iso(ts: float | None) -> str | None:
@@ -88,11 +101,15 @@ def run_detail(store: Store, run: Run) -> dict[str, Any]:
                 "finished_at": iso(st.finished_at) if st else None,
                 "wake_at": iso(st.wake_at) if st else None,
                 "wait": st.wait if st else None,
+                "traceback": next(
+                    (h["traceback"] for h in reversed(history) if h.get("traceback")), None
+                ),
                 "attempt_history": history,
             }
         )
     children = [c.id for c in store.list_runs(parent_run_id=run.id, limit=1000)]
     blocked = store.blocked_by(run, store.now()) if run.status == RunStatus.QUEUED else None
+    waiting = waiting_view(run, stored.get(run.current_step or ""), machine)
     return {
         **run_summary(run, blocked),
         "children": children,
@@ -100,7 +117,46 @@ def run_detail(store: Store, run: Run) -> dict[str, Any]:
         "trigger": run.trigger,
         "cancel_requested": run.cancel_requested,
         "steps": steps,
+        "waiting": waiting,
     }
+
+
+def waiting_view(run: Run, step: StepState | None, machine: Machine) -> dict[str, Any] | None:
+    """What a waiting run waits for, and the command that answers it: `kind` (event, token,
+    timer, child), the step, since when, `wake_at` for a timer, `deadline` (the step's
+    timeout, null without one), the event and its `match` values, or the token; `command`
+    sends an answer carrying the match values and every field the workflow later reads
+    from that step's output (placeholders to edit). None unless the run is waiting."""
+    if run.status != RunStatus.WAITING or step is None or step.status.value != "waiting":
+        return None
+    wait = step.wait or {}
+    kind = str(wait.get("kind") or "timer")
+    view: dict[str, Any] = {"step": step.step_key, "kind": kind, "since": iso(step.started_at)}
+    if kind == "timer":
+        view["wake_at"] = iso(step.wake_at)
+        view["command"] = f"durable-yaml resume {run.id}"
+        return view
+    view["deadline"] = iso(step.wake_at)
+    if kind == "event":
+        answer = example_answer(machine, step.step_key, wait.get("match") or {})
+        view |= {"event": wait["event"], "match": wait.get("match") or {}}
+        view["command"] = (
+            f"durable-yaml send {shlex.quote(wait['event'])} --payload {_quoted(answer)}"
+        )
+    elif kind == "token":
+        answer = example_answer(machine, step.step_key, {})
+        view["token"] = wait["token"]
+        view["command"] = f"durable-yaml complete {wait['token']} --data {_quoted(answer)}"
+    elif kind == "child":
+        view |= {"run_id": wait.get("run_id"), "workflow": wait.get("workflow")}
+        view["command"] = f"durable-yaml runs show {wait.get('run_id')}"
+    else:  # a kind this view does not know yet: what is stored, as it is
+        view["wait"] = wait
+    return view
+
+
+def _quoted(value: Any) -> str:
+    return shlex.quote(json.dumps(value, default=str))
 
 
 def _attempt(a: Attempt) -> dict[str, Any]:
@@ -111,8 +167,15 @@ def _attempt(a: Attempt) -> dict[str, Any]:
         "finished_at": iso(a.finished_at),
         "error": a.error_message,
         "error_type": a.error_type,
-        "traceback": a.traceback,
+        "traceback": user_traceback(a.traceback),  # the user's frames only
+        "traceback_full": a.traceback,  # as stored, the engine's frames included
     }
+
+
+def last_failure(store: Store, run_id: str) -> Attempt | None:
+    """The run's latest failed attempt that left a traceback, if any."""
+    failed = [a for a in store.get_attempts(run_id) if a.traceback]
+    return max(failed, key=lambda a: a.finished_at or 0.0, default=None)
 
 
 def log_view(entry: LogEntry) -> dict[str, Any]:

@@ -8,9 +8,11 @@ from pathlib import Path
 import click
 
 from dsl import Problem, check_paths, render_graph
+from dsl.catalog import is_test_file
 
 from ..service import Engine
 from ..settings import resolve_settings
+from ..testfiles import check_test_file, find_test_files
 from .common import _json, cli, settings_options
 
 
@@ -39,8 +41,17 @@ def validate(
     if settings.modules:
         engine = Engine(settings)
         registered = engine.registered()
-    catalog = check_paths(targets, registered)
+    catalog = check_paths([t for t in targets if not is_test_file(Path(t))], registered)
     problems: list[Problem] = catalog.problems
+    tests = find_test_files(targets)
+    if tests:  # SPEC §6: test files are checked as tests, against the workflows they name
+        known = dict(catalog.workflows)
+        folder = Path(settings.workflows)
+        if folder.is_dir() and folder.resolve() not in [Path(t).resolve() for t in targets]:
+            known = {**check_paths([folder]).workflows, **known}
+        for test in tests:
+            problems += check_test_file(test, known)
+        catalog.files += len(tests)
     if fmt == "json":
         _json(
             {

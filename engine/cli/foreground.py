@@ -6,16 +6,28 @@ import json
 import shlex
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import click
 
+from dsl import Machine
+
 from ..durations import to_seconds
+from ..errors import ConfigError
 from ..inputs import parse_json
 from ..models import Run, RunStatus
+from ..registry import registered_names
 from ..service import Engine
 from ..settings import resolve_settings
+from ..views import last_failure, user_traceback, waiting_view
 from .common import EXIT_WAITING, _engine, _read_payload, cli, settings_options
 from .reporter import LiveReporter
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would raise KeyboardInterrupt, so both end alike."""
 
 
 def _stop_on_sigterm() -> None:
@@ -24,13 +36,51 @@ def _stop_on_sigterm() -> None:
     import signal
 
     def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
+        raise _Terminated
 
     signal.signal(signal.SIGTERM, interrupt)
 
 
-def _finish(engine: Engine, run: Run) -> None:
-    """Print how a foreground run ended and exit with SPEC's code."""
+class _Remembering(LiveReporter):
+    """The live reporter, remembering the id of the run it shows (for the resume command)."""
+
+    run_id: str | None = None
+
+    def run_started(self, run: Run) -> None:
+        self.run_id = run.id
+        super().run_started(run)
+
+
+def _drive_foreground(drive: Callable[[LiveReporter], Run], run_id: str | None = None) -> Run:
+    """`drive(reporter)` with SIGTERM and SIGINT ending it cleanly: the runner releases the
+    run (its state kept) and this exits 130 printing the exact `resume` command."""
+    _stop_on_sigterm()
+    reporter = _Remembering()
+    try:
+        return drive(reporter)
+    except KeyboardInterrupt as exc:
+        reporter.close()
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut this short
+        name = "SIGTERM" if isinstance(exc, _Terminated) else "SIGINT (Ctrl-C)"
+        shown = reporter.run_id or run_id
+        if shown is None:
+            click.echo(f"\ninterrupted by {name} before the run started", err=True)
+        else:
+            click.echo(
+                f"\ninterrupted by {name}; run {shown} keeps its state. "
+                f"Continue it with: durable-yaml resume {shown}",
+                err=True,
+            )
+        sys.exit(130)
+    finally:
+        reporter.close()
+
+
+def _finish(engine: Engine, run: Run, verbose: bool = False) -> None:
+    """Print how a foreground run ended and exit with SPEC's code; a failed run's traceback
+    as the user's frames (all of it with `verbose`)."""
     took = (run.finished_at or time.time()) - run.created_at
     if run.status == RunStatus.COMPLETED:
         click.echo(f"{click.style('completed', fg='green')} run {run.id} in {took:.1f}s")
@@ -43,6 +93,7 @@ def _finish(engine: Engine, run: Run) -> None:
     colour = "red" if run.status == RunStatus.FAILED else "yellow"
     click.echo(f"{click.style(run.status.value, fg=colour)} run {run.id}: {run.error}")
     if run.status == RunStatus.FAILED:
+        _show_traceback(engine, run, verbose)
         click.echo(
             f"after fixing the cause: durable-yaml resume {run.id}  "
             f"(or start over: durable-yaml runs replay {run.id})"
@@ -52,15 +103,56 @@ def _finish(engine: Engine, run: Run) -> None:
     sys.exit(1)
 
 
+def _show_traceback(engine: Engine, run: Run, verbose: bool) -> None:
+    failure = last_failure(engine.store, run.id)
+    if failure is None or not failure.traceback:
+        return
+    text = (
+        failure.traceback
+        if verbose
+        else user_traceback(failure.traceback, engine.settings.project_dir)
+    )
+    if text:
+        click.echo(f"step {failure.step_key}, attempt {failure.attempt}:")
+        click.echo(text.rstrip("\n"))
+        if not verbose and "File " in failure.traceback:  # frames were left out
+            click.echo("(the engine's and libraries' frames are hidden; --verbose shows them)")
+
+
+VERBOSE = click.option(
+    "-v", "--verbose", is_flag=True, help="Show full tracebacks, the engine's frames included."
+)
+
+
+def _check_steps_known(engine: Engine, machine: Machine) -> None:
+    """Refuse, before anything is stored, a workflow calling steps no module registered
+    (with modules imported, loading the workflow checked that already)."""
+    if engine.steps_imported:
+        return
+    calls = {str(s.config["function"]) for s in machine.states if s.config.get("function")}
+    missing = sorted(calls - registered_names())
+    if missing:
+        raise ConfigError(
+            f"workflow {machine.workflow_id} calls {', '.join(missing)}, but no step module "
+            f"is configured for {engine.settings.project_dir}: pass -m MODULE, set "
+            "DURABLE_YAML_MODULES, or `modules = [...]` under [tool.durable-yaml] in its "
+            "pyproject.toml; nothing was created"
+        )
+
+
 def _how_to_continue(engine: Engine, run: Run) -> str:
+    """The exact commands that answer what the run waits for: an answer carrying the wait's
+    match values and every field the workflow later reads from the step's output."""
     step = next((s for s in engine.store.get_steps(run.id) if s.step_key == run.current_step), None)
     wait = (step.wait if step else None) or {}
     then = f"then `durable-yaml resume {run.id}` (or let a worker continue it)"
-    if wait.get("kind") == "event":
-        event, match = shlex.quote(wait["event"]), shlex.quote(json.dumps(wait.get("match") or {}))
-        return f"it waits for event {event}: `durable-yaml send {event} --payload {match}`, {then}"
-    if wait.get("kind") == "token":
-        return f"it waits for token {wait['token']}: `durable-yaml complete {wait['token']} --data JSON`, {then}"
+    if wait.get("kind") in ("event", "token"):
+        machine = Machine.from_json(engine.store.load_definition(run.definition_hash))
+        view = waiting_view(run, step, machine) or {}
+        what = (
+            f"event {shlex.quote(wait['event'])}" if "event" in wait else f"token {wait['token']}"
+        )
+        return f"it waits for {what}: `{view['command']}`, {then}"
     if wait.get("kind") == "child":
         child = engine.store.get_run(wait["run_id"])
         if child.status.value == "waiting":  # say what the child waits for
@@ -75,46 +167,47 @@ def _how_to_continue(engine: Engine, run: Run) -> str:
 @click.option("--payload", help="The payload as JSON.")
 @click.option("--payload-file", type=str, help="A file holding the payload as JSON.")
 @click.option("--tag", "tags", multiple=True, metavar="K:V", help="Tag the run (repeatable).")
+@VERBOSE
 @settings_options
 def run(
     workflow: str,
     payload: str | None,
     payload_file: str | None,
     tags: tuple[str, ...],
+    verbose: bool,
     db: str | None,
     modules: tuple[str, ...],
     workflows: str | None,
 ) -> None:
     """Run WORKFLOW (a file or an id) now, in this process, to the end."""
     data = _read_payload(payload, payload_file)
-    engine = _engine(db, modules, workflows)
+    path = Path(workflow)
+    is_file = path.suffix in (".yaml", ".yml") or path.is_file()
+    engine = Engine(
+        resolve_settings(db, modules, workflows, workflow_file=workflow if is_file else None)
+    )
     machine = engine.workflow(workflow)
-    _stop_on_sigterm()
-    reporter = LiveReporter()
-    try:
-        result = engine.run(machine, data, reporter, tags=list(tags))
-    finally:
-        reporter.close()
-    _finish(engine, result)
+    _check_steps_known(engine, machine)
+    result = _drive_foreground(
+        lambda reporter: engine.run(machine, data, reporter, tags=list(tags))
+    )
+    _finish(engine, result, verbose)
 
 
 @cli.command()
 @click.argument("run_id")
+@VERBOSE
 @settings_options
-def resume(run_id: str, db: str | None, modules: tuple[str, ...], workflows: str | None) -> None:
+def resume(
+    run_id: str, verbose: bool, db: str | None, modules: tuple[str, ...], workflows: str | None
+) -> None:
     """Continue RUN_ID from its persisted state."""
     engine = _engine(db, modules, workflows)
-    _stop_on_sigterm()
     before = engine.store.get_run(run_id)
     click.echo(
         f"resuming run {run_id} of {before.workflow_id} v{before.version} at step {before.current_step}"
     )
-    reporter = LiveReporter()
-    try:
-        result = engine.resume(run_id, reporter)
-    finally:
-        reporter.close()
-    _finish(engine, result)
+    _finish(engine, _drive_foreground(lambda r: engine.resume(run_id, r), run_id), verbose)
 
 
 @cli.command()
@@ -159,9 +252,48 @@ def send(
     for run_id in sent.resumed:
         click.echo(f"resumed {run_id}")
     if not sent.run_ids and not sent.resumed and not sent.duplicate:
-        click.echo(
-            f"event {event} recorded; no workflow is triggered by it and no run waits for it"
-        )
+        click.echo(f"event {event} recorded; it started no run and resumed none")
+        _warn_if_unheard(engine, event)
+
+
+def _listened_events(engine: Engine) -> set[str]:
+    """Event names something listens to: the folder's triggers and waits (a wait_for_any's
+    branches included), and the waits of stored runs."""
+    names: set[str] = set(engine.store.waited_event_names())
+
+    def events_in(value: Any) -> None:
+        if isinstance(value, dict):
+            if isinstance(value.get("event"), str):
+                names.add(value["event"])
+            for v in value.values():
+                events_in(v)
+        elif isinstance(value, list):
+            for v in value:
+                events_in(v)
+
+    for machine in engine.catalog.workflows.values():
+        if machine.trigger.kind == "event" and machine.trigger.event:
+            names.add(machine.trigger.event)
+        for state in machine.states:
+            if state.kind != "send_event":
+                events_in(state.config)
+    return names
+
+
+def _warn_if_unheard(engine: Engine, event: str) -> None:
+    """On stderr: nothing triggers or waits for `event` (a typo?), with the closest names."""
+    import difflib
+
+    listened = _listened_events(engine)
+    if event in listened:
+        return  # some run or workflow listens: none matched this payload
+    close = difflib.get_close_matches(event, sorted(listened), n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(f'`{c}`' for c in close)}?" if close else ""
+    click.echo(
+        f"warning: no workflow in {engine.settings.workflows} is triggered by `{event}` and "
+        f"no workflow or run waits for it{hint}",
+        err=True,
+    )
 
 
 @cli.command()

@@ -142,7 +142,13 @@ def serve(
     max_body = os.environ.get("DURABLE_YAML_MAX_BODY", "")
     if max_body and not max_body.isdigit():
         raise click.UsageError("DURABLE_YAML_MAX_BODY must be a number of bytes")
-    app = create_app(engine, key, port=port, **({"max_body": int(max_body)} if max_body else {}))
+    app = create_app(
+        engine,
+        key,
+        port=port,
+        reload_workflows=True,
+        **({"max_body": int(max_body)} if max_body else {}),
+    )
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 

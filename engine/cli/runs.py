@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import textwrap
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -17,8 +18,7 @@ from ..service import Engine
 from ..settings import resolve_settings
 from ..views import iso, log_view, run_detail, run_summary
 from .common import _engine, _json, cli, settings_options
-from .foreground import _finish, _stop_on_sigterm
-from .reporter import LiveReporter
+from .foreground import VERBOSE, _drive_foreground, _finish
 
 F = TypeVar("F", bound=Callable[..., Any])
 STATUSES = [s.value for s in RunStatus]
@@ -154,9 +154,15 @@ def runs_list(
 @runs.command("show")
 @click.argument("run_id")
 @click.option("--json", "as_json", is_flag=True)
+@VERBOSE
 @settings_options
 def runs_show(
-    run_id: str, as_json: bool, db: str | None, modules: tuple[str, ...], workflows: str | None
+    run_id: str,
+    as_json: bool,
+    verbose: bool,
+    db: str | None,
+    modules: tuple[str, ...],
+    workflows: str | None,
 ) -> None:
     """One run with its steps and attempts; for a queued run, why it has not started."""
     engine = Engine(resolve_settings(db=db, workflows=workflows), import_steps=False)
@@ -185,9 +191,36 @@ def runs_show(
             f"  {s['id']:<18} {s['status']:<9} attempts={s['attempts']}"
             + (f"  error: {s['error']}" if s["error"] else "")
         )
+        trace = _traceback(s, verbose)
+        if trace:
+            click.echo(textwrap.indent(trace.rstrip("\n"), "      "))
+    if detail["waiting"]:
+        click.echo(_waiting_line(detail["waiting"]))
     if detail["error"]:
         click.echo(f"error: {detail['error']}")
     click.echo(f"output: {json.dumps(detail['output'], default=str)}")
+
+
+def _waiting_line(w: dict[str, Any]) -> str:
+    """`runs show`'s account of what a waiting run waits for and how to answer it."""
+    what = {
+        "event": lambda: f"event {w['event']} matching {json.dumps(w['match'], default=str)}",
+        "token": lambda: f"token {w['token']}",
+        "timer": lambda: f"a timer, waking at {w['wake_at']}",
+        "child": lambda: f"child run {w['run_id']} of {w['workflow']}",
+    }.get(w["kind"], lambda: f"{w['kind']} {json.dumps(w.get('wait'), default=str)}")()
+    deadline = f"; times out at {w['deadline']}" if w.get("deadline") else ""
+    line = f"waiting at step {w['step']} since {w['since']} for {what}{deadline}"
+    return line + (f"\n  to continue: {w['command']}" if w.get("command") else "")
+
+
+def _traceback(step: dict[str, Any], verbose: bool) -> str | None:
+    if step["status"] != "failed":
+        return None
+    if not verbose:
+        return step["traceback"]  # type: ignore[no-any-return]
+    full = [h["traceback_full"] for h in step["attempt_history"] if h.get("traceback_full")]
+    return full[-1] if full else None
 
 
 @runs.command("logs")
@@ -284,11 +317,13 @@ def _cancel_one(engine: Engine, run_id: str) -> None:
 @filter_options
 @click.option("--dry-run", is_flag=True, help="Only say how many runs would be replayed.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@VERBOSE
 @settings_options
 def runs_replay(
     run_ids: tuple[str, ...],
     dry_run: bool,
     yes: bool,
+    verbose: bool,
     db: str | None,
     modules: tuple[str, ...],
     workflows: str | None,
@@ -298,14 +333,8 @@ def runs_replay(
     by step. Several ids or filters: queued for workers, in batches."""
     if len(run_ids) == 1 and not any(filters.values()) and not dry_run:
         engine = _engine(db, modules, workflows)
-        _stop_on_sigterm()
         click.echo(f"replaying run {run_ids[0]}")
-        reporter = LiveReporter()
-        try:
-            result = engine.replay(run_ids[0], reporter)
-        finally:
-            reporter.close()
-        _finish(engine, result)
+        _finish(engine, _drive_foreground(lambda r: engine.replay(run_ids[0], r)), verbose)
         return
     engine = Engine(resolve_settings(db=db, workflows=workflows), import_steps=False)
     f = _bulk(engine, run_ids, filters, "replay")

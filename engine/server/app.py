@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import sqlalchemy as sa
@@ -30,10 +31,16 @@ __all__ = ["create_app"]
 
 
 def create_app(
-    engine: Engine, api_key: str | None, *, port: int | None = None, max_body: int = MAX_BODY
+    engine: Engine,
+    api_key: str | None,
+    *,
+    port: int | None = None,
+    max_body: int = MAX_BODY,
+    reload_workflows: bool = False,
 ) -> FastAPI:
     """The app. Without `api_key` it answers loopback names only (on `port`, when given);
-    request bodies over `max_body` bytes are refused with 413."""
+    request bodies over `max_body` bytes are refused with 413. With `reload_workflows` (as
+    `serve` runs it) the workflows folder is re-read before requests, at most once a second."""
     from importlib.metadata import version
 
     app = FastAPI(
@@ -50,6 +57,8 @@ def create_app(
     app.include_router(dashboard.router)
     app.add_middleware(Guard, keys=keys, max_body=max_body, refusal=_refusal)
     app.add_middleware(TraceHeaders)
+    if reload_workflows:
+        _reload_workflows(app, engine)
 
     @app.get("/healthz", tags=["health"], summary="Liveness and database reachability")
     def healthz() -> Response:
@@ -111,6 +120,25 @@ def create_app(
         return _error_page(request, 422, problems or "the request is not valid")
 
     return app
+
+
+def _reload_workflows(app: FastAPI, engine: Engine, every: float = 1.0) -> None:
+    """Re-read the workflows folder before a request, at most once per `every` seconds: a
+    workflow added, changed or removed after start is served, and its event triggers it."""
+    checked = [-every]
+
+    @app.middleware("http")
+    async def reload(request: Request, call_next: Any) -> Response:
+        now = time.monotonic()
+        if now - checked[0] >= every:
+            checked[0] = now
+            try:
+                if engine.refresh_catalog():  # a scan of file names and times; cheap
+                    engine.save_all_definitions()
+            except (EngineError, sa.exc.SQLAlchemyError):
+                pass  # the database is away: the request says so itself, /healthz too
+        response: Response = await call_next(request)
+        return response
 
 
 def _is_api(path: str) -> bool:

@@ -152,6 +152,9 @@ class Store(Protocol):
 
     def get_attempts(self, run_id: str) -> list[Attempt]: ...
 
+    def waited_event_names(self, limit: int = 1000) -> list[str]:
+        """The distinct event names parked waits are waiting for (at most `limit`); a read."""
+
     def get_logs(self, run_id: str, after_id: int = 0, limit: int = 1000) -> list[LogEntry]: ...
 
     def reopen_failed_run(self, run_id: str, step_key: str, lease: Lease, now: float) -> Run:

@@ -387,6 +387,18 @@ class SqlStore:
             return [Attempt(**dict(r)) for r in c.execute(q).mappings()]
 
     @translate
+    def waited_event_names(self, limit: int = 1000) -> list[str]:
+        q = (
+            select(t.steps.c.wait_event)
+            .where(t.steps.c.wait_event.isnot(None))
+            .distinct()
+            .order_by(t.steps.c.wait_event)
+            .limit(limit)
+        )
+        with self.db.read() as c:
+            return [str(name) for name in c.execute(q).scalars()]
+
+    @translate
     def get_logs(self, run_id: str, after_id: int = 0, limit: int = 1000) -> list[LogEntry]:
         q = (
             select(t.logs)

@@ -247,6 +247,10 @@ def test_cli_exit_3_and_how_to_continue(tmp_path: Path, db_url: str) -> None:
     assert done.returncode == 0 and '"by": "cli"' in done.stdout
     event = cli("run", "approval", "--payload", '{"doc": "x"}', cwd=tmp_path, env=env)
     assert event.returncode == 3
-    assert 'durable-yaml send review.done --payload \'{"doc": "x"}\'' in event.stdout
+    # the match value, and a placeholder for the field `decide` reads from the answer
+    assert (
+        'durable-yaml send review.done --payload \'{"approved": "...", "doc": "x"}\''
+        in event.stdout
+    )
     not_json = cli("send", "review.done", "--payload", "nope", cwd=tmp_path, env=env)
     assert not_json.returncode == 2 and "--payload: is not valid JSON" in not_json.stderr
