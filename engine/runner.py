@@ -124,13 +124,25 @@ class _Heartbeats:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._watched: dict[str, tuple[Store, Lease, str, StepLogger, float]] = {}
+        # lease owner -> (store, lease, run id, logger, the runner's commit lock, last beat)
+        self._watched: dict[str, tuple[Store, Lease, str, StepLogger, threading.Lock, float]] = {}
         self._lost: set[tuple[str, str]] = set()
         self._thread: threading.Thread | None = None
 
-    def watch(self, store: Store, lease: Lease, run_id: str, logger: StepLogger) -> None:
+    def watch(
+        self,
+        store: Store,
+        lease: Lease,
+        run_id: str,
+        logger: StepLogger,
+        commit_lock: threading.Lock,
+    ) -> None:
+        """Beat for `run_id` under `lease`; `commit_lock` is the lock the runner holds while
+        it commits a step: a beat takes lines and writes them under it, so a commit that
+        ends the run (and its lease) never comes between, leaving the lines unwritable."""
         with self._lock:
-            self._watched[lease.owner] = (store, lease, run_id, logger, time.monotonic())
+            now = time.monotonic()
+            self._watched[lease.owner] = (store, lease, run_id, logger, commit_lock, now)
             self._lost.discard((lease.owner, run_id))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
@@ -155,21 +167,27 @@ class _Heartbeats:
                 due = [
                     w
                     for w in self._watched.values()
-                    if time.monotonic() - w[4] >= w[1].seconds / 3
-                    or (w[3].pending and time.monotonic() - w[4] >= LOG_FLUSH_SECONDS)
+                    if time.monotonic() - w[5] >= w[1].seconds / 3
+                    or (w[3].pending and time.monotonic() - w[5] >= LOG_FLUSH_SECONDS)
                 ]
-            for store, lease, run_id, logger, _ in due:
+            for store, lease, run_id, logger, commit_lock, _ in due:
+                if not commit_lock.acquire(blocking=False):
+                    continue  # a commit is under way: it takes the lines and renews the lease
                 try:
-                    held = store.heartbeat(run_id, lease, store.now(), logger.drain())
+                    lines = logger.drain()
+                    pause_point("runner.heartbeat.drained")
+                    held = store.heartbeat(run_id, lease, store.now(), lines)
                 except Exception as exc:  # the database may be restarting: the lease outlives it
                     log.warning("heartbeat of run %s failed: %s", run_id, exc)
                     continue
+                finally:
+                    commit_lock.release()
                 with self._lock:
                     if not held:
                         self._lost.add((lease.owner, run_id))
                     current = self._watched.get(lease.owner)
                     if current is not None and current[2] == run_id:
-                        self._watched[lease.owner] = (*current[:4], time.monotonic())
+                        self._watched[lease.owner] = (*current[:5], time.monotonic())
 
 
 class Runner:
@@ -263,7 +281,7 @@ class Runner:
         logger = StepLogger(
             run_id=live.run.id, listener=getattr(self.reporter, "log_written", None)
         )
-        self._heartbeats.watch(self.store, self.lease, live.run.id, logger)
+        self._heartbeats.watch(self.store, self.lease, live.run.id, logger, self._commit_lock)
         try:
             while not live.run.finished and live.run.lease_owner == self.lease.owner:
                 if self._heartbeats.lost(self.lease, live.run.id):

@@ -223,3 +223,39 @@ def test_log_ids_commit_in_order_while_a_heartbeat_races_a_commit(db_url: str) -
         "from the heartbeat",
     ]
     store.close()
+
+
+def test_lines_a_heartbeat_took_are_not_lost_when_the_run_ends_meanwhile(
+    engine: Engine, gate: threading.Event, worker: Worker
+) -> None:
+    """The heartbeat thread takes a step's waiting lines, and before it writes them the step
+    returns and the run commits its end (the lease goes with it): the lines reach the store
+    all the same, in the order they were logged."""
+    import time
+
+    from engine.pauses import pause_at
+
+    held: list[str] = []
+
+    def race() -> None:
+        if held:
+            return
+        held.append("once")
+        gate.set()  # the step goes on while these lines are held here
+        deadline = time.monotonic() + 1.0  # (the run ends in this second unless it waits)
+        while not engine.store.get_run(run_id).finished and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    with pause_at("runner.heartbeat.drained", race):
+        (run_id,) = engine.send_event("gated.requested", {"label": "lamp"}).run_ids
+        deadline = time.monotonic() + 30
+        while not engine.store.get_run(run_id).finished and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.2)  # the heartbeat writes what it held, if it can
+    assert held, "the heartbeat never flushed the step's first line"
+    assert engine.store.get_run(run_id).status.value == "completed"
+    assert [e.message for e in engine.store.get_logs(run_id)] == [
+        "working on lamp",
+        "done with lamp",
+        "quick step ran",
+    ]
