@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import time
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
@@ -149,9 +150,12 @@ def encode_cursor(created_at: float, run_id: str) -> str:
 def decode_cursor(cursor: str) -> tuple[float, str]:
     try:
         created, run_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
-        return float(created), run_id
+        at = float(created)
     except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise HTTPException(422, f"cursor {cursor!r} is not a cursor this API returned") from None
+        at = math.nan
+    if not math.isfinite(at):  # nan and inf compare differently on each backend
+        raise HTTPException(422, f"cursor {cursor!r} is not a cursor this API returned")
+    return at, run_id
 
 
 def _instant(value: str | None, name: str) -> float | None:

@@ -28,6 +28,13 @@ __all__ = ["Control"]
 
 _ACTIVE = [s.value for s in ACTIVE_STATUSES]
 EXPIRED_ERROR = "expired: not started within its TTL"
+# what an ended run's parent must be told: which parent, step and attempt started it
+_PARENT_OF_ENDED = (
+    t.runs.c.id,
+    t.runs.c.parent_run_id,
+    t.runs.c.parent_step,
+    t.runs.c.parent_attempt,
+)
 
 
 class Control:
@@ -87,12 +94,7 @@ class Control:
                     update(t.runs)
                     .where(t.runs.c.id.in_(ids), t.runs.c.status == RunStatus.QUEUED.value)
                     .values(**_ended(RunStatus.EXPIRED, EXPIRED_ERROR, now))
-                    .returning(
-                        t.runs.c.id,
-                        t.runs.c.parent_run_id,
-                        t.runs.c.parent_step,
-                        t.runs.c.parent_attempt,
-                    )
+                    .returning(*_PARENT_OF_ENDED)
                 )
                 .mappings()
                 .all()
@@ -135,12 +137,7 @@ class Control:
                         t.runs.c.cancel_requested.is_(False),
                     )
                     .values(cancel_requested=True, **_ended(RunStatus.CANCELLED, "cancelled", now))
-                    .returning(
-                        t.runs.c.id,
-                        t.runs.c.parent_run_id,
-                        t.runs.c.parent_step,
-                        t.runs.c.parent_attempt,
-                    )
+                    .returning(*_PARENT_OF_ENDED)
                 )
                 .mappings()
                 .all()

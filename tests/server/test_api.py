@@ -3,6 +3,7 @@ refused without the key, 422s naming the field for bad input, never a 500."""
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -117,6 +118,10 @@ def test_list_filters_and_keyset_pages(client: TestClient, engine: Engine) -> No
     assert client.get("/api/runs?status=completed", headers=AUTH).json()["runs"] == []
     assert client.get("/api/runs?status=nope", headers=AUTH).status_code == 422
     assert client.get("/api/runs?cursor=zzz", headers=AUTH).status_code == 422
+    for forged in ("nan|x", "inf|x", "-inf|x", "1e400|x"):  # SQLite and PostgreSQL differed
+        cursor = base64.urlsafe_b64encode(forged.encode()).decode()
+        answer = client.get(f"/api/runs?cursor={cursor}", headers=AUTH)
+        assert answer.status_code == 422 and "is not a cursor" in answer.json()["detail"]
     assert client.get("/api/runs?limit=0", headers=AUTH).status_code == 422
     since = client.get("/api/runs?created_after=2999-01-01T00:00:00Z", headers=AUTH).json()
     assert since["runs"] == []

@@ -149,7 +149,9 @@ def test_runs_list_and_a_failed_run(stack: tuple[str, Engine], page: object) -> 
     expect(attempts).to_have_count(2)
     expect(attempts.nth(0)).to_contain_text("attempt 1: failed")
     attempts.nth(1).locator("summary").click()
-    expect(attempts.nth(1).locator("pre")).to_contain_text("Traceback")
+    # the traceback as #13 wants it: the user's own frame, the engine's dropped
+    expect(attempts.nth(1).locator("pre")).to_contain_text("uisteps.py:13 in always_fails")
+    expect(attempts.nth(1).locator("pre")).not_to_contain_text("executor.py")
     expect(page.locator("svg.timeline rect.seg-failed")).to_have_count(2)
     # the step before was skipped, the one after never ran: neither is "pending"
     expect(page.locator("tr.step[data-step='only_when_asked'] .step-status")).to_have_text(
