@@ -76,11 +76,12 @@ def next_fire_after(expr: str, tz_name: str, after: datetime) -> datetime:
     follow_real_time = expr.split()[1] in ("*", "*/1")
     after_utc = after.astimezone(UTC)
     local = after_utc.astimezone(tz).replace(tzinfo=None)
-    # Start a few hours early: a repeated or skipped hour maps local times across offsets.
-    try:
-        it = croniter(expr, local - timedelta(hours=3))
-    except (ValueError, KeyError) as exc:  # croniter's errors are ValueErrors
-        raise CronError(f"cron {expr!r} is not a valid expression: {exc}") from None
+    fast = _steady_next(expr, tz, after_utc, local)
+    if fast is not None:
+        return fast
+    # Near a change of offset, start a few hours early: a repeated or skipped hour maps local
+    # times across offsets.
+    it = _iterator(expr, local - timedelta(hours=3))
     best: datetime | None = None
     while True:
         try:
@@ -96,6 +97,32 @@ def next_fire_after(expr: str, tz_name: str, after: datetime) -> datetime:
         for instant in _instants(naive, tz, follow_real_time):
             if instant > after_utc and (best is None or instant < best):
                 best = instant
+
+
+def _iterator(expr: str, start: datetime) -> croniter:
+    try:
+        return croniter(expr, start)
+    except (ValueError, KeyError) as exc:  # croniter's errors are ValueErrors
+        raise CronError(f"cron {expr!r} is not a valid expression: {exc}") from None
+
+
+def _steady_next(expr: str, tz: ZoneInfo, after_utc: datetime, local: datetime) -> datetime | None:
+    """The next fire when the offset stays the same from 3 hours before `after` to 3 hours
+    after the candidate (no change of offset in between, so local and UTC times map one to
+    one); None when that does not hold or the schedule does not fire within a week, and the
+    careful search decides."""
+    try:
+        naive: datetime = _iterator(expr, local).get_next(datetime)
+    except (CroniterBadDateError, ValueError, OverflowError):
+        return None
+    candidate = naive.replace(tzinfo=tz).astimezone(UTC)
+    if not after_utc < candidate < after_utc + timedelta(days=7):
+        return None
+    margin = timedelta(hours=3)
+    before, later = (after_utc - margin).astimezone(tz), (candidate + margin).astimezone(tz)
+    if before.utcoffset() != later.utcoffset():
+        return None
+    return candidate
 
 
 def next_fires(expr: str, tz_name: str, after: datetime, count: int) -> list[datetime]:

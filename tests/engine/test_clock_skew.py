@@ -102,7 +102,7 @@ def test_two_workers_a_minute_apart_fire_every_instant_once_and_steal_no_lease(
     workers = [fast, slow]
     try:
         wait_for(lambda: len(engine.store.list_workers(engine.store.now())) == 2, 20)
-        time.sleep(20)  # about 6 instants of cron time
+        time.sleep(12)  # about 4 instants of cron time
         for n in range(30, 40):  # more work while both run
             engine.send_event("cluster.go", {"n": n})
         wait_for(
@@ -132,7 +132,7 @@ def test_two_workers_a_minute_apart_fire_every_instant_once_and_steal_no_lease(
                 sa.select(t.runs.c.payload).where(t.runs.c.workflow_id == "minutely")
             ).scalars()
         ]
-    assert len(fires) >= 5, fires
+    assert len(fires) >= 3, fires
     assert fires == [fires[0] + 60 * i for i in range(len(fires))], "no instant skipped"
     stamps = Counter(cron_runs)
     assert len(stamps) == len(fires) and set(stamps.values()) == {1}, stamps

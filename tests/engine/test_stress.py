@@ -28,8 +28,8 @@ from engine.settings import resolve_settings
 from tests.conftest import ROOT
 
 WAKE = Path(__file__).parent / "wakeups"
-PAIRS = int(os.environ.get("DY_STRESS_PAIRS", "600"))
-CHILDREN = 200
+PAIRS = int(os.environ.get("DY_STRESS_PAIRS", "300"))
+CHILDREN = 120
 TOKENS = 60
 CANCELS = 60
 
