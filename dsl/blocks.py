@@ -1,0 +1,245 @@
+"""Nested step lists: compiling them into the one flat machine, and reading its structure.
+
+A workflow compiles to one `Machine` whose `states` hold every step of the file in document
+order, nested ones included. A nested state names the block step directly enclosing it
+(`parent`) and the list of that block it is in (`branch`: a switch case "0", "1"... or
+"default"; "catch"; "body" for repeat; a parallel branch's name). Control flow stays
+explicit transitions: a list's last state's `next` is the `continue_to` its block chose
+(the block itself, to end a case or a round; the owner's `next` for a catch handler).
+
+While one list is compiled, the `next` and `on_error` of its steps are not known yet; a
+nested list refers to them as `next_of(owner)` / `error_of(owner)`, and the list
+enclosing the owner puts the real targets in when it links its steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from .loader import Path
+from .model import Machine, State
+
+if TYPE_CHECKING:
+    from .compiler import _Checker
+
+__all__ = [
+    "NESTED_LISTS",
+    "ancestors",
+    "branch_states",
+    "compile_steps",
+    "descendants",
+    "error_of",
+    "nested_ids",
+    "nested_lists",
+    "next_of",
+]
+
+# kind key -> the nested lists of a raw step of that kind: (path below the step, branch, list)
+NestedLists = Callable[[dict[str, Any]], list[tuple[Path, str, Any]]]
+
+
+def _switch_lists(raw: dict[str, Any]) -> list[tuple[Path, str, Any]]:
+    out: list[tuple[Path, str, Any]] = []
+    cases = raw.get("switch")
+    for i, case in enumerate(cases if isinstance(cases, list) else []):
+        if not isinstance(case, dict):
+            continue
+        if "default" in case:
+            out.append((("switch", i, "default"), "default", case["default"]))
+        elif "steps" in case:
+            out.append((("switch", i, "steps"), str(i), case["steps"]))
+    return out
+
+
+def _repeat_lists(raw: dict[str, Any]) -> list[tuple[Path, str, Any]]:
+    spec = raw.get("repeat")
+    return [(("repeat", "steps"), "body", spec["steps"])] if isinstance(spec, dict) else []
+
+
+def _catch_lists(raw: dict[str, Any]) -> list[tuple[Path, str, Any]]:
+    spec = raw.get("catch")
+    return [(("catch", "steps"), "catch", spec["steps"])] if isinstance(spec, dict) else []
+
+
+# Other modules add their kinds here (dsl/fanout.py: parallel).
+NESTED_LISTS: dict[str, NestedLists] = {
+    "switch": _switch_lists,
+    "repeat": _repeat_lists,
+    "catch": _catch_lists,
+}
+
+
+def nested_lists(raw: dict[str, Any]) -> list[tuple[Path, str, Any]]:
+    """Every step list directly inside the raw step `raw` (its kind's lists, then `catch`)."""
+    out: list[tuple[Path, str, Any]] = []
+    for key, lists in NESTED_LISTS.items():
+        if key in raw:
+            out.extend(lists(raw))
+    return out
+
+
+def _raw_steps(value: Any) -> Iterator[dict[str, Any]]:
+    for raw in value if isinstance(value, list) else []:
+        if isinstance(raw, dict):
+            yield raw
+            for _, _, inner in nested_lists(raw):
+                yield from _raw_steps(inner)
+
+
+def nested_ids(raw: dict[str, Any]) -> list[str]:
+    """The ids of every step nested inside the raw step `raw`, at any depth, in order."""
+    return [
+        s["id"]
+        for _, _, inner in nested_lists(raw)
+        for s in _raw_steps(inner)
+        if isinstance(s.get("id"), str)
+    ]
+
+
+def all_raw_steps(value: Any) -> Iterator[dict[str, Any]]:
+    """Every raw step of a list and of the lists nested in it, in document order."""
+    return _raw_steps(value)
+
+
+def next_of(owner: str) -> str:
+    """Stands for the owner's `next` until the list holding the owner is linked."""
+    return f"$next:{owner}"
+
+
+def error_of(owner: str) -> str:
+    """Stands for the owner's `on_error` until the list holding the owner is linked."""
+    return f"$error:{owner}"
+
+
+def compile_steps(
+    c: _Checker,
+    raw_steps: Any,
+    where: Path,
+    *,
+    parent: str | None,
+    branch: str | None,
+    continue_to: str,
+    on_error: str | None,
+    earlier: Collection[str],
+    handler: bool,
+) -> list[State]:
+    """Compile a list of raw steps (and everything nested in them) into linked states.
+
+    Each step goes on to the next; the last one to `continue_to`. A step that has failed
+    for good goes to `on_error` (None: to its `next`, as on_failure handlers do). Nested
+    states follow their block's state. Step ids are checked unique across the whole file
+    (`c.seen`); a step's templates may read the steps in `earlier` and the ones before it in
+    this list, with everything nested in them.
+    """
+    groups: list[list[State]] = []
+    visible = set(earlier)
+    for i, raw in enumerate(raw_steps if isinstance(raw_steps, list) else []):
+        at: Path = (*where, i)
+        if not isinstance(raw, dict):
+            continue
+        step_id = raw.get("id")
+        if isinstance(step_id, str):
+            if step_id in c.seen:
+                first = c.positions.of_value((*c.seen[step_id], "id"))[0]
+                c.problem(
+                    (*at, "id"), f"duplicate step id `{step_id}` (first used on line {first})"
+                )
+            else:
+                c.seen[step_id] = at
+        group = c.compile_step(at, raw, visible, handler)
+        if group:
+            groups.append([replace(group[0], parent=parent, branch=branch), *group[1:]])
+        if isinstance(step_id, str):
+            visible.add(step_id)
+        visible.update(nested_ids(raw))
+    out: list[State] = []
+    for i, group in enumerate(groups):
+        own = group[0]
+        nxt = groups[i + 1][0].id if i + 1 < len(groups) else continue_to
+        err = on_error if on_error is not None else nxt
+        targets = {next_of(own.id): nxt, error_of(own.id): err}
+        out.append(replace(own, next=nxt, on_error=err))
+        out.extend(
+            replace(
+                s, next=targets.get(s.next, s.next), on_error=targets.get(s.on_error, s.on_error)
+            )
+            for s in group[1:]
+        )
+    return out
+
+
+# reading the structure of a compiled machine ----------------------------------------------
+
+
+def branch_states(machine: Machine, block: str, branch: str) -> list[State]:
+    """The states directly in list `branch` of `block`, in order."""
+    return [s for s in machine.states if s.parent == block and s.branch == branch]
+
+
+def descendants(machine: Machine, block: str, branch: str | None = None) -> list[State]:
+    """Every state nested (at any depth) in `block`, or in its list `branch` only."""
+    inside = {block}
+    out: list[State] = []
+    for s in machine.states:  # document order: a parent comes before what it holds
+        if s.parent in inside and (s.parent != block or branch is None or s.branch == branch):
+            inside.add(s.id)
+            out.append(s)
+    return out
+
+
+def ancestors(machine: Machine, state_id: str) -> list[tuple[str, str]]:
+    """(block id, branch) from the state's own parent outwards."""
+    out: list[tuple[str, str]] = []
+    s = machine.state(state_id)
+    while s.parent is not None:
+        out.append((s.parent, s.branch or ""))
+        s = machine.state(s.parent)
+    return out
+
+
+# the blocks of this module ------------------------------------------------------------------
+
+
+def compile_nested(
+    c: _Checker,
+    where: Path,
+    raw: dict[str, Any],
+    own: State,
+    earlier: Collection[str],
+    handler: bool,
+) -> list[State]:
+    """The raw step's own state (completed with what its blocks add), then its nested states."""
+    nested: list[State] = []
+    if isinstance(raw.get("catch"), dict):
+        own, handlers = _compile_catch(c, where, raw["catch"], own, earlier, handler)
+        nested.extend(handlers)
+    return [own, *nested]
+
+
+def _compile_catch(
+    c: _Checker,
+    where: Path,
+    spec: dict[str, Any],
+    own: State,
+    earlier: Collection[str],
+    handler: bool,
+) -> tuple[State, list[State]]:
+    """`catch:` — once `own` has failed for good with an error it takes, its steps run, then
+    the run goes on after `own`. A handler step that fails fails like `own` would have."""
+    steps = compile_steps(
+        c,
+        spec.get("steps"),
+        (*where, "catch", "steps"),
+        parent=own.id,
+        branch="catch",
+        continue_to=next_of(own.id),
+        on_error=error_of(own.id),
+        earlier=[*earlier, own.id],
+        handler=handler,
+    )
+    on = spec.get("on", [])
+    names = tuple(str(n) for n in on) if isinstance(on, list) else (str(on),)
+    own = replace(own, catch=steps[0].id if steps else None, catch_on=names)
+    return own, steps
