@@ -18,8 +18,11 @@ from collections.abc import Callable, Collection, Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from .loader import Path
+from .durations import DurationError, parse_duration
+from .errors import TemplateError
+from .loader import Path, field_name
 from .model import Machine, State
+from .templates import when_expression
 
 if TYPE_CHECKING:
     from .compiler import _Checker
@@ -212,6 +215,12 @@ def compile_nested(
 ) -> list[State]:
     """The raw step's own state (completed with what its blocks add), then its nested states."""
     nested: list[State] = []
+    if own.kind == "switch":
+        own, cases = _compile_switch(c, where, raw.get("switch"), own, earlier, handler)
+        nested.extend(cases)
+    elif own.kind == "repeat":
+        own, body = _compile_repeat(c, where, raw.get("repeat"), own, earlier, handler)
+        nested.extend(body)
     if isinstance(raw.get("catch"), dict):
         own, handlers = _compile_catch(c, where, raw["catch"], own, earlier, handler)
         nested.extend(handlers)
@@ -243,3 +252,143 @@ def _compile_catch(
     names = tuple(str(n) for n in on) if isinstance(on, list) else (str(on),)
     own = replace(own, catch=steps[0].id if steps else None, catch_on=names)
     return own, steps
+
+
+def _expression(c: _Checker, where: Path, value: Any, earlier: Collection[str]) -> str | None:
+    """A bare expression (`when`, `until`): compiled, its names checked; None if it is wrong."""
+    if not isinstance(value, str | bool):
+        return None  # the schema reports its type
+    try:
+        expression = when_expression(value, field_name(where)).expression
+    except TemplateError as exc:
+        c.problem(where, exc.message)
+        return None
+    if isinstance(value, str):
+        c.scope(where, expression or "", earlier, ())
+    return expression
+
+
+def _compile_switch(
+    c: _Checker,
+    where: Path,
+    cases: Any,
+    own: State,
+    earlier: Collection[str],
+    handler: bool,
+) -> tuple[State, list[State]]:
+    """`switch:` — the first case whose `when` holds runs its steps, else `default`'s; then
+    the run comes back to the switch, which ends with the case's last step's output."""
+    config: list[dict[str, Any]] = []
+    states: list[State] = []
+    cases = cases if isinstance(cases, list) else []
+    for i, case in enumerate(cases):
+        at: Path = (*where, "switch", i)
+        if not isinstance(case, dict):
+            continue
+        if "default" in case:
+            extra = [k for k in ("when", "steps") if k in case]
+            if extra:
+                c.problem(
+                    (*at, extra[0]),
+                    f"a `default` case has no `{extra[0]}`: write `- default: [steps]`",
+                    key=True,
+                )
+            if i != len(cases) - 1:
+                c.problem(at, "`default` must be the last case: the cases after it never run")
+            branch, steps_key, when = "default", "default", None
+        else:
+            missing = [k for k in ("when", "steps") if k not in case]
+            if missing:
+                c.problem(
+                    at,
+                    f"a case needs `{missing[0]}`: write `- when: <expression>` with "
+                    "`steps: [...]`, or `- default: [steps]`",
+                )
+                continue
+            branch, steps_key = str(i), "steps"
+            when = _expression(c, (*at, "when"), case["when"], earlier)
+        listed = compile_steps(
+            c,
+            case.get(steps_key),
+            (*at, steps_key),
+            parent=own.id,
+            branch=branch,
+            continue_to=own.id,
+            on_error=error_of(own.id),
+            earlier=earlier,
+            handler=handler,
+        )
+        if listed:
+            config.append({"branch": branch, "when": when})
+        states.extend(listed)
+    return replace(own, config={"cases": config}), states
+
+
+def _compile_repeat(
+    c: _Checker,
+    where: Path,
+    spec: Any,
+    own: State,
+    earlier: Collection[str],
+    handler: bool,
+) -> tuple[State, list[State]]:
+    """`repeat:` — run the body, then check `until` (it may read the body's steps); if it
+    does not hold, sleep `delay` (durably) and run another round, at most `max` in all."""
+    spec = spec if isinstance(spec, dict) else {}
+    at: Path = (*where, "repeat")
+    body = compile_steps(
+        c,
+        spec.get("steps"),
+        (*at, "steps"),
+        parent=own.id,
+        branch="body",
+        continue_to=own.id,
+        on_error=error_of(own.id),
+        earlier=earlier,
+        handler=handler,
+    )
+    inside = [*earlier, *(s.id for s in body)]
+    until = _expression(c, (*at, "until"), spec["until"], inside) if "until" in spec else None
+    if "until" not in spec and "max" not in spec:
+        c.problem(at, "a `repeat` needs `until` (when to stop) or `max` (how many rounds)")
+    delay: float | None = None
+    if "delay" in spec:
+        try:
+            delay = parse_duration(spec["delay"])
+        except DurationError as exc:
+            c.problem((*at, "delay"), str(exc))
+    limit = spec.get("max")
+    config = {
+        "until": until,
+        "delay": delay,
+        "max": limit if isinstance(limit, int) and not isinstance(limit, bool) else None,
+    }
+    return replace(own, config=config), body
+
+
+def failure_route(
+    machine: Machine, state: State, error_kinds: Collection[str]
+) -> tuple[str, list[str], bool]:
+    """Where a step that has failed for good goes, and the blocks that fail with it.
+
+    The first `catch` from the step outwards that takes one of `error_kinds` (the error's
+    class name and its bases) gets it; a catch's own handler steps are not caught by it.
+    Every block left on the way (a switch, a repeat, a parallel) fails with the step.
+    Returns (target, blocks left, caught).
+    """
+    left: list[str] = []
+    s = state
+    in_handler = False
+    while True:
+        if (
+            not in_handler
+            and s.catch is not None
+            and (not s.catch_on or set(s.catch_on) & set(error_kinds))
+        ):
+            return s.catch, left, True
+        if s.parent is None:
+            return state.on_error, left, False
+        in_handler = s.branch == "catch"
+        s = machine.state(s.parent)
+        if not in_handler:
+            left.append(s.id)

@@ -16,6 +16,7 @@ from functools import cached_property
 from typing import Any
 
 __all__ = [
+    "BLOCK_KINDS",
     "COMPLETED",
     "FAILED",
     "STEP_KINDS",
@@ -40,7 +41,10 @@ STEP_KINDS = (
     "send_event",
     "run_workflow",
     "for_each",
+    "switch",
+    "repeat",
 )
+BLOCK_KINDS = ("switch", "repeat")  # steps whose own state opens nested lists (dsl/blocks.py)
 WAIT_KINDS = ("wait", "wait_until", "wait_for_event", "wait_for_token", "run_workflow")
 
 
