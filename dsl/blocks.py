@@ -58,12 +58,16 @@ def _switch_lists(raw: dict[str, Any]) -> list[tuple[Path, str, Any]]:
 
 def _repeat_lists(raw: dict[str, Any]) -> list[tuple[Path, str, Any]]:
     spec = raw.get("repeat")
-    return [(("repeat", "steps"), "body", spec["steps"])] if isinstance(spec, dict) else []
+    if not isinstance(spec, dict) or "steps" not in spec:
+        return []
+    return [(("repeat", "steps"), "body", spec["steps"])]
 
 
 def _catch_lists(raw: dict[str, Any]) -> list[tuple[Path, str, Any]]:
     spec = raw.get("catch")
-    return [(("catch", "steps"), "catch", spec["steps"])] if isinstance(spec, dict) else []
+    if not isinstance(spec, dict) or "steps" not in spec:
+        return []
+    return [(("catch", "steps"), "catch", spec["steps"])]
 
 
 # Other modules add their kinds here (dsl/fanout.py: parallel).
@@ -347,6 +351,7 @@ def _compile_repeat(
         earlier=earlier,
         handler=handler,
     )
+    _check_repeat_body(c, spec.get("steps"), (*at, "steps"))
     inside = [*earlier, *(s.id for s in body)]
     until = _expression(c, (*at, "until"), spec["until"], inside) if "until" in spec else None
     if "until" not in spec and "max" not in spec:
@@ -392,3 +397,83 @@ def failure_route(
         s = machine.state(s.parent)
         if not in_handler:
             left.append(s.id)
+
+
+# what a template may read -------------------------------------------------------------------
+
+_NOT_IN_REPEAT = {
+    "wait_for_event": "a later round could take an earlier round's event",
+    "wait_for_token": "a later round could take an earlier round's token",
+    "run_workflow": "a later round could take an earlier round's child run",
+    "for_each": "a later round would take the earlier round's items as done",
+}
+
+
+def raw_step_paths(value: Any, where: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """(path, raw step) of every step of a list and of the lists nested in it, in order."""
+    for i, raw in enumerate(value if isinstance(value, list) else []):
+        if isinstance(raw, dict):
+            yield (*where, i), raw
+            for below, _, inner in nested_lists(raw):
+                yield from raw_step_paths(inner, (*where, i, *below))
+
+
+def _check_repeat_body(c: _Checker, body: Any, where: Path) -> None:
+    for at, raw in raw_step_paths(body, where):
+        for kind, why in _NOT_IN_REPEAT.items():
+            if kind in raw:
+                c.problem(
+                    (*at, kind),
+                    f"a `{kind}` step cannot be inside a `repeat` body yet ({why}); "
+                    "poll with a `call` step",
+                    key=True,
+                )
+
+
+def unreadable_reason(data: dict[str, Any], step_id: str, where: Path) -> str:
+    """Why the template at `where` cannot read `steps.<step_id>`, a step of this file that
+    cannot have run before it on any path."""
+    paths = {
+        raw["id"]: at
+        for section in ("steps", "on_failure")
+        for at, raw in raw_step_paths(data.get(section), (section,))
+        if isinstance(raw.get("id"), str)
+    }
+    target = paths.get(step_id, ())
+    n = 0
+    while n < min(len(target), len(where)) and target[n] == where[n]:
+        n += 1
+    if n == len(target) and len(where) > n and where[n] in NESTED_KEYS:
+        return (
+            f"`steps.{step_id}` is the block this step is in; "
+            "its output exists once the block has ended"
+        )
+    if 0 < n < len(target) and n < len(where):
+        block = _lookup(data, target[: n - 1])
+        name = block.get("id") if isinstance(block, dict) else None
+        if target[n - 1] == "switch" and name:
+            return (
+                f"`steps.{step_id}` is in another case of switch `{name}`; one case runs, "
+                "so it cannot have run before this step"
+            )
+        if target[n - 1] == "parallel" and name:
+            return (
+                f"`steps.{step_id}` is in another branch of parallel `{name}`, which runs at "
+                f"the same time; read it after `{name}`"
+            )
+    return f"`steps.{step_id}` runs later; only earlier steps can be read"
+
+
+# the keys of a step under which nested lists stand (dsl/fanout.py adds "parallel")
+NESTED_KEYS = {"switch", "repeat", "catch"}
+
+
+def _lookup(data: Any, path: Path) -> Any:
+    for part in path:
+        if isinstance(data, dict) and isinstance(part, str):
+            data = data.get(part)
+        elif isinstance(data, list) and isinstance(part, int) and part < len(data):
+            data = data[part]
+        else:
+            return None
+    return data

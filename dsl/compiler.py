@@ -101,7 +101,7 @@ class _Checker:
             self.problem(where, f"unknown name `{name}`{closest(name, allowed)}")
         for step_id in sorted(s for s in refs.steps if s not in earlier):
             if step_id in self.all_step_ids:
-                self.problem(where, f"`steps.{step_id}` runs later; only earlier steps can be read")
+                self.problem(where, blocks.unreadable_reason(self.data, step_id, where))
             else:
                 self.problem(
                     where, f"unknown step `steps.{step_id}`{closest(step_id, self.all_step_ids)}"
