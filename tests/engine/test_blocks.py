@@ -262,3 +262,31 @@ def test_repeat_with_only_max_runs_that_many_rounds(store: SqlStore, tmp_path: P
     run = run_text(store, tmp_path, text, {"done_at": 1})
     assert run.status == RunStatus.COMPLETED, run.error
     assert run.output == "4 4"
+
+
+def test_repeat_delay_on_the_virtual_clock(workflow_env: Any, tmp_path: Path) -> None:
+    (tmp_path / "poll.yaml").write_text(
+        HEAD.replace("id: wf", "id: poll-job")
+        + """
+steps:
+  - id: poll
+    repeat:
+      steps: [{id: check, call: vc.status}]
+      until: steps.check.output == 'done'
+      delay: 10m
+      max: 5
+"""
+    )
+    env = workflow_env(workflows=str(tmp_path))
+    env.stub("vc.status", lambda ctx: "done" if env.now() - started >= 20 * 60 else "busy")
+    started = env.now()
+    run = env.start("poll-job")
+    assert run.status == "waiting"
+    assert run.steps["poll"].wake_at == pytest.approx(started + 600)
+    env.advance("9m")
+    assert run.status == "waiting" and len(run.steps["poll"].wait["rounds"]) == 1
+    env.advance("1m")  # round 2 at 10m: still busy
+    assert run.status == "waiting" and run.steps["poll"].wake_at == pytest.approx(started + 1200)
+    env.advance("10m")  # round 3 at 20m: done
+    assert run.status == "completed"
+    assert run.output == [{"check": "busy"}, {"check": "busy"}, {"check": "done"}]
