@@ -9,7 +9,7 @@ import os
 import signal
 from pathlib import Path
 
-from crashsteps import _mark  # noqa: F401  # registers t.record and t.flaky too
+from crashsteps import _mark  # registers t.record and t.flaky too
 
 from engine import StepContext, step
 
