@@ -30,10 +30,13 @@ if TYPE_CHECKING:
 __all__ = [
     "NESTED_LISTS",
     "ancestors",
+    "branch_lists",
     "branch_states",
     "compile_steps",
     "descendants",
     "error_of",
+    "failure_route",
+    "list_label",
     "nested_ids",
     "nested_lists",
     "next_of",
@@ -194,6 +197,29 @@ def descendants(machine: Machine, block: str, branch: str | None = None) -> list
             inside.add(s.id)
             out.append(s)
     return out
+
+
+def branch_lists(machine: Machine, block: str) -> list[tuple[str, str]]:
+    """(branch, its first state's id) of each list directly in `block`, in document order."""
+    out: dict[str, str] = {}
+    for s in machine.states:
+        if s.parent == block and s.branch is not None and s.branch not in out:
+            out[s.branch] = s.id
+    return list(out.items())
+
+
+def list_label(machine: Machine, block: State, branch: str) -> str:
+    """How `graph` and the dashboard name a list: `when <expr>`, `default`, `round`,
+    `caught`, or a parallel branch's name."""
+    if branch == "catch":
+        return "caught" + (f" ({', '.join(block.catch_on)})" if block.catch_on else "")
+    if block.kind == "switch":
+        for case in block.config.get("cases", []):
+            if case["branch"] == branch:
+                return "default" if case["when"] is None else f"when {case['when']}"
+    if block.kind == "repeat":
+        return "round"
+    return branch
 
 
 def ancestors(machine: Machine, state_id: str) -> list[tuple[str, str]]:
@@ -372,14 +398,15 @@ def _compile_repeat(
 
 
 def failure_route(
-    machine: Machine, state: State, error_kinds: Collection[str]
+    machine: Machine, state: State, error_kinds: Collection[str], any_error: bool = False
 ) -> tuple[str, list[str], bool]:
     """Where a step that has failed for good goes, and the blocks that fail with it.
 
     The first `catch` from the step outwards that takes one of `error_kinds` (the error's
     class name and its bases) gets it; a catch's own handler steps are not caught by it.
     Every block left on the way (a switch, a repeat, a parallel) fails with the step.
-    Returns (target, blocks left, caught).
+    With `any_error`, every catch takes it (what `graph` draws). Returns (target, blocks
+    left, caught).
     """
     left: list[str] = []
     s = state
@@ -388,7 +415,7 @@ def failure_route(
         if (
             not in_handler
             and s.catch is not None
-            and (not s.catch_on or set(s.catch_on) & set(error_kinds))
+            and (any_error or not s.catch_on or set(s.catch_on) & set(error_kinds))
         ):
             return s.catch, left, True
         if s.parent is None:

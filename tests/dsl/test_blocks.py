@@ -112,3 +112,105 @@ def test_schema_checks_nested_steps(tmp_path: Path) -> None:
         "11:11: steps[0].catch.steps[0].cal: unknown key `cal` in steps[0].catch.steps[0]; "
         "did you mean `call`?"
     ]
+
+
+GRAPHED = """\
+steps:
+  - id: route
+    switch:
+      - when: payload.big
+        steps: [{id: shrink, log: shrink}]
+      - default: [{id: keep, log: keep}]
+  - id: charge
+    call: billing.charge
+    retry: {max_attempts: 1}
+    catch:
+      on: [CardDeclined]
+      steps: [{id: refund, log: refund}]
+  - id: poll
+    repeat:
+      steps: [{id: check, log: check}]
+      until: steps.check.output
+      delay: 5s
+"""
+
+
+def test_mermaid_graph_nests_lists_in_composite_states(tmp_path: Path) -> None:
+    from dsl import render_graph
+
+    m, problems = compile_text(tmp_path, GRAPHED)
+    assert m is not None, problems
+    assert render_graph(m) == (
+        "stateDiagram-v2\n"
+        "  route : route: switch\n"
+        '  state "when payload.big" as route__0\n'
+        "  state route__0 {\n"
+        "    shrink : shrink: log\n"
+        "  }\n"
+        '  state "default" as route__default\n'
+        "  state route__default {\n"
+        "    keep : keep: log\n"
+        "  }\n"
+        "  charge : charge: call billing.charge\n"
+        '  state "caught (CardDeclined)" as charge__catch\n'
+        "  state charge__catch {\n"
+        "    refund : refund: log\n"
+        "  }\n"
+        "  poll : poll: repeat\n"
+        '  state "round" as poll__body\n'
+        "  state poll__body {\n"
+        "    check : check: log\n"
+        "  }\n"
+        "  [*] --> route\n"
+        "  route --> shrink : when payload.big\n"
+        "  route --> keep : default\n"
+        "  route --> charge : case done\n"
+        "  shrink --> route : ok\n"
+        "  keep --> route : ok\n"
+        "  charge --> poll : ok\n"
+        "  charge --> refund : failed: caught\n"
+        "  charge --> failed : failed\n"
+        "  refund --> poll : ok\n"
+        "  poll --> check : round\n"
+        "  poll --> poll : delay\n"
+        "  poll --> [*] : until holds\n"
+        "  poll --> failed : failed\n"
+        "  check --> poll : ok\n"
+        "  failed --> [*]\n"
+    )
+
+
+def test_dot_graph_draws_each_list_as_a_cluster(tmp_path: Path) -> None:
+    from dsl import render_graph
+
+    m, problems = compile_text(tmp_path, GRAPHED)
+    assert m is not None, problems
+    dot = render_graph(m, "dot")
+    assert (
+        '  subgraph "cluster_route__0" {\n'
+        '    label="when payload.big"; style=dashed;\n'
+        '    "shrink" [shape=box, label="shrink: log"];\n'
+        "  }\n"
+    ) in dot
+    assert '  subgraph "cluster_charge__catch" {\n    label="caught (CardDeclined)"' in dot
+    assert '  "charge" -> "refund" [label="failed: caught"];\n' in dot
+    assert '  "poll" -> "completed" [label="until holds"];\n' in dot
+    assert '  "check" -> "poll" [label="ok"];\n' in dot
+
+
+def test_a_failure_inside_a_block_is_drawn_to_the_blocks_catch(tmp_path: Path) -> None:
+    from dsl import render_graph
+
+    text = """\
+steps:
+  - id: route
+    switch:
+      - default: [{id: inner, call: x.y}]
+    catch:
+      steps: [{id: handled, log: handled}]
+"""
+    m, problems = compile_text(tmp_path, text)
+    assert m is not None, problems
+    graph = render_graph(m)
+    assert "  inner --> handled : failed: caught\n" in graph
+    assert "inner --> failed" not in graph  # a catch without `on:` takes every error
