@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 
 from engine import StepContext, step
-from engine.models import RunStatus, StepStatus
+from engine.errors import LeaseLost
+from engine.models import Lease, RunStatus, StepStatus
+from engine.pauses import pause_at
 from engine.runner import Runner
 from engine.store import SqlStore
 from tests.engine.helpers import FakeClock, compile_text, store_for
@@ -290,3 +292,38 @@ steps:
     env.advance("10m")  # round 3 at 20m: done
     assert run.status == "completed"
     assert run.output == [{"check": "busy"}, {"check": "busy"}, {"check": "done"}]
+
+
+def test_a_switch_whose_lease_was_taken_writes_none_of_its_records(
+    store: SqlStore, tmp_path: Path
+) -> None:
+    """The other writer: a second runner claims the run after the first one's lease expired,
+    between the first one's decision to enter a case and its commit. The entry (the switch's
+    record, the skipped cases) is refused whole; the second runner drives the run."""
+    machine = compile_text(tmp_path, HEAD + SWITCH)
+    clock = FakeClock()
+    first = Runner(store, Lease("runner-a", "h", 1, seconds=5), clock=clock, sleep=clock.sleep)
+    second = Lease("runner-b", "h", 2, seconds=30)
+    taken: list[str] = []
+
+    def take_over() -> None:
+        if not taken:
+            run = store.list_runs()[0]
+            taken.append(run.id)
+            store.claim_run(run.id, second, clock.now + 60)
+
+    with pause_at("runner.before_commit.running", take_over), pytest.raises(LeaseLost):
+        first.start(machine, {"size": 500})
+    run_id = taken[0]
+    assert store.get_steps(run_id) == []  # nothing of the refused entry was written
+    clock.now += 60
+    run = Runner(store, second, clock=clock, sleep=clock.sleep).drive(run_id)
+    assert run.status == RunStatus.COMPLETED, run.error
+    got = statuses(store, run_id)
+    assert (got["route"], got["big"], got["medium"], got["small"]) == (
+        "completed",
+        "completed",
+        "skipped",
+        "skipped",
+    )
+    assert [c[0] for c in CALLS] == ["big", "big_after", "after"]
