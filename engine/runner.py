@@ -340,7 +340,10 @@ class Runner:
                 ended(outcome, self.clock() - now)
         elapsed = self.clock() - now
         self.reporter.step_ended(run, state, attempt, outcome, elapsed)
-        transition = self._decide(live, state, attempt, now, outcome, logger, elapsed)
+        started = now
+        if stored is not None and state.kind in BLOCK_KINDS and blocks.is_open(stored):
+            started = stored.started_at or now  # a block closing: it began when it opened
+        transition = self._decide(live, state, attempt, started, outcome, logger, elapsed)
         self._commit(live, transition, logger)
         if isinstance(outcome, Suspended) and live.run.lease_owner is None:
             self.reporter.waiting(live.run, state, outcome.wake_at, outcome.wait)

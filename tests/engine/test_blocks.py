@@ -100,6 +100,10 @@ def test_switch_runs_exactly_one_case(
     assert [c[0] for c in CALLS] == [*ran, "after"]
     got = statuses(store, run.id)
     assert got["route"] == "completed"
+    stored = {s.step_key: s for s in store.get_steps(run.id)}
+    first = stored[ran[0]]
+    assert stored["route"].started_at is not None and first.started_at is not None
+    assert stored["route"].started_at <= first.started_at  # a block spans its list
     assert [s for s in skipped if got[s] == "skipped"] == skipped
 
 
