@@ -267,6 +267,7 @@ class Transition:
     cancel_runs: tuple[str, ...] = ()  # runs to cancel (a child whose wait ended otherwise)
     reach_event: str | None = None  # the step it begins waits for this event (see lock_names)
     metadata: dict[str, Any] | None = None  # keys a step set on ctx.metadata, merged into the run
+    also: tuple[StepRecord, ...] = ()  # other steps' records: a block's (engine/blocks.py)
 
     @property
     def simple(self) -> bool:
@@ -278,6 +279,7 @@ class Transition:
             or self.cancel_runs
             or self.reach_event
             or self.metadata
+            or self.also
             or self.status in (RunStatus.WAITING, RunStatus.CANCELLED)
             or (self.record is not None and self.record.attempt_status)
         )
