@@ -125,9 +125,7 @@ def serve(
             f"refusing to listen on {host} without an API key: set DURABLE_YAML_API_KEY "
             "(clients send it as `Authorization: Bearer ...`), or listen on 127.0.0.1"
         )
-    import uvicorn
-
-    from ..server import create_app
+    from ..server import create_app, serve_app
 
     _check_port_free(host, port)
     engine = Engine(
@@ -149,7 +147,7 @@ def serve(
         reload_workflows=True,
         **({"max_body": int(max_body)} if max_body else {}),
     )
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    serve_app(app, host, port)
 
 
 def _check_port_free(host: str, port: int) -> None:

@@ -226,13 +226,14 @@ async def _changes(
 ) -> AsyncIterator[str]:
     """`event: run` each time `fingerprint()` changes, at once if it is not what the page
     `shown`. The stream closes after STREAM_SECONDS (the page opens it again, with what it
-    shows then), so a server asked to stop never waits long for an open page."""
+    shows then), and at once when the server is asked to stop (`app.state.stopping`)."""
+    stopping = request.app.state.stopping
     yield "retry: 1000\n\n"
     last = await run_in_threadpool(fingerprint)
     if shown and last != shown:
         yield "event: run\ndata: {}\n\n"
     deadline = time.monotonic() + STREAM_SECONDS
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not stopping.is_set():
         await asyncio.sleep(CHECK_SECONDS)
         if await request.is_disconnected():
             return
