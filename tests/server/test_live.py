@@ -146,6 +146,22 @@ def test_events_need_the_key_or_the_session_and_a_known_run(
     assert seen[-1] == ("end", {"status": "cancelled"}, None)
 
 
+@pytest.mark.parametrize("after", [2**31, 2**63 - 1])
+def test_a_log_id_beyond_any_stored_one_ends_the_stream(
+    client: TestClient, engine: Engine, after: int
+) -> None:
+    """On PostgreSQL an `after` past the `integer` log ids was an error on every poll: the
+    stream of a finished run never ended (and `/logs` answered with a storage error)."""
+    run_id = engine.run(engine.workflow("quick"), {}).id
+    answer = client.get(f"/api/runs/{run_id}/events?after={after}", headers=AUTH)
+    assert answer.status_code == 200
+    seen = list(events(iter(answer.text.splitlines())))
+    assert [n for n, _, _ in seen].count("log") == 0
+    assert seen[-1] == ("end", {"status": "completed"}, None)
+    logs = client.get(f"/api/runs/{run_id}/logs?after={after}", headers=AUTH)
+    assert logs.status_code == 200 and logs.json() == {"logs": [], "next_after": None}
+
+
 def test_a_run_deleted_while_streamed_ends_the_stream(client: TestClient, engine: Engine) -> None:
     import sqlalchemy as sa
 
