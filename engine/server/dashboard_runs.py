@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from dsl import DurationError, InstantError, parse_duration, parse_instant
 
 from ..errors import EngineError, NotFound
-from ..inputs import InputInvalid
+from ..inputs import InputInvalid, parse_count
 from ..models import Run, RunFilter, RunStatus
 from ..operations import check_tags
 from ..service import Engine
@@ -160,7 +160,8 @@ def runs_page(engine: Engine, filters: Filters, cursor: str | None) -> dict[str,
 @router.get("/", response_class=HTMLResponse)
 def runs_list(request: Request, cursor: str | None = None) -> HTMLResponse:
     engine, _ = _guard(request)
-    notice = {k: int(v) for k, v in request.query_params.items() if k in NOTICES and v.isdigit()}
+    counts = {k: parse_count(v) for k, v in request.query_params.items() if k in NOTICES}
+    notice = {k: n for k, n in counts.items() if n is not None}
     context = runs_page(engine, Filters.of(request.query_params), cursor)
     return _render(request, "runs.html", page="runs", notice=notice, **context)
 

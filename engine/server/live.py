@@ -36,6 +36,7 @@ from fastapi.responses import StreamingResponse
 from dsl.limits import INT_MAX
 
 from ..errors import EngineError, NotFound
+from ..inputs import parse_count
 from ..models import Run
 from ..service import Engine
 from ..store import Store
@@ -144,8 +145,9 @@ async def stream_run_events(
 ) -> StreamingResponse:
     store = engine.store
     await anyio.to_thread.run_sync(store.get_run, run_id)  # NotFound: a 404 before streaming
-    if last_event_id is not None and last_event_id.strip().isdigit():
-        after = max(after, min(int(last_event_id.strip()), INT_MAX))
+    resumed = parse_count(last_event_id)  # a log id this stream sent; anything else: ignored
+    if resumed is not None:
+        after = max(after, resumed)
     poll = float(getattr(request.app.state, "sse_poll_seconds", POLL_SECONDS))
     return StreamingResponse(
         run_events(store, run_id, after, poll, request.app.state.stopping),

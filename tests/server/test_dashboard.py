@@ -106,6 +106,11 @@ def test_bulk_actions_need_a_selection_or_a_filter(client: TestClient, engine: E
     # a filter the store cannot use is the runs page with the message, not a 500
     page = client.get("/?since=soon&tag=novalue")
     assert page.status_code == 200 and 'id="filter-error"' in page.text
+    # the notice after a bulk action, forged: `²` passed isdigit() and crashed int() (a 500)
+    for forged in ("²", "9" * 5000, "-1", "x"):
+        page = client.get("/", params={"cancelled": forged})
+        assert page.status_code == 200 and ("Cancelled 9" in page.text) == (forged[0] == "9")
+    assert "Cancelled 2 runs." in client.get("/?cancelled=2").text
 
 
 def test_trigger_form_mistakes_store_nothing(client: TestClient, engine: Engine) -> None:

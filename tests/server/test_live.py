@@ -146,6 +146,24 @@ def test_events_need_the_key_or_the_session_and_a_known_run(
     assert seen[-1] == ("end", {"status": "cancelled"}, None)
 
 
+@pytest.mark.parametrize("forged", ["9" * 5000, "99999999999999999999", "²", "-5", "1e9", "x"])
+def test_a_forged_last_event_id_is_a_stream_not_a_500(
+    client: TestClient, engine: Engine, forged: str
+) -> None:
+    """A resuming client sends back the last `id:` it got. One no stream sent (5,000 digits
+    crashed `int()`, a 500) is a number too large (nothing after it) or is ignored."""
+    run_id = engine.run(engine.workflow("quick"), {}).id  # ended: the stream closes
+    answer = client.get(
+        f"/api/runs/{run_id}/events",
+        headers={**AUTH, "Last-Event-ID": forged.encode("latin-1")},
+    )
+    assert answer.status_code == 200, answer.text
+    seen = list(events(iter(answer.text.splitlines())))
+    logs = [data["message"] for name, data, _ in seen if name == "log"]
+    assert logs == ([] if forged.isascii() and forged.isdigit() else ["quick step ran"])
+    assert seen[-1] == ("end", {"status": "completed"}, None)
+
+
 @pytest.mark.parametrize("after", [2**31, 2**63 - 1])
 def test_a_log_id_beyond_any_stored_one_ends_the_stream(
     client: TestClient, engine: Engine, after: int
