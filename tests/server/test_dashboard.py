@@ -124,6 +124,14 @@ def test_trigger_form_mistakes_store_nothing(client: TestClient, engine: Engine)
         page = client.post("/workflows/form/trigger", data={**data, "csrf": csrf})
         assert page.status_code == 400 and field in page.text, field
         assert 'value="abc"' in page.text or 'value="ab"' in page.text  # what was typed
+    # the JSON textarea parsed by the input boundary: too deep was a RecursionError (a 500)
+    for text, problem in (("[" * 100_000, "nested more than"), ('{"a": NaN}', "NaN")):
+        data = {"f.title": "abc", "f.count": "1", "payload": text, "csrf": csrf}
+        page = client.post("/workflows/form/trigger", data=data)
+        assert page.status_code == 400 and "payload JSON" in page.text and problem in page.text
+    deep_choice = {"f.title": "abc", "f.count": "1", "f.size": "[" * 100_000, "csrf": csrf}
+    page = client.post("/workflows/form/trigger", data=deep_choice)
+    assert page.status_code == 400 and "payload.size" in page.text
     assert engine.count_runs(RunFilter(workflow_id="form")) == 0
     ok = client.post(
         "/workflows/form/trigger",
