@@ -35,10 +35,12 @@ __all__ = [
     "check_json",
     "check_text",
     "loggable",
+    "parse_count",
     "parse_json",
 ]
 
 _NOT_TEXT = re.compile("[\x00\ud800-\udfff]")
+_COUNT = re.compile("[0-9]+")
 
 
 class InputInvalid(PayloadInvalid):
@@ -198,3 +200,15 @@ def loggable(value: Any) -> Any:
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT_MAX:
         return str(value)
     return value
+
+
+def parse_count(text: str | None, limit: int = INT_MAX) -> int | None:
+    """The whole number `text` spells in ASCII digits (blanks around allowed), at most
+    `limit` (a larger one is `limit`); None if it is none. Unlike `str.isdigit` + `int`, no
+    text raises: `²` and other Unicode digits are not numbers here, and a number too long
+    for `int()` (over 4,300 digits) is just large."""
+    value = (text or "").strip()
+    if not _COUNT.fullmatch(value):
+        return None
+    value = value.lstrip("0") or "0"
+    return limit if len(value) > len(str(limit)) else min(int(value), limit)

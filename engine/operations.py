@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 __all__ = ["BATCH", "TAGS_MAX", "TAG_MAX", "Operations", "check_tags", "check_ttl"]
 
 BATCH = 500  # runs per bulk transaction
+IDS_PER_QUERY = 10_000  # ids in one IN list (PostgreSQL takes at most 65,535 parameters)
 TAG_MAX = 200  # characters in one "key:value" tag
 TAGS_MAX = 20  # tags on one run
 Progress = Callable[[int, int], None]  # (done so far, total)
@@ -66,13 +67,13 @@ class Operations:
 
     def count_runs(self, filter: RunFilter) -> int:
         _check_filter(filter)
-        return self.store.count_runs(filter)
+        return sum(self.store.count_runs(f) for f in _by_ids(filter))
 
     def count_cancellable(self, filter: RunFilter) -> int:
         """How many runs `cancel_runs(filter)` would cancel now (the active ones)."""
         _check_filter(filter)
         active = _active_only(filter)
-        return 0 if active is None else self.store.count_runs(active)
+        return 0 if active is None else sum(self.store.count_runs(f) for f in _by_ids(active))
 
     def cancel_runs(self, filter: RunFilter, progress: Progress | None = None) -> int:
         """Cancel every active run matching `filter`, `BATCH` per transaction; how many were
@@ -82,24 +83,26 @@ class Operations:
         active = _active_only(filter)
         if active is None:
             return 0
-        total = self.store.count_runs(active)
+        total = self.count_cancellable(filter)
         done = 0
-        for ids in self.store.run_id_batches(active, BATCH):
-            done += self.store.cancel_runs_batch(ids, self.store.now())
-            if progress is not None:
-                progress(done, total)
+        for part in _by_ids(active):
+            for ids in self.store.run_id_batches(part, BATCH):
+                done += self.store.cancel_runs_batch(ids, self.store.now())
+                if progress is not None:
+                    progress(done, total)
         return done
 
     def replay_runs(self, filter: RunFilter, progress: Progress | None = None) -> list[str]:
         """Queue a replay (a new run, same payload) of every run matching `filter`; the new
-        runs' ids, in the order of the originals (newest first)."""
-        _check_filter(filter)
-        total = self.store.count_runs(filter)
+        runs' ids, in the order of the originals (newest first; with more than
+        `IDS_PER_QUERY` ids, newest first within each slice of them)."""
+        total = self.count_runs(filter)
         out: list[str] = []
-        for ids in self.store.run_id_batches(filter, BATCH):
-            out += self.queue_replays(ids)
-            if progress is not None:
-                progress(len(out), total)
+        for part in _by_ids(filter):
+            for ids in self.store.run_id_batches(part, BATCH):
+                out += self.queue_replays(ids)
+                if progress is not None:
+                    progress(len(out), total)
         return out
 
     def queue_replays(self, run_ids: Sequence[str]) -> list[str]:  # Engine implements
@@ -154,6 +157,15 @@ class Operations:
 
     def _current_hashes(self) -> set[str]:  # Engine implements
         return set()
+
+
+def _by_ids(f: RunFilter) -> list[RunFilter]:
+    """`f` as filters of at most `IDS_PER_QUERY` distinct ids each (one if it has fewer):
+    a long list in one IN was a database error on PostgreSQL."""
+    if len(f.ids) <= IDS_PER_QUERY:
+        return [f]
+    ids = tuple(dict.fromkeys(f.ids))
+    return [replace(f, ids=ids[i : i + IDS_PER_QUERY]) for i in range(0, len(ids), IDS_PER_QUERY)]
 
 
 def _active_only(f: RunFilter) -> RunFilter | None:

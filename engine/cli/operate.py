@@ -125,9 +125,8 @@ def serve(
             f"refusing to listen on {host} without an API key: set DURABLE_YAML_API_KEY "
             "(clients send it as `Authorization: Bearer ...`), or listen on 127.0.0.1"
         )
-    import uvicorn
-
-    from ..server import create_app
+    from ..inputs import parse_count
+    from ..server import create_app, serve_app
 
     _check_port_free(host, port)
     engine = Engine(
@@ -140,16 +139,19 @@ def serve(
     url = engine.store.engine.url.render_as_string(hide_password=True)
     click.echo(f"dashboard http://{host}:{port}/  API http://{host}:{port}/api  database {url}")
     max_body = os.environ.get("DURABLE_YAML_MAX_BODY", "")
-    if max_body and not max_body.isdigit():
-        raise click.UsageError("DURABLE_YAML_MAX_BODY must be a number of bytes")
+    body_limit = parse_count(max_body)
+    if max_body and body_limit is None:
+        raise click.UsageError(
+            f"DURABLE_YAML_MAX_BODY={max_body!r} must be a number of bytes (e.g. 1048576)"
+        )
     app = create_app(
         engine,
         key,
         port=port,
         reload_workflows=True,
-        **({"max_body": int(max_body)} if max_body else {}),
+        **({"max_body": body_limit} if body_limit is not None else {}),
     )
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    serve_app(app, host, port)
 
 
 def _check_port_free(host: str, port: int) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
+from types import FrameType
 from typing import Any
 
 import sqlalchemy as sa
@@ -27,7 +29,9 @@ from . import api, dashboard, live
 from .guard import MAX_BODY, Guard
 from .security import Keys
 
-__all__ = ["create_app"]
+__all__ = ["SHUTDOWN_GRACE", "create_app", "serve_app"]
+
+SHUTDOWN_GRACE = 5  # seconds a request may still run after SIGTERM before it is cancelled
 
 
 def create_app(
@@ -51,6 +55,7 @@ def create_app(
         "when the server has a key.",
     )
     app.state.engine = engine
+    app.state.stopping = threading.Event()  # set when the server is asked to stop
     app.state.keys = keys = Keys(api_key, port)
     app.include_router(api.router)
     app.include_router(live.router)
@@ -120,6 +125,26 @@ def create_app(
         return _error_page(request, 422, problems or "the request is not valid")
 
     return app
+
+
+def serve_app(app: FastAPI, host: str, port: int, grace: int = SHUTDOWN_GRACE) -> None:
+    """Serve `app` with uvicorn until SIGTERM or SIGINT. The signal sets
+    `app.state.stopping`, which ends every open event stream at its next look (they would
+    otherwise keep the process alive for as long as their run lives); a request still
+    running `grace` seconds later is cancelled, so the process always exits."""
+    import uvicorn
+
+    stopping: threading.Event = app.state.stopping
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            stopping.set()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=grace
+    )
+    Server(config).run()
 
 
 def _reload_workflows(app: FastAPI, engine: Engine, every: float = 1.0) -> None:

@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from dsl import DurationError, InstantError, parse_duration, parse_instant
 
 from ..errors import EngineError, NotFound
-from ..inputs import InputInvalid
+from ..inputs import InputInvalid, parse_count
 from ..models import Run, RunFilter, RunStatus
 from ..operations import check_tags
 from ..service import Engine
@@ -160,7 +160,8 @@ def runs_page(engine: Engine, filters: Filters, cursor: str | None) -> dict[str,
 @router.get("/", response_class=HTMLResponse)
 def runs_list(request: Request, cursor: str | None = None) -> HTMLResponse:
     engine, _ = _guard(request)
-    notice = {k: int(v) for k, v in request.query_params.items() if k in NOTICES and v.isdigit()}
+    counts = {k: parse_count(v) for k, v in request.query_params.items() if k in NOTICES}
+    notice = {k: n for k, n in counts.items() if n is not None}
     context = runs_page(engine, Filters.of(request.query_params), cursor)
     return _render(request, "runs.html", page="runs", notice=notice, **context)
 
@@ -226,13 +227,14 @@ async def _changes(
 ) -> AsyncIterator[str]:
     """`event: run` each time `fingerprint()` changes, at once if it is not what the page
     `shown`. The stream closes after STREAM_SECONDS (the page opens it again, with what it
-    shows then), so a server asked to stop never waits long for an open page."""
+    shows then), and at once when the server is asked to stop (`app.state.stopping`)."""
+    stopping = request.app.state.stopping
     yield "retry: 1000\n\n"
     last = await run_in_threadpool(fingerprint)
     if shown and last != shown:
         yield "event: run\ndata: {}\n\n"
     deadline = time.monotonic() + STREAM_SECONDS
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not stopping.is_set():
         await asyncio.sleep(CHECK_SECONDS)
         if await request.is_disconnected():
             return

@@ -10,6 +10,7 @@ from urllib.parse import unquote_to_bytes
 
 from starlette.datastructures import Headers
 
+from ..inputs import parse_count
 from .security import Keys, same_origin
 
 __all__ = ["MAX_BODY", "SECURITY_HEADERS", "Guard"]
@@ -79,7 +80,8 @@ class Guard:
                 )
                 return
             length = headers.get("content-length")
-            if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            size = parse_count(length)
+            if length is not None and (size is None or size > self.max_body):
                 await self._refuse(scope, send, 413, self._too_large())
                 return
 

@@ -9,7 +9,8 @@ moved. It sends
 - `event: log` (with `id:` the log id): each log line once, in order,
 - `event: end` with `{"status": ...}` once the run has finished and every line was sent;
   then the stream closes. A browser's `EventSource` reconnects by itself after any close, so
-  a client should `close()` on `end`.
+  a client should `close()` on `end`. The stream also closes, without `end`, when the server
+  is asked to stop (`app.state.stopping`): an open page never holds up a SIGTERM'd server.
 
 A reconnect with `Last-Event-ID` (or `?after=LOG_ID`) gets the current run and steps again and
 only the log lines after that id. `: keep-alive` comments go out when nothing else did for
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -34,6 +36,7 @@ from fastapi.responses import StreamingResponse
 from dsl.limits import INT_MAX
 
 from ..errors import EngineError, NotFound
+from ..inputs import parse_count
 from ..models import Run
 from ..service import Engine
 from ..store import Store
@@ -61,15 +64,21 @@ def _run_view(run: Run) -> dict[str, Any]:
 
 
 async def run_events(
-    store: Store, run_id: str, after: int, poll: float = POLL_SECONDS
+    store: Store,
+    run_id: str,
+    after: int,
+    poll: float = POLL_SECONDS,
+    stopping: threading.Event | None = None,
 ) -> AsyncIterator[str]:
-    """The events of one run from now until it ends (see the module's docstring)."""
+    """The events of one run from now until it ends or `stopping` is set (see the module's
+    docstring)."""
+    stopping = stopping or threading.Event()
     seen_updated: float | None = None
     seen_run: dict[str, Any] | None = None
     seen_steps: dict[str, dict[str, Any]] = {}
     quiet_since = time.monotonic()
     yield "retry: 2000\n\n"
-    while True:
+    while not stopping.is_set():
         try:
             run = await anyio.to_thread.run_sync(store.get_run, run_id)
         except NotFound:  # deleted meanwhile (runs purge)
@@ -136,11 +145,12 @@ async def stream_run_events(
 ) -> StreamingResponse:
     store = engine.store
     await anyio.to_thread.run_sync(store.get_run, run_id)  # NotFound: a 404 before streaming
-    if last_event_id is not None and last_event_id.strip().isdigit():
-        after = max(after, min(int(last_event_id.strip()), INT_MAX))
+    resumed = parse_count(last_event_id)  # a log id this stream sent; anything else: ignored
+    if resumed is not None:
+        after = max(after, resumed)
     poll = float(getattr(request.app.state, "sse_poll_seconds", POLL_SECONDS))
     return StreamingResponse(
-        run_events(store, run_id, after, poll),
+        run_events(store, run_id, after, poll, request.app.state.stopping),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

@@ -10,6 +10,7 @@ from typing import Any
 from markupsafe import Markup, escape
 
 from ..errors import PayloadInvalid
+from ..inputs import InputInvalid, parse_json
 
 __all__ = [
     "FINISHED",
@@ -143,10 +144,10 @@ def payload_from_form(
     field) if a value is not of its type."""
     base: Any = {}
     if extra_json is not None and extra_json.strip():
-        try:
-            base = json.loads(extra_json)
-        except ValueError as exc:
-            raise PayloadInvalid(workflow_id, "payload JSON", f"not valid JSON ({exc})") from None
+        try:  # the input boundary's parser: too deep, NaN or too large is a message
+            base = parse_json(extra_json, "")
+        except InputInvalid as exc:
+            raise PayloadInvalid(workflow_id, "payload JSON", exc.message) from None
     if not fields:
         return base
     if not isinstance(base, dict):
@@ -162,7 +163,7 @@ def payload_from_form(
         try:
             value: Any
             if kind == "enum" or kind == "boolean":
-                value = json.loads(raw)
+                value = parse_json(raw, "")
             elif kind == "integer":
                 value = int(raw)
             elif kind == "number":
@@ -170,7 +171,7 @@ def payload_from_form(
                 value = int(value) if value.is_integer() and "." not in raw else value
             else:
                 value = raw
-        except ValueError:
+        except (ValueError, InputInvalid):
             article = "an" if kind in ("integer", "enum") else "a"
             raise PayloadInvalid(
                 workflow_id, f"payload.{f['name']}", f"{raw!r} is not {article} {kind}"

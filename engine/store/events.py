@@ -18,6 +18,7 @@ from sqlalchemy.engine import Connection
 
 from ..errors import NotFound, TokenError
 from ..models import Emission, NewEvent, NewRun, RunStatus, Sent
+from ..pauses import pause_point
 from . import schema as t
 from .db import Db
 from .sqlutil import INSERT_RUN
@@ -142,6 +143,7 @@ class Events:
             if row is None:
                 raise NotFound(f"no run is waiting for token {token}")
             run_id, step_key = row["run_id"], row["step_key"]
+            pause_point("store.token.found")
             if self.inbox.deliver(c, run_id, step_key, row["attempt"], "token", data, now):
                 c.execute(
                     update(t.tokens)
@@ -151,6 +153,8 @@ class Events:
                 self.db.notify(c)
                 return str(run_id)
             winner = self.inbox.read(c, run_id, step_key, row["attempt"])
+            if winner is None and not self._run_exists(c, run_id):  # purged meanwhile
+                raise NotFound(f"no run is waiting for token {token}")
             why = {
                 "token": "was already completed; a token completes once",
                 "timeout": "timed out before it was completed",
@@ -159,6 +163,10 @@ class Events:
             raise TokenError(f"token {token} (run {run_id}, step {step_key}) {why}")
 
         return self.db.transact(work)
+
+    @staticmethod
+    def _run_exists(c: Connection, run_id: str) -> bool:
+        return c.execute(select(t.runs.c.id).where(t.runs.c.id == run_id)).first() is not None
 
     def purge_idempotency_keys(self, now: float) -> int:
         def work(c: Connection) -> int:

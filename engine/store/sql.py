@@ -16,6 +16,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import and_, insert, or_, select, update
 
+from dsl.limits import INT_MAX
+
 from ..errors import DatabaseError, NotFound
 from ..models import (
     Answer,
@@ -51,6 +53,8 @@ from .waits import Inbox
 from .workers import Workers
 
 __all__ = ["SqlStore", "normalise_url"]
+
+PG_INTEGER_MAX = 2**31 - 1  # the largest value of an `Integer` column on PostgreSQL
 
 
 def normalise_url(url: str) -> str:
@@ -400,6 +404,9 @@ class SqlStore:
 
     @translate
     def get_logs(self, run_id: str, after_id: int = 0, limit: int = 1000) -> list[LogEntry]:
+        # No stored id is beyond the column's range (PostgreSQL: `integer`), so a larger
+        # `after_id` means "after every line"; sent as is it was an error, not no lines.
+        after_id = min(after_id, PG_INTEGER_MAX if self.db.is_postgres else INT_MAX)
         q = (
             select(t.logs)
             .where(t.logs.c.run_id == run_id, t.logs.c.id > after_id)

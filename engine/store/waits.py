@@ -73,7 +73,9 @@ class Inbox:
         wake: bool = True,
     ) -> bool:
         """Answer the wait (run, step, attempt) unless something answered it first; True if
-        this answer won. With `wake`, the run becomes claimable now if it is parked."""
+        this answer won. With `wake`, the run becomes claimable now if it is parked, and an
+        answer for a run that is gone (purged since the caller looked: a token's, a child's
+        result for its parent) is taken back and loses, so no answer outlives its run."""
         dialect_insert = postgresql.insert if self.db.is_postgres else sqlite.insert
         stmt = (
             dialect_insert(t.inbox)
@@ -91,8 +93,15 @@ class Inbox:
         )
         if c.execute(stmt).first() is None:
             return False
-        if wake:
-            c.execute(WAKE_RUN, {"w_id": run_id, "w_now": now})
+        if wake and not c.execute(WAKE_RUN, {"w_id": run_id, "w_now": now}).rowcount:
+            c.execute(
+                sa.delete(t.inbox).where(
+                    t.inbox.c.run_id == run_id,
+                    t.inbox.c.step_key == step_key,
+                    t.inbox.c.attempt == attempt,
+                )
+            )
+            return False
         return True
 
     def read(self, c: Connection, run_id: str, step_key: str, attempt: int) -> Answer | None:

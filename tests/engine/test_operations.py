@@ -236,3 +236,42 @@ def test_workers_purge_by_the_retention_setting(tmp_path: Path, db_url: str) -> 
         (tmp_path / "pyproject.toml").write_text(f"[tool.durable-yaml]\n{bad}\n")
         with pytest.raises(ConfigError, match=message):
             resolve_settings(db=db_url, cwd=str(tmp_path))
+
+
+def test_a_token_completed_while_its_run_is_purged_answers_nothing(engine: Engine) -> None:
+    """`complete` has found the token of a cancelled run when a purge deletes the run, its
+    inbox (the cancel that won the wait) and its tokens: the answer must lose, as it would
+    have against the cancel, not win an inbox row of a run that no longer exists."""
+    import threading
+    import time
+
+    from engine.errors import EngineError
+    from engine.pauses import pause_at
+
+    engine.send_event("doc.published", {"doc": "a"})
+    waiter = engine.run(engine.workflow("waiter"), {})
+    token = next(
+        s.wait["token"]
+        for s in engine.store.get_steps(waiter.id)
+        if s.wait and s.wait.get("kind") == "token"
+    )
+    engine.store.request_cancel(waiter.id, engine.store.now())
+    purged: list[int] = []
+
+    def purge_now() -> None:
+        purger = threading.Thread(target=lambda: purged.append(engine.purge(0.0)))
+        purger.start()
+        purger.join(1.0)  # PostgreSQL: done; SQLite: waits for complete's write lock
+
+    with pause_at("store.token.found", purge_now), pytest.raises(EngineError) as refused:
+        engine.complete_token(token, {"by": "ann"})
+    deadline = time.monotonic() + 30
+    while not purged and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert purged == [1]
+    assert "cancelled" in str(refused.value) or "no run is waiting" in str(refused.value)
+    with engine.store.engine.connect() as c:
+        orphans = c.execute(
+            sa.select(t.inbox.c.run_id).where(~sa.exists().where(t.runs.c.id == t.inbox.c.run_id))
+        ).all()
+    assert orphans == []

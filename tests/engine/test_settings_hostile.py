@@ -181,3 +181,18 @@ def test_the_cli_names_a_step_module_that_exits(tmp_path: Path) -> None:
     result = cli("validate", cwd=tmp_path, env={"DURABLE_YAML_MODULES": "m_exit"})
     out = _clean(result)
     assert result.returncode == 2 and "step module `m_exit` called sys.exit(7)" in out
+
+
+@pytest.mark.parametrize("value", ["²", "1e6", "-1"])
+def test_serve_with_a_body_limit_that_is_no_number(tmp_path: Path, value: str) -> None:
+    """`²` passed `str.isdigit` and then crashed `int()` (a traceback at start-up)."""
+    result = cli(
+        "serve",
+        "--port",
+        "1",
+        "--db",
+        f"sqlite:///{tmp_path}/s.db",
+        env={"DURABLE_YAML_MAX_BODY": value},
+    )
+    out = _clean(result)
+    assert result.returncode == 2 and "must be a number of bytes" in out, out

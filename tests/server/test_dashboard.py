@@ -106,6 +106,11 @@ def test_bulk_actions_need_a_selection_or_a_filter(client: TestClient, engine: E
     # a filter the store cannot use is the runs page with the message, not a 500
     page = client.get("/?since=soon&tag=novalue")
     assert page.status_code == 200 and 'id="filter-error"' in page.text
+    # the notice after a bulk action, forged: `²` passed isdigit() and crashed int() (a 500)
+    for forged in ("²", "9" * 5000, "-1", "x"):
+        page = client.get("/", params={"cancelled": forged})
+        assert page.status_code == 200 and ("Cancelled 9" in page.text) == (forged[0] == "9")
+    assert "Cancelled 2 runs." in client.get("/?cancelled=2").text
 
 
 def test_trigger_form_mistakes_store_nothing(client: TestClient, engine: Engine) -> None:
@@ -119,6 +124,14 @@ def test_trigger_form_mistakes_store_nothing(client: TestClient, engine: Engine)
         page = client.post("/workflows/form/trigger", data={**data, "csrf": csrf})
         assert page.status_code == 400 and field in page.text, field
         assert 'value="abc"' in page.text or 'value="ab"' in page.text  # what was typed
+    # the JSON textarea parsed by the input boundary: too deep was a RecursionError (a 500)
+    for text, problem in (("[" * 100_000, "nested more than"), ('{"a": NaN}', "NaN")):
+        data = {"f.title": "abc", "f.count": "1", "payload": text, "csrf": csrf}
+        page = client.post("/workflows/form/trigger", data=data)
+        assert page.status_code == 400 and "payload JSON" in page.text and problem in page.text
+    deep_choice = {"f.title": "abc", "f.count": "1", "f.size": "[" * 100_000, "csrf": csrf}
+    page = client.post("/workflows/form/trigger", data=deep_choice)
+    assert page.status_code == 400 and "payload.size" in page.text
     assert engine.count_runs(RunFilter(workflow_id="form")) == 0
     ok = client.post(
         "/workflows/form/trigger",

@@ -146,6 +146,40 @@ def test_events_need_the_key_or_the_session_and_a_known_run(
     assert seen[-1] == ("end", {"status": "cancelled"}, None)
 
 
+@pytest.mark.parametrize("forged", ["9" * 5000, "99999999999999999999", "²", "-5", "1e9", "x"])
+def test_a_forged_last_event_id_is_a_stream_not_a_500(
+    client: TestClient, engine: Engine, forged: str
+) -> None:
+    """A resuming client sends back the last `id:` it got. One no stream sent (5,000 digits
+    crashed `int()`, a 500) is a number too large (nothing after it) or is ignored."""
+    run_id = engine.run(engine.workflow("quick"), {}).id  # ended: the stream closes
+    answer = client.get(
+        f"/api/runs/{run_id}/events",
+        headers={**AUTH, "Last-Event-ID": forged.encode("latin-1")},
+    )
+    assert answer.status_code == 200, answer.text
+    seen = list(events(iter(answer.text.splitlines())))
+    logs = [data["message"] for name, data, _ in seen if name == "log"]
+    assert logs == ([] if forged.isascii() and forged.isdigit() else ["quick step ran"])
+    assert seen[-1] == ("end", {"status": "completed"}, None)
+
+
+@pytest.mark.parametrize("after", [2**31, 2**63 - 1])
+def test_a_log_id_beyond_any_stored_one_ends_the_stream(
+    client: TestClient, engine: Engine, after: int
+) -> None:
+    """On PostgreSQL an `after` past the `integer` log ids was an error on every poll: the
+    stream of a finished run never ended (and `/logs` answered with a storage error)."""
+    run_id = engine.run(engine.workflow("quick"), {}).id
+    answer = client.get(f"/api/runs/{run_id}/events?after={after}", headers=AUTH)
+    assert answer.status_code == 200
+    seen = list(events(iter(answer.text.splitlines())))
+    assert [n for n, _, _ in seen].count("log") == 0
+    assert seen[-1] == ("end", {"status": "completed"}, None)
+    logs = client.get(f"/api/runs/{run_id}/logs?after={after}", headers=AUTH)
+    assert logs.status_code == 200 and logs.json() == {"logs": [], "next_after": None}
+
+
 def test_a_run_deleted_while_streamed_ends_the_stream(client: TestClient, engine: Engine) -> None:
     import sqlalchemy as sa
 
@@ -259,3 +293,77 @@ def test_lines_a_heartbeat_took_are_not_lost_when_the_run_ends_meanwhile(
         "done with lamp",
         "quick step ran",
     ]
+
+
+def test_sigterm_ends_open_streams_and_serve_exits_at_once(db_url: str) -> None:
+    """A real `serve` with a run's event stream and the runs page's change stream open, on
+    a run that stays queued (no worker): SIGTERM ends both streams cleanly and the process
+    exits well inside uvicorn's grace (before, the run's stream held it up for good and the
+    page's for up to 15 s)."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "DURABLE_YAML_DB": db_url, "DURABLE_YAML_API_KEY": KEY}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine", "serve", "--port", str(port), "--workflows", str(LIVE)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    ended: dict[str, str] = {}
+    try:
+        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=AUTH, timeout=30)
+        for _ in range(300):  # until uvicorn listens
+            try:
+                client.get("/healthz")
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.communicate()
+                time.sleep(0.05)
+        made = client.post("/api/workflows/later/runs", json={"payload": {}})
+        assert made.status_code == 201, made.text
+        assert client.post("/login", data={"key": KEY}).status_code == 303  # session cookie
+        opened = threading.Barrier(3)
+
+        def read(name: str, url: str) -> None:
+            try:
+                with client.stream("GET", url) as response:
+                    assert response.status_code == 200
+                    opened.wait(10)
+                    for _line in response.iter_lines():
+                        pass
+                ended[name] = "closed"
+            except httpx.HTTPError as exc:
+                ended[name] = type(exc).__name__
+
+        readers = [
+            threading.Thread(target=read, args=("run", f"/api/runs/{made.json()['id']}/events")),
+            threading.Thread(target=read, args=("page", "/partials/runs/events")),
+        ]
+        for r in readers:
+            r.start()
+        opened.wait(10)
+        time.sleep(0.3)  # both streams are in their poll loops
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        took = time.monotonic() - started
+        for r in readers:
+            r.join(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _, err = proc.communicate(timeout=10)
+    assert took < 3.0, f"serve took {took:.1f}s to exit on SIGTERM"
+    assert ended == {"run": "closed", "page": "closed"}
+    assert "Traceback" not in err
