@@ -15,8 +15,6 @@ import re
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import CroniterBadDateError, croniter
-
 __all__ = ["CronError", "check_cron", "check_timezone", "next_fire_after", "next_fires"]
 
 
@@ -37,6 +35,8 @@ def check_cron(expr: str) -> None:
                 f"cron {expr!r} uses `R`/`H` (random or hashed times), which are not"
                 f" supported; write the minutes and hours to fire at"
             )
+    from croniter import CroniterBadDateError, croniter  # only where a schedule is checked
+
     if not croniter.is_valid(expr):
         raise CronError(f"cron {expr!r} is not a valid expression")
     try:  # a day that no month has (`* * 31 2 *`) is valid syntax that never fires
@@ -76,6 +76,8 @@ def next_fire_after(expr: str, tz_name: str, after: datetime) -> datetime:
     follow_real_time = expr.split()[1] in ("*", "*/1")
     after_utc = after.astimezone(UTC)
     local = after_utc.astimezone(tz).replace(tzinfo=None)
+    from croniter import CroniterBadDateError, croniter
+
     # Start a few hours early: a repeated or skipped hour maps local times across offsets.
     try:
         it = croniter(expr, local - timedelta(hours=3))
