@@ -195,11 +195,11 @@ def idle_cpu(url: str, seconds: float = 10.0) -> float:
         stop([proc])
 
 
-def procrastinate_rate(base_url: str, jobs: int) -> float | None:
+def procrastinate_rate(db_url: str, jobs: int) -> float | None:
     if importlib.util.find_spec("procrastinate") is None:
         return None
     out = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "procrastinate_side.py"), base_url, str(jobs)],
+        [sys.executable, str(ROOT / "bench" / "procrastinate_side.py"), db_url, str(jobs)],
         capture_output=True,
         text=True,
         timeout=900,
@@ -225,8 +225,7 @@ def main() -> None:
         dbos = dbos_queue_rate(dbos_url, RUNS)
         procrastinate = None
         if name == "postgresql":
-            base = os.environ.get("DURABLE_YAML_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/")
-            procrastinate = procrastinate_rate(base, RUNS)
+            procrastinate = procrastinate_rate(url.replace("+psycopg", ""), RUNS)
         print(f"[{name}]")
         print(
             "  runs/s   1 worker {:.0f} | 2 workers {:.0f} | 4 workers {:.0f}".format(

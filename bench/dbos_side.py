@@ -1,8 +1,10 @@
 """DBOS side of the benchmarks, in its own process (DBOS is a process-wide singleton).
 
-usage: python bench/dbos_side.py DATABASE_URL RUNS [queue]
-  -> prints workflows/s of a 3-step no-op, called directly or (with `queue`) enqueued on a
-     DBOS Queue and executed by this process's queue workers.
+usage: python bench/dbos_side.py DATABASE_URL RUNS [queue|queue3]
+  -> prints workflows/s of a 3-step no-op called directly; with `queue`, of a 1-step no-op
+     enqueued on a DBOS Queue (concurrency 16) and executed by this process's queue workers;
+     with `queue3`, of the 3-step no-op enqueued on a queue of concurrency 8 (all enqueued,
+     then every result awaited: DBOS executes while it enqueues).
 """
 
 from __future__ import annotations
@@ -38,9 +40,14 @@ def main() -> None:
     DBOS(config=config)
     DBOS.launch()
     queue = DBOS.register_queue("bench", concurrency=16)
-    if len(sys.argv) > 3 and sys.argv[3] == "queue":
+    queue8 = DBOS.register_queue("bench8", concurrency=8)
+    mode = sys.argv[3] if len(sys.argv) > 3 else ""
+    if mode in ("queue", "queue3"):
         start = time.perf_counter()
-        handles = [queue.enqueue(one_step) for _ in range(runs)]
+        if mode == "queue":
+            handles = [queue.enqueue(one_step) for _ in range(runs)]
+        else:
+            handles = [queue8.enqueue(three_steps) for _ in range(runs)]
         for h in handles:
             h.get_result()
         elapsed = time.perf_counter() - start

@@ -1,7 +1,9 @@
 """Procrastinate side of the queue benchmark, in its own process and database.
 
-usage: python bench/procrastinate_side.py POSTGRES_BASE_URL JOBS
-  -> prints jobs/s: JOBS no-op jobs deferred first, then one worker (concurrency 4) until empty
+usage: python bench/procrastinate_side.py POSTGRES_DATABASE_URL JOBS [CONCURRENCY]
+  -> prints jobs/s: JOBS no-op jobs deferred first, then one worker (concurrency 4 unless
+     given) until empty. Its tables live in the schema `procrastinate_bench` of that
+     database, made anew each time (nothing else in the database is touched).
 """
 
 from __future__ import annotations
@@ -13,14 +15,19 @@ import time
 import procrastinate
 import psycopg
 
-BASE, JOBS = sys.argv[1].rstrip("/") + "/", int(sys.argv[2])
-DB = "procrastinate_bench"
+URL, JOBS = sys.argv[1], int(sys.argv[2])
+CONCURRENCY = int(sys.argv[3]) if len(sys.argv) > 3 else 4
+SCHEMA = "procrastinate_bench"
 
-with psycopg.connect(BASE + "test", autocommit=True) as admin:
-    admin.execute(f"DROP DATABASE IF EXISTS {DB}")
-    admin.execute(f"CREATE DATABASE {DB}")
+with psycopg.connect(URL, autocommit=True) as admin:
+    admin.execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
+    admin.execute(f"CREATE SCHEMA {SCHEMA}")
 
-app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=BASE + DB))
+app = procrastinate.App(
+    connector=procrastinate.PsycopgConnector(
+        conninfo=URL, kwargs={"options": f"-c search_path={SCHEMA}"}
+    )
+)
 
 
 @app.task(queue="bench")
@@ -35,7 +42,7 @@ async def main() -> None:
             await noop.defer_async(i=i)
         start = time.perf_counter()
         await app.run_worker_async(
-            queues=["bench"], wait=False, concurrency=4, install_signal_handlers=False
+            queues=["bench"], wait=False, concurrency=CONCURRENCY, install_signal_handlers=False
         )
         elapsed = time.perf_counter() - start
     print(f"{JOBS / elapsed:.1f}")

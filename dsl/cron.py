@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-from croniter import CroniterBadDateError, croniter
 
 __all__ = ["CronError", "check_cron", "check_timezone", "next_fire_after", "next_fires"]
 
@@ -37,6 +36,8 @@ def check_cron(expr: str) -> None:
                 f"cron {expr!r} uses `R`/`H` (random or hashed times), which are not"
                 f" supported; write the minutes and hours to fire at"
             )
+    from croniter import CroniterBadDateError, croniter  # only where a schedule is checked
+
     if not croniter.is_valid(expr):
         raise CronError(f"cron {expr!r} is not a valid expression")
     try:  # a day that no month has (`* * 31 2 *`) is valid syntax that never fires
@@ -79,6 +80,8 @@ def next_fire_after(expr: str, tz_name: str, after: datetime) -> datetime:
     fast = _steady_next(expr, tz, after_utc, local)
     if fast is not None:
         return fast
+    from croniter import CroniterBadDateError
+
     # Near a change of offset, start a few hours early: a repeated or skipped hour maps local
     # times across offsets.
     it = _iterator(expr, local - timedelta(hours=3))
@@ -99,7 +102,9 @@ def next_fire_after(expr: str, tz_name: str, after: datetime) -> datetime:
                 best = instant
 
 
-def _iterator(expr: str, start: datetime) -> croniter:
+def _iterator(expr: str, start: datetime) -> Any:
+    from croniter import croniter  # only where a schedule is computed
+
     try:
         return croniter(expr, start)
     except (ValueError, KeyError) as exc:  # croniter's errors are ValueErrors
@@ -111,6 +116,8 @@ def _steady_next(expr: str, tz: ZoneInfo, after_utc: datetime, local: datetime) 
     after the candidate (no change of offset in between, so local and UTC times map one to
     one); None when that does not hold or the schedule does not fire within a week, and the
     careful search decides."""
+    from croniter import CroniterBadDateError
+
     try:
         naive: datetime = _iterator(expr, local).get_next(datetime)
     except (CroniterBadDateError, ValueError, OverflowError):

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from .models import LogEntry
-from .store import Store
+
+if TYPE_CHECKING:
+    from .store import Store  # the store (and SQLAlchemy) only where one is passed in
 
 __all__ = ["follow_logs"]
 

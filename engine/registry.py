@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import functools
 import importlib
@@ -171,10 +170,14 @@ class _EventLoop:
     async steps interleave on it (an async step must not block the loop)."""
 
     def __init__(self) -> None:
+        import asyncio  # only in a process that runs an async step
+
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, name="async-steps", daemon=True).start()
 
     def run(self, coro: Any, timeout: float | None) -> Any:
+        import asyncio
+
         async def bounded() -> Any:
             try:
                 return await asyncio.wait_for(coro, timeout)

@@ -10,10 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import sqlalchemy as sa
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError
-
 from .errors import ConfigError
 
 __all__ = [
@@ -110,12 +106,14 @@ def resolve_settings(
     workflows: str | None = None,
     cwd: str | None = None,
     workflow_file: str | None = None,
+    db_needed: bool = True,
 ) -> Settings:
     """With `workflow_file` (a `run PATH`), settings come from the file's project: its
     pyproject.toml, its folder on sys.path, its `.durable-yaml/` for the default database,
     wherever the command is typed. A file in no project and outside the current folder is
     refused (ConfigError) unless a database is given, so nothing is created in a folder
-    that happens to be current."""
+    that happens to be current. `db_needed=False` (validate, test: commands that never open
+    the database) leaves the database URL unchecked, and SQLAlchemy unimported."""
     here = Path(cwd or os.getcwd()).resolve()
     default_db = DEFAULT_DB
     if workflow_file is not None:
@@ -160,7 +158,7 @@ def resolve_settings(
         chosen_workflows = str(base / chosen_workflows)
     where = f"{folder / 'pyproject.toml'} [tool.durable-yaml]" if folder else "settings"
     return Settings(
-        check_db_url(str(db_url)),
+        check_db_url(str(db_url)) if db_needed else str(db_url),
         chosen_modules,
         str(chosen_workflows),
         str(base),
@@ -170,6 +168,9 @@ def resolve_settings(
 
 def _inside(url: str, folder: Path) -> str:
     """A SQLite URL with a relative file made relative to `folder`; any other URL as is."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError):
@@ -186,6 +187,9 @@ def check_db_url(url: str) -> str:
     """The URL if this version can use it; else ConfigError saying what to write instead.
     A PostgreSQL URL must name its host and database: an empty one would silently use the
     local default database."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
     example = "use sqlite:///path/state.db or postgresql://user@host/database"
     given = url
     for prefix in ("postgres://", "postgresql://"):
@@ -223,6 +227,9 @@ def check_db_url(url: str) -> str:
 def _engine_accepts(url: str, shown: str) -> str:
     """The URL if SQLAlchemy can make an engine of it (its query options parsed); nothing is
     opened: an engine connects only when first used."""
+    import sqlalchemy as sa
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
     try:
         sa.create_engine(url).dispose()
     except (ArgumentError, NoSuchModuleError, ValueError, TypeError) as exc:

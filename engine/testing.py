@@ -17,7 +17,6 @@ The package registers `workflow_env` as a pytest fixture (a pytest plugin).
 
 from __future__ import annotations
 
-import builtins
 import shutil
 import tempfile
 import time
@@ -33,6 +32,7 @@ from .runner import Runner
 from .scheduler import CronScheduler, next_fire
 from .service import Engine
 from .settings import resolve_settings
+from .testfiles import exception_named
 
 __all__ = ["Env", "RunHandle", "VirtualClock", "exception_named", "workflow_env"]
 
@@ -55,21 +55,6 @@ class VirtualClock:
 
     def sleep(self, seconds: float) -> None:
         self._now += max(0.0, seconds)
-
-
-def exception_named(name: str, message: str = "") -> BaseException:
-    """An exception of class `name`: a builtin one, or a new class of that name (the engine
-    matches `retry.on` and `catch.on` by class name)."""
-    text = message or f"{name} (stubbed)"
-    cls = getattr(builtins, name, None)
-    if isinstance(cls, type) and issubclass(cls, Exception):
-        try:
-            made: BaseException = cls(text)
-            return made
-        except TypeError:  # a builtin that needs other arguments (UnicodeDecodeError...)
-            pass
-    error: BaseException = type(name, (Exception,), {})(text)
-    return error
 
 
 class RunHandle:

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from dsl import COMPLETED, FAILED, Machine, State, TemplateError
-from dsl.blocks import descendants, failure_route
 
 from .models import Emission, NewLog, NewRun, RunStatus, StepRecord, StepStatus, Transition
 from .retry import backoff_delay
@@ -85,6 +84,8 @@ def decide(
     completes; `hold_lease` keeps
     the lease through a wait (the foreground `run`) instead of releasing the run to workers.
     """
+    from dsl.blocks import descendants, failure_route  # the language, only once a step ends
+
     common: dict[str, Any] = {
         "active_seconds": active_seconds,
         "logs": logs,

@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 import shlex
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dsl import Machine
 from dsl.cron import check_timezone
-from dsl.reads import example_answer
 
 from .models import Attempt, LogEntry, Run, RunStatus, StepState
-from .store import Store
 from .tracebacks import user_traceback
+
+if TYPE_CHECKING:
+    from .store import Store  # the store (and SQLAlchemy) only where one is passed in
 
 __all__ = [
     "iso",
@@ -136,6 +137,8 @@ def waiting_view(run: Run, step: StepState | None, machine: Machine) -> dict[str
         view["wake_at"] = iso(step.wake_at)
         view["command"] = f"durable-yaml resume {run.id}"
         return view
+    from dsl.reads import example_answer  # jinja2: only for a run that waits for an answer
+
     view["deadline"] = iso(step.wake_at)
     if kind == "event":
         answer = example_answer(machine, step.step_key, wait.get("match") or {})

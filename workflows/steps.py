@@ -61,3 +61,38 @@ def make_image(prompt: str, ctx: StepContext) -> dict[str, str]:
 @step("ai.publish")
 def publish(episode_id: str, title: str, summary: str, image_url: str) -> dict[str, str]:
     return {"url": f"https://blog.example.com/{episode_id}", "title": title}
+
+
+class CardDeclined(Exception):
+    """The card issuer said no: retrying will not help (order-fulfilment catches it)."""
+
+
+@step("orders.reserve_stock")
+def reserve_stock(order_id: str, items: list[dict[str, object]]) -> dict[str, object]:
+    units = sum(int(str(item["qty"])) for item in items)
+    return {"order_id": order_id, "reserved": units}
+
+
+@step("orders.fraud_score")
+def fraud_score(order_id: str, total: float) -> dict[str, object]:
+    """A stand-in for a risk service: large orders score high."""
+    return {"order_id": order_id, "score": 90 if total >= 1000 else 10}
+
+
+@step("orders.charge")
+def charge(order_id: str, amount: float) -> dict[str, object]:
+    """A stand-in for a payment API: totals ending in .13 are declined."""
+    if round(amount * 100) % 100 == 13:
+        raise CardDeclined(f"card declined for order {order_id}")
+    return {"order_id": order_id, "charged": amount}
+
+
+@step("orders.release_stock")
+def release_stock(order_id: str, reason: str) -> dict[str, str]:
+    return {"order_id": order_id, "released": reason}
+
+
+@step("orders.ship")
+def ship(order_id: str, service: str) -> dict[str, str]:
+    digest = hashlib.sha256(order_id.encode()).hexdigest()[:8]
+    return {"order_id": order_id, "service": service, "tracking": f"TRK-{digest}"}

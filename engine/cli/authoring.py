@@ -7,13 +7,8 @@ from pathlib import Path
 
 import click
 
-from dsl import Problem, check_paths, render_graph
-from dsl.catalog import is_test_file
-
-from ..service import Engine
 from ..settings import resolve_settings
-from ..testfiles import check_test_file, find_test_files
-from .common import _json, cli, settings_options
+from .common import _json, cli, new_engine, settings_options
 
 
 @cli.command()
@@ -32,18 +27,26 @@ def validate(
     paths: tuple[str, ...], fmt: str, modules: tuple[str, ...], workflows: str | None
 ) -> None:
     """Check workflow files or folders (default: the workflows folder)."""
-    settings = resolve_settings(modules=modules, workflows=workflows)
+    from dsl import Problem, check_paths
+    from dsl.catalog import is_test_file
+
+    from ..testfiles import check_test_file, find_test_files
+
+    settings = resolve_settings(modules=modules, workflows=workflows, db_needed=False)
     targets = list(paths) or [settings.workflows]
     for target in targets:
         if not Path(target).exists():
             raise click.UsageError(f"no such file or folder: {target}")
     registered = None
-    if settings.modules:
-        engine = Engine(settings)
-        registered = engine.registered()
+    if settings.modules:  # the steps they register, not the store
+        from ..registry import import_modules, registered_names
+
+        import_modules(settings.modules, settings.project_dir)
+        registered = registered_names()
     catalog = check_paths([t for t in targets if not is_test_file(Path(t))], registered)
     problems: list[Problem] = catalog.problems
-    tests = find_test_files(targets)
+    # a folder's *.test.yaml files, and the test files named; a workflow file named is not one
+    tests = find_test_files([t for t in targets if Path(t).is_dir() or is_test_file(Path(t))])
     if tests:  # SPEC §6: test files are checked as tests, against the workflows they name
         known = dict(catalog.workflows)
         folder = Path(settings.workflows)
@@ -81,7 +84,11 @@ def graph(
     workflow: str, fmt: str, db: str | None, modules: tuple[str, ...], workflows: str | None
 ) -> None:
     """Draw the compiled state machine of WORKFLOW (a file or an id)."""
-    engine = Engine(resolve_settings(db=db, modules=(), workflows=workflows), import_steps=False)
+    from dsl import render_graph
+
+    engine = new_engine(
+        resolve_settings(db=db, modules=(), workflows=workflows), import_steps=False
+    )
     click.echo(render_graph(engine.workflow(workflow), fmt), nl=False)
 
 

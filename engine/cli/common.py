@@ -5,17 +5,19 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from dsl.limits import JSON_SIZE_MAX
 
 from ..inputs import parse_json
-from ..service import Engine
-from ..settings import resolve_settings
+from ..settings import Settings, resolve_settings
 
-__all__ = ["EXIT_WAITING", "cli", "settings_options"]
+if TYPE_CHECKING:
+    from ..service import Engine
+
+__all__ = ["EXIT_WAITING", "cli", "new_engine", "settings_options"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 EXIT_WAITING = 3
@@ -38,8 +40,16 @@ def settings_options(fn: F) -> F:
     return fn
 
 
+def new_engine(settings: Settings, *, import_steps: bool = True) -> Engine:
+    """The engine, imported here: `--help` and `validate` never load the store, SQLAlchemy
+    or the runner (they are imported by the commands that use them)."""
+    from ..service import Engine
+
+    return Engine(settings, import_steps=import_steps)
+
+
 def _engine(db: str | None, modules: tuple[str, ...], workflows: str | None) -> Engine:
-    return Engine(resolve_settings(db=db, modules=modules, workflows=workflows))
+    return new_engine(resolve_settings(db=db, modules=modules, workflows=workflows))
 
 
 def _json(data: Any) -> None:

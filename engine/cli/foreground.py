@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -19,11 +19,13 @@ from ..errors import ConfigError
 from ..inputs import parse_json
 from ..models import Run, RunStatus
 from ..registry import registered_names
-from ..service import Engine
 from ..settings import resolve_settings
 from ..views import last_failure, user_traceback, waiting_view
-from .common import EXIT_WAITING, _engine, _read_payload, cli, settings_options
+from .common import EXIT_WAITING, _engine, _read_payload, cli, new_engine, settings_options
 from .reporter import LiveReporter
+
+if TYPE_CHECKING:
+    from ..service import Engine
 
 
 class _Terminated(KeyboardInterrupt):
@@ -183,7 +185,7 @@ def run(
     data = _read_payload(payload, payload_file)
     path = Path(workflow)
     is_file = path.suffix in (".yaml", ".yml") or path.is_file()
-    engine = Engine(
+    engine = new_engine(
         resolve_settings(db, modules, workflows, workflow_file=workflow if is_file else None)
     )
     machine = engine.workflow(workflow)
@@ -231,7 +233,7 @@ def send(
 ) -> None:
     """Record EVENT: queue the runs it triggers, resume the runs waiting for it."""
     data = _read_payload(payload, None)
-    engine = Engine(
+    engine = new_engine(
         resolve_settings(db=db, modules=modules, workflows=workflows), import_steps=False
     )
     sent = engine.send_event(
@@ -305,7 +307,7 @@ def complete(
 ) -> None:
     """Complete a wait_for_token step with DATA."""
     value = None if data is None else parse_json(data, "--data")
-    engine = Engine(resolve_settings(db=db, workflows=workflows), import_steps=False)
+    engine = new_engine(resolve_settings(db=db, workflows=workflows), import_steps=False)
     run_id = engine.complete_token(token, value)
     click.echo(
         f"completed; run {run_id} continues (a worker picks it up, or: durable-yaml resume {run_id})"

@@ -6,10 +6,9 @@ import time
 
 import click
 
-from ..service import Engine
 from ..settings import resolve_settings
 from ..views import iso, schedule_views
-from .common import _engine, _json, cli, settings_options
+from .common import _engine, _json, cli, new_engine, settings_options
 
 
 @cli.command()
@@ -129,7 +128,7 @@ def serve(
     from ..server import create_app, serve_app
 
     _check_port_free(host, port)
-    engine = Engine(
+    engine = new_engine(
         resolve_settings(db=db, modules=modules, workflows=workflows), import_steps=False
     )
     engine.refresh_catalog()
@@ -187,7 +186,7 @@ def schedules_list(
     count: int, as_json: bool, db: str | None, modules: tuple[str, ...], workflows: str | None
 ) -> None:
     """Cron workflows with their next fire times (UTC and local) and last fire."""
-    engine = Engine(resolve_settings(db=db, workflows=workflows), import_steps=False)
+    engine = new_engine(resolve_settings(db=db, workflows=workflows), import_steps=False)
     listed = schedule_views(engine, time.time(), count)
     if as_json:
         _json(listed)
@@ -215,7 +214,7 @@ def workers_list(
     as_json: bool, db: str | None, modules: tuple[str, ...], workflows: str | None
 ) -> None:
     """Live workers: host, pid, queues, concurrency, running runs, last heartbeat."""
-    store = Engine(resolve_settings(db=db, workflows=workflows), import_steps=False).store
+    store = new_engine(resolve_settings(db=db, workflows=workflows), import_steps=False).store
     listed = [
         {**w, "started_at": iso(w["started_at"]), "heartbeat_at": iso(w["heartbeat_at"])}
         for w in store.list_workers(store.now())
@@ -245,7 +244,7 @@ def queues_list(
     as_json: bool, db: str | None, modules: tuple[str, ...], workflows: str | None
 ) -> None:
     """Each queue: queued, running and waiting runs, its limits, whether it is paused."""
-    store = Engine(resolve_settings(db=db, workflows=workflows), import_steps=False).store
+    store = new_engine(resolve_settings(db=db, workflows=workflows), import_steps=False).store
     listed = store.queue_stats()
     if as_json:
         _json(listed)
@@ -271,7 +270,7 @@ def queues_pause(
 ) -> None:
     """Start no run of queue NAME until it is resumed (its runs stay queued; runs already
     executing go on)."""
-    Engine(resolve_settings(db=db, workflows=workflows), import_steps=False).pause_queue(name)
+    new_engine(resolve_settings(db=db, workflows=workflows), import_steps=False).pause_queue(name)
     click.echo(f"paused queue {name}: its queued runs start when it is resumed")
 
 
@@ -282,5 +281,5 @@ def queues_resume(
     name: str, db: str | None, modules: tuple[str, ...], workflows: str | None
 ) -> None:
     """Let queue NAME start runs again."""
-    Engine(resolve_settings(db=db, workflows=workflows), import_steps=False).resume_queue(name)
+    new_engine(resolve_settings(db=db, workflows=workflows), import_steps=False).resume_queue(name)
     click.echo(f"resumed queue {name}")

@@ -6,7 +6,7 @@ import json
 import sys
 import textwrap
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -14,11 +14,13 @@ from dsl import DurationError, InstantError, parse_duration, parse_instant
 
 from ..follow import follow_logs
 from ..models import FINISHED_STATUSES, RunFilter, RunStatus
-from ..service import Engine
 from ..settings import resolve_settings
 from ..views import iso, log_view, run_detail, run_summary
-from .common import _engine, _json, cli, settings_options
+from .common import _engine, _json, cli, new_engine, settings_options
 from .foreground import VERBOSE, _drive_foreground, _finish
+
+if TYPE_CHECKING:
+    from ..service import Engine
 
 F = TypeVar("F", bound=Callable[..., Any])
 STATUSES = [s.value for s in RunStatus]
@@ -138,7 +140,7 @@ def runs_list(
     workflows: str | None,
 ) -> None:
     """The newest runs first, filtered by status, workflow, tags and creation time."""
-    engine = Engine(resolve_settings(db=db, workflows=workflows), import_steps=False)
+    engine = new_engine(resolve_settings(db=db, workflows=workflows), import_steps=False)
     found = engine.list_runs(_filter(engine, (), statuses, workflow_id, tags, since, until), limit)
     if as_json:
         _json([run_summary(r) for r in found])
@@ -165,7 +167,7 @@ def runs_show(
     workflows: str | None,
 ) -> None:
     """One run with its steps and attempts; for a queued run, why it has not started."""
-    engine = Engine(resolve_settings(db=db, workflows=workflows), import_steps=False)
+    engine = new_engine(resolve_settings(db=db, workflows=workflows), import_steps=False)
     detail = run_detail(engine.store, engine.store.get_run(run_id))
     if as_json:
         _json(detail)
@@ -237,7 +239,7 @@ def runs_logs(
     workflows: str | None,
 ) -> None:
     """The logs of a run."""
-    engine = Engine(resolve_settings(db=db, workflows=workflows), import_steps=False)
+    engine = new_engine(resolve_settings(db=db, workflows=workflows), import_steps=False)
     engine.store.get_run(run_id)
     if follow:
         click.echo(f"following run {run_id} until it ends (Ctrl-C stops)", err=True)
@@ -286,7 +288,7 @@ def runs_cancel(
 ) -> None:
     """Cancel runs (and their child runs): by id, or every active run the filters select.
     An executing run stops at its next step boundary."""
-    engine = Engine(resolve_settings(db=db, workflows=workflows), import_steps=False)
+    engine = new_engine(resolve_settings(db=db, workflows=workflows), import_steps=False)
     f = _bulk(engine, run_ids, filters, "cancel")
     if len(run_ids) == 1 and f == RunFilter(ids=run_ids) and not dry_run:
         _cancel_one(engine, run_ids[0])
@@ -336,7 +338,7 @@ def runs_replay(
         click.echo(f"replaying run {run_ids[0]}")
         _finish(engine, _drive_foreground(lambda r: engine.replay(run_ids[0], r)), verbose)
         return
-    engine = Engine(resolve_settings(db=db, workflows=workflows), import_steps=False)
+    engine = new_engine(resolve_settings(db=db, workflows=workflows), import_steps=False)
     f = _bulk(engine, run_ids, filters, "replay")
     n = engine.count_runs(f)
     click.echo(f"{n} run(s) match")
@@ -387,7 +389,7 @@ def runs_purge(
                 f"{name!r} is not a finished status ({known})", param_hint="--status"
             )
         statuses.append(RunStatus(name))
-    engine = Engine(resolve_settings(db=db, workflows=workflows), import_steps=False)
+    engine = new_engine(resolve_settings(db=db, workflows=workflows), import_steps=False)
     n = engine.count_purgeable(seconds, statuses)
     click.echo(f"{n} finished run(s) older than {older_than} match")
     if dry_run or n == 0:

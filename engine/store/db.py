@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,7 +23,7 @@ from sqlalchemy.engine import Connection, Engine, make_url
 
 from ..errors import ConfigError, DatabaseError
 from ..models import Lease
-from .sqlutil import sqlite_begin, sqlite_connect, upsert_statement
+from .sqlutil import Direct, sqlite_begin, sqlite_connect, upsert_statement
 
 __all__ = ["NOTIFY_CHANNEL", "Db", "DbClock"]
 
@@ -87,6 +87,7 @@ class DbClock:
 class Db:
     def __init__(self, url: str, *, skew: float = 0.0) -> None:
         self.url = url
+        self._direct: dict[tuple[Any, tuple[str, ...]], Direct] = {}
         try:
             self._create_engine(url)
         except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ValueError, TypeError) as exc:
@@ -110,7 +111,14 @@ class Db:
             event.listen(self.engine, "connect", sqlite_connect)
             event.listen(self.engine, "begin", sqlite_begin)
         elif self.dialect == "postgresql":
-            self.engine = sa.create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+            # no pool_pre_ping: a ping per checkout was a third of a worker's round trips
+            # (issue #15); a connection idle for PING_IDLE_SECONDS is pinged (a restarted
+            # server, a dropped idle connection), a busy one is not; a disconnect found by a
+            # statement invalidates the pool (SQLAlchemy's own handling) and the caller
+            # sees a DatabaseError, as for any failure of the database
+            self.engine = sa.create_engine(url, pool_size=10, max_overflow=20)
+            event.listen(self.engine, "checkin", _mark_idle)
+            event.listen(self.engine, "checkout", _ping_if_idle)
         else:
             raise ConfigError(
                 f"unsupported database {parsed.drivername!r}; use sqlite:/// or postgresql://"
@@ -196,6 +204,14 @@ class Db:
                 c.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:n))"), {"n": name})
         return max(now, self.now())  # (a caller's clock may run ahead: tests, virtual time)
 
+    def direct(self, statement: Any, keys: Sequence[str]) -> Direct:
+        """`statement` compiled once for these parameter names (see `Direct`)."""
+        key = (statement, tuple(keys))  # statements built once (cached): the key is the object
+        found = self._direct.get(key)
+        if found is None:
+            found = self._direct[key] = Direct(statement, self.engine.dialect, keys)
+        return found
+
     def upsert(
         self,
         c: Connection,
@@ -233,6 +249,26 @@ class Db:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+PING_IDLE_SECONDS = 1.0
+
+
+def _mark_idle(dbapi_connection: Any, record: Any) -> None:
+    record.info["dy_idle_since"] = time.monotonic()
+
+
+def _ping_if_idle(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+    """Checkout: ping a connection that sat idle a while (as `pool_pre_ping` pings every
+    one); if it is dead the pool replaces it (DisconnectionError: SQLAlchemy's documented
+    way for a checkout listener to refuse a connection)."""
+    since = record.info.get("dy_idle_since")
+    if since is None or time.monotonic() - since < PING_IDLE_SECONDS:
+        return
+    try:
+        proxy._pool._dialect.do_ping(dbapi_connection)
+    except Exception as exc:
+        raise sa.exc.DisconnectionError(f"an idle connection was found dead: {exc}") from exc
 
 
 def _first_line(exc: BaseException) -> str:

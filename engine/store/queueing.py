@@ -145,56 +145,21 @@ class Queues:
         full: frozenset[tuple[str, str | None]],
         width: int,
     ) -> list[Any]:
-        # next_at is set exactly while a run is active (finishing clears it), so no status
-        # filter is needed and the claim index is read in order
-        due = t.runs.c.next_at <= now
-        if self.dialect == "sqlite":  # keep its planner on the ordered claim index: no sort
-            due = sa.and_(t.runs.c.next_at.isnot(None), (t.runs.c.next_at + 0) <= now)
-        q = select(t.runs).where(due)
+        q = _candidates_statement(self.dialect, bool(queues))
+        params: dict[str, Any] = {"now": now, "width": width}
         if queues:
-            q = q.where(t.runs.c.queue.in_(list(queues)))
-        # A run whose lease is being recovered already holds its slot: no exclusion applies
-        recovering = t.runs.c.status == RunStatus.RUNNING.value
-        full_queues = sorted(name for name, key in full if key is None)
-        full_keys: dict[str, list[str]] = {}
-        for name, key in sorted(full, key=lambda pair: (pair[0], pair[1] or "")):
-            if key is not None and name not in full_queues:
-                full_keys.setdefault(name, []).append(key)
-        if full_queues:
-            q = q.where(sa.or_(recovering, t.runs.c.queue.not_in(full_queues)))
-        # a paused queue's queued runs are no candidates (checked again under its row lock)
-        paused = select(t.queues.c.name).where(t.queues.c.paused)
-        q = q.where(
-            sa.or_(t.runs.c.status != RunStatus.QUEUED.value, t.runs.c.queue.not_in(paused))
-        )
-        # keys are scoped by queue: a full `u1` in qa leaves `u1` in qb alone; one NOT IN
-        # list per queue (PostgreSQL hashes long lists: the cost stays per row, not per key)
-        for name, keys in full_keys.items():
-            q = q.where(
-                sa.or_(
-                    recovering,
-                    t.runs.c.queue != name,
-                    t.runs.c.concurrency_key.is_(None),
-                    t.runs.c.concurrency_key.not_in(keys),
-                )
-            )
-        q = q.order_by(t.runs.c.priority.desc(), t.runs.c.next_at, t.runs.c.id).limit(width)
-        if self.dialect == "postgresql":
-            q = q.with_for_update(skip_locked=True)
-        return list(c.execute(q).mappings().all())
+            params["queues"] = list(queues)
+        if full:
+            q = _excluding(q, full)
+        return list(c.execute(q, params).mappings().all())
 
     def _limits(self, c: Connection, names: set[str]) -> dict[str, QueueLimits]:
-        q = select(t.queues).where(
-            t.queues.c.name.in_(sorted(names)),
-            sa.or_(t.queues.c.concurrency.isnot(None), t.queues.c.rate_limit.isnot(None)),
-        )
-        if self.dialect == "postgresql":
-            q = q.order_by(t.queues.c.name).with_for_update()  # counted under this lock
+        rows = c.execute(_limits_statement(self.dialect), {"names": sorted(names)}).mappings()
         return {
             r["name"]: QueueLimits(
                 r["name"], r["concurrency"], r["rate_limit"], r["rate_period"], r["paused"]
             )
-            for r in c.execute(q).mappings()
+            for r in rows
         }
 
     def _paused(self, c: Connection, names: set[str]) -> set[str]:
@@ -202,10 +167,8 @@ class Queues:
         (PostgreSQL): a pause waits for this claim, and a claim after it sees the pause."""
         if not names:
             return set()
-        q = select(t.queues.c.name, t.queues.c.paused).where(t.queues.c.name.in_(sorted(names)))
-        if self.dialect == "postgresql":
-            q = q.order_by(t.queues.c.name).with_for_update(read=True)
-        return {r.name for r in c.execute(q) if r.paused}
+        rows = c.execute(_paused_statement(self.dialect), {"names": sorted(names)})
+        return {r.name for r in rows if r.paused}
 
     def _allowed(self, c: Connection, row: Any, limits: QueueLimits | None, now: float) -> str:
         """'ok', or which limit is full: 'queue' or 'key'."""
@@ -339,3 +302,77 @@ class Queues:
         for queue, status, n in counts:
             stats[queue][status] = n
         return sorted(stats.values(), key=lambda s: s["name"])
+
+
+# Statements built once per dialect (issue #15): building a Select, and computing its cache
+# key, cost more than executing it. What varies is bound: the time, the width, the names.
+
+
+@functools.cache
+def _candidates_statement(dialect: str, by_queue: bool) -> sa.Select[Any]:
+    """Due runs in claim-index order: `now`, `width` and (`by_queue`) `queues` bound."""
+    # next_at is set exactly while a run is active (finishing clears it), so no status
+    # filter is needed and the claim index is read in order
+    now = sa.bindparam("now", type_=sa.Float)
+    due = t.runs.c.next_at <= now
+    if dialect == "sqlite":  # keep its planner on the ordered claim index: no sort
+        due = sa.and_(t.runs.c.next_at.isnot(None), (t.runs.c.next_at + 0) <= now)
+    q = select(t.runs).where(due)
+    if by_queue:
+        q = q.where(t.runs.c.queue.in_(sa.bindparam("queues", expanding=True)))
+    # a paused queue's queued runs are no candidates (checked again under its row lock)
+    paused = select(t.queues.c.name).where(t.queues.c.paused)
+    q = q.where(sa.or_(t.runs.c.status != RunStatus.QUEUED.value, t.runs.c.queue.not_in(paused)))
+    q = q.order_by(t.runs.c.priority.desc(), t.runs.c.next_at, t.runs.c.id).limit(
+        sa.bindparam("width", type_=sa.Integer)
+    )
+    if dialect == "postgresql":
+        q = q.with_for_update(skip_locked=True)
+    return q
+
+
+def _excluding(q: sa.Select[Any], full: frozenset[tuple[str, str | None]]) -> sa.Select[Any]:
+    """`q` leaving out the queues and the (queue, key) pairs found full."""
+    # A run whose lease is being recovered already holds its slot: no exclusion applies
+    recovering = t.runs.c.status == RunStatus.RUNNING.value
+    full_queues = sorted(name for name, key in full if key is None)
+    full_keys: dict[str, list[str]] = {}
+    for name, key in sorted(full, key=lambda pair: (pair[0], pair[1] or "")):
+        if key is not None and name not in full_queues:
+            full_keys.setdefault(name, []).append(key)
+    if full_queues:
+        q = q.where(sa.or_(recovering, t.runs.c.queue.not_in(full_queues)))
+    # keys are scoped by queue: a full `u1` in qa leaves `u1` in qb alone; one NOT IN
+    # list per queue (PostgreSQL hashes long lists: the cost stays per row, not per key)
+    for name, keys in full_keys.items():
+        q = q.where(
+            sa.or_(
+                recovering,
+                t.runs.c.queue != name,
+                t.runs.c.concurrency_key.is_(None),
+                t.runs.c.concurrency_key.not_in(keys),
+            )
+        )
+    return q
+
+
+@functools.cache
+def _limits_statement(dialect: str) -> sa.Select[Any]:
+    """The limited queues among `names` (PostgreSQL: their rows locked, counted under it)."""
+    q = select(t.queues).where(
+        t.queues.c.name.in_(sa.bindparam("names", expanding=True)),
+        sa.or_(t.queues.c.concurrency.isnot(None), t.queues.c.rate_limit.isnot(None)),
+    )
+    if dialect == "postgresql":
+        q = q.order_by(t.queues.c.name).with_for_update()
+    return q
+
+
+@functools.cache
+def _paused_statement(dialect: str) -> sa.Select[Any]:
+    q = select(t.queues.c.name, t.queues.c.paused).where(
+        t.queues.c.name.in_(sa.bindparam("names", expanding=True))
+    )
+    if dialect == "postgresql":
+        q = q.order_by(t.queues.c.name).with_for_update(read=True)
+    return q

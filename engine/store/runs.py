@@ -7,6 +7,7 @@ writes nothing. Parking reads the inbox under the run's lock (see `waits`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -38,6 +39,7 @@ from .sqlutil import (
     move_and_record_statement,
     move_statement,
     run_from_row,
+    upsert_statement,
 )
 from .waits import Inbox, child_result
 
@@ -108,7 +110,7 @@ class Runs:
         values.update(self._begin_current_step(c, row, now))
         if row["started_at"] is None and values.get("status") == RunStatus.RUNNING.value:
             values["started_at"] = now
-        c.execute(update(t.runs).where(t.runs.c.id == row["id"]).values(**values))
+        c.execute(_update_run_statement(tuple(values)), {**values, "w_id": row["id"]})
         return run_from_row({**row, **values})
 
     def _lock_run(self, c: Connection, run_id: str) -> Any:
@@ -151,11 +153,7 @@ class Runs:
             return _begin(row["current_attempt"] + 1, now)
         if step_key is None:
             return {"status": RunStatus.RUNNING.value}
-        step = c.execute(
-            select(t.steps.c.status, t.steps.c.attempts, t.steps.c.wake_at).where(
-                t.steps.c.run_id == row["id"], t.steps.c.step_key == step_key
-            )
-        ).first()
+        step = c.execute(_CURRENT_STEP, {"w_run": row["id"], "w_key": step_key}).first()
         if step is None:
             return _begin(1, now)
         due = step.wake_at is not None and step.wake_at <= now
@@ -203,12 +201,14 @@ class Runs:
     def _commit_simple(
         self, c: Connection, run_id: str, rec: StepRecord, values: dict[str, Any], now: float
     ) -> TransitionResult:
-        row = c.execute(move_statement(tuple(values)), values).first()
-        if row is None:
+        keys = tuple(values)
+        rows = self.db.direct(move_statement(keys), keys).execute(c, values)
+        if not rows:
             raise LeaseLost(f"run {run_id}: this process no longer holds its lease")
         step, step_updates = _step_values(run_id, rec, now)
-        self.db.upsert(c, t.steps, step, ["run_id", "step_key"], step_updates)
-        return TransitionResult(bool(row.cancel_requested), output=rec.output)
+        upsert = upsert_statement(self.db.dialect, t.steps, _STEP_KEYS, tuple(step_updates))
+        self.db.direct(upsert, tuple(step)).execute(c, step)
+        return TransitionResult(bool(rows[0][0]), output=rec.output)
 
     def _commit(
         self,
@@ -502,6 +502,19 @@ class Runs:
                 c, row["parent_run_id"], row["parent_step"], attempt, "child", data, now
             )
             self.db.notify(c)
+
+
+@functools.cache
+def _update_run_statement(keys: tuple[str, ...]) -> Any:
+    """UPDATE of these columns of the run `w_id`, built once per set of columns."""
+    set_ = {k: sa.bindparam(k, type_=t.runs.c[k].type) for k in keys}
+    return update(t.runs).where(t.runs.c.id == sa.bindparam("w_id")).values(set_)
+
+
+_STEP_KEYS = ("run_id", "step_key")
+_CURRENT_STEP = select(t.steps.c.status, t.steps.c.attempts, t.steps.c.wake_at).where(
+    t.steps.c.run_id == sa.bindparam("w_run"), t.steps.c.step_key == sa.bindparam("w_key")
+)
 
 
 def _begin(attempt: int, now: float) -> dict[str, Any]:

@@ -55,6 +55,11 @@ from .workers import Workers
 __all__ = ["SqlStore", "normalise_url"]
 
 PG_INTEGER_MAX = 2**31 - 1  # the largest value of an `Integer` column on PostgreSQL
+_RUN_STEPS = (  # built once: the runner reads a run's steps at every claim
+    select(t.steps)
+    .where(t.steps.c.run_id == sa.bindparam("w_run"))
+    .order_by(t.steps.c.started_at, t.steps.c.step_key)
+)
 
 
 def normalise_url(url: str) -> str:
@@ -372,13 +377,9 @@ class SqlStore:
 
     @translate
     def get_steps(self, run_id: str) -> list[StepState]:
-        q = (
-            select(t.steps)
-            .where(t.steps.c.run_id == run_id)
-            .order_by(t.steps.c.started_at, t.steps.c.step_key)
-        )
         with self.db.read() as c:
-            return [step_from_row(r) for r in c.execute(q).mappings()]
+            rows = c.execute(_RUN_STEPS, {"w_run": run_id}).mappings()
+            return [step_from_row(r) for r in rows]
 
     @translate
     def get_attempts(self, run_id: str) -> list[Attempt]:

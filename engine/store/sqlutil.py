@@ -6,6 +6,7 @@ from __future__ import annotations
 __all__ = [
     "INSERT_RUN",
     "NO_LEASE",
+    "Direct",
     "TransactionCounter",
     "move_and_record_statement",
     "move_statement",
@@ -21,7 +22,7 @@ __all__ = [
 import functools
 import inspect
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import sqlalchemy as sa
@@ -141,6 +142,41 @@ def upsert_statement(
     return stmt.on_conflict_do_update(
         index_elements=list(keys), set_={k: stmt.excluded[k] for k in update_cols}
     )
+
+
+class Direct:
+    """A statement compiled once (for one dialect and one set of parameter names) and run on
+    the connection's own DBAPI cursor, inside the connection's transaction: SQLAlchemy's
+    per-call machinery (execution context, events, result objects) is skipped where the
+    profile showed it cost more than the statement itself (issue #15: the runner's per-step
+    writes). Parameters go through the columns' own bind processors (JSON encoded once, by
+    SQLAlchemy's serializer); a driver error is raised as SQLAlchemy raises it, so
+    `translate` and `Db.transact`'s retries see what they always saw. SQLite only: there the
+    statement is the cost; on PostgreSQL the round trip is."""
+
+    def __init__(self, statement: Any, dialect: sa.engine.Dialect, keys: Sequence[str]) -> None:
+        self.compiled = statement.compile(dialect=dialect, column_keys=list(keys))
+        self.sql = self.compiled.string
+        self.dialect = dialect
+        processors = self.compiled._bind_processors
+        names = self.compiled.positiontup or []
+        self.order = [(name, processors.get(name)) for name in names]
+
+    def execute(self, c: Connection, params: dict[str, Any]) -> list[Any]:
+        """The rows the statement returns (RETURNING), as driver tuples."""
+        values = self.compiled.construct_params(params)
+        args = [fn(values[name]) if fn else values[name] for name, fn in self.order]
+        dbapi = self.dialect.loaded_dbapi
+        cursor = c.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.execute(self.sql, args)
+            return list(cursor.fetchall()) if cursor.description else []
+        except dbapi.Error as exc:
+            raise sa.exc.DBAPIError.instance(
+                self.sql, args, exc, dbapi.Error, dialect=self.dialect
+            ) from exc
+        finally:
+            cursor.close()
 
 
 NO_LEASE: dict[str, Any] = {

@@ -1,0 +1,148 @@
+"""Start-up, the real `durable-yaml` command in fresh processes (issue #15), medians of
+BENCH_STARTUP_ROUNDS (default 7), wall time and CPU time (user+sys: less disturbed by a busy
+machine):
+
+- `python -c pass` (the interpreter alone, for scale) and `durable-yaml --help`;
+- `validate` of one workflow file (aim <= 0.15 s);
+- `run` of a three-step no-op workflow, SQLite, to its end;
+- a worker's first claim: one run queued, then `durable-yaml worker` started; from the
+  process's start to the run's `started_at` in the database (aim <= 0.3 s).
+
+`--importtime` also prints the ten slowest imports of `validate` (python -X importtime).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+ROUNDS = int(os.environ.get("BENCH_STARTUP_ROUNDS", "7"))
+WORKFLOW = """id: noop3
+version: "1"
+trigger: {event: bench.go3}
+steps:
+  - {id: a, call: bench.noop, with: {i: 1}}
+  - {id: b, call: bench.noop, with: {i: 2}}
+  - {id: c, call: bench.noop, with: {i: 3}}
+"""
+STEPS = (ROOT / "bench" / "flows" / "benchsteps.py").read_text()
+CLI = [sys.executable, "-c", "from engine.cli import main; main()"]
+
+
+def project() -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="dy-startup-"))
+    (folder / "workflows").mkdir()
+    (folder / "workflows" / "noop3.yaml").write_text(WORKFLOW)
+    (folder / "benchsteps.py").write_text(STEPS)
+    (folder / "pyproject.toml").write_text(
+        '[tool.durable-yaml]\nmodules = ["benchsteps"]\nworkflows = "workflows"\n'
+    )
+    return folder
+
+
+def env_for(folder: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DURABLE_YAML_")}
+    return {**env, "PYTHONPATH": f"{ROOT}:{folder}"}
+
+
+def timed(cmd: list[str], folder: Path) -> tuple[float, float]:
+    """Wall and CPU seconds of one run of `cmd` (which must succeed)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    subprocess.run(
+        cmd, cwd=folder, env=env_for(folder), check=True, stdout=subprocess.DEVNULL, timeout=60
+    )
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu
+
+
+def median_of(cmd: list[str], folder: Path) -> tuple[float, float]:
+    samples = [timed(cmd, folder) for _ in range(ROUNDS)]
+    return statistics.median(s[0] for s in samples), statistics.median(s[1] for s in samples)
+
+
+def first_claim(folder: Path) -> float:
+    """Seconds from starting a worker to its claim of the one queued run."""
+    from engine.service import Engine
+    from engine.settings import resolve_settings
+
+    url = f"sqlite:///{folder}/claim.db"
+    engine = Engine(
+        resolve_settings(db=url, workflows=str(folder / "workflows")), import_steps=False
+    )
+    engine.save_all_definitions()
+    run_id = engine.send_event("bench.go3", {}).run_ids[0]
+    env = {**env_for(folder), "DURABLE_YAML_DB": url}
+    started = time.time()
+    worker = subprocess.Popen(
+        [*CLI, "worker", "--concurrency", "8", "--no-schedules"],
+        cwd=folder,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            run = engine.store.get_run(run_id)
+            if run.started_at is not None:
+                return run.started_at - started
+            time.sleep(0.005)
+        raise SystemExit("the worker claimed nothing in 30 s")
+    finally:
+        worker.terminate()
+        worker.wait(30)
+        engine.close()
+
+
+def importtime(folder: Path) -> list[tuple[int, str]]:
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", *CLI[1:], "validate", "workflows/noop3.yaml"],
+        cwd=folder,
+        env=env_for(folder),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    rows = []
+    for line in out.stderr.splitlines():
+        parts = line.removeprefix("import time:").split("|")
+        if len(parts) == 3 and parts[1].strip().isdigit():
+            rows.append((int(parts[1]), parts[2].rstrip()))
+    return sorted(rows, reverse=True)[:10]
+
+
+def main() -> None:
+    folder = project()
+    print(f"start-up, medians of {ROUNDS} (wall / CPU user+sys), load {os.getloadavg()[0]:.1f}")
+    rows = [
+        ("python -c pass", [sys.executable, "-c", "pass"]),
+        ("durable-yaml --help", [*CLI, "--help"]),
+        ("durable-yaml validate (a folder of one file)", [*CLI, "validate", "workflows"]),
+        ("durable-yaml run (3 no-op steps, SQLite)", [*CLI, "run", "noop3"]),
+    ]
+    for name, cmd in rows:
+        wall, cpu = median_of(cmd, folder)
+        print(f"  {name:44} {wall * 1000:6.0f} ms / {cpu * 1000:6.0f} ms")
+    claims = [first_claim(folder) for _ in range(ROUNDS)]
+    print(f"  {'worker start -> first claim':44} {statistics.median(claims) * 1000:6.0f} ms")
+    print(f"  (load afterwards {os.getloadavg()[0]:.1f})")
+    if "--importtime" in sys.argv:
+        print("slowest imports of validate (cumulative µs):")
+        for micros, name in importtime(folder):
+            print(f"  {micros:8d}  {name}")
+
+
+if __name__ == "__main__":
+    main()

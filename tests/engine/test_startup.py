@@ -1,0 +1,119 @@
+"""Start-up imports only what a command uses (issue #15): the real CLI entry point in a fresh
+interpreter, then its `sys.modules` inspected. `validate` never loads the store's SQLAlchemy,
+the server's FastAPI, rich, prometheus_client or uvicorn; `--help` not even the language's
+jsonschema and jinja2; a `run` not the server; `dsl` never imports `engine`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+SERVER = {"fastapi", "starlette", "uvicorn", "pydantic", "prometheus_client", "rich"}
+STORE = {"sqlalchemy", "psycopg"}
+LANGUAGE = {"jsonschema", "jinja2", "yaml", "croniter"}
+
+PROBE = """
+import json, sys
+sys.argv = ["durable-yaml", *json.loads(sys.argv[1])]
+from engine.cli import main
+try:
+    main()
+except SystemExit as exc:
+    code = exc.code
+print(json.dumps({"code": code, "modules": sorted({m.split(".")[0] for m in sys.modules})}))
+"""
+
+WORKFLOW = """id: startup
+version: "1"
+trigger: {cron: "*/5 * * * *"}
+steps:
+  - {id: greet, call: startup.greet, with: {name: "{{ payload.name }}"}}
+"""
+
+STEPS = """from engine import step
+
+
+@step("startup.greet")
+def greet(name: str) -> str:
+    return f"hello {name}"
+"""
+
+
+def loaded(args: list[str], cwd: Path) -> tuple[int, set[str]]:
+    """The exit code of `durable-yaml ARGS` and the top-level packages it imported."""
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, json.dumps(args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{ROOT}:{cwd}"},
+    )
+    last = json.loads(out.stdout.strip().splitlines()[-1])
+    return int(last["code"] or 0), set(last["modules"])
+
+
+def project(tmp_path: Path) -> Path:
+    (tmp_path / "workflows").mkdir()
+    (tmp_path / "workflows" / "startup.yaml").write_text(WORKFLOW)
+    (tmp_path / "startupsteps.py").write_text(STEPS)
+    return tmp_path
+
+
+def test_validate_imports_no_store_and_no_server(tmp_path: Path) -> None:
+    folder = project(tmp_path)
+    code, modules = loaded(["validate", "workflows/startup.yaml"], folder)
+    assert code == 0
+    assert not modules & (SERVER | STORE), modules & (SERVER | STORE)
+    assert {"jsonschema", "jinja2", "yaml"} <= modules  # it did check the file
+
+
+def test_validate_with_step_modules_imports_no_store(tmp_path: Path) -> None:
+    folder = project(tmp_path)
+    code, modules = loaded(["validate", "-m", "startupsteps", "workflows/startup.yaml"], folder)
+    assert code == 0
+    assert not modules & (SERVER | STORE), modules & (SERVER | STORE)
+    (folder / "workflows" / "startup.yaml").write_text(WORKFLOW.replace("startup.greet", "nope"))
+    code, modules = loaded(["validate", "-m", "startupsteps", "workflows/startup.yaml"], folder)
+    assert code == 1  # the step names were checked against the module's steps
+    assert not modules & (SERVER | STORE)
+
+
+def test_help_imports_neither_the_language_nor_the_store(tmp_path: Path) -> None:
+    code, modules = loaded(["--help"], tmp_path)
+    assert code == 0
+    assert not modules & (SERVER | STORE | LANGUAGE), modules & (SERVER | STORE | LANGUAGE)
+
+
+def test_run_imports_the_store_but_not_the_server(tmp_path: Path) -> None:
+    folder = project(tmp_path)
+    (folder / "workflows" / "startup.yaml").write_text(
+        WORKFLOW.replace('{cron: "*/5 * * * *"}', "{manual: true}")
+    )
+    code, modules = loaded(
+        ["run", "startup", "-m", "startupsteps", "--payload", '{"name": "Ada"}'], folder
+    )
+    assert code == 0
+    assert "sqlalchemy" in modules
+    assert not modules & SERVER, modules & SERVER
+    assert not (folder / "workflows" / ".durable-yaml").exists()
+
+
+def test_dsl_never_imports_engine() -> None:
+    names = sorted(p.stem for p in (ROOT / "dsl").glob("*.py") if p.stem != "__init__")
+    probe = (
+        "import importlib, json, sys\n"
+        f"for name in {names!r}:\n"
+        "    importlib.import_module('dsl.' + name)\n"
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    modules = set(json.loads(out.stdout.strip()))
+    assert "dsl" in modules
+    assert not modules & ({"engine"} | STORE | SERVER)
