@@ -136,17 +136,26 @@ class Runs:
         """What claiming does to the current step; a crashed attempt is recorded."""
         step_key = row["current_step"]
         if row["step_running"]:
-            c.execute(
-                insert(t.attempts).values(
-                    run_id=row["id"],
-                    step_key=step_key,
-                    attempt=row["current_attempt"],
-                    status="crashed",
-                    started_at=row["step_started_at"],
-                    finished_at=now,
-                    error_type="WorkerDied",
-                    error_message="the process executing this attempt stopped before it finished",
-                )
+            # An upsert: a step in a `repeat` body counts its attempts from 1 each round, so
+            # an earlier round may have recorded this attempt number (its row is replaced by
+            # the latest round's, as a failed attempt's row is)
+            self.db.upsert(
+                c,
+                t.attempts,
+                {
+                    "run_id": row["id"],
+                    "step_key": step_key,
+                    "attempt": row["current_attempt"],
+                    "status": "crashed",
+                    "started_at": row["step_started_at"],
+                    "finished_at": now,
+                    "error_type": "WorkerDied",
+                    "error_message": "the process executing this attempt stopped before it "
+                    "finished",
+                    "traceback": None,
+                },
+                ["run_id", "step_key", "attempt"],
+                ["status", "started_at", "finished_at", "error_type", "error_message", "traceback"],
             )
             return _begin(row["current_attempt"] + 1, now)
         if step_key is None:
