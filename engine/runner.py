@@ -526,6 +526,11 @@ class Runner:
             active_seconds=elapsed,
             logs=tuple(logger.drain()),
             cancel_runs=cancel_runs,
+            open_blocks={
+                key: (st.started_at, st.output)
+                for key, st in live.steps.items()
+                if blocks.is_open(st)
+            },
         )
 
     # executing one attempt ----------------------------------------------------------------

@@ -7,7 +7,7 @@ writes nothing. Parking reads the inbox under the run's lock (see `waits`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -369,24 +369,36 @@ class Runs:
 
         self.db.transact(work)
 
-    def reopen_failed_run(self, run_id: str, step_key: str, lease: Lease, now: float) -> Run:
+    def reopen_failed_run(
+        self,
+        run_id: str,
+        step_key: str,
+        lease: Lease,
+        now: float,
+        reopen: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> Run:
         """Give a failed run's failed step one more attempt: the step becomes a due retry
         and the run is leased to `lease`, so claiming it begins the next attempt (attempt
-        numbers continue; history is kept). A run that is not failed is returned as is."""
+        numbers continue; history is kept). `reopen`: other failed step rows (the blocks
+        the failure left) and the columns each takes, and the step's own if it is not to
+        be a retry. All under the run's lock, each row only while it is still failed; a run
+        that is not failed is returned as is (a second resume in between changes nothing)."""
+        rows = {step_key: {"status": StepStatus.RETRYING.value, "wake_at": now}, **(reopen or {})}
 
         def work(c: Connection) -> Run:
             row = self._lock_run(c, run_id)
             if row["status"] != RunStatus.FAILED.value:
                 return run_from_row(row)
-            c.execute(
-                update(t.steps)
-                .where(
-                    t.steps.c.run_id == run_id,
-                    t.steps.c.step_key == step_key,
-                    t.steps.c.status == StepStatus.FAILED.value,
+            for key, columns in rows.items():
+                c.execute(
+                    update(t.steps)
+                    .where(
+                        t.steps.c.run_id == run_id,
+                        t.steps.c.step_key == key,
+                        t.steps.c.status == StepStatus.FAILED.value,
+                    )
+                    .values(**columns, finished_at=None)
                 )
-                .values(status=StepStatus.RETRYING.value, wake_at=now, finished_at=None)
-            )
             values = {
                 **self.db.lease_values(lease, now),
                 "status": RunStatus.WAITING.value,
