@@ -450,7 +450,14 @@ class Runs:
 
     def withdraw_wait(self, c: Connection, row: Any, now: float) -> None:
         """A run is cancelled: its waiting step's wait is answered by the cancel (later
-        events, tokens and child results lose) and the step ends `cancelled`."""
+        events, tokens and child results lose) and the step ends `cancelled`, and so do the
+        blocks (switch, repeat) whose lists it was in: their records were open (`running`),
+        and nothing would ever close them."""
+        c.execute(
+            update(t.steps)
+            .where(t.steps.c.run_id == row["id"], t.steps.c.status == StepStatus.RUNNING.value)
+            .values(status=StepStatus.CANCELLED.value, finished_at=now, error="cancelled")
+        )
         step_key = row["current_step"]
         if step_key is None:
             return

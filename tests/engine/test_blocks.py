@@ -331,3 +331,34 @@ def test_a_switch_whose_lease_was_taken_writes_none_of_its_records(
         "skipped",
     )
     assert [c[0] for c in CALLS] == ["big", "big_after", "after"]
+
+
+def test_a_cancelled_run_leaves_no_block_running(store: SqlStore, tmp_path: Path) -> None:
+    """Cancelled while parked inside a switch case (the canceller writes), and while a repeat
+    body step runs (the holder writes, at the next step boundary): the open blocks end
+    `cancelled` with the run, none stays `running` forever."""
+    text = """
+steps:
+  - id: route
+    switch:
+      - default: [{id: nap, wait: 1h}]
+"""
+    parked = run_text(store, tmp_path, text, foreground=False)
+    assert statuses(store, parked.id) == {"route": "running", "nap": "waiting"}
+    store.request_cancel(parked.id, store.now())
+    assert statuses(store, parked.id) == {"route": "cancelled", "nap": "cancelled"}
+
+    @step("bk.cancel_me")
+    def cancel_me(ctx: StepContext) -> None:
+        store.request_cancel(ctx.run_id, store.now())
+
+    text = """
+steps:
+  - id: poll
+    repeat:
+      steps: [{id: body, call: bk.cancel_me}, {id: never, call: bk.echo}]
+      max: 3
+"""
+    run = run_text(store, tmp_path, text)
+    assert run.status == RunStatus.CANCELLED
+    assert statuses(store, run.id) == {"poll": "cancelled", "body": "completed"}
