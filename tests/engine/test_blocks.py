@@ -362,3 +362,25 @@ steps:
     run = run_text(store, tmp_path, text)
     assert run.status == RunStatus.CANCELLED
     assert statuses(store, run.id) == {"poll": "cancelled", "body": "completed"}
+
+
+def test_a_blocks_catch_handler_reads_the_failed_step_inside_it(
+    store: SqlStore, tmp_path: Path
+) -> None:
+    text = """
+steps:
+  - id: poll
+    repeat:
+      steps:
+        - {id: first, call: bk.echo, with: {value: 1}}
+        - {id: inner, call: bk.fail, retry: {max_attempts: 1}}
+      max: 3
+    catch:
+      steps:
+        - id: handled
+          call: bk.echo
+          with: {value: "{{ steps.first.output }} {{ steps.inner.status }}: {{ steps.inner.error }}"}
+"""
+    run = run_text(store, tmp_path, text)
+    assert run.status == RunStatus.COMPLETED, run.error
+    assert run.output == "1 failed: CardDeclined: CardDeclined here"
