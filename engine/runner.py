@@ -639,6 +639,7 @@ class Runner:
             "output": last.output,
             "status": last.status.value,
             "attempts": last.attempt,
+            "error": last.error if last.status == StepStatus.FAILED else None,
         }
         return render_value(machine.output, scope, "output")
 

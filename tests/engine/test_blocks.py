@@ -384,3 +384,16 @@ steps:
     run = run_text(store, tmp_path, text)
     assert run.status == RunStatus.COMPLETED, run.error
     assert run.output == "1 failed: CardDeclined: CardDeclined here"
+
+
+def test_the_output_reads_error_of_the_last_step(store: SqlStore, tmp_path: Path) -> None:
+    """`steps.<id>.error` is a field of every step (null unless failed), the last one's too:
+    validate let `output` read it, then the run failed on 'no attribute error'."""
+    text = """
+steps:
+  - {id: charge, call: bk.fail, retry: {max_attempts: 1}, catch: {steps: [{id: done, log: ok}]}}
+output: "{{ steps.charge.error }} / {{ steps.done.error }}"
+"""
+    run = run_text(store, tmp_path, text)
+    assert run.status == RunStatus.COMPLETED, run.error
+    assert run.output == "CardDeclined: CardDeclined here / None"
