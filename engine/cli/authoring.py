@@ -43,7 +43,8 @@ def validate(
         registered = engine.registered()
     catalog = check_paths([t for t in targets if not is_test_file(Path(t))], registered)
     problems: list[Problem] = catalog.problems
-    tests = find_test_files(targets)
+    # a file given by name is a test only if it is named as one (*.test.yaml)
+    tests = [t for t in find_test_files(targets) if is_test_file(t)]
     if tests:  # SPEC §6: test files are checked as tests, against the workflows they name
         known = dict(catalog.workflows)
         folder = Path(settings.workflows)
