@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -397,3 +399,110 @@ output: "{{ steps.charge.error }} / {{ steps.done.error }}"
     run = run_text(store, tmp_path, text)
     assert run.status == RunStatus.COMPLETED, run.error
     assert run.output == "CardDeclined: CardDeclined here / None"
+
+
+class _Died(BaseException):
+    """Stands for the process dying: raised before a commit, nothing catches it."""
+
+
+EFFECTS: list[str] = []
+
+
+@step("bk.effect")
+def effect(ctx: StepContext) -> str:
+    EFFECTS.append(ctx.idempotency_key.split(":", 1)[1])
+    return ctx.idempotency_key.split(":", 1)[1]
+
+
+@step("bk.round")
+def round_number(ctx: StepContext) -> int:
+    key = ctx.idempotency_key.split(":", 1)[1]
+    EFFECTS.append(key)
+    return int(key.partition("@")[2] or 1)
+
+
+@step("bk.flaky")
+def flaky_effect(ctx: StepContext) -> int:
+    EFFECTS.append(ctx.idempotency_key.split(":", 1)[1] + f"#{ctx.attempt}")
+    if ctx.attempt == 1:
+        raise ConnectionError("the first attempt fails")
+    return ctx.attempt
+
+
+@step("bk.declined")
+def declined(ctx: StepContext) -> None:
+    EFFECTS.append(ctx.idempotency_key.split(":", 1)[1])
+    raise CardDeclined("declined")
+
+
+EVERYWHERE = """
+steps:
+  - id: route
+    switch:
+      - when: "false"
+        steps: [{id: never, call: bk.effect}]
+      - default:
+          - {id: one, call: bk.effect}
+          - id: poll
+            repeat:
+              steps:
+                - {id: tick, call: bk.round}
+                - {id: fl, call: bk.flaky, retry: {max_attempts: 2, min_delay: 1s, jitter: false}}
+              until: steps.tick.output >= 3
+              delay: 5s
+              max: 4
+  - id: charge
+    call: bk.declined
+    retry: {max_attempts: 1}
+    catch:
+      steps: [{id: three, call: bk.effect}, {id: four, call: bk.effect}]
+  - {id: last, call: bk.effect}
+"""
+
+
+def test_a_process_dying_before_any_commit_loses_and_repeats_nothing(
+    store: SqlStore, tmp_path: Path
+) -> None:
+    """The process dies before its Nth commit, for every N: entering the switch, each step
+    in its case, each repeat round, the retry, the delay, the caught failure, each handler
+    step. Another runner takes the run over when the lease has expired and ends it as an
+    undisturbed run ends: same statuses, same output, no step effect lost, and at most the
+    interrupted attempt's effect once more; no block is left running."""
+    machine = compile_text(tmp_path, HEAD + EVERYWHERE)
+    clock = FakeClock()
+    EFFECTS.clear()
+    calm = Runner(store, clock=clock, sleep=clock.sleep).start(machine, {})
+    assert calm.status == RunStatus.COMPLETED, calm.error
+    expected, baseline = statuses(store, calm.id), sorted(EFFECTS)
+    commits = 0
+    for n in range(1, 100):
+        EFFECTS.clear()
+        seen = [0]
+
+        def die(n: int = n, seen: list[int] = seen) -> None:
+            seen[0] += 1
+            if seen[0] == n:
+                raise _Died()
+
+        first = Runner(store, Lease(f"a{n}", "h", 1, seconds=5), clock=clock, sleep=clock.sleep)
+        with ExitStack() as hooks:
+            for status in ("running", "waiting", "completed", "failed"):
+                hooks.enter_context(pause_at(f"runner.before_commit.{status}", die))
+            try:
+                first.start(machine, {})
+            except _Died:
+                pass
+            else:
+                commits = n - 1
+                break
+        run_id = store.list_runs(limit=1)[0].id
+        clock.now += 60
+        second = Runner(store, Lease(f"b{n}", "h", 2, seconds=30), clock=clock, sleep=clock.sleep)
+        run = second.drive(run_id)
+        assert run.status == RunStatus.COMPLETED, (n, run.error)
+        assert run.output == calm.output
+        assert statuses(store, run_id) == expected, n
+        extra = Counter(EFFECTS) - Counter(baseline)
+        assert not Counter(baseline) - Counter(EFFECTS), (n, EFFECTS)  # nothing lost
+        assert sum(extra.values()) <= 1, (n, extra)  # the interrupted attempt, at most
+    assert commits >= 20  # every commit of the run was interrupted once
