@@ -16,10 +16,12 @@ latest round's.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from dsl import Machine, State, TemplateError, compile_expression
 from dsl.blocks import branch_states, descendants
+from dsl.limits import JSON_SIZE_MAX
 
 from .models import StepState, StepStatus
 from .transitions import Done, Enter, Failed, Outcome, Skipped, Suspended
@@ -96,7 +98,16 @@ def _round_ended(
     outputs = {
         s.id: steps[s.id].output for s in descendants(machine, state.id, "body") if s.id in steps
     }
-    rounds = [*progress.get("rounds", []), outputs]
+    earlier = list(progress.get("rounds", []))
+    rounds = [*earlier, outputs]
+    if len(json.dumps(rounds)) > JSON_SIZE_MAX:  # the repeat's output would break the limit
+        return Failed(
+            "StepOutputInvalid",
+            f"steps.{state.id}: the outputs of its rounds together exceed {JSON_SIZE_MAX} "
+            f"bytes of JSON (at round {number})",
+            retryable=False,
+            output=earlier,
+        )
     until, limit = state.config.get("until"), state.config.get("max")
     try:
         if until is not None and _holds(until, scope, f"steps.{state.id}.repeat.until"):

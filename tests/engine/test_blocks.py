@@ -506,3 +506,31 @@ def test_a_process_dying_before_any_commit_loses_and_repeats_nothing(
         assert not Counter(baseline) - Counter(EFFECTS), (n, EFFECTS)  # nothing lost
         assert sum(extra.values()) <= 1, (n, extra)  # the interrupted attempt, at most
     assert commits >= 20  # every commit of the run was interrupted once
+
+
+@step("bk.big")
+def big(ctx: StepContext, kb: int) -> str:
+    return "x" * (kb * 1024)
+
+
+def test_a_repeats_rounds_together_are_bounded_like_a_values(
+    store: SqlStore, tmp_path: Path
+) -> None:
+    """Each round's outputs are kept on the repeat's record: unbounded, 5 rounds of 900 KiB
+    made a 4.6 MB value (any limit of the store's values broken, rewritten every round);
+    like a for_each's items, the rounds together stop at JSON_SIZE_MAX."""
+    text = """
+steps:
+  - id: poll
+    repeat:
+      steps: [{id: chunk, call: bk.big, with: {kb: 400}}]
+      max: 5
+"""
+    run = run_text(store, tmp_path, text)
+    assert run.status == RunStatus.FAILED
+    assert run.error == (
+        "step poll failed: StepOutputInvalid: steps.poll: the outputs of its rounds together "
+        "exceed 1048576 bytes of JSON (at round 3)"
+    )
+    poll = {s.step_key: s for s in store.get_steps(run.id)}["poll"]
+    assert len(poll.output) == 2  # the rounds that fit
