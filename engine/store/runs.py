@@ -453,11 +453,7 @@ class Runs:
         events, tokens and child results lose) and the step ends `cancelled`, and so do the
         blocks (switch, repeat) whose lists it was in: their records were open (`running`),
         and nothing would ever close them."""
-        c.execute(
-            update(t.steps)
-            .where(t.steps.c.run_id == row["id"], t.steps.c.status == StepStatus.RUNNING.value)
-            .values(status=StepStatus.CANCELLED.value, finished_at=now, error="cancelled")
-        )
+        self.end_open_blocks(c, [row["id"]], now)
         step_key = row["current_step"]
         if step_key is None:
             return
@@ -481,6 +477,22 @@ class Runs:
                 wait_event=None,
             )
         )
+
+    def end_open_blocks(
+        self, c: Connection, run_ids: Sequence[str], now: float, error: str = "cancelled"
+    ) -> None:
+        """The runs are ending (cancelled, expired) without going on: the blocks (switch,
+        repeat) whose records are open (`running`) end `cancelled` with them, or nothing
+        would ever close them."""
+        if run_ids:
+            c.execute(
+                update(t.steps)
+                .where(
+                    t.steps.c.run_id.in_(list(run_ids)),
+                    t.steps.c.status == StepStatus.RUNNING.value,
+                )
+                .values(status=StepStatus.CANCELLED.value, finished_at=now, error=error)
+            )
 
     def _active_children(self, c: Connection, run_id: str) -> list[str]:
         return list(

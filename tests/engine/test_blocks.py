@@ -12,9 +12,9 @@ import pytest
 
 from engine import StepContext, step
 from engine.errors import LeaseLost
-from engine.models import Lease, RunStatus, StepStatus
+from engine.models import Lease, NewRun, RunStatus, StepStatus
 from engine.pauses import pause_at
-from engine.runner import Runner
+from engine.runner import Runner, new_run_id
 from engine.store import SqlStore
 from tests.engine.helpers import FakeClock, compile_text, store_for
 
@@ -534,3 +534,48 @@ steps:
     )
     poll = {s.step_key: s for s in store.get_steps(run.id)}["poll"]
     assert len(poll.output) == 2  # the rounds that fit
+
+
+@pytest.mark.parametrize("end", ["bulk cancel", "expiry"])
+def test_a_run_handed_back_inside_a_block_and_ended_queued_leaves_no_block_running(
+    store: SqlStore, tmp_path: Path, end: str
+) -> None:
+    """A worker stopping hands a run back queued at a step boundary, here inside a switch
+    case; ended while queued (a bulk cancel's one UPDATE of queued runs, or its TTL, which
+    a queued run meets again), the switch ended with it: it stayed running."""
+    stop = [False]
+
+    @step("bk.then_stop")
+    def then_stop(ctx: StepContext) -> int:
+        stop[0] = True
+        return 1
+
+    machine = compile_text(
+        tmp_path,
+        HEAD + "steps:\n  - id: route\n    switch:\n"
+        "      - default: [{id: a, call: bk.then_stop}, {id: b, call: bk.echo}]\n",
+    )
+    clock = FakeClock()
+    runner = Runner(store, foreground=False, should_stop=lambda: stop[0], clock=clock)
+    new = NewRun(
+        id=new_run_id(),
+        workflow_id=machine.workflow_id,
+        version=machine.version,
+        definition_hash=machine.content_hash,
+        payload={},
+        first_step=machine.start,
+        queue=machine.queue.name,
+        trigger={"kind": "manual"},
+        ttl=60.0,
+    )
+    run = runner.start(machine, {}, new=new)
+    assert run.status == RunStatus.QUEUED
+    assert statuses(store, run.id) == {"route": "running", "a": "completed"}
+    if end == "bulk cancel":
+        assert store.cancel_runs_batch([run.id], clock.now) == 1
+    else:
+        assert store.expire_runs(clock.now + 61) == [run.id]
+    assert store.get_run(run.id).status.value == (
+        "cancelled" if end == "bulk cancel" else "expired"
+    )
+    assert statuses(store, run.id) == {"route": "cancelled", "a": "completed"}
