@@ -184,7 +184,12 @@ def resume_point(
     rounds = failed[cause.id].output
     if cause.kind == "repeat" and isinstance(rounds, list):
         wait = {"kind": "timer", "round": len(rounds) + 1, "rounds": rounds}
-        reopen[cause.id] = {"status": StepStatus.WAITING.value, "wake_at": now, "wait": wait}
+        reopen[cause.id] = {
+            "status": StepStatus.WAITING.value,
+            "wake_at": now,
+            "wait": wait,
+            "error": None,
+        }
     for key, st in failed.items():
         how = st.wait or {}
         if how.get("kind") == "left" and how.get("failed_in") == cause.id:

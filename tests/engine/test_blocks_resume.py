@@ -13,7 +13,7 @@ import pytest
 
 from engine import StepContext, step
 from engine.errors import EngineError
-from engine.models import RunStatus
+from engine.models import Lease, RunStatus
 from engine.runner import Runner
 from engine.service import Engine
 from engine.settings import resolve_settings
@@ -246,3 +246,27 @@ def test_the_dashboards_queued_resume_goes_on_inside_the_block(
     assert [c[0] for c in CALLS] == ["inner", "last", "after"]
     with pytest.raises(EngineError, match="only a failed run resumes"):  # a second click
         engine.queue_resume(run_id)
+
+
+def test_the_queued_resume_of_an_exhausted_repeat_is_taken_by_a_worker(
+    engine: Engine, tmp_path: Path
+) -> None:
+    text = """
+steps:
+  - id: poll
+    repeat:
+      steps: [{id: c, call: rs.count}]
+      until: steps.c.output >= 2
+      max: 1
+"""
+    run_id = failed_run(engine, tmp_path, text)
+    engine.queue_resume(run_id)
+    waiting = {s.step_key: s for s in engine.store.get_steps(run_id)}["poll"]
+    assert (waiting.status.value, waiting.error) == ("waiting", None)
+    claimed = engine.store.claim_next_run(Lease("w", "h", 1, seconds=30), engine.store.now())
+    assert claimed is not None and claimed.id == run_id
+    run = Runner(engine.store, Lease("w", "h", 1, seconds=30), foreground=False, host=engine)
+    done = run.drive_claimed(claimed)
+    assert done.status == RunStatus.COMPLETED, done.error
+    assert keys(run_id) == ["c@2"]
+    assert done.output == [{"c": 1}, {"c": 2}]
