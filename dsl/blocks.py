@@ -252,7 +252,16 @@ def compile_nested(
         own, body = _compile_repeat(c, where, raw.get("repeat"), own, earlier, handler)
         nested.extend(body)
     if isinstance(raw.get("catch"), dict):
-        own, handlers = _compile_catch(c, where, raw["catch"], own, earlier, handler)
+        # a handler runs after a step inside the block failed: it may read any of them
+        inside = [
+            s["id"]
+            for key, lists in NESTED_LISTS.items()
+            if key != "catch" and key in raw
+            for _, _, steps in lists(raw)
+            for s in _raw_steps(steps)
+            if isinstance(s.get("id"), str)
+        ]
+        own, handlers = _compile_catch(c, where, raw["catch"], own, [*earlier, *inside], handler)
         nested.extend(handlers)
     return [own, *nested]
 
@@ -266,7 +275,8 @@ def _compile_catch(
     handler: bool,
 ) -> tuple[State, list[State]]:
     """`catch:` — once `own` has failed for good with an error it takes, its steps run, then
-    the run goes on after `own`. A handler step that fails fails like `own` would have."""
+    the run goes on after `own`. A handler step that fails fails like `own` would have.
+    `earlier` holds what its steps may read: with `own`, every step inside `own`'s block."""
     steps = compile_steps(
         c,
         spec.get("steps"),

@@ -16,15 +16,17 @@ latest round's.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from dsl import Machine, State, TemplateError, compile_expression
 from dsl.blocks import branch_states, descendants
+from dsl.limits import JSON_SIZE_MAX
 
 from .models import StepState, StepStatus
 from .transitions import Done, Enter, Failed, Outcome, Skipped, Suspended
 
-__all__ = ["close_block", "is_open", "next_round", "open_block", "round_key"]
+__all__ = ["close_block", "is_open", "next_round", "open_block", "resume_point", "round_key"]
 
 
 def is_open(stored: StepState | None) -> bool:
@@ -96,10 +98,22 @@ def _round_ended(
     outputs = {
         s.id: steps[s.id].output for s in descendants(machine, state.id, "body") if s.id in steps
     }
-    rounds = [*progress.get("rounds", []), outputs]
+    earlier = list(progress.get("rounds", []))
+    rounds = [*earlier, outputs]
+    if len(json.dumps(rounds)) > JSON_SIZE_MAX:  # the repeat's output would break the limit
+        return Failed(
+            "StepOutputInvalid",
+            f"steps.{state.id}: the outputs of its rounds together exceed {JSON_SIZE_MAX} "
+            f"bytes of JSON (at round {number})",
+            retryable=False,
+            output=earlier,
+        )
     until, limit = state.config.get("until"), state.config.get("max")
-    if until is not None and _holds(until, scope, f"steps.{state.id}.repeat.until"):
-        return Done(rounds)
+    try:
+        if until is not None and _holds(until, scope, f"steps.{state.id}.repeat.until"):
+            return Done(rounds)
+    except TemplateError as exc:  # the rounds are kept: a resume runs the next one
+        return Failed("TemplateError", str(exc), retryable=False, output=rounds)
     if limit is not None and number >= limit:
         if until is None:
             return Done(rounds)  # `max` rounds were asked for, and have run
@@ -139,3 +153,50 @@ def round_key(machine: Machine, state: State, steps: dict[str, StepState]) -> st
     if all(r == 1 for r in rounds):
         return ""
     return "@" + ".".join(str(r) for r in reversed(rounds))
+
+
+def resume_point(
+    machine: Machine, steps: dict[str, StepState], now: float
+) -> tuple[str, dict[str, dict[str, Any]]] | None:
+    """Where a resume of a failed run goes on: the step whose failure failed the run (not
+    a step whose failure a `catch` took, nor a block a failure left), and the rows of
+    `dy_steps` to reopen with it (step key -> the columns it takes), or None if no step
+    failed the run (its output, say).
+
+    A block the failure left is reopened where it stood (`running`, holding the case or the
+    round it had), so its list goes on after the step and comes back to close it. A
+    `repeat` that failed on its own (`max` rounds spent, `until` failing) gets one more
+    round, its earlier rounds kept, as if its delay had just ended. Any other step becomes
+    a due retry (the store's default).
+    """
+    failed = {k: st for k, st in steps.items() if st.status == StepStatus.FAILED}
+    cause = next(
+        (
+            s
+            for s in machine.main_states()
+            if s.id in failed and (failed[s.id].wait or {}).get("kind") not in ("left", "caught")
+        ),
+        None,
+    )
+    if cause is None:
+        return None
+    reopen: dict[str, dict[str, Any]] = {}
+    rounds = failed[cause.id].output
+    if cause.kind == "repeat" and isinstance(rounds, list):
+        wait = {"kind": "timer", "round": len(rounds) + 1, "rounds": rounds}
+        reopen[cause.id] = {
+            "status": StepStatus.WAITING.value,
+            "wake_at": now,
+            "wait": wait,
+            "error": None,
+        }
+    for key, st in failed.items():
+        how = st.wait or {}
+        if how.get("kind") == "left" and how.get("failed_in") == cause.id:
+            reopen[key] = {
+                "status": StepStatus.RUNNING.value,
+                "output": how.get("progress"),
+                "wait": None,
+                "error": None,
+            }
+    return cause.id, reopen

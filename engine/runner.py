@@ -526,6 +526,11 @@ class Runner:
             active_seconds=elapsed,
             logs=tuple(logger.drain()),
             cancel_runs=cancel_runs,
+            open_blocks={
+                key: (st.started_at, st.output)
+                for key, st in live.steps.items()
+                if blocks.is_open(st)
+            },
         )
 
     # executing one attempt ----------------------------------------------------------------
@@ -634,6 +639,7 @@ class Runner:
             "output": last.output,
             "status": last.status.value,
             "attempts": last.attempt,
+            "error": last.error if last.status == StepStatus.FAILED else None,
         }
         return render_value(machine.output, scope, "output")
 

@@ -34,6 +34,7 @@ from dsl.limits import (
 )
 
 from . import tracing
+from .blocks import resume_point
 from .errors import ConfigError, EngineError, NestedTooDeep, NotFound, PayloadInvalid
 from .inputs import InputInvalid, TooLong, check_json, check_text
 from .models import Emission, Lease, NewEvent, NewRun, QueueLimits, Run, RunStatus, Sent
@@ -420,18 +421,23 @@ class Engine(Operations):
         runner = self.runner(reporter)
         run = self.store.get_run(run_id)
         if run.status == RunStatus.FAILED:
-            machine = Machine.from_json(self.store.load_definition(run.definition_hash))
-            failed = {
-                s.step_key for s in self.store.get_steps(run_id) if s.status.value == "failed"
-            }
-            step = next((s.id for s in machine.main_states() if s.id in failed), None)
-            if step is None:
+            point = self._resume_point(run)
+            if point is None:
                 raise EngineError(
                     f"run {run_id} failed outside its steps ({run.error}); "
                     f"start it again with `durable-yaml runs replay {run_id}`"
                 )
-            self.store.reopen_failed_run(run_id, step, runner.lease, self.store.now())
+            step, reopen = point
+            self.store.reopen_failed_run(run_id, step, runner.lease, self.store.now(), reopen)
         return runner.drive(run_id)
+
+    def _resume_point(self, run: Run) -> tuple[str, dict[str, dict[str, Any]]] | None:
+        """The step whose failure failed the run, and the blocks it reopens (engine/blocks.py).
+        Read outside the run's lock: a failed run's steps change only by a reopen, which
+        the store makes only while the run is still failed."""
+        machine = Machine.from_json(self.store.load_definition(run.definition_hash))
+        steps = {s.step_key: s for s in self.store.get_steps(run.id)}
+        return resume_point(machine, steps, self.store.now())
 
     def queue_resume(self, run_id: str) -> Run:
         """Resume a failed run for workers (the dashboard's button): its failed step becomes a
@@ -441,16 +447,15 @@ class Engine(Operations):
         run = self.store.get_run(run_id)
         if run.status != RunStatus.FAILED:
             raise EngineError(f"run {run_id} is {run.status.value}; only a failed run resumes")
-        machine = Machine.from_json(self.store.load_definition(run.definition_hash))
-        failed = {s.step_key for s in self.store.get_steps(run_id) if s.status.value == "failed"}
-        step = next((s.id for s in machine.main_states() if s.id in failed), None)
-        if step is None:
+        point = self._resume_point(run)
+        if point is None:
             raise EngineError(
                 f"run {run_id} failed outside its steps ({run.error}); replay it instead"
             )
         pause_point("service.resume.checked")
         lease = Lease(owner="dashboard-resume", host="", pid=0, seconds=0.0)
-        return self.store.reopen_failed_run(run_id, step, lease, self.store.now())
+        step, reopen = point
+        return self.store.reopen_failed_run(run_id, step, lease, self.store.now(), reopen)
 
     def _replay(self, run_id: str) -> tuple[Machine, NewRun]:
         """A new run with the same payload, on the workflow's current definition if it is in

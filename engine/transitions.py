@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,12 +77,15 @@ def decide(
     logs: tuple[NewLog, ...] = (),
     rand: Callable[[], float] | None = None,
     cancel_runs: tuple[str, ...] = (),
+    open_blocks: Mapping[str, tuple[float | None, Any]] | None = None,
 ) -> Transition:
     """The transition after one attempt of `state`.
 
     `run_output` computes the run's output, given the final step's record, when the machine
     completes; `hold_lease` keeps
     the lease through a wait (the foreground `run`) instead of releasing the run to workers.
+    `open_blocks` are the blocks whose records are open (running): block id -> (started at,
+    progress); a failure that leaves them keeps their progress for a resume (see `_failed`).
     """
     from dsl.blocks import descendants, failure_route  # the language, only once a step ends
 
@@ -149,24 +152,12 @@ def decide(
                 **common,
             )
         message = f"{outcome.error_type}: {outcome.message}"
-        record = StepRecord(
-            state.id,
-            StepStatus.FAILED,
-            attempt,
-            started_at,
-            output=outcome.output,
-            error=message,
-            error_type=outcome.error_type,
-            traceback=outcome.traceback,
-            attempt_status=outcome.attempt_status,
-        )
         kinds = outcome.error_kinds or (outcome.error_type,)
         target, left, caught = failure_route(machine, state, kinds)
-        error = run_error if caught else run_error or f"step {state.id} failed: {message}"
-        common["also"] = tuple(  # the blocks the failure leaves fail with it
-            StepRecord(b, StepStatus.FAILED, 1, None, error=f"{message} (in steps.{state.id})")
-            for b in left
+        record, common["also"] = _failed(
+            state, attempt, started_at, outcome, left, caught, open_blocks or {}
         )
+        error = run_error if caught else run_error or f"step {state.id} failed: {message}"
         return _move(machine, target, record, error, run_output, common)
     if isinstance(outcome, Skipped):
         record = StepRecord(state.id, StepStatus.SKIPPED, attempt, started_at)
@@ -180,6 +171,45 @@ def decide(
         if outcome.emission is not None:
             common["emission"] = outcome.emission
     return _move(machine, state.next, record, run_error, run_output, common)
+
+
+def _failed(
+    state: State,
+    attempt: int,
+    started_at: float | None,
+    outcome: Failed,
+    left: list[str],
+    caught: bool,
+    open_blocks: Mapping[str, tuple[float | None, Any]],
+) -> tuple[StepRecord, tuple[StepRecord, ...]]:
+    """The records of a step that failed for good and of the blocks its failure leaves.
+
+    Their `wait` says how each failed, for a resume of the run (engine/blocks.py
+    `resume_point`): a caught failure `{"kind": "caught", "by": <the step whose catch took
+    it>}` on the step and every block left (a resume never runs them again); an uncaught
+    one leaves each block `{"kind": "left", "failed_in": <step>, "progress": <its open
+    record's output>}`, so a resume retrying the step reopens them where they stood."""
+    message = f"{outcome.error_type}: {outcome.message}"
+    caught_by = {"kind": "caught", "by": left[-1] if left else state.id} if caught else None
+    record = StepRecord(
+        state.id,
+        StepStatus.FAILED,
+        attempt,
+        started_at,
+        output=outcome.output,
+        error=message,
+        error_type=outcome.error_type,
+        traceback=outcome.traceback,
+        attempt_status=outcome.attempt_status,
+        wait=caught_by,
+    )
+    blocks = []
+    for b in left:  # the blocks the failure leaves fail with it
+        opened, progress = open_blocks.get(b, (None, None))
+        how = caught_by or {"kind": "left", "failed_in": state.id, "progress": progress}
+        error = f"{message} (in steps.{state.id})"
+        blocks.append(StepRecord(b, StepStatus.FAILED, 1, opened, error=error, wait=how))
+    return record, tuple(blocks)
 
 
 def _skipped(step_ids: Iterable[str]) -> tuple[StepRecord, ...]:

@@ -6,7 +6,7 @@ errors into `engine.errors` types; callers never see SQLAlchemy or driver except
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from ..models import (
@@ -157,8 +157,17 @@ class Store(Protocol):
 
     def get_logs(self, run_id: str, after_id: int = 0, limit: int = 1000) -> list[LogEntry]: ...
 
-    def reopen_failed_run(self, run_id: str, step_key: str, lease: Lease, now: float) -> Run:
-        """Make a failed run's failed step a due retry, leased to `lease`; atomic."""
+    def reopen_failed_run(
+        self,
+        run_id: str,
+        step_key: str,
+        lease: Lease,
+        now: float,
+        reopen: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> Run:
+        """Make a failed run's failed step a due retry (or what `reopen` says of it), and
+        give the other failed step rows in `reopen` the columns it says (a block reopened),
+        leased to `lease`; atomic, and only while the run is failed."""
 
     # queues and workers ---------------------------------------------------------------------
     def save_queue_limits(self, limits: Iterable[QueueLimits]) -> None:

@@ -101,6 +101,7 @@ class Control:
             )
             for row in rows:
                 self._tell_parent(c, row, "expired", EXPIRED_ERROR, now)
+            self.runs.end_open_blocks(c, [r["id"] for r in rows], now, EXPIRED_ERROR)
             return [r["id"] for r in rows]
 
         return self.db.transact(work)
@@ -113,6 +114,7 @@ class Control:
             .values(**_ended(RunStatus.EXPIRED, EXPIRED_ERROR, now))
         )
         self._tell_parent(c, row, "expired", EXPIRED_ERROR, now)
+        self.runs.end_open_blocks(c, [row["id"]], now, EXPIRED_ERROR)
 
     def _tell_parent(self, c: Connection, row: Any, status: str, error: str, now: float) -> None:
         if row["parent_run_id"]:
@@ -144,6 +146,7 @@ class Control:
             )
             for ended in done:
                 self._tell_parent(c, ended, "cancelled", "child run was cancelled", now)
+            self.runs.end_open_blocks(c, [r["id"] for r in done], now)
             count = len(done)
             rest = sorted(set(ids) - {r["id"] for r in done})
             # those still to cancel (read without locks; each is checked again under its lock)

@@ -8,7 +8,7 @@ writes nothing. Parking reads the inbox under the run's lock (see `waits`).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -138,17 +138,26 @@ class Runs:
         """What claiming does to the current step; a crashed attempt is recorded."""
         step_key = row["current_step"]
         if row["step_running"]:
-            c.execute(
-                insert(t.attempts).values(
-                    run_id=row["id"],
-                    step_key=step_key,
-                    attempt=row["current_attempt"],
-                    status="crashed",
-                    started_at=row["step_started_at"],
-                    finished_at=now,
-                    error_type="WorkerDied",
-                    error_message="the process executing this attempt stopped before it finished",
-                )
+            # An upsert: a step in a `repeat` body counts its attempts from 1 each round, so
+            # an earlier round may have recorded this attempt number (its row is replaced by
+            # the latest round's, as a failed attempt's row is)
+            self.db.upsert(
+                c,
+                t.attempts,
+                {
+                    "run_id": row["id"],
+                    "step_key": step_key,
+                    "attempt": row["current_attempt"],
+                    "status": "crashed",
+                    "started_at": row["step_started_at"],
+                    "finished_at": now,
+                    "error_type": "WorkerDied",
+                    "error_message": "the process executing this attempt stopped before it "
+                    "finished",
+                    "traceback": None,
+                },
+                ["run_id", "step_key", "attempt"],
+                ["status", "started_at", "finished_at", "error_type", "error_message", "traceback"],
             )
             return _begin(row["current_attempt"] + 1, now)
         if step_key is None:
@@ -360,24 +369,36 @@ class Runs:
 
         self.db.transact(work)
 
-    def reopen_failed_run(self, run_id: str, step_key: str, lease: Lease, now: float) -> Run:
+    def reopen_failed_run(
+        self,
+        run_id: str,
+        step_key: str,
+        lease: Lease,
+        now: float,
+        reopen: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> Run:
         """Give a failed run's failed step one more attempt: the step becomes a due retry
         and the run is leased to `lease`, so claiming it begins the next attempt (attempt
-        numbers continue; history is kept). A run that is not failed is returned as is."""
+        numbers continue; history is kept). `reopen`: other failed step rows (the blocks
+        the failure left) and the columns each takes, and the step's own if it is not to
+        be a retry. All under the run's lock, each row only while it is still failed; a run
+        that is not failed is returned as is (a second resume in between changes nothing)."""
+        rows = {step_key: {"status": StepStatus.RETRYING.value, "wake_at": now}, **(reopen or {})}
 
         def work(c: Connection) -> Run:
             row = self._lock_run(c, run_id)
             if row["status"] != RunStatus.FAILED.value:
                 return run_from_row(row)
-            c.execute(
-                update(t.steps)
-                .where(
-                    t.steps.c.run_id == run_id,
-                    t.steps.c.step_key == step_key,
-                    t.steps.c.status == StepStatus.FAILED.value,
+            for key, columns in rows.items():
+                c.execute(
+                    update(t.steps)
+                    .where(
+                        t.steps.c.run_id == run_id,
+                        t.steps.c.step_key == key,
+                        t.steps.c.status == StepStatus.FAILED.value,
+                    )
+                    .values(**columns, finished_at=None)
                 )
-                .values(status=StepStatus.RETRYING.value, wake_at=now, finished_at=None)
-            )
             values = {
                 **self.db.lease_values(lease, now),
                 "status": RunStatus.WAITING.value,
@@ -429,7 +450,10 @@ class Runs:
 
     def withdraw_wait(self, c: Connection, row: Any, now: float) -> None:
         """A run is cancelled: its waiting step's wait is answered by the cancel (later
-        events, tokens and child results lose) and the step ends `cancelled`."""
+        events, tokens and child results lose) and the step ends `cancelled`, and so do the
+        blocks (switch, repeat) whose lists it was in: their records were open (`running`),
+        and nothing would ever close them."""
+        self.end_open_blocks(c, [row["id"]], now)
         step_key = row["current_step"]
         if step_key is None:
             return
@@ -453,6 +477,22 @@ class Runs:
                 wait_event=None,
             )
         )
+
+    def end_open_blocks(
+        self, c: Connection, run_ids: Sequence[str], now: float, error: str = "cancelled"
+    ) -> None:
+        """The runs are ending (cancelled, expired) without going on: the blocks (switch,
+        repeat) whose records are open (`running`) end `cancelled` with them, or nothing
+        would ever close them."""
+        if run_ids:
+            c.execute(
+                update(t.steps)
+                .where(
+                    t.steps.c.run_id.in_(list(run_ids)),
+                    t.steps.c.status == StepStatus.RUNNING.value,
+                )
+                .values(status=StepStatus.CANCELLED.value, finished_at=now, error=error)
+            )
 
     def _active_children(self, c: Connection, run_id: str) -> list[str]:
         return list(

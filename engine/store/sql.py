@@ -10,7 +10,7 @@ holds definitions and the read side.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -191,8 +191,15 @@ class SqlStore:
         self.runs.release(run_id, lease, now)
 
     @translate
-    def reopen_failed_run(self, run_id: str, step_key: str, lease: Lease, now: float) -> Run:
-        return self.runs.reopen_failed_run(run_id, step_key, lease, now)
+    def reopen_failed_run(
+        self,
+        run_id: str,
+        step_key: str,
+        lease: Lease,
+        now: float,
+        reopen: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> Run:
+        return self.runs.reopen_failed_run(run_id, step_key, lease, now, reopen)
 
     @translate
     def request_cancel(self, run_id: str, now: float) -> Run:

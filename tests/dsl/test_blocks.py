@@ -105,6 +105,38 @@ def test_nested_steps_are_seen_by_later_steps_and_the_output(tmp_path: Path) -> 
     assert m is not None, problems
 
 
+def test_a_blocks_catch_handler_reads_the_steps_inside_the_block(tmp_path: Path) -> None:
+    """The handler runs after a step inside the switch or the repeat failed, so each of those
+    steps can have run before it (it was refused as "runs later"); a later handler step and
+    the handler's own block stay unreadable from inside."""
+    body = """\
+steps:
+  - id: route
+    switch:
+      - when: payload.big
+        steps: [{id: big, log: big}]
+      - default:
+          - id: poll
+            repeat:
+              steps: [{id: check, log: "{{ steps.big.status }}"}]
+              max: 2
+    catch:
+      steps:
+        - {id: why, log: "{{ steps.big.error }} {{ steps.check.error }} {{ steps.poll.output }}"}
+        - {id: then, log: "{{ steps.route.error }} {{ steps.why.output }}"}
+"""
+    _, problems = compile_text(tmp_path, body)
+    assert problems == [
+        "12:40: steps[0].switch[1].default[0].repeat.steps[0].log: `steps.big` is in another "
+        "case of switch `route`; one case runs, so it cannot have run before this step"
+    ]
+    later = body.replace("{{ steps.big.error }}", "{{ steps.then.output }}").replace(
+        "{{ steps.big.status }}", "x"
+    )
+    _, problems = compile_text(tmp_path, later)
+    assert len(problems) == 1 and "`steps.then` runs later" in problems[0], problems
+
+
 def test_schema_checks_nested_steps(tmp_path: Path) -> None:
     body = NESTED.replace("call: billing.refund", "cal: billing.refund")
     _, problems = compile_text(tmp_path, body)

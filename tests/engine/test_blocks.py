@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +12,9 @@ import pytest
 
 from engine import StepContext, step
 from engine.errors import LeaseLost
-from engine.models import Lease, RunStatus, StepStatus
+from engine.models import Lease, NewRun, RunStatus, StepStatus
 from engine.pauses import pause_at
-from engine.runner import Runner
+from engine.runner import Runner, new_run_id
 from engine.store import SqlStore
 from tests.engine.helpers import FakeClock, compile_text, store_for
 
@@ -331,3 +333,249 @@ def test_a_switch_whose_lease_was_taken_writes_none_of_its_records(
         "skipped",
     )
     assert [c[0] for c in CALLS] == ["big", "big_after", "after"]
+
+
+def test_a_cancelled_run_leaves_no_block_running(store: SqlStore, tmp_path: Path) -> None:
+    """Cancelled while parked inside a switch case (the canceller writes), and while a repeat
+    body step runs (the holder writes, at the next step boundary): the open blocks end
+    `cancelled` with the run, none stays `running` forever."""
+    text = """
+steps:
+  - id: route
+    switch:
+      - default: [{id: nap, wait: 1h}]
+"""
+    parked = run_text(store, tmp_path, text, foreground=False)
+    assert statuses(store, parked.id) == {"route": "running", "nap": "waiting"}
+    store.request_cancel(parked.id, store.now())
+    assert statuses(store, parked.id) == {"route": "cancelled", "nap": "cancelled"}
+
+    @step("bk.cancel_me")
+    def cancel_me(ctx: StepContext) -> None:
+        store.request_cancel(ctx.run_id, store.now())
+
+    text = """
+steps:
+  - id: poll
+    repeat:
+      steps: [{id: body, call: bk.cancel_me}, {id: never, call: bk.echo}]
+      max: 3
+"""
+    run = run_text(store, tmp_path, text)
+    assert run.status == RunStatus.CANCELLED
+    assert statuses(store, run.id) == {"poll": "cancelled", "body": "completed"}
+
+
+def test_a_blocks_catch_handler_reads_the_failed_step_inside_it(
+    store: SqlStore, tmp_path: Path
+) -> None:
+    text = """
+steps:
+  - id: poll
+    repeat:
+      steps:
+        - {id: first, call: bk.echo, with: {value: 1}}
+        - {id: inner, call: bk.fail, retry: {max_attempts: 1}}
+      max: 3
+    catch:
+      steps:
+        - id: handled
+          call: bk.echo
+          with: {value: "{{ steps.first.output }} {{ steps.inner.status }}: {{ steps.inner.error }}"}
+"""
+    run = run_text(store, tmp_path, text)
+    assert run.status == RunStatus.COMPLETED, run.error
+    assert run.output == "1 failed: CardDeclined: CardDeclined here"
+
+
+def test_the_output_reads_error_of_the_last_step(store: SqlStore, tmp_path: Path) -> None:
+    """`steps.<id>.error` is a field of every step (null unless failed), the last one's too:
+    validate let `output` read it, then the run failed on 'no attribute error'."""
+    text = """
+steps:
+  - {id: charge, call: bk.fail, retry: {max_attempts: 1}, catch: {steps: [{id: done, log: ok}]}}
+output: "{{ steps.charge.error }} / {{ steps.done.error }}"
+"""
+    run = run_text(store, tmp_path, text)
+    assert run.status == RunStatus.COMPLETED, run.error
+    assert run.output == "CardDeclined: CardDeclined here / None"
+
+
+class _Died(BaseException):
+    """Stands for the process dying: raised before a commit, nothing catches it."""
+
+
+EFFECTS: list[str] = []
+
+
+@step("bk.effect")
+def effect(ctx: StepContext) -> str:
+    EFFECTS.append(ctx.idempotency_key.split(":", 1)[1])
+    return ctx.idempotency_key.split(":", 1)[1]
+
+
+@step("bk.round")
+def round_number(ctx: StepContext) -> int:
+    key = ctx.idempotency_key.split(":", 1)[1]
+    EFFECTS.append(key)
+    return int(key.partition("@")[2] or 1)
+
+
+@step("bk.flaky")
+def flaky_effect(ctx: StepContext) -> int:
+    EFFECTS.append(ctx.idempotency_key.split(":", 1)[1] + f"#{ctx.attempt}")
+    if ctx.attempt == 1:
+        raise ConnectionError("the first attempt fails")
+    return ctx.attempt
+
+
+@step("bk.declined")
+def declined(ctx: StepContext) -> None:
+    EFFECTS.append(ctx.idempotency_key.split(":", 1)[1])
+    raise CardDeclined("declined")
+
+
+EVERYWHERE = """
+steps:
+  - id: route
+    switch:
+      - when: "false"
+        steps: [{id: never, call: bk.effect}]
+      - default:
+          - {id: one, call: bk.effect}
+          - id: poll
+            repeat:
+              steps:
+                - {id: tick, call: bk.round}
+                - {id: fl, call: bk.flaky, retry: {max_attempts: 2, min_delay: 1s, jitter: false}}
+              until: steps.tick.output >= 3
+              delay: 5s
+              max: 4
+  - id: charge
+    call: bk.declined
+    retry: {max_attempts: 1}
+    catch:
+      steps: [{id: three, call: bk.effect}, {id: four, call: bk.effect}]
+  - {id: last, call: bk.effect}
+"""
+
+
+def test_a_process_dying_before_any_commit_loses_and_repeats_nothing(
+    store: SqlStore, tmp_path: Path
+) -> None:
+    """The process dies before its Nth commit, for every N: entering the switch, each step
+    in its case, each repeat round, the retry, the delay, the caught failure, each handler
+    step. Another runner takes the run over when the lease has expired and ends it as an
+    undisturbed run ends: same statuses, same output, no step effect lost, and at most the
+    interrupted attempt's effect once more; no block is left running."""
+    machine = compile_text(tmp_path, HEAD + EVERYWHERE)
+    clock = FakeClock()
+    EFFECTS.clear()
+    calm = Runner(store, clock=clock, sleep=clock.sleep).start(machine, {})
+    assert calm.status == RunStatus.COMPLETED, calm.error
+    expected, baseline = statuses(store, calm.id), sorted(EFFECTS)
+    commits = 0
+    for n in range(1, 100):
+        EFFECTS.clear()
+        seen = [0]
+
+        def die(n: int = n, seen: list[int] = seen) -> None:
+            seen[0] += 1
+            if seen[0] == n:
+                raise _Died()
+
+        first = Runner(store, Lease(f"a{n}", "h", 1, seconds=5), clock=clock, sleep=clock.sleep)
+        with ExitStack() as hooks:
+            for status in ("running", "waiting", "completed", "failed"):
+                hooks.enter_context(pause_at(f"runner.before_commit.{status}", die))
+            try:
+                first.start(machine, {})
+            except _Died:
+                pass
+            else:
+                commits = n - 1
+                break
+        run_id = store.list_runs(limit=1)[0].id
+        clock.now += 60
+        second = Runner(store, Lease(f"b{n}", "h", 2, seconds=30), clock=clock, sleep=clock.sleep)
+        run = second.drive(run_id)
+        assert run.status == RunStatus.COMPLETED, (n, run.error)
+        assert run.output == calm.output
+        assert statuses(store, run_id) == expected, n
+        extra = Counter(EFFECTS) - Counter(baseline)
+        assert not Counter(baseline) - Counter(EFFECTS), (n, EFFECTS)  # nothing lost
+        assert sum(extra.values()) <= 1, (n, extra)  # the interrupted attempt, at most
+    assert commits >= 20  # every commit of the run was interrupted once
+
+
+@step("bk.big")
+def big(ctx: StepContext, kb: int) -> str:
+    return "x" * (kb * 1024)
+
+
+def test_a_repeats_rounds_together_are_bounded_like_a_values(
+    store: SqlStore, tmp_path: Path
+) -> None:
+    """Each round's outputs are kept on the repeat's record: unbounded, 5 rounds of 900 KiB
+    made a 4.6 MB value (any limit of the store's values broken, rewritten every round);
+    like a for_each's items, the rounds together stop at JSON_SIZE_MAX."""
+    text = """
+steps:
+  - id: poll
+    repeat:
+      steps: [{id: chunk, call: bk.big, with: {kb: 400}}]
+      max: 5
+"""
+    run = run_text(store, tmp_path, text)
+    assert run.status == RunStatus.FAILED
+    assert run.error == (
+        "step poll failed: StepOutputInvalid: steps.poll: the outputs of its rounds together "
+        "exceed 1048576 bytes of JSON (at round 3)"
+    )
+    poll = {s.step_key: s for s in store.get_steps(run.id)}["poll"]
+    assert len(poll.output) == 2  # the rounds that fit
+
+
+@pytest.mark.parametrize("end", ["bulk cancel", "expiry"])
+def test_a_run_handed_back_inside_a_block_and_ended_queued_leaves_no_block_running(
+    store: SqlStore, tmp_path: Path, end: str
+) -> None:
+    """A worker stopping hands a run back queued at a step boundary, here inside a switch
+    case; ended while queued (a bulk cancel's one UPDATE of queued runs, or its TTL, which
+    a queued run meets again), the switch ended with it: it stayed running."""
+    stop = [False]
+
+    @step("bk.then_stop")
+    def then_stop(ctx: StepContext) -> int:
+        stop[0] = True
+        return 1
+
+    machine = compile_text(
+        tmp_path,
+        HEAD + "steps:\n  - id: route\n    switch:\n"
+        "      - default: [{id: a, call: bk.then_stop}, {id: b, call: bk.echo}]\n",
+    )
+    clock = FakeClock()
+    runner = Runner(store, foreground=False, should_stop=lambda: stop[0], clock=clock)
+    new = NewRun(
+        id=new_run_id(),
+        workflow_id=machine.workflow_id,
+        version=machine.version,
+        definition_hash=machine.content_hash,
+        payload={},
+        first_step=machine.start,
+        queue=machine.queue.name,
+        trigger={"kind": "manual"},
+        ttl=60.0,
+    )
+    run = runner.start(machine, {}, new=new)
+    assert run.status == RunStatus.QUEUED
+    assert statuses(store, run.id) == {"route": "running", "a": "completed"}
+    if end == "bulk cancel":
+        assert store.cancel_runs_batch([run.id], clock.now) == 1
+    else:
+        assert store.expire_runs(clock.now + 61) == [run.id]
+    assert store.get_run(run.id).status.value == (
+        "cancelled" if end == "bulk cancel" else "expired"
+    )
+    assert statuses(store, run.id) == {"route": "cancelled", "a": "completed"}

@@ -136,3 +136,30 @@ def test_sigkill_during_the_delay_between_rounds(tmp_path: Path, db_url: str) ->
     assert ticks == [f"{run_id}:tick", f"{run_id}:tick@2", f"{run_id}:tick@3"]
     assert [r["tick"]["n"] for r in run.output["rounds"]] == [1, 2, 3]
     assert time.time() >= wake_at
+
+
+def test_sigkill_in_a_later_round_at_an_attempt_number_an_earlier_round_used(
+    tmp_path: Path, db_url: str
+) -> None:
+    """Round 1's attempt 1 of `x` failed and was retried; round 2's attempt 1 (attempts count
+    from 1 each round) is killed. The claim that resumes it records that crashed attempt
+    under the number round 1 already recorded: it must not refuse the claim (the run was
+    stranded, every claim failing on the attempts table's key)."""
+    proc = _command(tmp_path, db_url, "run", str(FLOWS / "rounds.yaml"), KILL_AT="round_flaky3:end")
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    run_id = _only_run_id(db_url)
+    resumed = _command(tmp_path, db_url, "resume", run_id)
+    out, err = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, out + err
+    store = open_store(db_url)
+    try:
+        run = store.get_run(run_id)
+        attempts = [(a.attempt, a.status) for a in store.get_attempts(run_id) if a.step_key == "x"]
+    finally:
+        store.close()
+    assert run.status.value == "completed", run.error
+    assert [r["x"]["n"] for r in run.output] == [2, 4]
+    keys = [c["key"] for c in _calls(tmp_path)]
+    assert keys == [f"{run_id}:x", f"{run_id}:x", f"{run_id}:x@2", f"{run_id}:x@2"]
+    assert (1, "crashed") in attempts  # round 2's crash, in round 1's attempt 1's place

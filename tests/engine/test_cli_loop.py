@@ -411,6 +411,11 @@ def test_validate_checks_test_files_as_tests(tmp_path: Path) -> None:
     assert "good.test.yaml" not in out
     alone = cli("validate", str(tests / "good.test.yaml"), cwd=proj, env=_clean_env())
     assert alone.returncode == 0 and "1 file(s) valid" in alone.stdout, alone.stdout + alone.stderr
+    # a workflow file given by name is checked as a workflow only (it was also checked as a
+    # test, so `validate workflows/x.yaml` of any valid workflow exited 1)
+    flow = next((proj / "workflows").glob("*.yaml"))
+    named = cli("validate", str(flow), cwd=proj, env=_clean_env())
+    assert named.returncode == 0 and "1 file(s) valid" in named.stdout, named.stdout + named.stderr
 
 
 def test_a_projects_relative_sqlite_file_is_in_the_project(

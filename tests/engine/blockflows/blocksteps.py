@@ -23,3 +23,18 @@ def tick(ctx: StepContext) -> dict[str, object]:
     if os.environ.get("KILL_AT") == f"tick{n}:end":
         os.kill(os.getpid(), signal.SIGKILL)
     return {"n": n, "done": n >= 3}
+
+
+@step("t.round_flaky")
+def round_flaky(ctx: StepContext) -> dict[str, object]:
+    """Call 1 (round 1, attempt 1) fails and is retried; $KILL_AT `round_flakyN:end`
+    SIGKILLs the process after call N's effect, before its result is stored."""
+    log = Path(os.environ["CRASH_LOG"])
+    lines = log.read_text().splitlines() if log.exists() else []
+    n = 1 + sum(1 for line in lines if json.loads(line)["name"] == "round_flaky")
+    _mark("round_flaky", ctx, "effect")
+    if n == 1:
+        raise ConnectionError("the first call fails")
+    if os.environ.get("KILL_AT") == f"round_flaky{n}:end":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return {"n": n, "attempt": ctx.attempt}
