@@ -396,6 +396,14 @@ def test_validate_checks_test_files_as_tests(tmp_path: Path) -> None:
     (tests / "shape.test.yaml").write_text(
         "workflow: hello\nevents:\n  - {at: soon, send: x}\nexpect: {status: completed}\n"
     )
+    # statuses no run or step can have: the test could only ever fail
+    (tests / "status.test.yaml").write_text("workflow: hello\nexpect: {status: [completed]}\n")
+    (tests / "stepstatus.test.yaml").write_text(
+        "workflow: hello\nexpect:\n  steps:\n    greet: {status: done, when: 1}\n"
+    )
+    (tests / "stepdone.test.yaml").write_text(
+        "workflow: hello\nexpect:\n  steps:\n    greet: {status: done}\n"
+    )
     result = cli("validate", cwd=proj, env=_clean_env())
     assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
     out = result.stdout
@@ -408,6 +416,14 @@ def test_validate_checks_test_files_as_tests(tmp_path: Path) -> None:
         in out
     )
     assert f"{tests / 'shape.test.yaml'}:3:6: events[0].at: 'soon' is not a duration" in out
+    assert f"{tests / 'status.test.yaml'}:2:10: expect.status: ['completed'] is not a run" in out
+    assert (
+        f"{tests / 'stepstatus.test.yaml'}:4:5: expect.steps.greet: unknown key(s) ['when']" in out
+    )
+    assert (
+        f"{tests / 'stepdone.test.yaml'}:4:13: expect.steps.greet.status: 'done' is not a step "
+        "status" in out
+    )
     assert "good.test.yaml" not in out
     alone = cli("validate", str(tests / "good.test.yaml"), cwd=proj, env=_clean_env())
     assert alone.returncode == 0 and "1 file(s) valid" in alone.stdout, alone.stdout + alone.stderr
