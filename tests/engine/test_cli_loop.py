@@ -381,6 +381,19 @@ def test_serve_picks_up_a_workflow_added_after_start(
         proc.communicate(timeout=30)
 
 
+def test_run_of_a_symlink_loop_says_there_is_no_such_file(tmp_path: Path) -> None:
+    """`Path.resolve()` raised RuntimeError on a symlink loop: a traceback, exit 1."""
+    proj, elsewhere = _project_elsewhere(tmp_path)
+    for folder in (proj / "workflows", elsewhere):  # in a project, and in none
+        loop = folder / "loop.yaml"
+        loop.symlink_to(loop)
+        result = cli("run", str(loop), cwd=elsewhere, env=_clean_env())
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert f"no workflow file {loop}" in result.stderr
+        assert "Traceback" not in result.stdout + result.stderr
+    assert not (elsewhere / ".durable-yaml").exists()
+
+
 def test_validate_checks_test_files_as_tests(tmp_path: Path) -> None:
     proj, _ = _project_elsewhere(tmp_path)
     tests = proj / "workflows" / "tests"
