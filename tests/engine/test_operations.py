@@ -275,3 +275,44 @@ def test_a_token_completed_while_its_run_is_purged_answers_nothing(engine: Engin
             sa.select(t.inbox.c.run_id).where(~sa.exists().where(t.runs.c.id == t.inbox.c.run_id))
         ).all()
     assert orphans == []
+
+
+def test_a_key_reused_while_its_run_is_purged_maps_to_one_live_run(engine: Engine) -> None:
+    """A trigger with the idempotency key of a run a purge has chosen (paused before its
+    DELETE): on PostgreSQL it sees the run and is its duplicate; on SQLite it waits for the
+    purge and starts a new run. Either way, afterwards the key names exactly one run that
+    exists, and using it again is that run's duplicate."""
+    import threading
+
+    from engine.models import Sent
+    from engine.pauses import pause_at
+
+    first = engine.trigger("marked", {"n": 1}, idempotency_key="k1").run_ids[0]
+    engine.resume(first)
+    during: list[Sent] = []
+    threads: list[threading.Thread] = []
+
+    def reuse_the_key() -> None:
+        if threads:
+            return
+        again = threading.Thread(
+            target=lambda: during.append(engine.trigger("marked", {"n": 2}, idempotency_key="k1"))
+        )
+        threads.append(again)
+        again.start()
+        again.join(1.0)  # PostgreSQL: done; SQLite: waits for the purge's write lock
+
+    with pause_at("store.purge.selected", reuse_the_key):
+        assert engine.purge(0.0) == 1
+    threads[0].join(30)
+    (sent,) = during
+    live = [r.id for r in engine.list_runs(RunFilter(), 10)]
+    with engine.store.engine.connect() as c:
+        keys = c.execute(sa.select(t.idempotency_keys.c.run_ids)).scalars().all()
+    if sent.duplicate:
+        assert list(sent.run_ids) == [first] and live == [] and keys == []
+    else:
+        assert live == list(sent.run_ids) and keys == [live]
+    after = engine.trigger("marked", {"n": 3}, idempotency_key="k1")
+    assert after.duplicate == bool(live)
+    assert engine.count_runs(RunFilter()) == 1
