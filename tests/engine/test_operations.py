@@ -316,3 +316,44 @@ def test_a_key_reused_while_its_run_is_purged_maps_to_one_live_run(engine: Engin
     after = engine.trigger("marked", {"n": 3}, idempotency_key="k1")
     assert after.duplicate == bool(live)
     assert engine.count_runs(RunFilter()) == 1
+
+
+def test_a_worker_asked_to_stop_starts_no_further_purge_batch(
+    tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM while the retention thread works through a backlog: shutdown waited for the
+    whole purge (up to the grace period, 30 s), though no step was in flight. Now no batch
+    starts after the stop; the rest waits for the next purge."""
+    import time
+
+    import engine.worker as worker_module
+    from engine.pauses import pause_at
+    from engine.worker import Worker
+
+    (tmp_path / "pyproject.toml").write_text(
+        '[tool.durable-yaml]\nretention = {completed = "1s"}\n'
+    )
+    import_modules(["opssteps"], str(OPS))
+    e = Engine(resolve_settings(db=db_url, workflows=str(OPS), cwd=str(tmp_path)))
+    e.save_all_definitions()
+    machine = e.workflow("marked")
+    now = e.store.now()
+    e.store.send([e.new_run(machine, {"n": i}, {"kind": "manual"}) for i in range(3000)], now)
+    with e.store.engine.begin() as c:  # finished a minute ago
+        c.execute(sa.update(t.runs).values(status="completed", finished_at=now - 60))
+        c.execute(sa.update(t.runs).values(created_at=now - 60))
+    monkeypatch.setattr(worker_module, "RETENTION_EVERY", 0.01)
+    w = Worker(e, concurrency=1, poll_interval=0.05, grace=30, schedules=False)
+    with pause_at("store.purge.selected", lambda: time.sleep(0.2)):  # ~0.4 s a batch
+        w.start()
+        deadline = time.monotonic() + 30
+        while e.count_runs(RunFilter()) == 3000 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        started = time.monotonic()
+        w.stop()
+        w.shutdown()
+        took = time.monotonic() - started
+    left = e.count_runs(RunFilter())
+    e.close()
+    assert 0 < left < 3000, left  # interrupted: the rest waits for the next purge
+    assert took < 2.0, f"shutdown took {took:.1f}s"
