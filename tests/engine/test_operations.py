@@ -357,3 +357,43 @@ def test_a_worker_asked_to_stop_starts_no_further_purge_batch(
     e.close()
     assert 0 < left < 3000, left  # interrupted: the rest waits for the next purge
     assert took < 2.0, f"shutdown took {took:.1f}s"
+
+
+def test_a_replay_of_a_run_purged_meanwhile_keeps_its_definition(
+    tmp_path: Path, db_url: str
+) -> None:
+    """Replaying a run of a workflow whose file is gone uses the run's stored definition,
+    last saved over a day ago. A purge between preparing the replay and storing it deletes
+    the original, the definition's last run, but not the definition: preparing the replay
+    saved it again (`new_run`), and retention keeps what was saved within a day."""
+    import shutil
+    import threading
+
+    from engine.pauses import pause_at
+
+    flows = tmp_path / "workflows"
+    flows.mkdir()
+    shutil.copy(OPS / "quick.yaml", flows / "quick.yaml")
+    import_modules(["opssteps"], str(OPS))
+    e = Engine(resolve_settings(db=db_url, workflows=str(flows)), import_steps=False)
+    original = e.run(e.workflow("quick"), {"n": 1})
+    (flows / "quick.yaml").unlink()
+    assert e.refresh_catalog() and e.catalog.get("quick") is None
+    now = e.store.now()
+    with e.store.engine.begin() as c:  # all of it old: the run, its definition's last save
+        c.execute(sa.update(t.runs).values(created_at=now - 60, finished_at=now - 60))
+        c.execute(sa.update(t.definitions).values(created_at=now - 2 * 86400))
+    e._saved.clear()  # a fresh process: it has saved nothing yet
+    purged: list[int] = []
+
+    def purge_now() -> None:
+        purger = threading.Thread(target=lambda: purged.append(e.purge(0.0)))
+        purger.start()
+        purger.join(30)
+
+    with pause_at("service.replay.prepared", purge_now):
+        replay_id = e.queue_replay(original.id)
+    assert purged == [1]
+    replay = e.store.get_run(replay_id)
+    assert e.store.load_definition(replay.definition_hash)  # it can start
+    e.close()
