@@ -4,6 +4,7 @@ locking (see engine/store/control.py, search.py, retention.py)."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
@@ -124,16 +125,19 @@ class Operations:
         older_than_s: float,
         statuses: Sequence[RunStatus] = FINISHED_STATUSES,
         progress: Progress | None = None,
+        stopping: threading.Event | None = None,
     ) -> int:
         """Delete runs of `statuses` finished more than `older_than_s` ago, and all that
-        hangs off them; how many runs went."""
+        hangs off them; how many runs went. Once `stopping` is set (a worker asked to stop)
+        no further batch starts: the rest waits for the next purge."""
+        stopping = stopping or threading.Event()
         _check_finished(statuses)
         before = self.store.now() - older_than_s
         keep = self._current_hashes()
         total = self.store.count_purgeable(before, statuses) if progress is not None else 0
         done = 0
         batches = self.store.purge_runs(before, statuses, keep)
-        while True:
+        while not stopping.is_set():
             started = time.monotonic()
             n = next(batches, 0)
             if not n:
@@ -143,7 +147,8 @@ class Operations:
                 progress(done, max(total, done))
             # as long again between batches: claimers waiting for the lock (SQLite's one
             # writer, PostgreSQL's I/O) get it between two batches, however many there are
-            time.sleep(min(0.5, time.monotonic() - started))
+            stopping.wait(min(0.5, time.monotonic() - started))
+        return done
 
     def count_purgeable(
         self, older_than_s: float, statuses: Sequence[RunStatus] = FINISHED_STATUSES
@@ -151,9 +156,14 @@ class Operations:
         _check_finished(statuses)
         return self.store.count_purgeable(self.store.now() - older_than_s, statuses)
 
-    def purge_by_retention(self, retention: dict[RunStatus, float]) -> int:
+    def purge_by_retention(
+        self, retention: dict[RunStatus, float], stopping: threading.Event | None = None
+    ) -> int:
         """What workers do once a minute: each status by its own retention."""
-        return sum(self.purge(seconds, [status]) for status, seconds in retention.items())
+        return sum(
+            self.purge(seconds, [status], stopping=stopping)
+            for status, seconds in retention.items()
+        )
 
     def _current_hashes(self) -> set[str]:  # Engine implements
         return set()

@@ -477,12 +477,14 @@ class Engine(Operations):
     def queue_replay(self, run_id: str) -> str:
         """Replay queued for workers (the API and the dashboard); the new run's id."""
         _, new = self._replay(run_id)
+        pause_point("service.replay.prepared")
         self.store.send([new], self.store.now())
         return new.id
 
     def queue_replays(self, run_ids: Sequence[str]) -> list[str]:
         """Replays of many runs queued in one transaction; the new runs' ids."""
         news = [self._replay(run_id)[1] for run_id in run_ids]
+        pause_point("service.replay.prepared")
         if news:
             self.store.send(news, self.store.now())
         return [n.id for n in news]

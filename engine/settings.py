@@ -93,10 +93,18 @@ def _pyproject(start: Path) -> tuple[dict[str, Any], Path | None]:
     return {}, None
 
 
+def _real(path: str) -> Path:
+    """`path` with its symlinks followed; as given (made absolute) if they loop."""
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13)
+        return Path(os.path.abspath(path))
+
+
 def project_of(workflow_file: str) -> Path | None:
     """The project a workflow file belongs to: the folder of the nearest pyproject.toml
     above it, None when there is none."""
-    start = Path(workflow_file).resolve().parent
+    start = _real(workflow_file).parent
     return next((f for f in (start, *start.parents) if (f / "pyproject.toml").is_file()), None)
 
 
@@ -122,7 +130,7 @@ def resolve_settings(
         if home is not None:
             here = home
             default_db = f"sqlite:///{home / '.durable-yaml' / 'state.db'}"
-        elif not given_db and not Path(workflow_file).resolve().is_relative_to(here):
+        elif not given_db and not _real(workflow_file).is_relative_to(here):
             raise ConfigError(
                 f"{workflow_file} is in no project (no pyproject.toml above it) and outside "
                 f"the current folder {here}: run it from its own folder, or give --db "

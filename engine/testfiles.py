@@ -31,11 +31,14 @@ from dsl.schema_check import closest
 
 from .errors import EngineError
 from .inputs import InputInvalid, check_json
+from .models import RunStatus, StepStatus
 
 __all__ = ["TestResult", "check_test_file", "find_test_files", "run_test_file"]
 
 _KEYS = {"workflow", "payload", "stubs", "events", "expect", "name"}
 _EXPECT_KEYS = {"status", "output", "error_contains", "steps", "logs_contain"}
+_RUN_STATUSES = [s.value for s in RunStatus]
+_STEP_STATUSES = [s.value for s in StepStatus]
 
 
 @dataclass
@@ -118,6 +121,24 @@ def _shape(data: Any) -> dict[str, Any]:
         raise TestFileError(
             "`expect.steps` maps step ids to {status, attempts, output}", ("expect", "steps")
         )
+    if "status" in expect and expect["status"] not in _RUN_STATUSES:
+        raise TestFileError(
+            f"{expect['status']!r} is not a run status ({', '.join(_RUN_STATUSES)})",
+            ("expect", "status"),
+        )
+    for step_id, want in steps.items():
+        unknown_keys = set(want or {}) - {"status", "attempts", "output"}
+        if unknown_keys:
+            raise TestFileError(
+                f"unknown key(s) {sorted(map(str, unknown_keys))}; a step may expect "
+                "status, attempts and output",
+                ("expect", "steps", step_id),
+            )
+        if "status" in (want or {}) and want["status"] not in _STEP_STATUSES:
+            raise TestFileError(
+                f"{want['status']!r} is not a step status ({', '.join(_STEP_STATUSES)})",
+                ("expect", "steps", step_id, "status"),
+            )
     if not isinstance(expect.get("logs_contain") or [], list):
         raise TestFileError("`expect.logs_contain` is a list of texts", ("expect", "logs_contain"))
     return data

@@ -372,7 +372,7 @@ class Worker:
     def apply_retention(self) -> int:
         """Purge finished runs older than the `retention` setting, in small batches."""
         retention = {RunStatus(k): v for k, v in self.engine.settings.retention}
-        purged = self.engine.purge_by_retention(retention)
+        purged = self.engine.purge_by_retention(retention, self.stopping)
         if purged:
             log.info("retention: purged %d finished runs", purged)
         return purged

@@ -54,12 +54,13 @@ class Retention:
         transaction; yields how many each batch deleted, then cleans unused definitions."""
         statuses = [s for s in statuses if s not in ACTIVE_STATUSES]
         while statuses:
-            n = self.db.transact(
+            chosen, n = self.db.transact(
                 functools.partial(self._batch, before=before, statuses=statuses, size=batch)
             )
-            if not n:
+            if not chosen:
                 break
-            yield n
+            if n:  # none when another purge deleted this batch first: there may be more
+                yield n
         self.db.transact(functools.partial(self._definitions, keep=keep))
 
     def count(self, before: float, statuses: Sequence[RunStatus]) -> int:
@@ -69,14 +70,17 @@ class Retention:
         with self.db.read() as c:
             return int(c.execute(q).scalar_one())
 
-    def _batch(self, c: Connection, before: float, statuses: Sequence[RunStatus], size: int) -> int:
+    def _batch(
+        self, c: Connection, before: float, statuses: Sequence[RunStatus], size: int
+    ) -> tuple[int, int]:
+        """(how many runs were chosen, how many of them this batch deleted)."""
         chosen = list(
             c.execute(
                 select(t.runs.c.id).where(_purgeable(t.runs, before, statuses)).limit(size)
             ).scalars()
         )
         if not chosen:
-            return 0
+            return 0, 0
         pause_point("store.purge.selected")
         gone = c.execute(
             delete(t.runs)
@@ -91,7 +95,7 @@ class Retention:
         ).all()
         ids = [r.id for r in gone]
         if not ids:
-            return 0
+            return len(chosen), 0
         consumed = set(
             c.execute(
                 select(t.inbox.c.event_id).where(
@@ -111,7 +115,7 @@ class Retention:
             .where(t.runs.c.parent_run_id.in_(ids))
             .values(parent_run_id=None, parent_step=None, parent_attempt=None)
         )
-        return len(ids)
+        return len(chosen), len(ids)
 
     def _events(self, c: Connection, ids: list[str], candidates: set[Any]) -> None:
         """Events the purged runs sent, consumed or were triggered by, unless a remaining

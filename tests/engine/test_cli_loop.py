@@ -381,6 +381,19 @@ def test_serve_picks_up_a_workflow_added_after_start(
         proc.communicate(timeout=30)
 
 
+def test_run_of_a_symlink_loop_says_there_is_no_such_file(tmp_path: Path) -> None:
+    """`Path.resolve()` raised RuntimeError on a symlink loop: a traceback, exit 1."""
+    proj, elsewhere = _project_elsewhere(tmp_path)
+    for folder in (proj / "workflows", elsewhere):  # in a project, and in none
+        loop = folder / "loop.yaml"
+        loop.symlink_to(loop)
+        result = cli("run", str(loop), cwd=elsewhere, env=_clean_env())
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert f"no workflow file {loop}" in result.stderr
+        assert "Traceback" not in result.stdout + result.stderr
+    assert not (elsewhere / ".durable-yaml").exists()
+
+
 def test_validate_checks_test_files_as_tests(tmp_path: Path) -> None:
     proj, _ = _project_elsewhere(tmp_path)
     tests = proj / "workflows" / "tests"
@@ -396,6 +409,14 @@ def test_validate_checks_test_files_as_tests(tmp_path: Path) -> None:
     (tests / "shape.test.yaml").write_text(
         "workflow: hello\nevents:\n  - {at: soon, send: x}\nexpect: {status: completed}\n"
     )
+    # statuses no run or step can have: the test could only ever fail
+    (tests / "status.test.yaml").write_text("workflow: hello\nexpect: {status: [completed]}\n")
+    (tests / "stepstatus.test.yaml").write_text(
+        "workflow: hello\nexpect:\n  steps:\n    greet: {status: done, when: 1}\n"
+    )
+    (tests / "stepdone.test.yaml").write_text(
+        "workflow: hello\nexpect:\n  steps:\n    greet: {status: done}\n"
+    )
     result = cli("validate", cwd=proj, env=_clean_env())
     assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
     out = result.stdout
@@ -408,6 +429,14 @@ def test_validate_checks_test_files_as_tests(tmp_path: Path) -> None:
         in out
     )
     assert f"{tests / 'shape.test.yaml'}:3:6: events[0].at: 'soon' is not a duration" in out
+    assert f"{tests / 'status.test.yaml'}:2:10: expect.status: ['completed'] is not a run" in out
+    assert (
+        f"{tests / 'stepstatus.test.yaml'}:4:5: expect.steps.greet: unknown key(s) ['when']" in out
+    )
+    assert (
+        f"{tests / 'stepdone.test.yaml'}:4:13: expect.steps.greet.status: 'done' is not a step "
+        "status" in out
+    )
     assert "good.test.yaml" not in out
     alone = cli("validate", str(tests / "good.test.yaml"), cwd=proj, env=_clean_env())
     assert alone.returncode == 0 and "1 file(s) valid" in alone.stdout, alone.stdout + alone.stderr

@@ -275,3 +275,125 @@ def test_a_token_completed_while_its_run_is_purged_answers_nothing(engine: Engin
             sa.select(t.inbox.c.run_id).where(~sa.exists().where(t.runs.c.id == t.inbox.c.run_id))
         ).all()
     assert orphans == []
+
+
+def test_a_key_reused_while_its_run_is_purged_maps_to_one_live_run(engine: Engine) -> None:
+    """A trigger with the idempotency key of a run a purge has chosen (paused before its
+    DELETE): on PostgreSQL it sees the run and is its duplicate; on SQLite it waits for the
+    purge and starts a new run. Either way, afterwards the key names exactly one run that
+    exists, and using it again is that run's duplicate."""
+    import threading
+
+    from engine.models import Sent
+    from engine.pauses import pause_at
+
+    first = engine.trigger("marked", {"n": 1}, idempotency_key="k1").run_ids[0]
+    engine.resume(first)
+    during: list[Sent] = []
+    threads: list[threading.Thread] = []
+
+    def reuse_the_key() -> None:
+        if threads:
+            return
+        again = threading.Thread(
+            target=lambda: during.append(engine.trigger("marked", {"n": 2}, idempotency_key="k1"))
+        )
+        threads.append(again)
+        again.start()
+        again.join(1.0)  # PostgreSQL: done; SQLite: waits for the purge's write lock
+
+    with pause_at("store.purge.selected", reuse_the_key):
+        assert engine.purge(0.0) == 1
+    threads[0].join(30)
+    (sent,) = during
+    live = [r.id for r in engine.list_runs(RunFilter(), 10)]
+    with engine.store.engine.connect() as c:
+        keys = c.execute(sa.select(t.idempotency_keys.c.run_ids)).scalars().all()
+    if sent.duplicate:
+        assert list(sent.run_ids) == [first] and live == [] and keys == []
+    else:
+        assert live == list(sent.run_ids) and keys == [live]
+    after = engine.trigger("marked", {"n": 3}, idempotency_key="k1")
+    assert after.duplicate == bool(live)
+    assert engine.count_runs(RunFilter()) == 1
+
+
+def test_a_worker_asked_to_stop_starts_no_further_purge_batch(
+    tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM while the retention thread works through a backlog: shutdown waited for the
+    whole purge (up to the grace period, 30 s), though no step was in flight. Now no batch
+    starts after the stop; the rest waits for the next purge."""
+    import time
+
+    import engine.worker as worker_module
+    from engine.pauses import pause_at
+    from engine.worker import Worker
+
+    (tmp_path / "pyproject.toml").write_text(
+        '[tool.durable-yaml]\nretention = {completed = "1s"}\n'
+    )
+    import_modules(["opssteps"], str(OPS))
+    e = Engine(resolve_settings(db=db_url, workflows=str(OPS), cwd=str(tmp_path)))
+    e.save_all_definitions()
+    machine = e.workflow("marked")
+    now = e.store.now()
+    e.store.send([e.new_run(machine, {"n": i}, {"kind": "manual"}) for i in range(3000)], now)
+    with e.store.engine.begin() as c:  # finished a minute ago
+        c.execute(sa.update(t.runs).values(status="completed", finished_at=now - 60))
+        c.execute(sa.update(t.runs).values(created_at=now - 60))
+    monkeypatch.setattr(worker_module, "RETENTION_EVERY", 0.01)
+    w = Worker(e, concurrency=1, poll_interval=0.05, grace=30, schedules=False)
+    with pause_at("store.purge.selected", lambda: time.sleep(0.2)):  # ~0.4 s a batch
+        w.start()
+        deadline = time.monotonic() + 30
+        while e.count_runs(RunFilter()) == 3000 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        started = time.monotonic()
+        w.stop()
+        w.shutdown()
+        took = time.monotonic() - started
+    left = e.count_runs(RunFilter())
+    e.close()
+    assert 0 < left < 3000, left  # interrupted: the rest waits for the next purge
+    assert took < 2.0, f"shutdown took {took:.1f}s"
+
+
+def test_a_replay_of_a_run_purged_meanwhile_keeps_its_definition(
+    tmp_path: Path, db_url: str
+) -> None:
+    """Replaying a run of a workflow whose file is gone uses the run's stored definition,
+    last saved over a day ago. A purge between preparing the replay and storing it deletes
+    the original, the definition's last run, but not the definition: preparing the replay
+    saved it again (`new_run`), and retention keeps what was saved within a day."""
+    import shutil
+    import threading
+
+    from engine.pauses import pause_at
+
+    flows = tmp_path / "workflows"
+    flows.mkdir()
+    shutil.copy(OPS / "quick.yaml", flows / "quick.yaml")
+    import_modules(["opssteps"], str(OPS))
+    e = Engine(resolve_settings(db=db_url, workflows=str(flows)), import_steps=False)
+    original = e.run(e.workflow("quick"), {"n": 1})
+    (flows / "quick.yaml").unlink()
+    assert e.refresh_catalog() and e.catalog.get("quick") is None
+    now = e.store.now()
+    with e.store.engine.begin() as c:  # all of it old: the run, its definition's last save
+        c.execute(sa.update(t.runs).values(created_at=now - 60, finished_at=now - 60))
+        c.execute(sa.update(t.definitions).values(created_at=now - 2 * 86400))
+    e._saved.clear()  # a fresh process: it has saved nothing yet
+    purged: list[int] = []
+
+    def purge_now() -> None:
+        purger = threading.Thread(target=lambda: purged.append(e.purge(0.0)))
+        purger.start()
+        purger.join(30)
+
+    with pause_at("service.replay.prepared", purge_now):
+        replay_id = e.queue_replay(original.id)
+    assert purged == [1]
+    replay = e.store.get_run(replay_id)
+    assert e.store.load_definition(replay.definition_hash)  # it can start
+    e.close()

@@ -274,3 +274,30 @@ def test_blocked_by_names_each_reason_from_the_real_state(store: SqlStore) -> No
         "workers_busy: all 1 executor slot(s) of the workers serving solo are busy"
     )
     assert store.blocked_by(store.get_run("b1"), NOW + 2) is None  # running: not blocked
+
+
+# retention ------------------------------------------------------------------------------------
+def test_a_purge_whose_batch_another_purge_took_goes_on(store: SqlStore) -> None:
+    """Two purges at once (a worker's and `runs purge`): the other deletes the batch this
+    one chose, so this one's DELETE finds nothing. It must go on with the rest, not stop as
+    if nothing were left (on PostgreSQL it stopped with runs still to purge)."""
+    for i in range(4):
+        queue(store, f"r{i}")
+        store.request_cancel(f"r{i}", NOW + 1)
+    before = NOW + 10
+    others: list[int] = []
+    threads: list[threading.Thread] = []
+
+    def other_purge() -> None:
+        if threads:
+            return
+        batches = store.purge_runs(before, [RunStatus.CANCELLED], batch=2)
+        threads.append(threading.Thread(target=lambda: others.append(next(batches, 0))))
+        threads[0].start()
+        threads[0].join(1.0)  # PostgreSQL: done; SQLite: waits for this purge's write lock
+
+    with pause_at("store.purge.selected", other_purge):
+        mine = list(store.purge_runs(before, [RunStatus.CANCELLED], batch=2))
+    threads[0].join(30)
+    assert sum(mine) + sum(others) == 4
+    assert store.count_runs(RunFilter()) == 0
