@@ -585,18 +585,21 @@ def _shown(source: str) -> str:
 
 
 def when_expression(source: str | bool, field: str) -> Expression:
-    """A `when:` value: a bare expression, optionally wrapped in one `{{ }}` and nothing else."""
+    """A `when:` (or `until:`) value: a bare expression, optionally wrapped in one `{{ }}` and
+    nothing else."""
     if isinstance(source, bool):
         return Expression(str(source).lower(), "true" if source else "false")
+    key = "until" if field.endswith("until") else "when"  # a repeat's `until` is one too
     inner = _single_expression(source)
     if inner is None:
         if "{{" in source or "}}" in source or "{%" in source:
             raise TemplateError(
-                field, "`when` holds one bare expression; `{{ }}` may wrap it but no other text"
+                field,
+                f"`{key}` holds one bare expression; `{{{{ }}}}` may wrap it but no other text",
             )
         inner = source.strip()
     if not inner:
-        raise TemplateError(field, "`when` is empty")
+        raise TemplateError(field, f"`{key}` is empty")
     try:
         tree = _parsed_expression(inner)
     except jinja2.TemplateSyntaxError as exc:

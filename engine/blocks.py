@@ -192,10 +192,11 @@ def resume_point(
         }
     for key, st in failed.items():
         how = st.wait or {}
-        if how.get("kind") == "left" and how.get("failed_in") == cause.id:
+        progress = how.get("progress")
+        if how.get("kind") == "left" and how.get("failed_in") == cause.id and progress:
             reopen[key] = {
                 "status": StepStatus.RUNNING.value,
-                "output": how.get("progress"),
+                "output": progress,
                 "wait": None,
                 "error": None,
             }

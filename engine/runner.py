@@ -359,7 +359,7 @@ class Runner:
             if not due:
                 self.driver.not_due(live, state, stored)
             else:  # back-off over: claiming begins the next attempt
-                live.run = self._reclaim(live.run.id)
+                self._reclaim_live(live)
             return
         if state.kind == "repeat":  # the delay between two rounds
             if not due:
@@ -418,6 +418,15 @@ class Runner:
         run = self.store.claim_run(run_id, self.lease, self.clock())
         self._heartbeats.renew(self.lease, run_id)
         return run
+
+    def _reclaim_live(self, live: _Live) -> None:
+        """Claim the run again after sleeping through a timer or a back-off holding its
+        lease, and read its steps again: the lease may have expired meanwhile (the process
+        stopped) and a worker may have driven the run on (the rounds of a repeat, the steps
+        after a wait) before parking it; going on from what this process knew would run
+        them again."""
+        live.run = self._reclaim(live.run.id)
+        live.steps = {s.step_key: s for s in self.store.get_steps(live.run.id)}
 
     def _commit(self, live: _Live, transition: Transition, logger: StepLogger) -> None:
         with self._commit_lock:
@@ -748,7 +757,7 @@ class ForegroundDriver:
         timer = state.kind in (*TIMER_KINDS, "repeat") or stored.status == StepStatus.RETRYING
         if timer and stored.wake_at is not None:
             r.sleep(max(0.0, stored.wake_at - r.clock()))
-            live.run = r._reclaim(live.run.id)  # and see whether it was cancelled meanwhile
+            r._reclaim_live(live)  # and see whether it was cancelled (or driven on) meanwhile
             return
         r.park(live, state, stored)
         if live.run.lease_owner is None:

@@ -421,7 +421,7 @@ class Engine(Operations):
         runner = self.runner(reporter)
         run = self.store.get_run(run_id)
         if run.status == RunStatus.FAILED:
-            point = self._resume_point(run)
+            point = self.resume_point_of(run)
             if point is None:
                 raise EngineError(
                     f"run {run_id} failed outside its steps ({run.error}); "
@@ -431,7 +431,7 @@ class Engine(Operations):
             self.store.reopen_failed_run(run_id, step, runner.lease, self.store.now(), reopen)
         return runner.drive(run_id)
 
-    def _resume_point(self, run: Run) -> tuple[str, dict[str, dict[str, Any]]] | None:
+    def resume_point_of(self, run: Run) -> tuple[str, dict[str, dict[str, Any]]] | None:
         """The step whose failure failed the run, and the blocks it reopens (engine/blocks.py).
         Read outside the run's lock: a failed run's steps change only by a reopen, which
         the store makes only while the run is still failed."""
@@ -447,7 +447,7 @@ class Engine(Operations):
         run = self.store.get_run(run_id)
         if run.status != RunStatus.FAILED:
             raise EngineError(f"run {run_id} is {run.status.value}; only a failed run resumes")
-        point = self._resume_point(run)
+        point = self.resume_point_of(run)
         if point is None:
             raise EngineError(
                 f"run {run_id} failed outside its steps ({run.error}); replay it instead"

@@ -95,13 +95,10 @@ def _replays(engine: Engine, run: Run) -> list[dict[str, Any]]:
     return [run_summary(r) for r in later if r.trigger.get("replay_of") == run.id]
 
 
-def _resumable(engine: Engine, run: Run, detail: dict[str, Any]) -> bool:
-    """A failed run whose failure was one of its main steps (what `queue_resume` retries)."""
-    if run.status.value != "failed":
-        return False
-    machine = Machine.from_json(engine.store.load_definition(run.definition_hash))
-    main = {s.id for s in machine.main_states()}
-    return any(s["status"] == "failed" and s["id"] in main for s in detail["steps"])
+def _resumable(engine: Engine, run: Run) -> bool:
+    """A failed run whose failure was one of its main steps (what `queue_resume` retries;
+    not a failure a catch took, after which the run failed on its output, say)."""
+    return run.status.value == "failed" and engine.resume_point_of(run) is not None
 
 
 @router.get("/runs/{run_id}", response_class=HTMLResponse)
@@ -132,7 +129,7 @@ def run_page(
         children=children,
         replay_of=run.trigger.get("replay_of"),
         replays=_replays(engine, run),
-        resumable=_resumable(engine, run, detail),
+        resumable=_resumable(engine, run),
         timeline=Markup(timeline_svg(detail)),
         active=not run.finished,
         last_log=last_log,

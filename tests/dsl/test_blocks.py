@@ -137,6 +137,17 @@ steps:
     assert len(problems) == 1 and "`steps.then` runs later" in problems[0], problems
 
 
+def test_a_wrong_until_is_named_until(tmp_path: Path) -> None:
+    body = "steps:\n  - id: poll\n    repeat:\n      steps: [{id: a, log: x}]\n      until: UNTIL\n"
+    _, problems = compile_text(tmp_path, body.replace("UNTIL", "'{{ steps.a.output }} x'"))
+    assert problems == [
+        "8:14: steps[0].repeat.until: `until` holds one bare expression; `{{ }}` may wrap it "
+        "but no other text"
+    ]
+    _, problems = compile_text(tmp_path, body.replace("UNTIL", "' '"))
+    assert problems == ["8:14: steps[0].repeat.until: `until` is empty"]
+
+
 def test_schema_checks_nested_steps(tmp_path: Path) -> None:
     body = NESTED.replace("call: billing.refund", "cal: billing.refund")
     _, problems = compile_text(tmp_path, body)

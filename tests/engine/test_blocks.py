@@ -579,3 +579,38 @@ def test_a_run_handed_back_inside_a_block_and_ended_queued_leaves_no_block_runni
         "cancelled" if end == "bulk cancel" else "expired"
     )
     assert statuses(store, run.id) == {"route": "cancelled", "a": "completed"}
+
+
+@pytest.mark.parametrize("due", [False, True])
+def test_a_lease_expiring_during_a_repeats_delay(
+    store: SqlStore, tmp_path: Path, due: bool
+) -> None:
+    """The foreground sleeps through a repeat's delay holding the lease; its lease expires
+    meanwhile (no heartbeat: the process was stopped) and a worker claims the run. Before
+    the delay is over the worker parks it again; after, it runs round 2 and parks at the
+    next delay. The foreground wakes, reclaims the run and goes on: each round runs once,
+    in order, none is skipped."""
+    machine = compile_text(tmp_path, HEAD + REPEAT)
+    clock = FakeClock()
+    worker = Runner(store, Lease("worker", "h", 2, seconds=30), foreground=False, clock=clock)
+    took: list[str] = []
+
+    def stopped_sleep(seconds: float) -> None:
+        if not took:
+            run_id = store.list_runs(limit=1)[0].id
+            took.append(run_id)
+            clock.now += seconds + 1 if due else 6  # past the delay, or only past the lease
+            parked = worker.drive(run_id)
+            assert parked.status == RunStatus.WAITING and parked.lease_owner is None
+            rounds = 2 if due else 1
+            assert [c[0] for c in CALLS] == ["check"] * rounds
+        clock.now += max(0.0, seconds)
+
+    first = Runner(store, Lease("fg", "h", 1, seconds=5), clock=clock, sleep=stopped_sleep)
+    run = first.start(machine, {"done_at": 3})
+    assert took == [run.id]
+    assert run.status == RunStatus.COMPLETED, run.error
+    keys = [c[1] for c in CALLS if c[0] == "check"]
+    assert keys == [f"{run.id}:check", f"{run.id}:check@2", f"{run.id}:check@3"]
+    poll = {s.step_key: s for s in store.get_steps(run.id)}["poll"]
+    assert [r["check"]["n"] for r in poll.output] == [1, 2, 3]

@@ -270,3 +270,26 @@ steps:
     assert done.status == RunStatus.COMPLETED, done.error
     assert keys(run_id) == ["c@2"]
     assert done.output == [{"c": 1}, {"c": 2}]
+
+
+def test_a_run_failed_after_a_caught_failure_has_no_step_to_resume(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """The catch took `charge`'s failure; the run then failed on its output. Resuming
+    would retry `charge` (it did), whose failure was handled: the resume is refused with
+    the replay hint, and the dashboard offers no Resume button."""
+    text = CATCH.replace("rs.maybe", "rs.echo") + 'output: "{{ payload.missing }}"\n'
+    run_id = failed_run(engine, tmp_path, text)
+    assert "run output failed" in (engine.store.get_run(run_id).error or "")
+    with pytest.raises(EngineError, match="failed outside its steps"):
+        engine.resume(run_id)
+    with pytest.raises(EngineError, match="failed outside its steps"):
+        engine.queue_resume(run_id)
+    assert CALLS == []
+    from fastapi.testclient import TestClient
+
+    from engine.server import create_app
+
+    app = create_app(engine, None, port=8080)
+    page = TestClient(app, base_url="http://127.0.0.1:8080").get(f"/runs/{run_id}")
+    assert page.status_code == 200 and 'id="resume"' not in page.text

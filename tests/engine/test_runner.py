@@ -417,3 +417,47 @@ steps:
     )
     assert slow.status == RunStatus.FAILED
     assert slow.error == "step a failed: StepTimeout: step timed out after 0.1s"
+
+
+def test_a_foreground_waking_after_a_worker_drove_its_run_on_does_not_go_back(
+    store: SqlStore, tmp_path: Path
+) -> None:
+    """`run` sleeps through a `wait` holding the lease; the process is stopped, the lease
+    expires and a worker drives the run past the wait, through `mid`, to the next wait. The
+    foreground wakes and reclaims the run: it must go on from the store's state, not from
+    what it knew before its sleep (it restarted the second wait's timer from scratch and its
+    templates saw `mid` pending)."""
+    from engine.models import Lease
+
+    machine = compile_text(
+        tmp_path,
+        HEAD
+        + """
+steps:
+  - {id: nap, wait: 30s}
+  - {id: mid, call: rt.echo, with: {value: 7}}
+  - {id: nap2, wait: 30s}
+  - {id: last, call: rt.echo, with: {value: "{{ steps.mid.output }}"}}
+""",
+    )
+    clock = FakeClock()
+    start = clock.now
+    worker = Runner(store, Lease("worker", "h", 2, seconds=30), foreground=False, clock=clock)
+    took: list[float] = []
+
+    def stopped_sleep(seconds: float) -> None:
+        if not took:
+            took.append(seconds)
+            clock.now += 31  # the first wait is over, and the foreground's lease (5s)
+            parked = worker.drive(store.list_runs(limit=1)[0].id)
+            assert parked.status == RunStatus.WAITING and parked.current_step == "nap2"
+        clock.now += max(0.0, seconds)
+
+    run = Runner(store, Lease("fg", "h", 1, seconds=5), clock=clock, sleep=stopped_sleep).start(
+        machine, {}
+    )
+    assert run.status == RunStatus.COMPLETED, run.error
+    assert run.output == 7
+    nap2 = {s.step_key: s for s in store.get_steps(run.id)}["nap2"]
+    assert nap2.started_at == pytest.approx(start + 31)  # the worker's wait, not a new one
+    assert clock.now == pytest.approx(start + 61)
