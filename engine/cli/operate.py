@@ -31,6 +31,12 @@ from .common import _engine, _json, cli, new_engine, settings_options
 )
 @click.option("--no-schedules", is_flag=True, help="Do not fire cron schedules here.")
 @click.option(
+    "--no-group-commit",
+    is_flag=True,
+    help="Commit each step's result in its own transaction (default: executors' results "
+    "that are ready together share one).",
+)
+@click.option(
     "--lease-seconds",
     type=click.FloatRange(1, 3600),
     default=30.0,
@@ -55,6 +61,7 @@ def worker(
     queues: tuple[str, ...],
     grace: float,
     no_schedules: bool,
+    no_group_commit: bool,
     lease_seconds: float,
     metrics_port: int | None,
     metrics_host: str,
@@ -81,6 +88,7 @@ def worker(
         grace=grace,
         schedules=not no_schedules,
         lease_seconds=lease_seconds,
+        group_commit=not no_group_commit,
     )
     metrics = None
     if metrics_port is not None:
