@@ -9,8 +9,8 @@ claimable (PostgreSQL LISTEN/NOTIFY; on SQLite a watcher of `PRAGMA data_version
 earliest time a run becomes claimable by itself (`next_claim_at`: a timer, a delayed run, a
 lease expiry, the end of a rate window). A full or rate-limited queue never makes them spin.
 
-Executors' step results that are ready together are committed in one transaction (group
-commit, store/group.py): an executor goes on only once its own result is committed.
+On SQLite, executors' step results that are ready together are committed in one transaction
+(group commit, store/group.py): an executor goes on only once its own result is committed.
 
 Every thread survives any exception: it is logged, what the thread holds is released, and
 the thread goes on (a thread that still dies is restarted). A run whose driving raises
@@ -64,7 +64,7 @@ class Worker:
         grace: float = 30.0,
         lease_seconds: float = 30.0,
         schedules: bool = True,
-        group_commit: bool = True,
+        group_commit: bool | None = None,
     ) -> None:
         self.engine = engine
         self.concurrency = concurrency
@@ -110,7 +110,10 @@ class Worker:
 
     def start(self) -> None:
         store = self.engine.store
-        if self.group_commit:
+        # by default on SQLite only: there one COMMIT is one fsync of the one database file,
+        # which grouping shares; PostgreSQL commits a lone step in one autocommit round trip
+        # and shares WAL flushes across connections itself (grouping measured 0.87x there)
+        if self.group_commit or (self.group_commit is None and store.dialect == "sqlite"):
             self._commits = GroupCommit(store)
         store.register_worker(self.info, store.now())  # before any lease names this worker
         self.engine.save_all_definitions()
@@ -177,6 +180,12 @@ class Worker:
                 )
             except Exception as exc:
                 log.error("could not release run %s: %s", run_id, exc)
+        if self._commits is not None and self._commits.flushes:
+            log.info(
+                "group commit: %d step results in %d transactions",
+                self._commits.grouped,
+                self._commits.flushes,
+            )
         try:
             store.deregister_worker(self.id)
         except Exception as exc:

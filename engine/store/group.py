@@ -1,4 +1,5 @@
-"""Group commit: a worker's executors commit their steps' results together.
+"""Group commit: a worker's executors commit their steps' results together (by default on
+SQLite, where one COMMIT is one fsync of the database file; see worker.py).
 
 Each executor hands its step's transition over and waits. Whoever finds no flush under way
 flushes everything handed over so far in ONE transaction (`SqlStore.commit_transitions`);

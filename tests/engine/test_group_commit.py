@@ -227,7 +227,7 @@ def _project(tmp_path: Path, db_url: str) -> dict[str, str]:
 def _worker(tmp_path: Path, env: dict[str, str], name: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "engine", "worker", "--concurrency", "4", "--lease-seconds", "2",
-         "--grace", "2", "--no-schedules"],
+         "--grace", "2", "--no-schedules", "--group-commit"],
         cwd=tmp_path, env=env, text=True,
         stdout=open(tmp_path / f"{name}.out", "w"), stderr=subprocess.STDOUT,
     )  # fmt: skip
