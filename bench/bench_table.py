@@ -10,7 +10,8 @@
   one after the other by a Runner;
 - durable-yaml queued: BENCH_QUEUED (500) three-step no-op runs queued first, then one
   `durable-yaml worker --concurrency 8` started; from its start (start-up included) to the
-  last run's end;
+  last run's end (the worker's default: group commit on SQLite, not on PostgreSQL), and
+  again the other way (`--no-group-commit` on SQLite, `--group-commit` on PostgreSQL);
 - DBOS (if installed), the same three-step workflow called directly, and enqueued on a DBOS
   queue (concurrency 8) executed by its process, on the same database;
 - Huey (if installed, SQLite only): BENCH_QUEUED no-op tasks enqueued in a SqliteHuey, then a
@@ -86,7 +87,7 @@ def in_process(engine: Engine, runs: int) -> float:
     return runs / (time.perf_counter() - start)
 
 
-def queued(url: str, folder: Path, runs: int) -> float:
+def queued(url: str, folder: Path, runs: int, flag: str | None = None) -> float:
     """Workflows/s: `runs` queued, then one worker started; its start-up included."""
     engine = fresh_engine(url, folder)
     for i in range(runs):
@@ -101,7 +102,13 @@ def queued(url: str, folder: Path, runs: int) -> float:
     cmd = [sys.executable, "-c", "from engine.cli import main; main()", "worker"]
     started = time.time()
     worker = subprocess.Popen(
-        [*cmd, "--concurrency", str(CONCURRENCY), "--no-schedules"],
+        [
+            *cmd,
+            "--concurrency",
+            str(CONCURRENCY),
+            "--no-schedules",
+            *([flag] if flag else []),
+        ],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -176,12 +183,15 @@ def main() -> None:
             "raw",
             "run",
             "queued",
+            "queued_other",
             "dbos_run",
             "dbos_queued",
             "huey",
             "procrastinate",
         )
     }
+    # the worker's default: group commit on SQLite, not on PostgreSQL; also the other way
+    other = "--no-group-commit" if which == "sqlite" else "--group-commit"
     load = os.getloadavg()[0]
     for _ in range(ROUNDS):
         engine = fresh_engine(url, flows)
@@ -189,6 +199,7 @@ def main() -> None:
         rows["run"].append(in_process(engine, RUNS))
         engine.close()
         rows["queued"].append(queued(url, flows, QUEUED))
+        rows["queued_other"].append(queued(url, flows, QUEUED, other))
         if installed("dbos"):
             rows["dbos_run"].append(side("dbos_side.py", dbos_url, str(RUNS)))
             rows["dbos_queued"].append(side("dbos_side.py", dbos_url, str(QUEUED), "queue3"))
@@ -225,6 +236,13 @@ def main() -> None:
             f"  durable-yaml {mode:28} {ours:8,.0f} wf/s  steps/s ÷ raw {row[2]}  "
             f"DBOS {row[3]} wf/s  ratio {row[4]}"
         )
+    alt = m["queued_other"]
+    assert alt is not None and m["queued"] is not None
+    grouped, single = (m["queued"], alt) if which == "sqlite" else (alt, m["queued"])
+    print(
+        f"  durable-yaml queued, {other:19} {alt:8,.0f} wf/s  steps/s ÷ raw "
+        f"{alt * 3 / raw:.2f}  (group commit vs none: {grouped / single:.2f}x)"
+    )
     if m["huey"] is not None:
         print(
             f"  Huey (SqliteHuey, 8 threads)             {m['huey']:8,.0f} tasks/s  "

@@ -1,7 +1,7 @@
 """durable-yaml's engine: register steps, run workflows durably, talk to the store.
 
-`Client` is imported when first used (PEP 562): a steps module's `from engine import step`
-and the CLI's start-up do not load the store, SQLAlchemy or the server.
+Names are imported when first used (PEP 562): a steps module's `from engine import step`
+loads the registry, not the store, SQLAlchemy or the server; the CLI's start-up neither.
 """
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .errors import EngineError, NonRetryableError
-from .registry import StepContext, step
 
 if TYPE_CHECKING:
     from .client import Client
+    from .registry import StepContext, step
 
 __all__ = ["Client", "EngineError", "NonRetryableError", "StepContext", "step"]
 
@@ -22,4 +22,8 @@ def __getattr__(name: str) -> Any:
         from .client import Client
 
         return Client
+    if name in ("StepContext", "step"):
+        from . import registry
+
+        return getattr(registry, name)
     raise AttributeError(f"module 'engine' has no attribute {name!r}")

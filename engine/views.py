@@ -8,7 +8,6 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from dsl import Machine
-from dsl.cron import check_timezone
 
 from .models import Attempt, LogEntry, Run, RunStatus, StepState
 from .tracebacks import user_traceback
@@ -197,6 +196,7 @@ def log_view(entry: LogEntry) -> dict[str, Any]:
 def schedule_views(engine: Any, now: float, count: int = 5) -> list[dict[str, Any]]:
     """Each cron workflow with its next `count` fires (UTC and local) and its last fire."""
     from dsl import CronError, next_fires
+    from dsl.cron import check_timezone  # zoneinfo: only where schedules are shown
 
     last = engine.store.last_fires()
     out = []

@@ -9,6 +9,9 @@ claimable (PostgreSQL LISTEN/NOTIFY; on SQLite a watcher of `PRAGMA data_version
 earliest time a run becomes claimable by itself (`next_claim_at`: a timer, a delayed run, a
 lease expiry, the end of a rate window). A full or rate-limited queue never makes them spin.
 
+On SQLite, executors' step results that are ready together are committed in one transaction
+(group commit, store/group.py): an executor goes on only once its own result is committed.
+
 Every thread survives any exception: it is logged, what the thread holds is released, and
 the thread goes on (a thread that still dies is restarted). A run whose driving raises
 anything but a database error fails with that error instead of being retried forever.
@@ -27,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 from .errors import DatabaseError, EngineError, LeaseLost, RunBusy, ValueNotStorable
 from .metrics import observe_claim
@@ -36,6 +39,8 @@ from .pauses import pause_point
 from .runner import Runner
 from .scheduler import CronScheduler
 from .service import Engine
+from .store import Store
+from .store.group import GroupCommit
 from .store.workers import lease_owner, new_worker_id
 
 __all__ = ["Worker"]
@@ -59,6 +64,7 @@ class Worker:
         grace: float = 30.0,
         lease_seconds: float = 30.0,
         schedules: bool = True,
+        group_commit: bool | None = None,
     ) -> None:
         self.engine = engine
         self.concurrency = concurrency
@@ -67,6 +73,8 @@ class Worker:
         self.grace = grace
         self.lease_seconds = lease_seconds
         self.schedules = schedules
+        self.group_commit = group_commit
+        self._commits: GroupCommit | None = None  # made at start: the executors' commits
         self.id = new_worker_id()
         self.stopping = threading.Event()
         self._wake = threading.Condition()
@@ -102,6 +110,11 @@ class Worker:
 
     def start(self) -> None:
         store = self.engine.store
+        # by default on SQLite only: there one COMMIT is one fsync of the one database file,
+        # which grouping shares; PostgreSQL commits a lone step in one autocommit round trip
+        # and shares WAL flushes across connections itself (grouping measured 0.87x there)
+        if self.group_commit or (self.group_commit is None and store.dialect == "sqlite"):
+            self._commits = GroupCommit(store)
         store.register_worker(self.info, store.now())  # before any lease names this worker
         self.engine.save_all_definitions()
         # listening first: a commit from now on wakes the executors (each listener also
@@ -167,6 +180,12 @@ class Worker:
                 )
             except Exception as exc:
                 log.error("could not release run %s: %s", run_id, exc)
+        if self._commits is not None and self._commits.flushes:
+            log.info(
+                "group commit: %d step results in %d transactions",
+                self._commits.grouped,
+                self._commits.flushes,
+            )
         try:
             store.deregister_worker(self.id)
         except Exception as exc:
@@ -192,7 +211,7 @@ class Worker:
             seconds=self.lease_seconds,
         )
         runner = Runner(
-            self.engine.store,
+            cast(Store, self._commits or self.engine.store),  # steps' results: group commit
             lease,
             foreground=False,
             host=self.engine,

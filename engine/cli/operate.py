@@ -31,6 +31,12 @@ from .common import _engine, _json, cli, new_engine, settings_options
 )
 @click.option("--no-schedules", is_flag=True, help="Do not fire cron schedules here.")
 @click.option(
+    "--group-commit/--no-group-commit",
+    default=None,
+    help="Commit the results of steps that end together in one transaction (default: on "
+    "SQLite, off on PostgreSQL).",
+)
+@click.option(
     "--lease-seconds",
     type=click.FloatRange(1, 3600),
     default=30.0,
@@ -55,6 +61,7 @@ def worker(
     queues: tuple[str, ...],
     grace: float,
     no_schedules: bool,
+    group_commit: bool | None,
     lease_seconds: float,
     metrics_port: int | None,
     metrics_host: str,
@@ -81,6 +88,7 @@ def worker(
         grace=grace,
         schedules=not no_schedules,
         lease_seconds=lease_seconds,
+        group_commit=group_commit,
     )
     metrics = None
     if metrics_port is not None:

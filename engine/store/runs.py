@@ -43,7 +43,7 @@ from .sqlutil import (
 )
 from .waits import Inbox, child_result
 
-__all__ = ["Runs"]
+__all__ = ["Runs", "groupable"]
 
 _ACTIVE = [s.value for s in ACTIVE_STATUSES]
 
@@ -206,6 +206,46 @@ class Runs:
                 f"run {run_id}: the database cannot store this step's result: "
                 f"{str(exc.orig).strip().splitlines()[0]}"
             ) from exc
+
+    def commit_group(
+        self, items: Sequence[tuple[str, Lease, Transition, float]]
+    ) -> list[TransitionResult | LeaseLost]:
+        """Several runs' step transitions (each `groupable`) in ONE transaction: the group
+        commit of a worker's executors. Each is lease-checked on its own: a run whose lease
+        is lost writes nothing and gets its LeaseLost, the others go on. All are durable
+        together at the COMMIT, or none is (a crash before it loses them all: each run's
+        step is executed again after its lease, as after any crash before a commit)."""
+        prepared = []
+        for run_id, lease, tr, now in items:
+            assert groupable(tr) and tr.record is not None
+            values = _run_values(run_id, lease, tr, now, self.db)
+            step, step_updates = _step_values(run_id, tr.record, now)
+            prepared.append((run_id, tr.record, values, step, tuple(step_updates)))
+
+        def work(c: Connection) -> list[TransitionResult | LeaseLost]:
+            out: list[TransitionResult | LeaseLost] = []
+            for run_id, rec, values, step, step_updates in prepared:
+                if self.db.is_postgres:
+                    statement = move_and_record_statement(tuple(values), tuple(step), step_updates)
+                    row = c.execute(
+                        statement, {**values, **{f"s_{k}": v for k, v in step.items()}}
+                    ).first()
+                    cancel = None if row is None else row.cancel_requested
+                else:
+                    keys = tuple(values)
+                    rows = self.db.direct(move_statement(keys), keys).execute(c, values)
+                    cancel = rows[0][0] if rows else None
+                    if rows:
+                        upsert = upsert_statement("sqlite", t.steps, _STEP_KEYS, step_updates)
+                        self.db.direct(upsert, tuple(step)).execute(c, step)
+                if cancel is None:
+                    out.append(LeaseLost(f"run {run_id}: this process no longer holds its lease"))
+                else:
+                    out.append(TransitionResult(bool(cancel), output=rec.output))
+            pause_point("store.group.before_commit")  # every statement run, none committed
+            return out
+
+        return self.db.transact(work)
 
     def _commit_simple(
         self, c: Connection, run_id: str, rec: StepRecord, values: dict[str, Any], now: float
@@ -555,6 +595,14 @@ _STEP_KEYS = ("run_id", "step_key")
 _CURRENT_STEP = select(t.steps.c.status, t.steps.c.attempts, t.steps.c.wake_at).where(
     t.steps.c.run_id == sa.bindparam("w_run"), t.steps.c.step_key == sa.bindparam("w_key")
 )
+
+
+def groupable(tr: Transition) -> bool:
+    """A step's transition that writes only its run's row and its step's row: what a group
+    commit may commit beside other runs' (anything that emits an event, starts or answers a
+    run, waits or logs goes through `commit_transition` on its own)."""
+    finished = tr.status not in ACTIVE_STATUSES
+    return tr.simple and tr.record is not None and not (finished and tr.has_parent)
 
 
 def _begin(attempt: int, now: float) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from sqlalchemy import and_, insert, or_, select, update
 
 from dsl.limits import INT_MAX
 
-from ..errors import DatabaseError, NotFound
+from ..errors import DatabaseError, LeaseLost, NotFound
 from ..models import (
     Answer,
     Attempt,
@@ -175,6 +175,14 @@ class SqlStore:
         self, run_id: str, lease: Lease, transition: Transition, now: float
     ) -> TransitionResult:
         return self.runs.commit_transition(run_id, lease, transition, now)
+
+    @translate
+    def commit_transitions(
+        self, items: Sequence[tuple[str, Lease, Transition, float]]
+    ) -> list[TransitionResult | LeaseLost]:
+        """Group commit (see `Runs.commit_group`): (run id, lease, transition, now) each
+        `groupable`, in one transaction; per item its result or its LeaseLost."""
+        return self.runs.commit_group(items)
 
     @translate
     def take_answer(
