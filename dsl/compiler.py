@@ -19,6 +19,7 @@ from schemas import workflow_schema
 from .cron import CronError, check_cron, check_timezone
 from .durations import DurationError, InstantError, parse_duration, parse_instant
 from .errors import Problem, TemplateError
+from .fanout import compile_wait_for_any
 from .loader import Path, Positions, field_name
 from .model import COMPLETED, FAILED, STEP_KINDS, Machine, QueueSpec, RetryPolicy, State, Trigger
 from .schema_check import closest
@@ -488,6 +489,8 @@ def _step(
                 f"`{raw['run_workflow']}` runs itself: a workflow cannot start itself",
             )
         config = {"workflow": raw["run_workflow"], "payload": tmpl("payload") or {}}
+    elif kind == "wait_for_any":
+        config = compile_wait_for_any(c, where, raw, earlier)
     elif kind == "for_each":
         name = raw.get("as", "item")
         if not isinstance(name, str):  # the schema reports it; keep compiling the rest

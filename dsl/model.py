@@ -37,11 +37,19 @@ STEP_KINDS = (
     "wait_until",
     "wait_for_event",
     "wait_for_token",
+    "wait_for_any",
     "send_event",
     "run_workflow",
     "for_each",
 )
-WAIT_KINDS = ("wait", "wait_until", "wait_for_event", "wait_for_token", "run_workflow")
+WAIT_KINDS = (
+    "wait",
+    "wait_until",
+    "wait_for_event",
+    "wait_for_token",
+    "wait_for_any",
+    "run_workflow",
+)
 
 
 @dataclass(frozen=True)
@@ -95,8 +103,20 @@ class State:
             "wait_for_event": self.config.get("event"),
             "send_event": self.config.get("event"),
             "run_workflow": self.config.get("workflow"),
+            "wait_for_any": " | ".join(a["name"] for a in self.config.get("alternatives", [])),
         }.get(self.kind)
         return f"{self.kind} {detail}" if detail else self.kind
+
+    @property
+    def listens_for(self) -> str | tuple[str, ...] | None:
+        """The event name(s) this step waits for: a `wait_for_event`'s, or those of a
+        `wait_for_any`'s event alternatives (sorted); None for any other step."""
+        if self.kind == "wait_for_event":
+            return str(self.config["event"])
+        if self.kind == "wait_for_any":
+            names = {a["event"] for a in self.config["alternatives"] if a["kind"] == "event"}
+            return tuple(sorted(names)) or None
+        return None
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 from dsl import Machine, State, TemplateError, compile_expression, render_value
 
+from . import answers
 from .errors import LeaseLost, RunBusy, ValueNotStorable
 from .executor import Attempt, Host, execute
 from .models import (
@@ -603,16 +604,18 @@ class Runner:
         return render_value(machine.output, scope, "output")
 
 
-def _wait_event(machine: Machine, step_id: str | None) -> str | None:
-    """The event step `step_id` waits for, if it is a wait_for_event step."""
+def _wait_event(machine: Machine, step_id: str | None) -> str | tuple[str, ...] | None:
+    """The event(s) step `step_id` waits for, if it is a wait_for_event or wait_for_any."""
     if step_id is None:
         return None
-    state = machine.state(step_id)
-    return str(state.config["event"]) if state.kind == "wait_for_event" else None
+    return machine.state(step_id).listens_for
 
 
 def _answered(state: State, stored: StepState, answer: Answer) -> Outcome:
     """The outcome of a wait, from the answer that won it."""
+    if state.kind == "wait_for_any" and answer.kind != "cancel":
+        winner, data = answers.decided(stored.wait or {}, answer)
+        return Done({"winner": winner, "data": data})
     if answer.kind == "timeout":
         if state.kind in TIMER_KINDS:
             return Done(None)
