@@ -16,7 +16,7 @@ from .loader import Path
 if TYPE_CHECKING:
     from .compiler import _Checker
 
-__all__ = ["ALTERNATIVE_KINDS", "compile_wait_for_any"]
+__all__ = ["ALTERNATIVE_KINDS", "compile_for_each_children", "compile_wait_for_any"]
 
 # the key that tells an alternative's kind -> the kind stored in the machine
 ALTERNATIVE_KINDS = {"event": "event", "token": "token", "wait": "timer"}
@@ -98,3 +98,24 @@ def compile_wait_for_any(
             entry["seconds"] = c.duration((*here, "wait"), alt["wait"])
         alternatives.append(entry)
     return {"alternatives": alternatives}
+
+
+def compile_for_each_children(
+    c: _Checker,
+    where: Path,
+    raw: dict[str, Any],
+    earlier: Collection[str],
+    config: dict[str, Any],
+) -> dict[str, Any]:
+    """`for_each` with `run_workflow`: one child run per element, `payload` a template
+    that sees the element (its `as` name); `with` belongs to `call`."""
+    if raw["run_workflow"] == c.data.get("id"):
+        c.problem(
+            (*where, "run_workflow"),
+            f"`{raw['run_workflow']}` runs itself: a workflow cannot start itself",
+        )
+    if "with" in raw:
+        c.problem((*where, "with"), "`with` belongs to `call`; a child run takes `payload`", True)
+    c.template((*where, "payload"), raw.get("payload"), earlier, (config["as"],))
+    config = {k: v for k, v in config.items() if k not in ("function", "with")}
+    return config | {"workflow": raw["run_workflow"], "payload": raw.get("payload") or {}}

@@ -99,13 +99,21 @@ class State:
     def label(self) -> str:
         detail = {
             "call": self.config.get("function"),
-            "for_each": self.config.get("function"),
+            "for_each": self.config.get("function") or self.config.get("workflow"),
             "wait_for_event": self.config.get("event"),
             "send_event": self.config.get("event"),
             "run_workflow": self.config.get("workflow"),
             "wait_for_any": " | ".join(a["name"] for a in self.config.get("alternatives", [])),
         }.get(self.kind)
         return f"{self.kind} {detail}" if detail else self.kind
+
+    @property
+    def starts_workflow(self) -> str | None:
+        """The workflow this step starts child runs of (run_workflow, or for_each with it)."""
+        if self.kind in ("run_workflow", "for_each"):
+            target = self.config.get("workflow")
+            return target if isinstance(target, str) else None
+        return None
 
     @property
     def listens_for(self) -> str | tuple[str, ...] | None:

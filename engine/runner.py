@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from dsl import Machine, State, TemplateError, compile_expression, render_value
 
-from . import answers
+from . import answers, fanout
 from .errors import LeaseLost, RunBusy, ValueNotStorable
 from .executor import Attempt, Host, execute
 from .models import (
@@ -358,6 +358,9 @@ class Runner:
             else:  # back-off over: claiming begins the next attempt
                 live.run = self._reclaim(live.run.id)
             return
+        if (stored.wait or {}).get("kind") == fanout.KIND:
+            self._continue_children(live, state, stored, logger, due)
+            return
         if state.kind in TIMER_KINDS:
             answer: Answer | None = Answer("timeout", None) if due else None
         else:
@@ -381,6 +384,71 @@ class Runner:
             kept = replace(transition.record, wake_at=stored.wake_at, wait=stored.wait)
             transition = replace(transition, record=kept)
         self._commit(live, transition, logger)
+
+    def _continue_children(
+        self, live: _Live, state: State, stored: StepState, logger: StepLogger, due: bool
+    ) -> None:
+        """A for_each's child runs: start the next ones, or end the step (engine/fanout.py)."""
+        live.answer = None
+        answers = self.store.child_answers(live.run.id, state.id, stored.attempts)
+        wait = stored.wait or {}
+        outcome: Outcome | None
+        if due:  # the step's timeout
+            outcome = Failed(
+                "TimeoutError",
+                f"steps.{state.id} timed out after {state.timeout or 0:g}s waiting for its "
+                f"child runs ({len(answers)} of {wait.get('items')} ended)",
+                retryable=True,
+                attempt_status="timed_out",
+            )
+        else:
+            outcome = self._children_round(live, state, stored.attempts, answers, wait)
+        if outcome is None:
+            self.driver.not_due(live, state, stored)
+            return
+        cancel: tuple[str, ...] = ()
+        if isinstance(outcome, Failed):  # its still active children are withdrawn with it
+            cancel = fanout.active_children(live.run.id, state.id, stored.attempts, wait, answers)
+        self.reporter.step_ended(live.run, state, stored.attempts, outcome, 0.0)
+        transition = self._decide(
+            live, state, stored.attempts, stored.started_at, outcome, logger, 0.0, cancel
+        )
+        self._commit(live, transition, logger)
+        if isinstance(outcome, Suspended) and live.run.lease_owner is None:
+            self.reporter.waiting(live.run, state, outcome.wake_at, outcome.wait)
+            self.driver.parked(live, state, live.steps[state.id])
+
+    def _children_round(
+        self,
+        live: _Live,
+        state: State,
+        attempt: int,
+        answers: dict[int, Any],
+        wait: dict[str, Any] | None,
+    ) -> Outcome | None:
+        field = f"steps.{state.id}"
+        scope = self._scope(live)
+        cfg = state.config
+        try:
+            items = render_value(cfg["items"], scope, f"{field}.for_each")
+            problem = fanout.items_problem(field, items)
+            if problem is not None:
+                return problem
+
+            def payload_of(index: int) -> Any:
+                item_scope = {**scope, cfg["as"]: items[index]}
+                return render_value(cfg["payload"], item_scope, f"{field}.payload")
+
+            stored = live.steps.get(state.id)
+            if wait is not None:  # parked before: its deadline stays
+                wake_at = stored.wake_at if stored is not None else None
+            else:
+                wake_at = None if state.timeout is None else self.clock() + state.timeout
+            return fanout.next_round(
+                live.run, state, attempt, len(items), answers, wait, payload_of, self.host, wake_at
+            )
+        except TemplateError as exc:
+            return Failed("TemplateError", str(exc), retryable=False)
 
     def park(self, live: _Live, state: State, stored: StepState) -> None:
         """Release a waiting run to whoever claims it when it is due, unless its answer is
@@ -526,6 +594,10 @@ class Runner:
                 return Skipped()
         except TemplateError as exc:
             return Failed("TemplateError", str(exc), retryable=False)
+        if state.kind == "for_each" and "workflow" in state.config:
+            return self._children_round(live, state, attempt, {}, None) or Failed(
+                "Empty", "nothing to start", retryable=False
+            )
         done_items = (
             {
                 int(key[len(state.id) + 1 : -1]): st.output
@@ -721,19 +793,25 @@ class ForegroundDriver:
         the parent goes on here, or is followed while a worker drives it. A child that waits
         for something external leaves its parent waiting too."""
         r = self.runner
-        child = (stored.wait or {}).get("run_id")
-        if state.kind != "run_workflow" or not child:
+        wait = stored.wait or {}
+        if wait.get("kind") == fanout.KIND:  # a for_each's children, one after another
+            answers = r.store.child_answers(live.run.id, state.id, stored.attempts)
+            kids = fanout.active_children(live.run.id, state.id, stored.attempts, wait, answers)
+        elif state.kind == "run_workflow" and wait.get("run_id"):
+            kids = (wait["run_id"],)
+        else:
             return
         runner = Runner(
             r.store, foreground=True, host=r.host, reporter=r.reporter, clock=r.clock, sleep=r.sleep
         )
-        try:
-            kid: Run | None = runner.drive(child)
-        except RunBusy:
-            kid = None  # a worker executes it
-            r.sleep(self.QUEUE_POLL)
-        if kid is not None and not kid.finished:
-            return
+        for child in kids:
+            try:
+                kid: Run | None = runner.drive(child)
+            except RunBusy:
+                kid = None  # a worker executes it
+                r.sleep(self.QUEUE_POLL)
+            if kid is not None and not kid.finished:
+                return
         while True:
             try:
                 reclaimed = r._reclaim(live.run.id)

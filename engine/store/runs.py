@@ -276,6 +276,7 @@ class Runs:
             self._answer_parent(
                 c, row, child_result(run_id, tr.status.value, tr.output, tr.error), now
             )
+        pause_point("store.commit.written")  # all written, nothing committed yet
         return TransitionResult(bool(row["cancel_requested"]), answer, output)
 
     def _record_step_extras(self, c: Connection, run_id: str, rec: StepRecord, now: float) -> None:

@@ -163,6 +163,9 @@ class Inbox:
             return self._take_stored_event(
                 c, run["id"], step_key, step.attempts, wait, since, now, own
             )
+        if wait.get("kind") == "children":  # for_each with run_workflow (engine/fanout.py)
+            count = len(self.item_answers(c, run["id"], step_key, step.attempts))
+            return Answer("children", count) if count > int(wait.get("answered") or 0) else None
         if wait.get("kind") == "child" and wait.get("run_id"):
             child = c.execute(
                 select(t.runs.c.status, t.runs.c.output, t.runs.c.error).where(
@@ -261,6 +264,20 @@ class Inbox:
                 return Answer("event", data, row.id)
             return self.read(c, run_id, step_key, attempt)
         return None
+
+    def item_answers(
+        self, c: Connection, run_id: str, step_id: str, attempt: int
+    ) -> dict[int, Any]:
+        """The answers of the child runs a for_each step's attempt started, by item index
+        (each child answers the key `<step>[index]`)."""
+        rows = c.execute(
+            select(t.inbox.c.step_key, t.inbox.c.data).where(
+                t.inbox.c.run_id == run_id,
+                t.inbox.c.step_key.startswith(step_id + "[", autoescape=True),
+                t.inbox.c.attempt == attempt,
+            )
+        )
+        return {int(row.step_key[len(step_id) + 1 : -1]): row.data for row in rows}
 
     def index_alternatives(
         self, c: Connection, run_id: str, step_key: str, attempt: int, wait: dict[str, Any]
