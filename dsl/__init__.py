@@ -11,6 +11,7 @@ from .durations import DurationError, InstantError, parse_duration, parse_instan
 from .errors import DslError, Problem, TemplateError, WorkflowInvalid
 from .graph import render_graph
 from .model import (
+    BLOCK_KINDS,
     COMPLETED,
     FAILED,
     WAIT_KINDS,
@@ -23,6 +24,7 @@ from .model import (
 from .templates import compile_expression, render_value, when_expression
 
 __all__ = [
+    "BLOCK_KINDS",
     "COMPLETED",
     "FAILED",
     "WAIT_KINDS",

@@ -16,6 +16,7 @@ import jsonschema
 
 from schemas import workflow_schema
 
+from . import blocks
 from .cron import CronError, check_cron, check_timezone
 from .durations import DurationError, InstantError, parse_duration, parse_instant
 from .errors import Problem, TemplateError
@@ -43,6 +44,17 @@ class _Checker:
         self.problems: list[Problem] = []
         self.env = tuple(v for v in _list(data.get("env")) if isinstance(v, str))
         self.registered: Collection[str] | None = None
+        self.seen: dict[str, Path] = {}  # step id -> where it is first defined, whole file
+        self.default_retry = _DEFAULT_RETRY
+
+    def compile_step(
+        self, where: Path, raw: dict[str, Any], earlier: Collection[str], handler: bool
+    ) -> list[State]:
+        """The raw step's own state, then the states nested in it (dsl/blocks.py)."""
+        own = _step(self, where, raw, self.default_retry, earlier, handler)
+        if own is None:
+            return []
+        return blocks.compile_nested(self, where, raw, own, earlier, handler)
 
     def problem(self, where: Path, message: str, key: bool = False) -> None:
         line, col = self.positions.of_key(where) if key else self.positions.of_value(where)
@@ -90,7 +102,7 @@ class _Checker:
             self.problem(where, f"unknown name `{name}`{closest(name, allowed)}")
         for step_id in sorted(s for s in refs.steps if s not in earlier):
             if step_id in self.all_step_ids:
-                self.problem(where, f"`steps.{step_id}` runs later; only earlier steps can be read")
+                self.problem(where, blocks.unreadable_reason(self.data, step_id, where))
             else:
                 self.problem(
                     where, f"unknown step `steps.{step_id}`{closest(step_id, self.all_step_ids)}"
@@ -104,8 +116,8 @@ class _Checker:
         return frozenset(
             s["id"]
             for section in ("steps", "on_failure")
-            for s in _list(self.data.get(section))
-            if isinstance(s, dict) and isinstance(s.get("id"), str)
+            for s in blocks.all_raw_steps(self.data.get(section))
+            if isinstance(s.get("id"), str)
         )
 
     def retry(self, where: Path, value: Any, default: RetryPolicy) -> RetryPolicy:
@@ -165,10 +177,32 @@ def compile_document(
     if isinstance(data.get("concurrency_key"), str):
         c.template(("concurrency_key",), data["concurrency_key"], earlier=())
 
-    seen: dict[str, Path] = {}
-    main = _steps(c, "steps", data.get("steps"), workflow_retry, seen, earlier=[])
+    c.default_retry = workflow_retry
+    raw_handlers = [s for s in _list(data.get("on_failure")) if isinstance(s, dict)]
+    failure_start = raw_handlers[0].get("id") if raw_handlers else None
+    main = blocks.compile_steps(
+        c,
+        data.get("steps"),
+        ("steps",),
+        parent=None,
+        branch=None,
+        continue_to=COMPLETED,
+        on_error=failure_start if isinstance(failure_start, str) else FAILED,
+        earlier=(),
+        handler=False,
+    )
     main_ids = [s.id for s in main]
-    handlers = _steps(c, "on_failure", data.get("on_failure"), workflow_retry, seen, main_ids)
+    handlers = blocks.compile_steps(
+        c,
+        data.get("on_failure"),
+        ("on_failure",),
+        parent=None,
+        branch=None,
+        continue_to=FAILED,
+        on_error=None,
+        earlier=main_ids,
+        handler=True,
+    )
     output = data.get("output")
     if "output" in data:
         c.template(("output",), output, earlier=main_ids)
@@ -176,7 +210,7 @@ def compile_document(
         return None, c.problems
 
     failure_start = handlers[0].id if handlers else None
-    states = _link(main, COMPLETED, failure_start or FAILED) + _link(handlers, FAILED, None)
+    states = main + handlers
     machine = Machine(
         workflow_id=data["id"],
         version=data["version"],
@@ -300,15 +334,6 @@ def _short(message: str) -> str:
     return message if len(message) <= 200 else message[:197] + "..."
 
 
-def _link(states: list[State], end: str, on_error: str | None) -> list[State]:
-    """Chain states in order; a handler's failure moves on to the next handler."""
-    out = []
-    for i, s in enumerate(states):
-        nxt = states[i + 1].id if i + 1 < len(states) else end
-        out.append(State(**{**s.__dict__, "next": nxt, "on_error": on_error or nxt}))
-    return out
-
-
 def _check_event_name(c: _Checker, where: Path, name: Any) -> None:
     """An event name of only whitespace could never be sent: send and the API refuse it."""
     if isinstance(name, str) and name and not name.strip():
@@ -372,37 +397,6 @@ def _queue(c: _Checker, value: Any, workflow_id: str) -> QueueSpec:
         rate_limit=rate.get("limit") if isinstance(rate.get("limit"), int) else None,
         rate_period=period,
     )
-
-
-def _steps(
-    c: _Checker,
-    section: str,
-    value: Any,
-    default_retry: RetryPolicy,
-    seen: dict[str, Path],
-    earlier: Collection[str],
-) -> list[State]:
-    states: list[State] = []
-    visible = set(earlier)
-    for i, raw in enumerate(_list(value)):
-        where: Path = (section, i)
-        if not isinstance(raw, dict):
-            continue
-        step_id = raw.get("id")
-        if isinstance(step_id, str):
-            if step_id in seen:
-                first = c.positions.of_value((*seen[step_id], "id"))[0]
-                c.problem(
-                    (*where, "id"), f"duplicate step id `{step_id}` (first used on line {first})"
-                )
-            else:
-                seen[step_id] = where
-        state = _step(c, where, raw, default_retry, visible, handler=section == "on_failure")
-        if state is not None:
-            states.append(state)
-        if isinstance(step_id, str):
-            visible.add(step_id)
-    return states
 
 
 def _step(

@@ -16,6 +16,7 @@ from functools import cached_property
 from typing import Any
 
 __all__ = [
+    "BLOCK_KINDS",
     "COMPLETED",
     "FAILED",
     "STEP_KINDS",
@@ -41,7 +42,10 @@ STEP_KINDS = (
     "send_event",
     "run_workflow",
     "for_each",
+    "switch",
+    "repeat",
 )
+BLOCK_KINDS = ("switch", "repeat")  # steps whose own state opens nested lists (dsl/blocks.py)
 WAIT_KINDS = (
     "wait",
     "wait_until",
@@ -94,6 +98,14 @@ class State:
     timeout: float | None = None
     handler: bool = False  # part of on_failure
     line: int = 0
+    # nesting (dsl/blocks.py): the block step directly enclosing this one, and which of its
+    # lists it is in (a switch case "0", "1"... or "default"; "catch"; "body"; a branch name)
+    parent: str | None = None
+    branch: str | None = None
+    # `catch:` on this step: the first step of its handler list, and the exception class
+    # names it takes (empty: any)
+    catch: str | None = None
+    catch_on: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -125,6 +137,11 @@ class State:
             names = {a["event"] for a in self.config["alternatives"] if a["kind"] == "event"}
             return tuple(sorted(names)) or None
         return None
+
+
+# State fields added with nesting: left out of the hash when empty, so a definition without
+# blocks keeps the hash it had before they existed
+_NESTING = frozenset({"parent", "branch", "catch", "catch_on"})
 
 
 @dataclass(frozen=True)
@@ -176,6 +193,7 @@ class Machine:
                     "retry": RetryPolicy(**{**s["retry"], "on": tuple(s["retry"]["on"])})
                     if s.get("retry")
                     else None,
+                    "catch_on": tuple(s.get("catch_on", ())),
                 }
             )
             for s in data.pop("states")
@@ -196,6 +214,9 @@ class Machine:
         """sha256 of the canonical JSON, source positions left out: the identity a run is
         pinned to. Comments and layout do not change it; any change of meaning does."""
         data = self.to_json()
-        data["states"] = [{k: v for k, v in s.items() if k != "line"} for s in data["states"]]
+        data["states"] = [
+            {k: v for k, v in s.items() if k != "line" and not (k in _NESTING and not v)}
+            for s in data["states"]
+        ]
         canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()

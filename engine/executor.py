@@ -62,6 +62,7 @@ class Attempt:
     done_items: dict[int, Any]
     record_item: Callable[[int, int, float, Any], None]
     sleep: Callable[[float], None] = time.sleep
+    round_key: str = ""  # inside a repeat body, which round (engine/blocks.py round_key)
 
     @property
     def field(self) -> str:
@@ -99,7 +100,7 @@ def _call(a: Attempt) -> Outcome:
         a.attempt,
         a.timeout,
         a.logger.bind(a.state.id, a.attempt),
-        a.state.id,
+        a.state.id + a.round_key,
     )
 
 
@@ -132,7 +133,8 @@ def call_function(
         metadata, refused = _metadata(ctx, key)
         if refused is not None:
             return refused
-        return Failed(name, message, retryable, trace, status, metadata)
+        kinds = tuple(k.__name__ for k in type(exc).__mro__ if k is not object)
+        return Failed(name, message, retryable, trace, status, metadata, kinds)
     try:
         check_json(value, f"steps.{key}")
     except InputInvalid as exc:
@@ -223,7 +225,8 @@ def _send_event(a: Attempt) -> Outcome:
     if a.host is None:
         return Failed("Unsupported", f"{a.field}: send_event needs the engine", retryable=False)
     try:
-        emission = a.host.prepare_event(a.state.config["event"], payload, (a.run.id, a.state.id))
+        source = (a.run.id, a.state.id + a.round_key)
+        emission = a.host.prepare_event(a.state.config["event"], payload, source)
     except EngineError as exc:
         return Failed(type(exc).__name__, f"{a.field}: {exc}", retryable=False)
     # `resumed` is filled in by the store, which answers the waits when it stores the event

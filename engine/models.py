@@ -269,6 +269,7 @@ class Transition:
     # the step it begins waits for this event, or these (a wait_for_any; see lock_names)
     reach_event: str | tuple[str, ...] | None = None
     metadata: dict[str, Any] | None = None  # keys a step set on ctx.metadata, merged into the run
+    also: tuple[StepRecord, ...] = ()  # other steps' records: a block's (engine/blocks.py)
 
     @property
     def simple(self) -> bool:
@@ -280,6 +281,7 @@ class Transition:
             or self.cancel_runs
             or self.reach_event
             or self.metadata
+            or self.also
             or self.status in (RunStatus.WAITING, RunStatus.CANCELLED)
             or (self.record is not None and self.record.attempt_status)
             # a wait_for_any that ends deletes the index rows of its alternatives (answers.py)

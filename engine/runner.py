@@ -19,9 +19,9 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from dsl import Machine, State, TemplateError, compile_expression, render_value
+from dsl import BLOCK_KINDS, Machine, State, TemplateError, compile_expression, render_value
 
-from . import answers, fanout
+from . import answers, blocks, fanout
 from .errors import LeaseLost, RunBusy, ValueNotStorable
 from .executor import Attempt, Host, execute
 from .models import (
@@ -340,7 +340,10 @@ class Runner:
                 ended(outcome, self.clock() - now)
         elapsed = self.clock() - now
         self.reporter.step_ended(run, state, attempt, outcome, elapsed)
-        transition = self._decide(live, state, attempt, now, outcome, logger, elapsed)
+        started = now
+        if stored is not None and state.kind in BLOCK_KINDS and blocks.is_open(stored):
+            started = stored.started_at or now  # a block closing: it began when it opened
+        transition = self._decide(live, state, attempt, started, outcome, logger, elapsed)
         self._commit(live, transition, logger)
         if isinstance(outcome, Suspended) and live.run.lease_owner is None:
             self.reporter.waiting(live.run, state, outcome.wake_at, outcome.wait)
@@ -360,6 +363,17 @@ class Runner:
             return
         if (stored.wait or {}).get("kind") == fanout.KIND:
             self._continue_children(live, state, stored, logger, due)
+            return
+        if state.kind == "repeat":  # the delay between two rounds
+            if not due:
+                self.driver.not_due(live, state, stored)
+                return
+            outcome: Outcome = blocks.next_round(live.machine, state, stored)
+            self._commit(
+                live,
+                self._decide(live, state, stored.attempts, stored.started_at, outcome, logger, 0.0),
+                logger,
+            )
             return
         if state.kind in TIMER_KINDS:
             answer: Answer | None = Answer("timeout", None) if due else None
@@ -490,6 +504,19 @@ class Runner:
             except ValueNotStorable as exc:
                 transition = self._unstorable(live, transition, exc)
                 result = self.store.commit_transition(live.run.id, self.lease, transition, now)
+            for other in transition.also:
+                live.steps[other.step_key] = StepState(
+                    live.run.id,
+                    other.step_key,
+                    other.status,
+                    other.attempt,
+                    other.output,
+                    other.error,
+                    other.started_at,
+                    now,
+                    None,
+                    None,
+                )
             rec = transition.record
             if rec is not None:
                 live.steps[rec.step_key] = StepState(
@@ -587,6 +614,8 @@ class Runner:
             if state.kind in ("call", "for_each"):
                 timeout = remaining if timeout is None else min(timeout, remaining)
         scope = self._scope(live)
+        if state.kind in BLOCK_KINDS and blocks.is_open(live.steps.get(state.id)):
+            return blocks.close_block(machine, state, live.steps, scope, now)
         try:
             if state.when is not None and not compile_expression(
                 "{{ " + state.when + " }}", f"{field}.when"
@@ -598,6 +627,8 @@ class Runner:
             return self._children_round(live, state, attempt, {}, None) or Failed(
                 "Empty", "nothing to start", retryable=False
             )
+        if state.kind in BLOCK_KINDS:
+            return blocks.open_block(machine, state, live.steps, scope, now)
         done_items = (
             {
                 int(key[len(state.id) + 1 : -1]): st.output
@@ -631,6 +662,7 @@ class Runner:
                 done_items,
                 record_item,
                 self.sleep,
+                blocks.round_key(machine, state, live.steps),
             )
         )
 
@@ -638,7 +670,8 @@ class Runner:
     def _scope(self, live: _Live) -> dict[str, Any]:
         run, machine = live.run, live.machine
         steps: dict[str, Any] = {
-            s.id: {"output": None, "status": "pending", "attempts": 0} for s in machine.states
+            s.id: {"output": None, "status": "pending", "attempts": 0, "error": None}
+            for s in machine.states
         }
         for key, st in live.steps.items():
             if key in steps:
@@ -646,6 +679,7 @@ class Runner:
                     "output": st.output,
                     "status": st.status.value,
                     "attempts": st.attempts,
+                    "error": st.error if st.status == StepStatus.FAILED else None,
                 }
         started = run.started_at or run.created_at
         return {
@@ -779,7 +813,7 @@ class ForegroundDriver:
         r = self.runner
         if live.run.lease_owner == r.lease.owner:
             r.reporter.waiting(live.run, state, stored.wake_at, stored.wait)
-        timer = state.kind in TIMER_KINDS or stored.status == StepStatus.RETRYING
+        timer = state.kind in (*TIMER_KINDS, "repeat") or stored.status == StepStatus.RETRYING
         if timer and stored.wake_at is not None:
             r.sleep(max(0.0, stored.wake_at - r.clock()))
             live.run = r._reclaim(live.run.id)  # and see whether it was cancelled meanwhile

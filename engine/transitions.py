@@ -3,16 +3,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from dsl import COMPLETED, FAILED, Machine, State, TemplateError
+from dsl.blocks import descendants, failure_route
 
 from .models import Emission, NewLog, NewRun, RunStatus, StepRecord, StepStatus, Transition
 from .retry import backoff_delay
 
-__all__ = ["Done", "Failed", "Outcome", "Skipped", "Suspended", "decide"]
+__all__ = ["Done", "Enter", "Failed", "Outcome", "Skipped", "Suspended", "decide"]
 
 
 @dataclass(frozen=True)
@@ -44,9 +45,22 @@ class Failed:
     traceback: str | None = None
     attempt_status: str = "failed"
     metadata: dict[str, Any] | None = None  # what the step set on ctx.metadata before failing
+    error_kinds: tuple[str, ...] = ()  # the exception's class names, its bases included
+    output: Any = None  # kept on the failed record (a repeat's rounds)
 
 
-Outcome = Done | Skipped | Suspended | Failed
+@dataclass(frozen=True)
+class Enter:
+    """A block step opens one of its lists (engine/blocks.py): the run moves to `target`;
+    the block's own record stays open (`running`) holding `progress`; `skipped` are the
+    steps of the lists not taken."""
+
+    target: str
+    progress: Any = None
+    skipped: tuple[str, ...] = ()
+
+
+Outcome = Done | Skipped | Suspended | Failed | Enter
 
 
 def decide(
@@ -77,6 +91,19 @@ def decide(
         "cancel_runs": cancel_runs,
         "metadata": getattr(outcome, "metadata", None) or None,
     }
+    if isinstance(outcome, Enter):
+        record = StepRecord(
+            state.id, StepStatus.RUNNING, attempt, started_at, output=outcome.progress
+        )
+        return Transition(
+            RunStatus.RUNNING,
+            record,
+            current_step=outcome.target,
+            begin_attempt=1,
+            error=run_error,
+            also=_skipped(outcome.skipped),
+            **common,
+        )
     if isinstance(outcome, Suspended):
         record = StepRecord(
             state.id,
@@ -126,22 +153,36 @@ def decide(
             StepStatus.FAILED,
             attempt,
             started_at,
+            output=outcome.output,
             error=message,
             error_type=outcome.error_type,
             traceback=outcome.traceback,
             attempt_status=outcome.attempt_status,
         )
-        error = run_error or f"step {state.id} failed: {message}"
-        return _move(machine, state.on_error, record, error, run_output, common)
+        kinds = outcome.error_kinds or (outcome.error_type,)
+        target, left, caught = failure_route(machine, state, kinds)
+        error = run_error if caught else run_error or f"step {state.id} failed: {message}"
+        common["also"] = tuple(  # the blocks the failure leaves fail with it
+            StepRecord(b, StepStatus.FAILED, 1, None, error=f"{message} (in steps.{state.id})")
+            for b in left
+        )
+        return _move(machine, target, record, error, run_output, common)
     if isinstance(outcome, Skipped):
         record = StepRecord(state.id, StepStatus.SKIPPED, attempt, started_at)
+        common["also"] = _skipped(s.id for s in descendants(machine, state.id))
     else:
+        if state.catch is not None:  # it did not fail: its catch steps did not run
+            common["also"] = _skipped(s.id for s in descendants(machine, state.id, "catch"))
         record = StepRecord(
             state.id, StepStatus.COMPLETED, attempt, started_at, output=outcome.output
         )
         if outcome.emission is not None:
             common["emission"] = outcome.emission
     return _move(machine, state.next, record, run_error, run_output, common)
+
+
+def _skipped(step_ids: Iterable[str]) -> tuple[StepRecord, ...]:
+    return tuple(StepRecord(i, StepStatus.SKIPPED, 0, None) for i in step_ids)
 
 
 def _move(

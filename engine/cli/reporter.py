@@ -21,7 +21,7 @@ import click
 from dsl import State
 
 from ..models import NewLog, Run
-from ..transitions import Done, Failed, Outcome, Skipped, Suspended
+from ..transitions import Done, Enter, Failed, Outcome, Skipped, Suspended
 from ..views import iso
 
 __all__ = ["LiveReporter", "interactive"]
@@ -154,6 +154,11 @@ class LiveReporter:
                 f"  {self._style('✗', 'red')} {name} {state.kind}{tries} {took}  "
                 f"{outcome.error_type}: {outcome.message}{more}"
             )
+        elif isinstance(outcome, Enter):  # a block opens a list (engine/blocks.py)
+            progress = outcome.progress or {}
+            opened = f"round {progress['round']}" if "round" in progress else "case"
+            opened = f"case {progress['case']}" if "case" in progress else opened
+            self._echo(f"  {self._style('↳', 'cyan')} {name} {state.kind} {opened}")
         elif isinstance(outcome, Suspended):
             pass
 

@@ -10,6 +10,7 @@ from html import escape
 from typing import Any
 
 from dsl import COMPLETED, FAILED, WAIT_KINDS, Machine, State
+from dsl.blocks import ancestors, branch_lists, descendants, list_label
 
 __all__ = ["machine_svg", "timeline_svg"]
 
@@ -161,25 +162,36 @@ def timeline_svg(detail: dict[str, Any], width: int = 900) -> str:
     return "".join(parts)
 
 
+INDENT = 26  # a nested list's boxes stand this far right of their block's
+
+
 def machine_svg(machine: Machine) -> str:
-    """Main states top to bottom; failure handlers in a column beside them."""
+    """Main states top to bottom; failure handlers in a column beside them. A nested list
+    (a switch case, a catch, a repeat's round, a parallel branch) is indented under its
+    block in a dashed frame naming it; the block's arrows to its lists and back run along
+    the left and right margins."""
     main, handlers = machine.main_states(), [s for s in machine.states if s.handler]
     box_w, box_h, gap = _box_width([_box_label(s) for s in machine.states]), 34, 22
-    col2 = box_w + 80
+    depth = {s.id: len(ancestors(machine, s.id)) for s in machine.states}
+    deepest = max(depth.values(), default=0)
+    col2 = box_w + 80 + deepest * INDENT
     rows = max(len(main), len(handlers)) + 1
     height = rows * (box_h + gap) + 40
+    width = col2 + box_w + 20 + deepest * INDENT
     parts = [
-        f'<svg class="machine" xmlns="http://www.w3.org/2000/svg" width="{col2 + box_w + 20}" '
-        f'height="{height + 12}" viewBox="0 -12 {col2 + box_w + 20} {height + 12}"><defs><marker id="arrow" markerWidth="8" markerHeight="8" refX="7" '
+        f'<svg class="machine" xmlns="http://www.w3.org/2000/svg" width="{width}" '
+        f'height="{height + 12}" viewBox="0 -12 {width} {height + 12}"><defs><marker id="arrow" markerWidth="8" markerHeight="8" refX="7" '
         'refY="4" orient="auto"><path d="M0,0 L8,4 L0,8 z" fill="#555"/></marker></defs>'
     ]
     pos: dict[str, tuple[float, float]] = {}
     for col, states in ((10, main), (col2, handlers)):
         for i, s in enumerate(states):
-            x, y = float(col), float(10 + i * (box_h + gap))
-            pos[s.id] = (x, y)
-            fill = "#fff4e5" if s.handler else "#eef3fb"
-            parts.append(_state_box(s, x, y, box_w, box_h, fill))
+            pos[s.id] = (float(col + depth[s.id] * INDENT), float(10 + i * (box_h + gap)))
+    parts += _list_frames(machine, pos, box_w, box_h)
+    for s in machine.states:
+        x, y = pos[s.id]
+        fill = "#fff4e5" if s.handler else "#eef3fb"
+        parts.append(_state_box(s, x, y, box_w, box_h, fill))
     end_y = 10 + len(main) * (box_h + gap)
     pos[COMPLETED] = (10, end_y)
     pos[FAILED] = (col2, 10 + len(handlers) * (box_h + gap))
@@ -190,19 +202,64 @@ def machine_svg(machine: Machine) -> str:
             f'stroke="{color}" stroke-width="2"/><text x="{x + 10}" y="{y + 21}" '
             f'font-size="12" fill="{color}">{node.lstrip("$")}</text>'
         )
+    right = 10 + deepest * INDENT + box_w  # the margin right of the main column
     for s in machine.states:
         x, y = pos[s.id]
-        for target, color in ((s.next, "#555"), (s.on_error, "#d64545")):
-            if target == s.next and color == "#d64545":
-                continue
-            tx, ty = pos[target]
-            x1, y1 = x + box_w / 2, y + box_h
-            x2, y2 = tx + box_w / 2, ty
-            if tx != x:  # across to the handler column
-                x1, y1, x2, y2 = x + box_w, y + box_h / 2, tx, ty + box_h / 2
-            parts.append(
-                f'<line x1="{x1}" y1="{y1}" x2="{x2}" y2="{y2}" stroke="{color}" '
-                'marker-end="url(#arrow)"/>'
-            )
+        targets = [(s.next, "#555")]
+        if s.on_error != s.next:
+            targets.append((s.on_error, "#d64545"))
+        targets += [(first, "#555") for b, first in branch_lists(machine, s.id) if b != "catch"]
+        if s.catch is not None:
+            targets.append((s.catch, "#e08a1e"))
+        for target, color in targets:
+            parts.append(_arrow((x, y), pos[target], box_w, box_h, color, right, col2))
     parts.append("</svg>")
     return "".join(parts)
+
+
+def _list_frames(
+    machine: Machine, pos: dict[str, tuple[float, float]], box_w: float, box_h: float
+) -> list[str]:
+    """A dashed frame around each nested list, named as `graph` names it."""
+    out = []
+    for block in machine.states:
+        for branch, _ in branch_lists(machine, block.id):
+            inside = [pos[s.id] for s in descendants(machine, block.id, branch)]
+            x = min(p[0] for p in inside) - 6
+            top, bottom = min(p[1] for p in inside) - 4, max(p[1] for p in inside) + box_h + 4
+            right = max(p[0] for p in inside) + box_w + 6
+            label = list_label(machine, block, branch)
+            out.append(
+                f'<g class="list" data-block="{escape(block.id)}" data-branch="{escape(branch)}">'
+                f'<rect x="{x}" y="{top}" width="{right - x}" height="{bottom - top}" rx="8" '
+                'fill="none" stroke="#9aa4af" stroke-dasharray="4,3"/>'
+                f'<text x="{right - 6}" y="{top + 12}" font-size="10" fill="#66707a" '
+                f'text-anchor="end">{escape(_fit(label, right - x))}</text></g>'
+            )
+    return out
+
+
+def _arrow(
+    src: tuple[float, float],
+    dst: tuple[float, float],
+    box_w: float,
+    box_h: float,
+    color: str,
+    right: float,
+    col2: float,
+) -> str:
+    (x, y), (tx, ty) = src, dst
+    line = f'stroke="{color}" marker-end="url(#arrow)"'
+    if tx >= col2 > x:  # across to the handler column
+        x1, y1, x2, y2 = x + box_w, y + box_h / 2, tx, ty + box_h / 2
+        return f'<line x1="{x1}" y1="{y1}" x2="{x2}" y2="{y2}" {line}/>'
+    if 0 < ty - y <= box_h + 22 + 1:  # the next row: straight down
+        x1, y1, x2, y2 = x + box_w / 2, y + box_h, tx + box_w / 2, ty
+        return f'<line x1="{x1}" y1="{y1}" x2="{x2}" y2="{y2}" {line}/>'
+    if ty > y:  # further down (into a later list): along the left margin
+        lx = min(x, tx) - 12
+        d = f"M{x},{y + box_h / 2} H{lx} V{ty + box_h / 2} H{tx}"
+    else:  # back up (a list ends at its block, a round starts again): along the right
+        rx = right + 14
+        d = f"M{x + box_w},{y + box_h / 2 + 4} H{rx} V{ty + box_h / 2 - 4} H{tx + box_w}"
+    return f'<path d="{d}" fill="none" {line}/>'

@@ -250,6 +250,9 @@ class Runs:
             step, step_updates = _step_values(run_id, rec, now)
             self.db.upsert(c, t.steps, step, ["run_id", "step_key"], step_updates)
             self._record_step_extras(c, run_id, rec, now)
+        for also in tr.also:  # the records a block step writes beside its own
+            step, step_updates = _step_values(run_id, also, now)
+            self.db.upsert(c, t.steps, step, ["run_id", "step_key"], step_updates)
         for child in tr.children:
             if self.db.insert_ignore(c, t.runs, new_run_values(child, locked_now), ["id"]):
                 self.db.notify(c)
