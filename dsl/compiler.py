@@ -487,6 +487,8 @@ def _step(
         config = {"workflow": raw["run_workflow"], "payload": tmpl("payload") or {}}
     elif kind == "wait_for_any":
         config = compile_wait_for_any(c, where, raw, earlier)
+    elif kind == "parallel":
+        config = {"branches": []}  # compile_parallel fills it in (dsl/blocks.py)
     elif kind == "for_each":
         name = raw.get("as", "item")
         if not isinstance(name, str):  # the schema reports it; keep compiling the rest

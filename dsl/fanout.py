@@ -9,14 +9,23 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from . import blocks
 from .loader import Path
+from .model import State
 
 if TYPE_CHECKING:
     from .compiler import _Checker
 
-__all__ = ["ALTERNATIVE_KINDS", "compile_for_each_children", "compile_wait_for_any"]
+__all__ = [
+    "ALTERNATIVE_KINDS",
+    "check_name",
+    "compile_for_each_children",
+    "compile_parallel",
+    "compile_wait_for_any",
+]
 
 # the key that tells an alternative's kind -> the kind stored in the machine
 ALTERNATIVE_KINDS = {"event": "event", "token": "token", "wait": "timer"}
@@ -119,3 +128,52 @@ def compile_for_each_children(
     c.template((*where, "payload"), raw.get("payload"), earlier, (config["as"],))
     config = {k: v for k, v in config.items() if k not in ("function", "with")}
     return config | {"workflow": raw["run_workflow"], "payload": raw.get("payload") or {}}
+
+
+def _parallel_lists(raw: dict[str, Any]) -> list[tuple[Path, str, Any]]:
+    spec = raw.get("parallel")
+    if not isinstance(spec, dict):
+        return []
+    return [(("parallel", name), str(name), steps) for name, steps in spec.items()]
+
+
+def compile_parallel(
+    c: _Checker,
+    where: Path,
+    raw: dict[str, Any],
+    own: State,
+    earlier: Collection[str],
+    handler: bool,
+) -> tuple[State, list[State]]:
+    """`parallel: {branch: [steps]}` - each branch runs as a child run of this definition
+    from its first state to its last (engine/fanout.py); a branch's steps see the steps
+    before the parallel step, not another branch's. The config lists the branches in
+    document order with their first and last states."""
+    spec = raw.get("parallel")
+    at: Path = (*where, "parallel")
+    states: list[State] = []
+    branches: list[dict[str, Any]] = []
+    for name, steps in spec.items() if isinstance(spec, dict) else ():
+        if not check_name(c, (*at, name), name, "branch"):
+            continue
+        listed = blocks.compile_steps(
+            c,
+            steps,
+            (*at, name),
+            parent=own.id,
+            branch=str(name),
+            continue_to=own.id,
+            on_error=blocks.error_of(own.id),
+            earlier=earlier,
+            handler=handler,
+        )
+        inside = [s for s in listed if s.parent == own.id]
+        if inside:
+            branches.append({"name": str(name), "first": inside[0].id, "last": inside[-1].id})
+        states.extend(listed)
+    return replace(own, config={"branches": branches}), states
+
+
+blocks.NESTED_LISTS["parallel"] = _parallel_lists
+blocks.NESTED_KEYS.add("parallel")
+blocks.NESTED_COMPILERS["parallel"] = compile_parallel

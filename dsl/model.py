@@ -42,6 +42,7 @@ STEP_KINDS = (
     "send_event",
     "run_workflow",
     "for_each",
+    "parallel",
     "switch",
     "repeat",
 )
@@ -111,7 +112,8 @@ class State:
     def label(self) -> str:
         detail = {
             "call": self.config.get("function"),
-            "for_each": self.config.get("function") or self.config.get("workflow"),
+            "for_each": self.config.get("function")
+            or (f"run_workflow {self.config['workflow']}" if "workflow" in self.config else None),
             "wait_for_event": self.config.get("event"),
             "send_event": self.config.get("event"),
             "run_workflow": self.config.get("workflow"),

@@ -18,16 +18,27 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
-from dsl import State
+from dsl import Machine, State
+from dsl.blocks import ancestors
 
 from .errors import EngineError
 from .executor import Host, child_run_id
-from .models import NewRun, Run
+from .models import NewRun, Run, RunStatus, StepStatus, Transition
 from .transitions import Done, Failed, Outcome, Suspended
 
-__all__ = ["KIND", "active_children", "item_key", "items_problem", "next_round"]
+__all__ = [
+    "KIND",
+    "active_children",
+    "branch_child",
+    "item_child",
+    "item_key",
+    "items_problem",
+    "next_round",
+    "within_branch",
+]
 
 KIND = "children"
 _FAILED = ("failed", "cancelled", "expired")
@@ -49,59 +60,114 @@ def items_problem(field: str, items: Any) -> Failed | None:
 
 
 def next_round(
-    run: Run,
     state: State,
-    attempt: int,
     count: int,
+    limit: int,
     answers: dict[int, Any],
     wait: dict[str, Any] | None,
-    payload_of: Callable[[int], Any],
-    host: Host | None,
+    make_child: Callable[[int], NewRun],
     wake_at: float | None,
+    name_of: Callable[[int], str] = lambda i: f"item {i}",
 ) -> Outcome | None:
-    """What the step does now that `answers` (item index -> the child's result) have come,
-    `wait` being what it parked with (None on its first execution). None: nothing new."""
+    """What the step does now that `answers` (child index -> the child's result) have come,
+    `wait` being what it parked with (None on its first execution): start the next children
+    (at most `limit` active), end with their outputs in order, or fail with the first that
+    failed. None: nothing new since it parked."""
     failed = sorted(i for i, data in answers.items() if data.get("status") in _FAILED)
     if failed:
         data = answers[failed[0]]
         return Failed(
             "ChildFailed",
-            f"item {failed[0]}: child run {data.get('run_id')} {data['status']}: "
+            f"{name_of(failed[0])}: child run {data.get('run_id')} {data['status']}: "
             f"{data.get('error')}",
-            retryable=False,
+            retryable=True,
         )
     if len(answers) >= count:
         return Done([answers[i].get("output") for i in range(count)])
     started = int((wait or {}).get("started", 0))
-    limit = max(1, int(state.config.get("concurrency") or 1))
-    new = min(count - started, limit - (started - len(answers)))
+    new = min(count - started, max(1, limit) - (started - len(answers)))
     if wait is not None and new <= 0 and len(answers) == wait.get("answered"):
         return None
-    if host is None:
-        return Failed("Unsupported", f"steps.{state.id}: run_workflow needs the engine", False)
     children: list[NewRun] = []
-    workflow = state.config["workflow"]
     for index in range(started, started + max(0, new)):
-        key = item_key(state.id, index)
         try:
-            children.append(
-                host.prepare_child(
-                    workflow,
-                    payload_of(index),
-                    (run.id, key, attempt),
-                    child_run_id(run.id, key, attempt),
-                )
-            )
+            children.append(make_child(index))
         except EngineError as exc:
-            return Failed(type(exc).__name__, f"steps.{state.id} item {index}: {exc}", False)
+            return Failed(type(exc).__name__, f"steps.{state.id} {name_of(index)}: {exc}", False)
     parked = {
         "kind": KIND,
-        "workflow": workflow,
         "items": count,
         "started": started + len(children),
         "answered": len(answers),
     }
     return Suspended(wake_at, parked, tuple(children))
+
+
+def item_child(
+    host: Host, run: Run, state: State, attempt: int, payload: Any, index: int
+) -> NewRun:
+    """Child `index` of a for_each with run_workflow: a run of the current definition of
+    the workflow it names."""
+    key = item_key(state.id, index)
+    return host.prepare_child(
+        state.config["workflow"],
+        payload,
+        (run.id, key, attempt),
+        child_run_id(run.id, key, attempt),
+    )
+
+
+def branch_child(
+    host: Host, run: Run, machine: Machine, state: State, attempt: int, index: int
+) -> NewRun:
+    """Branch `index` of a parallel step: a run of the parent's own definition (pinned like
+    the parent) from the branch's first state; its payload is the parent's. It ends when the
+    branch's last step has (`within_branch`)."""
+    branch = state.config["branches"][index]
+    key = item_key(state.id, index)
+    new = host.prepare_child(
+        machine.workflow_id, run.payload, (run.id, key, attempt), child_run_id(run.id, key, attempt)
+    )
+    trigger = {**new.trigger, "kind": "branch", "branch": branch["name"]}
+    return replace(
+        new,
+        version=run.version,
+        definition_hash=run.definition_hash,
+        first_step=branch["first"],
+        first_wait_event=machine.state(branch["first"]).listens_for,
+        trigger=trigger,
+    )
+
+
+def within_branch(machine: Machine, run: Run, tr: Transition) -> Transition:
+    """In a branch run (a parallel step's child), a transition that would leave the branch
+    ends the run instead: back to the parallel step - the branch has run, the run completes
+    with its last step's output; a failure that leaves the parallel - the run fails."""
+    if run.trigger.get("kind") != "branch" or tr.record is None:
+        return tr
+    block = str(run.trigger.get("step", "")).split("[", 1)[0]
+    outside = {block, *(b for b, _ in ancestors(machine, block))}
+    if tr.status == RunStatus.RUNNING and tr.current_step == block:
+        return replace(
+            tr, status=RunStatus.COMPLETED, current_step=None, begin_attempt=0,
+            output=tr.record.output,
+        )  # fmt: skip
+    left = [a for a in tr.also if a.step_key in outside]
+    if left or (tr.status == RunStatus.RUNNING and not _inside(machine, tr.current_step, block)):
+        if tr.record.status != StepStatus.FAILED:
+            return tr
+        also = tuple(a for a in tr.also if a.step_key not in outside)
+        return replace(
+            tr, status=RunStatus.FAILED, current_step=None, begin_attempt=0, also=also,
+            error=tr.error or tr.record.error,
+        )  # fmt: skip
+    return tr
+
+
+def _inside(machine: Machine, step_id: str | None, block: str) -> bool:
+    if step_id is None or step_id.startswith("$"):
+        return False
+    return any(b == block for b, _ in ancestors(machine, step_id))
 
 
 def active_children(

@@ -20,10 +20,11 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from dsl import BLOCK_KINDS, Machine, State, TemplateError, compile_expression, render_value
+from dsl.blocks import descendants
 
 from . import answers, blocks, fanout
 from .errors import LeaseLost, RunBusy, ValueNotStorable
-from .executor import Attempt, Host, execute
+from .executor import Attempt, Host, child_run_id, execute
 from .models import (
     ACTIVE_STATUSES,
     Answer,
@@ -104,6 +105,8 @@ class _Live:
     steps: dict[str, StepState]
     started_at: float
     answer: Answer | None = None  # found when the run parked: it stayed leased to go on
+    inherited: dict[str, StepState] | None = None  # a branch run's: the steps before it
+    copied: tuple[StepRecord, ...] = ()  # a parallel that ends: its branches' step records
 
 
 class _Heartbeats:
@@ -440,29 +443,84 @@ class Runner:
         answers: dict[int, Any],
         wait: dict[str, Any] | None,
     ) -> Outcome | None:
+        """One round of a step that starts child runs: a for_each's items, a parallel's
+        branches (engine/fanout.py)."""
         field = f"steps.{state.id}"
+        host, cfg, run = self.host, state.config, live.run
+        if host is None:
+            return Failed("Unsupported", f"{field}: child runs need the engine", retryable=False)
+        stored = live.steps.get(state.id)
+        if wait is not None:  # parked before: its deadline stays
+            wake_at = stored.wake_at if stored is not None else None
+        else:
+            wake_at = None if state.timeout is None else self.clock() + state.timeout
+        if state.kind == "parallel":
+            branches = cfg["branches"]
+            outcome = fanout.next_round(
+                state,
+                len(branches),
+                len(branches),
+                answers,
+                wait,
+                lambda i: fanout.branch_child(host, run, live.machine, state, attempt, i),
+                wake_at,
+                lambda i: f"branch {branches[i]['name']}",
+            )
+            return self._branches_ended(live, state, attempt, answers, outcome)
         scope = self._scope(live)
-        cfg = state.config
         try:
             items = render_value(cfg["items"], scope, f"{field}.for_each")
             problem = fanout.items_problem(field, items)
             if problem is not None:
                 return problem
 
-            def payload_of(index: int) -> Any:
+            def make_child(index: int) -> NewRun:
                 item_scope = {**scope, cfg["as"]: items[index]}
-                return render_value(cfg["payload"], item_scope, f"{field}.payload")
+                payload = render_value(cfg["payload"], item_scope, f"{field}.payload")
+                return fanout.item_child(host, run, state, attempt, payload, index)
 
-            stored = live.steps.get(state.id)
-            if wait is not None:  # parked before: its deadline stays
-                wake_at = stored.wake_at if stored is not None else None
-            else:
-                wake_at = None if state.timeout is None else self.clock() + state.timeout
             return fanout.next_round(
-                live.run, state, attempt, len(items), answers, wait, payload_of, self.host, wake_at
-            )
+                state, len(items), int(cfg.get("concurrency") or 1), answers, wait, make_child,
+                wake_at,
+            )  # fmt: skip
         except TemplateError as exc:
             return Failed("TemplateError", str(exc), retryable=False)
+
+    def _branches_ended(
+        self,
+        live: _Live,
+        state: State,
+        attempt: int,
+        answers: dict[int, Any],
+        outcome: Outcome | None,
+    ) -> Outcome | None:
+        """A parallel step ends: its output maps each branch to its output, and the records
+        of the branches' steps are copied to this run (`steps.<id>` reads them after it)."""
+        if not isinstance(outcome, Done | Failed):
+            return outcome
+        branches = state.config["branches"]
+        copied: list[StepRecord] = []
+        for index in sorted(answers):
+            child = child_run_id(live.run.id, fanout.item_key(state.id, index), attempt)
+            inside = {s.id for s in descendants(live.machine, state.id, branches[index]["name"])}
+            copied += [
+                StepRecord(
+                    s.step_key,
+                    s.status,
+                    s.attempts,
+                    s.started_at,
+                    output=s.output,
+                    error=s.error,
+                    wake_at=s.wake_at,
+                    wait=s.wait,
+                )
+                for s in self.store.get_steps(child)
+                if s.step_key in inside
+            ]
+        live.copied = tuple(copied)
+        if isinstance(outcome, Done):
+            return Done({b["name"]: out for b, out in zip(branches, outcome.output, strict=True)})
+        return outcome
 
     def park(self, live: _Live, state: State, stored: StepState) -> None:
         """Release a waiting run to whoever claims it when it is due, unless its answer is
@@ -581,7 +639,7 @@ class Runner:
         elapsed: float,
         cancel_runs: tuple[str, ...] = (),
     ) -> Transition:
-        return decide(
+        transition = decide(
             live.machine,
             state,
             attempt,
@@ -595,6 +653,10 @@ class Runner:
             logs=tuple(logger.drain()),
             cancel_runs=cancel_runs,
         )
+        if live.copied:  # a parallel ended: its branches' step records go with it
+            transition = replace(transition, also=(*live.copied, *transition.also))
+            live.copied = ()
+        return fanout.within_branch(live.machine, live.run, transition)
 
     # executing one attempt ----------------------------------------------------------------
     def _attempt(
@@ -623,7 +685,7 @@ class Runner:
                 return Skipped()
         except TemplateError as exc:
             return Failed("TemplateError", str(exc), retryable=False)
-        if state.kind == "for_each" and "workflow" in state.config:
+        if state.kind == "parallel" or (state.kind == "for_each" and "workflow" in state.config):
             return self._children_round(live, state, attempt, {}, None) or Failed(
                 "Empty", "nothing to start", retryable=False
             )
@@ -673,7 +735,9 @@ class Runner:
             s.id: {"output": None, "status": "pending", "attempts": 0, "error": None}
             for s in machine.states
         }
-        for key, st in live.steps.items():
+        if run.trigger.get("kind") == "branch" and live.inherited is None:
+            live.inherited = self._inherited(run)  # a parallel's branch: what ran before it
+        for key, st in [*(live.inherited or {}).items(), *live.steps.items()]:
             if key in steps:
                 steps[key] = {
                     "output": st.output,
@@ -695,6 +759,16 @@ class Runner:
             "trigger": run.trigger,
             "env": {name: os.environ[name] for name in machine.env if name in os.environ},
         }
+
+    def _inherited(self, run: Run) -> dict[str, StepState]:
+        """The step records a branch run's templates see beside its own: its parent's (and,
+        for a branch of a branch, its parent's parent's), which do not change while the
+        parallel step runs."""
+        out: dict[str, StepState] = {}
+        while run.trigger.get("kind") == "branch" and run.parent_run_id is not None:
+            run = self.store.get_run(run.parent_run_id)
+            out = {**{s.step_key: s for s in self.store.get_steps(run.id)}, **out}
+        return out
 
     def _output(self, live: _Live, last: StepRecord) -> Any:
         """The run's output, with `last` (the step completing the run) in scope."""
