@@ -31,7 +31,6 @@ __all__ = [
     "alternative_rows",
     "any_wait",
     "decided",
-    "is_alternative_key",
     "wait_names",
     "waiting_alternatives",
     "wake_at",
@@ -75,10 +74,6 @@ def wait_names(wait: dict[str, Any] | None) -> tuple[str, ...]:
 
 def alternative_key(step_key: str, name: str) -> str:
     return f"{step_key}{SEPARATOR}{name}"
-
-
-def is_alternative_key(step_key: str) -> bool:
-    return SEPARATOR in step_key
 
 
 def alternative_rows(step_key: str, attempt: int, wait: dict[str, Any]) -> list[dict[str, Any]]:

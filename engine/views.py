@@ -151,6 +151,13 @@ def waiting_view(run: Run, step: StepState | None, machine: Machine) -> dict[str
     elif kind == "child":
         view |= {"run_id": wait.get("run_id"), "workflow": wait.get("workflow")}
         view["command"] = f"durable-yaml runs show {wait.get('run_id')}"
+    elif kind == "children":  # a for_each's child runs, a parallel's branch runs
+        view |= {
+            "items": wait.get("items"),
+            "started": wait.get("started"),
+            "ended": wait.get("answered"),
+        }
+        view["command"] = f"durable-yaml runs show {run.id}"  # its children are listed there
     elif kind == "any":  # wait_for_any: each alternative as its own wait would show
         view["wake_at"] = iso(step.wake_at)  # the earliest `wait` alternative wins then
         view["alternatives"] = [

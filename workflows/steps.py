@@ -61,3 +61,29 @@ def make_image(prompt: str, ctx: StepContext) -> dict[str, str]:
 @step("ai.publish")
 def publish(episode_id: str, title: str, summary: str, image_url: str) -> dict[str, str]:
     return {"url": f"https://blog.example.com/{episode_id}", "title": title}
+
+
+class CardDeclined(Exception):
+    """The card was refused: not retried, the order's `catch` releases its stock."""
+
+
+@step("orders.reserve")
+def reserve(order_id: str, items: list[str]) -> dict[str, object]:
+    return {"reservation": f"r-{order_id}", "items": len(items)}
+
+
+@step("orders.fraud_score")
+def fraud_score(amount: float) -> dict[str, float]:
+    return {"risk": 0.9 if amount > 10_000 else 0.1}
+
+
+@step("orders.charge")
+def charge(order_id: str, amount: float) -> dict[str, object]:
+    if amount < 0:
+        raise CardDeclined(f"card declined for order {order_id}")
+    return {"order_id": order_id, "charged": amount}
+
+
+@step("orders.release")
+def release(reservation: str) -> dict[str, str]:
+    return {"released": reservation}

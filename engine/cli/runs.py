@@ -208,6 +208,9 @@ def _waiting_line(w: dict[str, Any]) -> str:
         "token": lambda: f"token {w['token']}",
         "timer": lambda: f"a timer, waking at {w['wake_at']}",
         "child": lambda: f"child run {w['run_id']} of {w['workflow']}",
+        "children": lambda: (
+            f"its child runs: {w['ended']} of {w['items']} ended ({w['started']} started)"
+        ),
         "any": lambda: "the first of: " + ", ".join(_alternative(a) for a in w["alternatives"]),
     }.get(w["kind"], lambda: f"{w['kind']} {json.dumps(w.get('wait'), default=str)}")()
     deadline = f"; times out at {w['deadline']}" if w.get("deadline") else ""

@@ -196,3 +196,17 @@ def test_sigkill_in_the_fan_out_starts_no_child_twice_and_loses_none(
     assert steps["fan"].attempts == 2  # the first attempt died in its commit
     calls = [json.loads(line)["n"] for line in (tmp_path / "calls.log").read_text().splitlines()]
     assert sorted(calls) == sorted([*items, 5])  # only the killed child's step ran again
+
+
+def test_runs_show_says_how_many_children_have_ended(engine: Engine, db_url: str) -> None:
+    from tests.conftest import cli
+
+    run_id = start(engine, [1, 2, 3, 4])
+    kid = children(engine, run_id)[0]
+    worker(engine).drive(kid.id)
+    worker(engine).drive(run_id)
+    waiting = run_detail(engine.store, engine.store.get_run(run_id))["waiting"]
+    assert (waiting["kind"], waiting["items"], waiting["ended"]) == ("children", 4, 1)
+    assert waiting["started"] == 4  # the ended child made room for the fourth
+    shown = cli("runs", "show", run_id, env={"DURABLE_YAML_DB": db_url})
+    assert "for its child runs: 1 of 4 ended (4 started)" in shown.stdout, shown.stdout
