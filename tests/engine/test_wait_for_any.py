@@ -297,3 +297,62 @@ def test_runs_show_and_the_dashboard_say_what_it_waits_for(engine: Engine, db_ur
         "the first of approved (event review.approved), rejected (event review.rejected), "
         "human (a token), reminder (a timer)"
     )
+
+
+def test_sigkill_while_the_winner_is_committed_resumes_with_the_same_winner(
+    tmp_path: Path, db_url: str
+) -> None:
+    """The event has won; the process taking the answer is killed inside the commit that
+    would end the step; the next resume ends it with that winner, once."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from engine.store import open_store
+    from tests.conftest import ROOT, cli
+
+    env = {"DURABLE_YAML_DB": db_url, "DURABLE_YAML_WORKFLOWS": str(FLOWS)}
+    started = cli("run", "decision", "--payload", json.dumps({"doc": "k1"}), env=env)
+    assert "waiting" in started.stdout + started.stderr, started.stdout + started.stderr
+    store = open_store(db_url)
+    try:
+        (run,) = store.list_runs()
+        sent = cli("send", "review.approved", "--payload", json.dumps({"doc": "k1"}), env=env)
+        assert sent.returncode == 0, sent.stderr
+        assert index_rows_of(store, run.id) == []  # the winning event withdrew the others
+        killed = subprocess.Popen(
+            [sys.executable, "-m", "engine", "resume", run.id],
+            cwd=tmp_path,
+            env={
+                **os.environ,
+                **env,
+                "PYTHONPATH": str(ROOT),
+                "DURABLE_YAML_PAUSE": "store.commit.written=60",
+            },
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.time() + 30
+        while time.time() < deadline and store.get_run(run.id).lease_owner is None:
+            time.sleep(0.05)
+        time.sleep(1.0)  # it has taken the answer and sleeps inside the step's commit
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(timeout=30)
+        assert store.get_run(run.id).status != RunStatus.COMPLETED
+        decide = next(s for s in store.get_steps(run.id) if s.step_key == "decide")
+        assert decide.status.value == "waiting"  # nothing of that commit was kept
+        resumed = cli("resume", run.id, env=env)
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+        done = store.get_run(run.id)
+        assert done.status == RunStatus.COMPLETED
+        assert done.output == {"winner": "approved", "data": {"doc": "k1"}}
+        logs = [e.message for e in store.get_logs(run.id) if e.message.startswith("decided")]
+        assert logs == ["decided approved"]
+    finally:
+        store.close()
+
+
+def index_rows_of(store: Any, run_id: str) -> list[str]:
+    return [s.step_key for s in store.get_steps(run_id) if "@" in s.step_key]
