@@ -210,3 +210,27 @@ def test_runs_show_says_how_many_children_have_ended(engine: Engine, db_url: str
     assert waiting["started"] == 4  # the ended child made room for the fourth
     shown = cli("runs", "show", run_id, env={"DURABLE_YAML_DB": db_url})
     assert "for its child runs: 1 of 4 ended (4 started)" in shown.stdout, shown.stdout
+
+
+def test_the_timeout_bounds_the_whole_fan_out_on_the_virtual_clock(engine: Engine) -> None:
+    machine = engine.workflow("kids-timeout")
+    payload = {"items": [1, 2, 3]}
+    new = engine.new_run(machine, payload, {"kind": "manual"})
+    run_id = worker(engine).start(machine, payload, new=new).id
+    first, _ = children(engine, run_id)  # concurrency 2
+    worker(engine).drive(first.id)
+    (fan,) = [s for s in engine.store.get_steps(run_id) if s.step_key == "fan"]
+    assert fan.wake_at is not None
+    at = fan.wake_at
+    early = Runner(engine.store, foreground=False, host=engine, clock=lambda: at - 1)
+    assert early.drive(run_id).status == RunStatus.WAITING  # a round: the third child starts
+    assert len(children(engine, run_id)) == 3
+    late = Runner(engine.store, foreground=False, host=engine, clock=lambda: at + 1)
+    parent = late.drive(run_id)
+    assert parent.status == RunStatus.FAILED
+    assert parent.error == (
+        "step fan failed: TimeoutError: steps.fan timed out after 600s waiting for its "
+        "child runs (1 of 3 ended)"
+    )
+    statuses = sorted(k.status.value for k in children(engine, run_id))
+    assert statuses == ["cancelled", "cancelled", "completed"]
