@@ -21,18 +21,20 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from dsl import Machine, State
-from dsl.blocks import ancestors
+from dsl import Machine, State, TemplateError, render_value
+from dsl.blocks import ancestors, descendants
 
 from .errors import EngineError
 from .executor import Host, child_run_id
-from .models import NewRun, Run, RunStatus, StepStatus, Transition
+from .models import NewRun, Run, RunStatus, StepRecord, StepStatus, Transition
+from .store import Store
 from .transitions import Done, Failed, Outcome, Suspended
 
 __all__ = [
     "KIND",
     "active_children",
     "branch_child",
+    "children_round",
     "item_child",
     "item_key",
     "items_problem",
@@ -168,6 +170,96 @@ def _inside(machine: Machine, step_id: str | None, block: str) -> bool:
     if step_id is None or step_id.startswith("$"):
         return False
     return any(b == block for b, _ in ancestors(machine, step_id))
+
+
+def children_round(
+    store: Store,
+    host: Host,
+    machine: Machine,
+    run: Run,
+    state: State,
+    attempt: int,
+    answers: dict[int, Any],
+    wait: dict[str, Any] | None,
+    deadline: float | None,
+    now: float,
+    scope_of: Callable[[], dict[str, Any]],
+) -> tuple[Outcome | None, tuple[StepRecord, ...]]:
+    """One round of a for_each's items or a parallel's branches: `next_round` with the
+    children these steps make; a parallel that ends also returns its branches' step
+    records, to copy into the run. `deadline`: the parked step's (None on its first round,
+    which sets it from the step's `timeout`)."""
+    field = f"steps.{state.id}"
+    cfg = state.config
+    if wait is None and state.timeout is not None:
+        deadline = now + state.timeout
+    if state.kind == "parallel":
+        branches = cfg["branches"]
+        outcome = next_round(
+            state,
+            len(branches),
+            len(branches),
+            answers,
+            wait,
+            lambda i: branch_child(host, run, machine, state, attempt, i),
+            deadline,
+            lambda i: f"branch {branches[i]['name']}",
+        )
+        return _branches_ended(store, machine, run, state, attempt, answers, outcome)
+    scope = scope_of()
+    try:
+        items = render_value(cfg["items"], scope, f"{field}.for_each")
+        problem = items_problem(field, items)
+        if problem is not None:
+            return problem, ()
+
+        def make_child(index: int) -> NewRun:
+            item_scope = {**scope, cfg["as"]: items[index]}
+            payload = render_value(cfg["payload"], item_scope, f"{field}.payload")
+            return item_child(host, run, state, attempt, payload, index)
+
+        limit = int(cfg.get("concurrency") or 1)
+        return next_round(state, len(items), limit, answers, wait, make_child, deadline), ()
+    except TemplateError as exc:
+        return Failed("TemplateError", str(exc), retryable=False), ()
+
+
+def _branches_ended(
+    store: Store,
+    machine: Machine,
+    run: Run,
+    state: State,
+    attempt: int,
+    answers: dict[int, Any],
+    outcome: Outcome | None,
+) -> tuple[Outcome | None, tuple[StepRecord, ...]]:
+    """A parallel step ends: its output maps each branch to its output, and the records of
+    the ended branches' steps go with it (`steps.<id>` reads them after the step)."""
+    if not isinstance(outcome, Done | Failed):
+        return outcome, ()
+    branches = state.config["branches"]
+    copied: list[StepRecord] = []
+    for index in sorted(answers):
+        child = child_run_id(run.id, item_key(state.id, index), attempt)
+        inside = {s.id for s in descendants(machine, state.id, branches[index]["name"])}
+        copied += [
+            StepRecord(
+                s.step_key,
+                s.status,
+                s.attempts,
+                s.started_at,
+                output=s.output,
+                error=s.error,
+                wake_at=s.wake_at,
+                wait=s.wait,
+            )
+            for s in store.get_steps(child)
+            if s.step_key in inside
+        ]
+    if isinstance(outcome, Done):
+        output = {b["name"]: out for b, out in zip(branches, outcome.output, strict=True)}
+        return Done(output), tuple(copied)
+    return outcome, tuple(copied)
 
 
 def active_children(

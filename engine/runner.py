@@ -20,11 +20,10 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from dsl import BLOCK_KINDS, Machine, State, TemplateError, compile_expression, render_value
-from dsl.blocks import descendants
 
 from . import answers, blocks, fanout
 from .errors import LeaseLost, RunBusy, ValueNotStorable
-from .executor import Attempt, Host, child_run_id, execute
+from .executor import Attempt, Host, execute
 from .models import (
     ACTIVE_STATUSES,
     Answer,
@@ -443,83 +442,23 @@ class Runner:
         answers: dict[int, Any],
         wait: dict[str, Any] | None,
     ) -> Outcome | None:
-        """One round of a step that starts child runs: a for_each's items, a parallel's
-        branches (engine/fanout.py)."""
-        field = f"steps.{state.id}"
-        host, cfg, run = self.host, state.config, live.run
-        if host is None:
-            return Failed("Unsupported", f"{field}: child runs need the engine", retryable=False)
+        """One round of a step that starts child runs (engine/fanout.py)."""
+        if self.host is None:
+            return Failed("Unsupported", f"steps.{state.id}: child runs need the engine", False)
         stored = live.steps.get(state.id)
-        if wait is not None:  # parked before: its deadline stays
-            wake_at = stored.wake_at if stored is not None else None
-        else:
-            wake_at = None if state.timeout is None else self.clock() + state.timeout
-        if state.kind == "parallel":
-            branches = cfg["branches"]
-            outcome = fanout.next_round(
-                state,
-                len(branches),
-                len(branches),
-                answers,
-                wait,
-                lambda i: fanout.branch_child(host, run, live.machine, state, attempt, i),
-                wake_at,
-                lambda i: f"branch {branches[i]['name']}",
-            )
-            return self._branches_ended(live, state, attempt, answers, outcome)
-        scope = self._scope(live)
-        try:
-            items = render_value(cfg["items"], scope, f"{field}.for_each")
-            problem = fanout.items_problem(field, items)
-            if problem is not None:
-                return problem
-
-            def make_child(index: int) -> NewRun:
-                item_scope = {**scope, cfg["as"]: items[index]}
-                payload = render_value(cfg["payload"], item_scope, f"{field}.payload")
-                return fanout.item_child(host, run, state, attempt, payload, index)
-
-            return fanout.next_round(
-                state, len(items), int(cfg.get("concurrency") or 1), answers, wait, make_child,
-                wake_at,
-            )  # fmt: skip
-        except TemplateError as exc:
-            return Failed("TemplateError", str(exc), retryable=False)
-
-    def _branches_ended(
-        self,
-        live: _Live,
-        state: State,
-        attempt: int,
-        answers: dict[int, Any],
-        outcome: Outcome | None,
-    ) -> Outcome | None:
-        """A parallel step ends: its output maps each branch to its output, and the records
-        of the branches' steps are copied to this run (`steps.<id>` reads them after it)."""
-        if not isinstance(outcome, Done | Failed):
-            return outcome
-        branches = state.config["branches"]
-        copied: list[StepRecord] = []
-        for index in sorted(answers):
-            child = child_run_id(live.run.id, fanout.item_key(state.id, index), attempt)
-            inside = {s.id for s in descendants(live.machine, state.id, branches[index]["name"])}
-            copied += [
-                StepRecord(
-                    s.step_key,
-                    s.status,
-                    s.attempts,
-                    s.started_at,
-                    output=s.output,
-                    error=s.error,
-                    wake_at=s.wake_at,
-                    wait=s.wait,
-                )
-                for s in self.store.get_steps(child)
-                if s.step_key in inside
-            ]
-        live.copied = tuple(copied)
-        if isinstance(outcome, Done):
-            return Done({b["name"]: out for b, out in zip(branches, outcome.output, strict=True)})
+        outcome, live.copied = fanout.children_round(
+            self.store,
+            self.host,
+            live.machine,
+            live.run,
+            state,
+            attempt,
+            answers,
+            wait,
+            stored.wake_at if stored is not None and wait is not None else None,
+            self.clock(),
+            lambda: self._scope(live),
+        )
         return outcome
 
     def park(self, live: _Live, state: State, stored: StepState) -> None:
