@@ -105,6 +105,7 @@ class _Live:
     started_at: float
     answer: Answer | None = None  # found when the run parked: it stayed leased to go on
     inherited: dict[str, StepState] | None = None  # a branch run's: the steps before it
+    root: Run | None = None  # a branch run's: the run whose parallel step started it
     copied: tuple[StepRecord, ...] = ()  # a parallel that ends: its branches' step records
 
 
@@ -675,7 +676,7 @@ class Runner:
             for s in machine.states
         }
         if run.trigger.get("kind") == "branch" and live.inherited is None:
-            live.inherited = self._inherited(run)  # a parallel's branch: what ran before it
+            live.root, live.inherited = self._inherited(run)  # what ran before the parallel
         for key, st in [*(live.inherited or {}).items(), *live.steps.items()]:
             if key in steps:
                 steps[key] = {
@@ -684,6 +685,7 @@ class Runner:
                     "attempts": st.attempts,
                     "error": st.error if st.status == StepStatus.FAILED else None,
                 }
+        run = live.root or run  # a branch's templates see the run it is a branch of
         started = run.started_at or run.created_at
         return {
             "payload": run.payload,
@@ -699,15 +701,15 @@ class Runner:
             "env": {name: os.environ[name] for name in machine.env if name in os.environ},
         }
 
-    def _inherited(self, run: Run) -> dict[str, StepState]:
-        """The step records a branch run's templates see beside its own: its parent's (and,
-        for a branch of a branch, its parent's parent's), which do not change while the
-        parallel step runs."""
+    def _inherited(self, run: Run) -> tuple[Run, dict[str, StepState]]:
+        """What a branch run's templates see beside its own steps: the run whose parallel
+        step started it (`run.*`, `trigger`) and that run's step records (and, for a branch
+        of a branch, its parent's), which do not change while the parallel step runs."""
         out: dict[str, StepState] = {}
         while run.trigger.get("kind") == "branch" and run.parent_run_id is not None:
             run = self.store.get_run(run.parent_run_id)
             out = {**{s.step_key: s for s in self.store.get_steps(run.id)}, **out}
-        return out
+        return run, out
 
     def _output(self, live: _Live, last: StepRecord) -> Any:
         """The run's output, with `last` (the step completing the run) in scope."""

@@ -64,7 +64,7 @@ def test_parallel_is_drawn_with_a_frame_per_branch() -> None:
     for line in (
         'state "thumbs" as checks__thumbs',
         "checks --> thumb : thumbs",
-        "checks --> ocr : text",
+        "checks --> where : text",
         "thumb_size --> checks : ok",
         "checks --> after : all branches done",
         "checks --> failed : failed",

@@ -67,7 +67,7 @@ def test_each_branch_is_a_run_any_worker_can_take_and_the_output_maps_them(
     assert parent.status == RunStatus.WAITING and parent.lease_owner is None
     kids = branches(engine, run_id)
     assert sorted(kids) == ["meta", "text", "thumbs"]
-    for name, first in (("thumbs", "thumb"), ("text", "ocr"), ("meta", "skip_me")):
+    for name, first in (("thumbs", "thumb"), ("text", "where"), ("meta", "skip_me")):
         kid = kids[name]
         assert kid.status == RunStatus.QUEUED and kid.next_at is not None  # claimable
         assert kid.definition_hash == parent.definition_hash  # pinned like the parent
@@ -86,6 +86,8 @@ def test_each_branch_is_a_run_any_worker_can_take_and_the_output_maps_them(
     }
     logs = [entry.message for entry in engine.store.get_logs(run_id)]
     assert "thumb=thumb of u1 ocr=text of u1" in logs
+    # templates in a branch see the run it is a branch of, not the branch run
+    assert steps["where"].output == f"branch of {run_id}, started by manual"
     detail = run_detail(engine.store, done)
     assert sorted(detail["children"]) == sorted(k.id for k in kids.values())
     shown = {s["id"]: s["status"] for s in detail["steps"]}
@@ -125,12 +127,13 @@ def test_the_machine_holds_the_branches_and_round_trips(engine: Engine) -> None:
     state = machine.state("checks")
     assert state.config["branches"] == [
         {"name": "thumbs", "first": "thumb", "last": "thumb_size"},
-        {"name": "text", "first": "ocr", "last": "ocr"},
+        {"name": "text", "first": "where", "last": "ocr"},
         {"name": "meta", "first": "skip_me", "last": "skip_me"},
     ]
     assert [(s.id, s.parent, s.branch, s.next) for s in machine.states if s.parent] == [
         ("thumb", "checks", "thumbs", "thumb_size"),
         ("thumb_size", "checks", "thumbs", "checks"),
+        ("where", "checks", "text", "ocr"),
         ("ocr", "checks", "text", "checks"),
         ("skip_me", "checks", "meta", "checks"),
     ]
