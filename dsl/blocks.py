@@ -74,6 +74,10 @@ def _catch_lists(raw: dict[str, Any]) -> list[tuple[Path, str, Any]]:
 
 
 # Other modules add their kinds here (dsl/fanout.py: parallel).
+NestedCompiler = Callable[
+    ["_Checker", Path, dict[str, Any], State, Collection[str], bool], tuple[State, list[State]]
+]
+NESTED_COMPILERS: dict[str, NestedCompiler] = {}
 NESTED_LISTS: dict[str, NestedLists] = {
     "switch": _switch_lists,
     "repeat": _repeat_lists,
@@ -245,7 +249,10 @@ def compile_nested(
 ) -> list[State]:
     """The raw step's own state (completed with what its blocks add), then its nested states."""
     nested: list[State] = []
-    if own.kind == "switch":
+    if own.kind in NESTED_COMPILERS:  # another module's block kind (dsl/fanout.py: parallel)
+        own, inside = NESTED_COMPILERS[own.kind](c, where, raw, own, earlier, handler)
+        nested.extend(inside)
+    elif own.kind == "switch":
         own, cases = _compile_switch(c, where, raw.get("switch"), own, earlier, handler)
         nested.extend(cases)
     elif own.kind == "repeat":
@@ -443,6 +450,8 @@ _NOT_IN_REPEAT = {
     "wait_for_token": "a later round could take an earlier round's token",
     "run_workflow": "a later round could take an earlier round's child run",
     "for_each": "a later round would take the earlier round's items as done",
+    "wait_for_any": "a later round could take an earlier round's answer",
+    "parallel": "a later round could take an earlier round's branch runs",
 }
 
 

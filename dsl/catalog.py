@@ -141,7 +141,7 @@ def check_paths(
         machines.append(machine)
     for machine in machines:
         for state in machine.states:
-            target = state.config.get("workflow") if state.kind == "run_workflow" else None
+            target = state.starts_workflow
             if target is not None and target not in catalog.workflows:
                 catalog.problems.append(
                     Problem(
@@ -166,11 +166,7 @@ def _cycles(machines: list[Machine]) -> list[Problem]:
     """A workflow that starts itself through `run_workflow`, directly or through others,
     would nest runs without end: one problem at each such workflow's first step on the cycle."""
     calls: dict[str, list[tuple[str, State]]] = {
-        m.workflow_id: [
-            (s.config["workflow"], s)
-            for s in m.states
-            if s.kind == "run_workflow" and isinstance(s.config.get("workflow"), str)
-        ]
+        m.workflow_id: [(s.starts_workflow, s) for s in m.states if s.starts_workflow is not None]
         for m in machines
     }
     problems = []

@@ -20,6 +20,7 @@ from . import blocks
 from .cron import CronError, check_cron, check_timezone
 from .durations import DurationError, InstantError, parse_duration, parse_instant
 from .errors import Problem, TemplateError
+from .fanout import compile_for_each_children, compile_wait_for_any
 from .loader import Path, Positions, field_name
 from .model import COMPLETED, FAILED, STEP_KINDS, Machine, QueueSpec, RetryPolicy, State, Trigger
 from .schema_check import closest
@@ -409,6 +410,8 @@ def _step(
     kinds = [k for k in STEP_KINDS if k in raw]
     if "for_each" in kinds and "call" in kinds:
         kinds.remove("call")
+    if "for_each" in kinds and "run_workflow" in kinds:
+        kinds.remove("run_workflow")
     if len(kinds) != 1:
         if kinds:
             listed = ", ".join(f"`{k}`" for k in kinds)
@@ -482,14 +485,28 @@ def _step(
                 f"`{raw['run_workflow']}` runs itself: a workflow cannot start itself",
             )
         config = {"workflow": raw["run_workflow"], "payload": tmpl("payload") or {}}
+    elif kind == "wait_for_any":
+        config = compile_wait_for_any(c, where, raw, earlier)
+    elif kind == "parallel":
+        config = {"branches": []}  # compile_parallel fills it in (dsl/blocks.py)
     elif kind == "for_each":
         name = raw.get("as", "item")
         if not isinstance(name, str):  # the schema reports it; keep compiling the rest
             name = "item"
         if name in _SCOPE:
             c.problem((*where, "as"), f"`{name}` is already a name in templates; choose another")
-        if "call" not in raw:
-            c.problem(where, "a `for_each` step needs `call`: the function run for each element")
+        if "call" in raw and "run_workflow" in raw:
+            c.problem(
+                where,
+                "a `for_each` step has either `call` (a function per element) or "
+                "`run_workflow` (a child run per element), not both",
+            )
+        elif "call" not in raw and "run_workflow" not in raw:
+            c.problem(
+                where,
+                "a `for_each` step needs `call` (the function run for each element) or "
+                "`run_workflow` (the workflow started for each element)",
+            )
         items = raw["for_each"]
         if isinstance(items, str):
             if not is_template(items):
@@ -506,6 +523,8 @@ def _step(
             "concurrency": raw.get("concurrency", 1),
         }
         c.template((*where, "with"), raw.get("with"), earlier, (name,))
+        if "run_workflow" in raw and "call" not in raw:
+            config = compile_for_each_children(c, where, raw, earlier, config)
     return State(
         id=step_id,
         kind=kind,

@@ -22,6 +22,8 @@ def _edges(machine: Machine) -> list[tuple[str, str, str]]:
             edges.append((s.id, s.next, "until holds" if s.config.get("until") else "max rounds"))
         elif lists and s.kind == "switch":
             edges.append((s.id, s.next, "case done"))
+        elif lists and s.kind == "parallel":  # its branches run at once, as child runs
+            edges.append((s.id, s.next, "all branches done"))
         else:
             edges.append((s.id, s.next, "skip / ok" if s.when else "ok"))
         if s.retry and s.retry.max_attempts > 1:
@@ -30,6 +32,7 @@ def _edges(machine: Machine) -> list[tuple[str, str, str]]:
             edges.append((s.id, s.id, "wait"))
         can_fail = s.retry is not None  # the compiler gives a retry policy to what can fail
         can_fail = can_fail or (s.kind == "repeat" and s.config.get("until") is not None)
+        can_fail = can_fail or s.kind == "parallel"  # a failing branch fails it
         if not (can_fail or s.handler):
             continue
         target, _, caught = failure_route(machine, s, (), any_error=True)

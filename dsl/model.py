@@ -38,14 +38,23 @@ STEP_KINDS = (
     "wait_until",
     "wait_for_event",
     "wait_for_token",
+    "wait_for_any",
     "send_event",
     "run_workflow",
     "for_each",
+    "parallel",
     "switch",
     "repeat",
 )
 BLOCK_KINDS = ("switch", "repeat")  # steps whose own state opens nested lists (dsl/blocks.py)
-WAIT_KINDS = ("wait", "wait_until", "wait_for_event", "wait_for_token", "run_workflow")
+WAIT_KINDS = (
+    "wait",
+    "wait_until",
+    "wait_for_event",
+    "wait_for_token",
+    "wait_for_any",
+    "run_workflow",
+)
 
 
 @dataclass(frozen=True)
@@ -103,12 +112,33 @@ class State:
     def label(self) -> str:
         detail = {
             "call": self.config.get("function"),
-            "for_each": self.config.get("function"),
+            "for_each": self.config.get("function")
+            or (f"run_workflow {self.config['workflow']}" if "workflow" in self.config else None),
             "wait_for_event": self.config.get("event"),
             "send_event": self.config.get("event"),
             "run_workflow": self.config.get("workflow"),
+            "wait_for_any": " | ".join(a["name"] for a in self.config.get("alternatives", [])),
         }.get(self.kind)
         return f"{self.kind} {detail}" if detail else self.kind
+
+    @property
+    def starts_workflow(self) -> str | None:
+        """The workflow this step starts child runs of (run_workflow, or for_each with it)."""
+        if self.kind in ("run_workflow", "for_each"):
+            target = self.config.get("workflow")
+            return target if isinstance(target, str) else None
+        return None
+
+    @property
+    def listens_for(self) -> str | tuple[str, ...] | None:
+        """The event name(s) this step waits for: a `wait_for_event`'s, or those of a
+        `wait_for_any`'s event alternatives (sorted); None for any other step."""
+        if self.kind == "wait_for_event":
+            return str(self.config["event"])
+        if self.kind == "wait_for_any":
+            names = {a["event"] for a in self.config["alternatives"] if a["kind"] == "event"}
+            return tuple(sorted(names)) or None
+        return None
 
 
 # State fields added with nesting: left out of the hash when empty, so a definition without

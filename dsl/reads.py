@@ -37,10 +37,12 @@ def output_reads(machine: Machine, step_id: str, under: _Path = ()) -> dict[str,
     return _nest(found)
 
 
-def example_answer(machine: Machine, step_id: str, given: Mapping[str, Any]) -> dict[str, Any]:
+def example_answer(
+    machine: Machine, step_id: str, given: Mapping[str, Any], under: _Path = ()
+) -> dict[str, Any]:
     """`given` (e.g. a wait's match values, which must be sent as they are) over the fields
-    the workflow reads from the step's output."""
-    answer = output_reads(machine, step_id)
+    the workflow reads from the step's output (below `under`: see `output_reads`)."""
+    answer = output_reads(machine, step_id, under)
     answer.update(given)
     return answer
 

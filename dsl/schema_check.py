@@ -143,7 +143,7 @@ def _explain(error: ValidationError, root: Any, positions: Positions, path: str)
                 f"is {len(instance)} characters long; at most {error.validator_value} are allowed"
             )
         ]
-    if kind in ("minItems", "minLength"):
+    if kind in ("minItems", "minLength", "minProperties"):
         return [at_value("must not be empty")]
     if kind == "uniqueItems":
         return [at_value("has repeated items")]

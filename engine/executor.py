@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from dsl import State, TemplateError, render_value
 from dsl.limits import JSON_SIZE_MAX
 
+from . import answers
 from .errors import EngineError, ValueNotStorable
 from .inputs import InputInvalid, check_json, loggable
 from .models import Emission, NewRun, Run
@@ -208,6 +209,17 @@ def _wait_for_token(a: Attempt) -> Outcome:
     return Suspended(_deadline(a), {"kind": "token", "token": secrets.token_urlsafe(18)})
 
 
+def _wait_for_any(a: Attempt) -> Outcome:
+    alternatives = a.state.config["alternatives"]
+    match = [
+        a.render(alt["match"], f"wait_for_any.{alt['name']}.match")
+        for alt in alternatives
+        if alt["kind"] == "event"
+    ]
+    wait = answers.any_wait(alternatives, a.now, match)
+    return Suspended(answers.wake_at(wait), wait)
+
+
 def _send_event(a: Attempt) -> Outcome:
     payload = a.render(a.state.config["payload"], "payload")
     if a.host is None:
@@ -351,6 +363,7 @@ _KINDS: dict[str, Callable[[Attempt], Outcome]] = {
     "wait_until": _wait_until,
     "wait_for_event": _wait_for_event,
     "wait_for_token": _wait_for_token,
+    "wait_for_any": _wait_for_any,
     "send_event": _send_event,
     "run_workflow": _run_workflow,
     "for_each": _for_each,

@@ -203,7 +203,8 @@ class NewRun:
     idempotency_key: str | None = None
     available_at: float | None = None  # a delayed run is not claimable before this
     parent_attempt: int | None = None
-    first_wait_event: str | None = None  # its first step waits for this event (see lock_names)
+    # its first step waits for this event, or these (a wait_for_any; see lock_names)
+    first_wait_event: str | tuple[str, ...] | None = None
     tags: tuple[str, ...] = ()  # "key:value", searchable (dy_run_tags)
     ttl: float | None = None  # seconds from creation: not started by then -> expired
 
@@ -265,7 +266,8 @@ class Transition:
     emission: Emission | None = None  # a send_event step's event, stored with its result
     children: tuple[NewRun, ...] = ()  # child runs started by a waiting run_workflow step
     cancel_runs: tuple[str, ...] = ()  # runs to cancel (a child whose wait ended otherwise)
-    reach_event: str | None = None  # the step it begins waits for this event (see lock_names)
+    # the step it begins waits for this event, or these (a wait_for_any; see lock_names)
+    reach_event: str | tuple[str, ...] | None = None
     metadata: dict[str, Any] | None = None  # keys a step set on ctx.metadata, merged into the run
     also: tuple[StepRecord, ...] = ()  # other steps' records: a block's (engine/blocks.py)
 
@@ -282,6 +284,8 @@ class Transition:
             or self.also
             or self.status in (RunStatus.WAITING, RunStatus.CANCELLED)
             or (self.record is not None and self.record.attempt_status)
+            # a wait_for_any that ends deletes the index rows of its alternatives (answers.py)
+            or (self.record is not None and (self.record.wait or {}).get("kind") == "any")
         )
 
 

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from dsl import BLOCK_KINDS, Machine, State, TemplateError, compile_expression, render_value
 
-from . import blocks
+from . import answers, blocks, fanout
 from .errors import LeaseLost, RunBusy, ValueNotStorable
 from .executor import Attempt, Host, execute
 from .models import (
@@ -104,6 +104,9 @@ class _Live:
     steps: dict[str, StepState]
     started_at: float
     answer: Answer | None = None  # found when the run parked: it stayed leased to go on
+    inherited: dict[str, StepState] | None = None  # a branch run's: the steps before it
+    root: Run | None = None  # a branch run's: the run whose parallel step started it
+    copied: tuple[StepRecord, ...] = ()  # a parallel that ends: its branches' step records
 
 
 class _Heartbeats:
@@ -361,6 +364,9 @@ class Runner:
             else:  # back-off over: claiming begins the next attempt
                 self._reclaim_live(live)
             return
+        if (stored.wait or {}).get("kind") == fanout.KIND:
+            self._continue_children(live, state, stored, logger, due)
+            return
         if state.kind == "repeat":  # the delay between two rounds
             if not due:
                 self.driver.not_due(live, state, stored)
@@ -395,6 +401,66 @@ class Runner:
             kept = replace(transition.record, wake_at=stored.wake_at, wait=stored.wait)
             transition = replace(transition, record=kept)
         self._commit(live, transition, logger)
+
+    def _continue_children(
+        self, live: _Live, state: State, stored: StepState, logger: StepLogger, due: bool
+    ) -> None:
+        """A for_each's child runs: start the next ones, or end the step (engine/fanout.py)."""
+        live.answer = None
+        answers = self.store.child_answers(live.run.id, state.id, stored.attempts)
+        wait = stored.wait or {}
+        outcome: Outcome | None
+        if due:  # the step's timeout
+            outcome = Failed(
+                "TimeoutError",
+                f"steps.{state.id} timed out after {state.timeout or 0:g}s waiting for its "
+                f"child runs ({len(answers)} of {wait.get('items')} ended)",
+                retryable=True,
+                attempt_status="timed_out",
+            )
+        else:
+            outcome = self._children_round(live, state, stored.attempts, answers, wait)
+        if outcome is None:
+            self.driver.not_due(live, state, stored)
+            return
+        cancel: tuple[str, ...] = ()
+        if isinstance(outcome, Failed):  # its still active children are withdrawn with it
+            cancel = fanout.active_children(live.run.id, state.id, stored.attempts, wait, answers)
+        self.reporter.step_ended(live.run, state, stored.attempts, outcome, 0.0)
+        transition = self._decide(
+            live, state, stored.attempts, stored.started_at, outcome, logger, 0.0, cancel
+        )
+        self._commit(live, transition, logger)
+        if isinstance(outcome, Suspended) and live.run.lease_owner is None:
+            self.reporter.waiting(live.run, state, outcome.wake_at, outcome.wait)
+            self.driver.parked(live, state, live.steps[state.id])
+
+    def _children_round(
+        self,
+        live: _Live,
+        state: State,
+        attempt: int,
+        answers: dict[int, Any],
+        wait: dict[str, Any] | None,
+    ) -> Outcome | None:
+        """One round of a step that starts child runs (engine/fanout.py)."""
+        if self.host is None:
+            return Failed("Unsupported", f"steps.{state.id}: child runs need the engine", False)
+        stored = live.steps.get(state.id)
+        outcome, live.copied = fanout.children_round(
+            self.store,
+            self.host,
+            live.machine,
+            live.run,
+            state,
+            attempt,
+            answers,
+            wait,
+            stored.wake_at if stored is not None and wait is not None else None,
+            self.clock(),
+            lambda: self._scope(live),
+        )
+        return outcome
 
     def park(self, live: _Live, state: State, stored: StepState) -> None:
         """Release a waiting run to whoever claims it when it is due, unless its answer is
@@ -522,7 +588,7 @@ class Runner:
         elapsed: float,
         cancel_runs: tuple[str, ...] = (),
     ) -> Transition:
-        return decide(
+        transition = decide(
             live.machine,
             state,
             attempt,
@@ -541,6 +607,10 @@ class Runner:
                 if blocks.is_open(st)
             },
         )
+        if live.copied:  # a parallel ended: its branches' step records go with it
+            transition = replace(transition, also=(*live.copied, *transition.also))
+            live.copied = ()
+        return fanout.within_branch(live.machine, live.run, transition)
 
     # executing one attempt ----------------------------------------------------------------
     def _attempt(
@@ -569,6 +639,10 @@ class Runner:
                 return Skipped()
         except TemplateError as exc:
             return Failed("TemplateError", str(exc), retryable=False)
+        if state.kind == "parallel" or (state.kind == "for_each" and "workflow" in state.config):
+            return self._children_round(live, state, attempt, {}, None) or Failed(
+                "Empty", "nothing to start", retryable=False
+            )
         if state.kind in BLOCK_KINDS:
             return blocks.open_block(machine, state, live.steps, scope, now)
         done_items = (
@@ -615,7 +689,9 @@ class Runner:
             s.id: {"output": None, "status": "pending", "attempts": 0, "error": None}
             for s in machine.states
         }
-        for key, st in live.steps.items():
+        if run.trigger.get("kind") == "branch" and live.inherited is None:
+            live.root, live.inherited = self._inherited(run)  # what ran before the parallel
+        for key, st in [*(live.inherited or {}).items(), *live.steps.items()]:
             if key in steps:
                 steps[key] = {
                     "output": st.output,
@@ -623,6 +699,7 @@ class Runner:
                     "attempts": st.attempts,
                     "error": st.error if st.status == StepStatus.FAILED else None,
                 }
+        run = live.root or run  # a branch's templates see the run it is a branch of
         started = run.started_at or run.created_at
         return {
             "payload": run.payload,
@@ -637,6 +714,16 @@ class Runner:
             "trigger": run.trigger,
             "env": {name: os.environ[name] for name in machine.env if name in os.environ},
         }
+
+    def _inherited(self, run: Run) -> tuple[Run, dict[str, StepState]]:
+        """What a branch run's templates see beside its own steps: the run whose parallel
+        step started it (`run.*`, `trigger`) and that run's step records (and, for a branch
+        of a branch, its parent's), which do not change while the parallel step runs."""
+        out: dict[str, StepState] = {}
+        while run.trigger.get("kind") == "branch" and run.parent_run_id is not None:
+            run = self.store.get_run(run.parent_run_id)
+            out = {**{s.step_key: s for s in self.store.get_steps(run.id)}, **out}
+        return run, out
 
     def _output(self, live: _Live, last: StepRecord) -> Any:
         """The run's output, with `last` (the step completing the run) in scope."""
@@ -653,16 +740,18 @@ class Runner:
         return render_value(machine.output, scope, "output")
 
 
-def _wait_event(machine: Machine, step_id: str | None) -> str | None:
-    """The event step `step_id` waits for, if it is a wait_for_event step."""
+def _wait_event(machine: Machine, step_id: str | None) -> str | tuple[str, ...] | None:
+    """The event(s) step `step_id` waits for, if it is a wait_for_event or wait_for_any."""
     if step_id is None:
         return None
-    state = machine.state(step_id)
-    return str(state.config["event"]) if state.kind == "wait_for_event" else None
+    return machine.state(step_id).listens_for
 
 
 def _answered(state: State, stored: StepState, answer: Answer) -> Outcome:
     """The outcome of a wait, from the answer that won it."""
+    if state.kind == "wait_for_any" and answer.kind != "cancel":
+        winner, data = answers.decided(stored.wait or {}, answer)
+        return Done({"winner": winner, "data": data})
     if answer.kind == "timeout":
         if state.kind in TIMER_KINDS:
             return Done(None)
@@ -768,19 +857,25 @@ class ForegroundDriver:
         the parent goes on here, or is followed while a worker drives it. A child that waits
         for something external leaves its parent waiting too."""
         r = self.runner
-        child = (stored.wait or {}).get("run_id")
-        if state.kind != "run_workflow" or not child:
+        wait = stored.wait or {}
+        if wait.get("kind") == fanout.KIND:  # a for_each's children, one after another
+            answers = r.store.child_answers(live.run.id, state.id, stored.attempts)
+            kids = fanout.active_children(live.run.id, state.id, stored.attempts, wait, answers)
+        elif state.kind == "run_workflow" and wait.get("run_id"):
+            kids = (wait["run_id"],)
+        else:
             return
         runner = Runner(
             r.store, foreground=True, host=r.host, reporter=r.reporter, clock=r.clock, sleep=r.sleep
         )
-        try:
-            kid: Run | None = runner.drive(child)
-        except RunBusy:
-            kid = None  # a worker executes it
-            r.sleep(self.QUEUE_POLL)
-        if kid is not None and not kid.finished:
-            return
+        for child in kids:
+            try:
+                kid: Run | None = runner.drive(child)
+            except RunBusy:
+                kid = None  # a worker executes it
+                r.sleep(self.QUEUE_POLL)
+            if kid is not None and not kid.finished:
+                return
         while True:
             try:
                 reclaimed = r._reclaim(live.run.id)

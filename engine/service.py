@@ -50,10 +50,9 @@ __all__ = ["Engine", "validate_payload"]
 RESAVE_SECONDS = 3600.0  # a definition in use is saved again this often (retention keeps it)
 
 
-def first_wait_event(machine: Machine) -> str | None:
-    """The event a run of `machine` waits for at its first step, if it does."""
-    first = machine.state(machine.start)
-    return str(first.config["event"]) if first.kind == "wait_for_event" else None
+def first_wait_event(machine: Machine) -> str | tuple[str, ...] | None:
+    """The event(s) a run of `machine` waits for at its first step, if it does."""
+    return machine.state(machine.start).listens_for
 
 
 def validate_payload(machine: Machine, payload: Any) -> None:

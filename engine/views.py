@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from dsl import Machine
 
+from .answers import waiting_alternatives
 from .models import Attempt, LogEntry, Run, RunStatus, StepState
 from .tracebacks import user_traceback
 
@@ -152,8 +153,44 @@ def waiting_view(run: Run, step: StepState | None, machine: Machine) -> dict[str
     elif kind == "child":
         view |= {"run_id": wait.get("run_id"), "workflow": wait.get("workflow")}
         view["command"] = f"durable-yaml runs show {wait.get('run_id')}"
+    elif kind == "children":  # a for_each's child runs, a parallel's branch runs
+        view |= {
+            "items": wait.get("items"),
+            "started": wait.get("started"),
+            "ended": wait.get("answered"),
+        }
+        view["command"] = f"durable-yaml runs show {run.id}"  # its children are listed there
+    elif kind == "any":  # wait_for_any: each alternative as its own wait would show
+        view["wake_at"] = iso(step.wake_at)  # the earliest `wait` alternative wins then
+        view["alternatives"] = [
+            _alternative_view(run, machine, step.step_key, alt)
+            for alt in waiting_alternatives(wait)
+        ]
+        view["command"] = view["alternatives"][0]["command"] if view["alternatives"] else None
     else:  # a kind this view does not know yet: what is stored, as it is
         view["wait"] = wait
+    return view
+
+
+def _alternative_view(
+    run: Run, machine: Machine, step_key: str, alt: dict[str, Any]
+) -> dict[str, Any]:
+    """One alternative of a waiting wait_for_any, with the command that makes it win. The
+    answer's fields are read from the step's output's `data` (`steps.<id>.output.data`)."""
+    from dsl.reads import example_answer
+
+    view = dict(alt)
+    if alt["kind"] == "event":
+        answer = example_answer(machine, step_key, alt["match"] or {}, under=("data",))
+        view["command"] = (
+            f"durable-yaml send {shlex.quote(alt['event'])} --payload {_quoted(answer)}"
+        )
+    elif alt["kind"] == "token":
+        answer = example_answer(machine, step_key, {}, under=("data",))
+        view["command"] = f"durable-yaml complete {alt['token']} --data {_quoted(answer)}"
+    else:
+        view["wake_at"] = iso(view.pop("at"))
+        view["command"] = f"durable-yaml resume {run.id}"
     return view
 
 

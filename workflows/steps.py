@@ -64,35 +64,26 @@ def publish(episode_id: str, title: str, summary: str, image_url: str) -> dict[s
 
 
 class CardDeclined(Exception):
-    """The card issuer said no: retrying will not help (order-fulfilment catches it)."""
+    """The card was refused: not retried, the order's `catch` releases its stock."""
 
 
-@step("orders.reserve_stock")
-def reserve_stock(order_id: str, items: list[dict[str, object]]) -> dict[str, object]:
-    units = sum(int(str(item["qty"])) for item in items)
-    return {"order_id": order_id, "reserved": units}
+@step("orders.reserve")
+def reserve(order_id: str, items: list[str]) -> dict[str, object]:
+    return {"reservation": f"r-{order_id}", "items": len(items)}
 
 
 @step("orders.fraud_score")
-def fraud_score(order_id: str, total: float) -> dict[str, object]:
-    """A stand-in for a risk service: large orders score high."""
-    return {"order_id": order_id, "score": 90 if total >= 1000 else 10}
+def fraud_score(amount: float) -> dict[str, float]:
+    return {"risk": 0.9 if amount > 10_000 else 0.1}
 
 
 @step("orders.charge")
 def charge(order_id: str, amount: float) -> dict[str, object]:
-    """A stand-in for a payment API: totals ending in .13 are declined."""
-    if round(amount * 100) % 100 == 13:
+    if amount < 0:
         raise CardDeclined(f"card declined for order {order_id}")
     return {"order_id": order_id, "charged": amount}
 
 
-@step("orders.release_stock")
-def release_stock(order_id: str, reason: str) -> dict[str, str]:
-    return {"order_id": order_id, "released": reason}
-
-
-@step("orders.ship")
-def ship(order_id: str, service: str) -> dict[str, str]:
-    digest = hashlib.sha256(order_id.encode()).hexdigest()[:8]
-    return {"order_id": order_id, "service": service, "tracking": f"TRK-{digest}"}
+@step("orders.release")
+def release(reservation: str) -> dict[str, str]:
+    return {"released": reservation}

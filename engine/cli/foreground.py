@@ -155,6 +155,13 @@ def _how_to_continue(engine: Engine, run: Run) -> str:
             f"event {shlex.quote(wait['event'])}" if "event" in wait else f"token {wait['token']}"
         )
         return f"it waits for {what}: `{view['command']}`, {then}"
+    if wait.get("kind") == "any":
+        machine = Machine.from_json(engine.store.load_definition(run.definition_hash))
+        alternatives = (waiting_view(run, step, machine) or {}).get("alternatives") or []
+        answers = "; or ".join(
+            f"{a['name']}: `{a['command']}`" for a in alternatives if a["kind"] != "timer"
+        )
+        return f"it waits for the first of its alternatives - {answers}, {then}"
     if wait.get("kind") == "child":
         child = engine.store.get_run(wait["run_id"])
         if child.status.value == "waiting":  # say what the child waits for

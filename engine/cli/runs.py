@@ -210,10 +210,27 @@ def _waiting_line(w: dict[str, Any]) -> str:
         "token": lambda: f"token {w['token']}",
         "timer": lambda: f"a timer, waking at {w['wake_at']}",
         "child": lambda: f"child run {w['run_id']} of {w['workflow']}",
+        "children": lambda: (
+            f"its child runs: {w['ended']} of {w['items']} ended ({w['started']} started)"
+        ),
+        "any": lambda: "the first of: " + ", ".join(_alternative(a) for a in w["alternatives"]),
     }.get(w["kind"], lambda: f"{w['kind']} {json.dumps(w.get('wait'), default=str)}")()
     deadline = f"; times out at {w['deadline']}" if w.get("deadline") else ""
     line = f"waiting at step {w['step']} since {w['since']} for {what}{deadline}"
+    if w["kind"] == "any":  # one command per alternative: whichever is used first wins
+        return line + "".join(
+            f"\n  {a['name']}: {a['command']}" for a in w["alternatives"] if a["kind"] != "timer"
+        )
     return line + (f"\n  to continue: {w['command']}" if w.get("command") else "")
+
+
+def _alternative(a: dict[str, Any]) -> str:
+    """One alternative of a wait_for_any, as `runs show` names it."""
+    if a["kind"] == "event":
+        return f"{a['name']} (event {a['event']} matching {json.dumps(a['match'], default=str)})"
+    if a["kind"] == "token":
+        return f"{a['name']} (token {a['token']})"
+    return f"{a['name']} (a timer, at {a['wake_at']})"
 
 
 def _traceback(step: dict[str, Any], verbose: bool) -> str | None:

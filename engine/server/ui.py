@@ -83,6 +83,24 @@ def waiting_for(wait: dict[str, Any] | None, wake_at: str | None, step: str) -> 
             "until": wake_at,
             "until_word": "timeout",
         }
+    if kind == "children":  # a for_each's child runs, a parallel's branch runs
+        return {
+            "text": f"its child runs ({wait.get('answered')} of {wait.get('items')} ended)",
+            "step": step,
+            "until": wake_at,
+            "until_word": "timeout",
+        }
+    if kind == "any":  # wait_for_any: the first of its alternatives
+        names = []
+        for alt in wait.get("alternatives") or []:
+            what = {"event": f"event {alt.get('event')}", "token": "a token", "timer": "a timer"}
+            names.append(f"{alt['name']} ({what.get(alt['kind'], alt['kind'])})")
+        return {
+            "text": "the first of " + ", ".join(names),
+            "step": step,
+            "until": wake_at,
+            "until_word": "the timer wins",
+        }
     if kind == "child":
         return {
             "text": f"child run of {wait.get('workflow')}",

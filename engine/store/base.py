@@ -83,6 +83,10 @@ class Store(Protocol):
         """The answer to a wait; with `timed_out`, a timeout is written first unless the
         wait was answered already (the first answer wins, atomically)."""
 
+    def child_answers(self, run_id: str, step_id: str, attempt: int) -> dict[int, Any]:
+        """The results of the child runs a for_each step's attempt started that have ended,
+        by item index (a read: each was written once, by its child's last commit)."""
+
     def now(self) -> float:
         """The database's clock: leases, timers, rate windows and cron fires use it."""
 

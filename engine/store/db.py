@@ -191,16 +191,20 @@ class Db:
         """`q` taking row locks (PostgreSQL); SQLite's BEGIN IMMEDIATE already serialises."""
         return q.with_for_update(skip_locked=skip_locked) if self.is_postgres else q
 
-    def lock_names(self, c: Connection, names: Iterable[str | None], now: float) -> float:
+    def lock_names(
+        self, c: Connection, names: Iterable[str | tuple[str, ...] | None], now: float
+    ) -> float:
         """Transaction-long locks on event names (PostgreSQL advisory locks, taken in sorted
         order so two transactions never wait for each other; SQLite's write lock is held
         already), then the database's time, read under them.
 
         Whatever records an event, or makes a run reach a `wait_for_event` of that name, takes
         this lock and stamps its write with the time read under it: for one name, those
-        stamps are in commit order, so "recorded after the run reached the step" is exact."""
+        stamps are in commit order, so "recorded after the run reached the step" is exact.
+        A tuple among `names` is a wait_for_any's names: each is locked."""
         if self.is_postgres:
-            for name in sorted({n for n in names if n}):
+            flat = {n for item in names for n in (item if isinstance(item, tuple) else (item,))}
+            for name in sorted(n for n in flat if n):
                 c.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:n))"), {"n": name})
         return max(now, self.now())  # (a caller's clock may run ahead: tests, virtual time)
 

@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.engine import Connection
 
+from ..answers import ANY, decided
 from ..errors import NotFound, TokenError
 from ..models import Emission, NewEvent, NewRun, RunStatus, Sent
 from ..pauses import pause_point
@@ -155,6 +156,24 @@ class Events:
             winner = self.inbox.read(c, run_id, step_key, row["attempt"])
             if winner is None and not self._run_exists(c, run_id):  # purged meanwhile
                 raise NotFound(f"no run is waiting for token {token}")
+            wait = (
+                c.execute(
+                    select(t.steps.c.wait).where(
+                        t.steps.c.run_id == run_id, t.steps.c.step_key == step_key
+                    )
+                ).scalar()
+                or {}
+            )
+            if (
+                winner is not None
+                and winner.kind not in ("cancel", "token")
+                and wait.get("kind") == ANY
+            ):
+                first, _ = decided(wait, winner)
+                raise TokenError(
+                    f"token {token} (run {run_id}, step {step_key}) was withdrawn: "
+                    f"the wait_for_any's alternative `{first}` happened first"
+                )
             why = {
                 "token": "was already completed; a token completes once",
                 "timeout": "timed out before it was completed",

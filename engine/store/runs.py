@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Connection
 
+from ..answers import ANY, wait_names
 from ..errors import LeaseLost, NotFound, RunBusy, ValueNotStorable
 from ..models import (
     ACTIVE_STATUSES,
@@ -273,7 +274,7 @@ class Runs:
         new_runs = [*tr.children, *(tr.emission.runs if tr.emission else ())]
         names = [
             tr.emission.event.name if tr.emission else None,
-            wait.get("event") if wait.get("kind") == "event" else None,
+            *wait_names(wait),
             tr.reach_event,
             *(r.first_wait_event for r in new_runs),
         ]
@@ -327,17 +328,26 @@ class Runs:
             self._answer_parent(
                 c, row, child_result(run_id, tr.status.value, tr.output, tr.error), now
             )
+        pause_point("store.commit.written")  # all written, nothing committed yet
         return TransitionResult(bool(row["cancel_requested"]), answer, output)
 
     def _record_step_extras(self, c: Connection, run_id: str, rec: StepRecord, now: float) -> None:
-        """What a step record writes beside its row: a token, a failed attempt."""
+        """What a step record writes beside its row: a token, a failed attempt, the index
+        rows of a wait_for_any's alternatives (written as it parks, deleted as it ends)."""
         wait = rec.wait or {}
-        if rec.status == StepStatus.WAITING and wait.get("kind") == "token":
+        tokens = [wait] if wait.get("kind") == "token" else []
+        if wait.get("kind") == ANY:
+            tokens = [a for a in wait.get("alternatives") or [] if a["kind"] == "token"]
+            if rec.status == StepStatus.WAITING:
+                self.inbox.index_alternatives(c, run_id, rec.step_key, rec.attempt, wait)
+            else:
+                self.inbox.withdraw_alternatives(c, run_id, rec.step_key)
+        for token in tokens if rec.status == StepStatus.WAITING else ():
             self.db.insert_ignore(
                 c,
                 t.tokens,
                 {
-                    "token": wait["token"],
+                    "token": token["token"],
                     "run_id": run_id,
                     "step_key": rec.step_key,
                     "attempt": rec.attempt,
@@ -498,7 +508,7 @@ class Runs:
         if step_key is None:
             return
         step = c.execute(
-            select(t.steps.c.attempts).where(
+            select(t.steps.c.attempts, t.steps.c.wait).where(
                 t.steps.c.run_id == row["id"],
                 t.steps.c.step_key == step_key,
                 t.steps.c.status == StepStatus.WAITING.value,
@@ -507,6 +517,8 @@ class Runs:
         if step is None:
             return
         self.inbox.deliver(c, row["id"], step_key, step.attempts, "cancel", None, now, wake=False)
+        if (step.wait or {}).get("kind") == ANY:
+            self.inbox.withdraw_alternatives(c, row["id"], step_key)
         c.execute(
             update(t.steps)
             .where(t.steps.c.run_id == row["id"], t.steps.c.step_key == step_key)

@@ -191,6 +191,11 @@ class SqlStore:
         return self.inbox.take(run_id, step_key, attempt, now, timed_out=timed_out)
 
     @translate
+    def child_answers(self, run_id: str, step_id: str, attempt: int) -> dict[int, Any]:
+        with self.db.read() as c:
+            return self.inbox.item_answers(c, run_id, step_id, attempt)
+
+    @translate
     def heartbeat(self, run_id: str, lease: Lease, now: float, logs: Sequence[NewLog]) -> bool:
         return self.runs.heartbeat(run_id, lease, now, logs)
 

@@ -9,6 +9,9 @@ either seen by the park or makes the parked run claimable: none is missed.
 
 Event senders and waiters of one event name also serialise on a lock of that name, so an
 event and a park that run at the same time see each other one way or the other.
+
+A `wait_for_any` is one wait like any other: its alternatives all answer the same
+(run, step, attempt), so the first of them wins by the same conflict (engine/answers.py).
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
+from ..answers import ANY, SEPARATOR, alternative_rows, wait_names
 from ..models import Answer, RunStatus, StepStatus
 from ..pauses import pause_point
 from . import schema as t
 from .db import Db
 
-__all__ = ["Inbox", "payload_matches"]
+__all__ = ["Inbox", "event_winner", "payload_matches"]
 
 
 def payload_matches(match: Any, payload: Any) -> bool:
@@ -35,6 +39,19 @@ def payload_matches(match: Any, payload: Any) -> bool:
             k in payload and payload_matches(v, payload[k]) for k, v in match.items()
         )
     return bool(match == payload)
+
+
+def event_winner(wait: dict[str, Any], name: str, payload: Any) -> str | None:
+    """The first alternative of a wait_for_any (in document order) that an event `name`
+    with `payload` answers, or None."""
+    for alt in wait.get("alternatives") or []:
+        if (
+            alt["kind"] == "event"
+            and alt["event"] == name
+            and payload_matches(alt["match"], payload)
+        ):
+            return str(alt["name"])
+    return None
 
 
 WAKE_RUN = (
@@ -143,12 +160,21 @@ class Inbox:
         if answer is not None:
             return answer
         wait = step.wait or {}
+        if wait.get("kind") == ANY and wait_names(wait):
+            since = run["step_since"] or run["created_at"]
+            own = (run["trigger"] or {}).get("event_id")
+            return self._take_stored_any(
+                c, run["id"], step_key, step.attempts, wait, since, now, own
+            )
         if wait.get("kind") == "event":
             since = (run["step_since"] or run["created_at"]) - float(wait.get("lookback") or 0)
             own = (run["trigger"] or {}).get("event_id")
             return self._take_stored_event(
                 c, run["id"], step_key, step.attempts, wait, since, now, own
             )
+        if wait.get("kind") == "children":  # for_each with run_workflow (engine/fanout.py)
+            count = len(self.item_answers(c, run["id"], step_key, step.attempts))
+            return Answer("children", count) if count > int(wait.get("answered") or 0) else None
         if wait.get("kind") == "child" and wait.get("run_id"):
             child = c.execute(
                 select(t.runs.c.status, t.runs.c.output, t.runs.c.error).where(
@@ -209,12 +235,93 @@ class Inbox:
                 return self.read(c, run_id, step_key, attempt)
         return None
 
+    def _take_stored_any(
+        self,
+        c: Connection,
+        run_id: str,
+        step_key: str,
+        attempt: int,
+        wait: dict[str, Any],
+        since: float,
+        now: float,
+        trigger_event: str | None,
+    ) -> Answer | None:
+        """A wait_for_any's `_take_stored_event`: the first event recorded since `since` that
+        one of its event alternatives matches wins, for that alternative."""
+        consumed = select(t.inbox.c.event_id).where(
+            t.inbox.c.run_id == run_id, t.inbox.c.event_id.isnot(None)
+        )
+        rows = c.execute(
+            select(t.events.c.id, t.events.c.name, t.events.c.payload)
+            .where(
+                t.events.c.name.in_(wait_names(wait)),
+                t.events.c.created_at >= since,
+                t.events.c.id.not_in(consumed),
+                sa.or_(t.events.c.source_run_id.is_(None), t.events.c.source_run_id != run_id),
+                t.events.c.id != (trigger_event or ""),
+            )
+            .order_by(t.events.c.created_at, t.events.c.id)
+        )
+        for row in rows:
+            winner = event_winner(wait, row.name, row.payload)
+            if winner is None:
+                continue
+            data = {"winner": winner, "data": row.payload}
+            if self.deliver(
+                c, run_id, step_key, attempt, "event", data, now, event_id=row.id, wake=False
+            ):
+                return Answer("event", data, row.id)
+            return self.read(c, run_id, step_key, attempt)
+        return None
+
+    def item_answers(
+        self, c: Connection, run_id: str, step_id: str, attempt: int
+    ) -> dict[int, Any]:
+        """The answers of the child runs a for_each step's attempt started, by item index
+        (each child answers the key `<step>[index]`)."""
+        rows = c.execute(
+            select(t.inbox.c.step_key, t.inbox.c.data).where(
+                t.inbox.c.run_id == run_id,
+                t.inbox.c.step_key.startswith(step_id + "[", autoescape=True),
+                t.inbox.c.attempt == attempt,
+            )
+        )
+        return {int(row.step_key[len(step_id) + 1 : -1]): row.data for row in rows}
+
+    def index_alternatives(
+        self, c: Connection, run_id: str, step_key: str, attempt: int, wait: dict[str, Any]
+    ) -> None:
+        """A wait_for_any parks: one `dy_steps` row per event alternative, found by the
+        event index (`wait_event`) and answering the step's attempt (answers.py)."""
+        for row in alternative_rows(step_key, attempt, wait):
+            values = {
+                "run_id": run_id,
+                "status": StepStatus.WAITING.value,
+                "output": None,
+                "error": None,
+                "started_at": None,
+                "finished_at": None,
+                "wake_at": None,
+                **row,
+            }
+            updates = ["status", "attempts", "wait", "wait_event"]
+            self.db.upsert(c, t.steps, values, ["run_id", "step_key"], updates)
+
+    def withdraw_alternatives(self, c: Connection, run_id: str, step_key: str) -> None:
+        """A wait_for_any's wait has ended: its alternatives' index rows go."""
+        c.execute(
+            sa.delete(t.steps).where(
+                t.steps.c.run_id == run_id,
+                t.steps.c.step_key.startswith(step_key + SEPARATOR, autoescape=True),
+            )
+        )
+
     def deliver_event(
         self, c: Connection, event_id: str, name: str, payload: Any, now: float
     ) -> list[str]:
         """An event was just stored (its name locked): answer every parked wait for it that
         matches; the ids of the runs it resumed."""
-        rows = c.execute(
+        found = c.execute(
             select(t.steps.c.run_id, t.steps.c.step_key, t.steps.c.attempts, t.steps.c.wait)
             .where(
                 t.steps.c.wait_event == name,
@@ -222,15 +329,36 @@ class Inbox:
             )
             .order_by(t.steps.c.run_id, t.steps.c.step_key)
         ).all()
+        # a wait_for_any's alternatives of one step in document order: the first that
+        # matches is the one this event answers for
+        rows = sorted(found, key=_answering_order)
+        pause_point("inbox.deliver_event.matched")
         resumed = []
         for row in rows:
-            if not payload_matches((row.wait or {}).get("match") or {}, payload):
+            wait = row.wait or {}
+            if not payload_matches(wait.get("match") or {}, payload):
                 continue
+            target = wait.get("answers")
+            if target is None:
+                if self.deliver(
+                    c, row.run_id, row.step_key, row.attempts, "event", payload, now,
+                    event_id=event_id,
+                ):  # fmt: skip
+                    resumed.append(row.run_id)
+                continue
+            data = {"winner": wait["alternative"], "data": payload}
             if self.deliver(
-                c, row.run_id, row.step_key, row.attempts, "event", payload, now, event_id=event_id
+                c, row.run_id, target, row.attempts, "event", data, now, event_id=event_id
             ):
                 resumed.append(row.run_id)
+            # won or lost (a timeout, a token or another event was first): the wait is over
+            self.withdraw_alternatives(c, row.run_id, target)
         return resumed
+
+
+def _answering_order(row: Any) -> tuple[str, str, int]:
+    wait = row.wait or {}
+    return (row.run_id, wait.get("answers") or row.step_key, wait.get("index", 0))
 
 
 _ACTIVE = (RunStatus.QUEUED.value, RunStatus.RUNNING.value, RunStatus.WAITING.value)

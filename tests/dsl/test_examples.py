@@ -20,6 +20,7 @@ def test_every_example_validates_against_its_registered_steps() -> None:
         "health-check",
         "hourly-report",
         "ai-pipeline",
+        "order-fulfilment",
     }
     for machine in catalog.workflows.values():
         again = Machine.from_json(machine.to_json())

@@ -75,7 +75,7 @@ def test_ai_pipeline_with_a_worker_and_a_reviewer(tmp_path: Path, db_url: str) -
         out, _ = worker.communicate(timeout=30)
         engine.close()
     assert worker.returncode == 0, out
-    assert out.startswith("worker ") and "4 workflows (2 scheduled)" in out.splitlines()[0]
+    assert out.startswith("worker ") and "5 workflows (2 scheduled)" in out.splitlines()[0]
 
 
 def test_schedules_follow_added_and_removed_files(tmp_path: Path, sqlite_url: str) -> None:

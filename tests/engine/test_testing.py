@@ -76,7 +76,7 @@ def test_stubs_are_put_back(workflow_env: Callable[..., Env]) -> None:
 def test_the_test_command_runs_every_example_test() -> None:
     done = cli("test", cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "5 passed, 0 failed" in done.stdout
+    assert "8 passed, 0 failed" in done.stdout
     assert "Traceback" not in done.stderr
 
 
