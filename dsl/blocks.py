@@ -260,7 +260,7 @@ def compile_nested(
         nested.extend(body)
     if isinstance(raw.get("catch"), dict):
         # a handler runs after a step inside the block failed: it may read any of them
-        inside = [
+        inner_ids = [
             s["id"]
             for key, lists in NESTED_LISTS.items()
             if key != "catch" and key in raw
@@ -268,7 +268,7 @@ def compile_nested(
             for s in _raw_steps(steps)
             if isinstance(s.get("id"), str)
         ]
-        own, handlers = _compile_catch(c, where, raw["catch"], own, [*earlier, *inside], handler)
+        own, handlers = _compile_catch(c, where, raw["catch"], own, [*earlier, *inner_ids], handler)
         nested.extend(handlers)
     return [own, *nested]
 
