@@ -24,6 +24,16 @@ from typing import Any
 
 from .models import Answer
 
+
+def new_token() -> str:
+    """A token for `complete`: URL-safe and never starting with `-`, which a command line
+    would read as an option (`durable-yaml complete -aK...` was "No such option")."""
+    while True:
+        token = secrets.token_urlsafe(18)
+        if not token.startswith("-"):
+            return token
+
+
 __all__ = [
     "ANY",
     "SEPARATOR",
@@ -31,6 +41,7 @@ __all__ = [
     "alternative_rows",
     "any_wait",
     "decided",
+    "new_token",
     "wait_names",
     "waiting_alternatives",
     "wake_at",
@@ -50,7 +61,7 @@ def any_wait(alternatives: list[dict[str, Any]], now: float, match: list[Any]) -
         if alt["kind"] == "event":
             entry |= {"event": alt["event"], "match": next(matches)}
         elif alt["kind"] == "token":
-            entry["token"] = secrets.token_urlsafe(18)
+            entry["token"] = new_token()
         else:
             entry["at"] = now + float(alt["seconds"])
         out.append(entry)

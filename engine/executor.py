@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import json
-import secrets
 import threading
 import time
 import traceback
@@ -206,7 +205,7 @@ def _wait_for_event(a: Attempt) -> Outcome:
 
 
 def _wait_for_token(a: Attempt) -> Outcome:
-    return Suspended(_deadline(a), {"kind": "token", "token": secrets.token_urlsafe(18)})
+    return Suspended(_deadline(a), {"kind": "token", "token": answers.new_token()})
 
 
 def _wait_for_any(a: Attempt) -> Outcome:

@@ -254,3 +254,13 @@ def test_cli_exit_3_and_how_to_continue(tmp_path: Path, db_url: str) -> None:
     )
     not_json = cli("send", "review.done", "--payload", "nope", cwd=tmp_path, env=env)
     assert not_json.returncode == 2 and "--payload: is not valid JSON" in not_json.stderr
+
+
+def test_a_token_never_starts_with_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One token in 64 drawn from token_urlsafe began with `-`, and `durable-yaml complete
+    -aK...` then said "No such option '-a'" (seen in CI's hitl test): such draws are skipped."""
+    from engine import answers
+
+    draws = iter(["-aKaMcwuj92f78cDKgqqCH7w", "-x", "bKaMcwuj92f78cDKgqqCH7w"])
+    monkeypatch.setattr(answers.secrets, "token_urlsafe", lambda n: next(draws))
+    assert answers.new_token() == "bKaMcwuj92f78cDKgqqCH7w"
