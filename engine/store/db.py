@@ -117,8 +117,13 @@ class Db:
             # statement invalidates the pool (SQLAlchemy's own handling) and the caller
             # sees a DatabaseError, as for any failure of the database
             self.engine = sa.create_engine(url, pool_size=10, max_overflow=20)
+            dialect = self.engine.dialect
+
+            def ping_if_idle(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+                _ping_if_idle(dialect, dbapi_connection, record)
+
             event.listen(self.engine, "checkin", _mark_idle)
-            event.listen(self.engine, "checkout", _ping_if_idle)
+            event.listen(self.engine, "checkout", ping_if_idle)
         else:
             raise ConfigError(
                 f"unsupported database {parsed.drivername!r}; use sqlite:/// or postgresql://"
@@ -262,7 +267,7 @@ def _mark_idle(dbapi_connection: Any, record: Any) -> None:
     record.info["dy_idle_since"] = time.monotonic()
 
 
-def _ping_if_idle(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+def _ping_if_idle(dialect: sa.engine.Dialect, dbapi_connection: Any, record: Any) -> None:
     """Checkout: ping a connection that sat idle a while (as `pool_pre_ping` pings every
     one); if it is dead the pool replaces it (DisconnectionError: SQLAlchemy's documented
     way for a checkout listener to refuse a connection)."""
@@ -270,7 +275,7 @@ def _ping_if_idle(dbapi_connection: Any, record: Any, proxy: Any) -> None:
     if since is None or time.monotonic() - since < PING_IDLE_SECONDS:
         return
     try:
-        proxy._pool._dialect.do_ping(dbapi_connection)
+        dialect.do_ping(dbapi_connection)
     except Exception as exc:
         raise sa.exc.DisconnectionError(f"an idle connection was found dead: {exc}") from exc
 
