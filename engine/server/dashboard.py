@@ -85,8 +85,18 @@ def _waiting(detail: dict[str, Any]) -> dict[str, Any] | None:
             info = waiting_for(step.get("wait"), step.get("wake_at"), step["id"])
             if step["status"] == "retrying":
                 info = {**info, "text": "a retry", "until_word": "at"}
-            return {**info, **(step.get("wait") or {}), "step": step["id"]}
+            return {**info, **(step.get("wait") or {}), **_person(step), "step": step["id"]}
     return None
+
+
+def _person(step: dict[str, Any]) -> dict[str, Any]:
+    """A wait_for_any with a token alternative waits for a person too: that token (answering
+    it wins the wait, if nothing else did first)."""
+    wait = step.get("wait") or {}
+    if wait.get("kind") != "any":
+        return {}
+    token = next((a for a in wait.get("alternatives") or [] if a["kind"] == "token"), None)
+    return {"token": token["token"], "alternative": token["name"]} if token else {}
 
 
 def _replays(engine: Engine, run: Run) -> list[dict[str, Any]]:
@@ -175,7 +185,8 @@ def respond(
         (
             s
             for s in detail["steps"]
-            if s["status"] == "waiting" and (s.get("wait") or {}).get("kind") in ("token", "event")
+            if s["status"] == "waiting"
+            and ((s.get("wait") or {}).get("kind") in ("token", "event") or _person(s))
         ),
         None,
     )
@@ -185,8 +196,8 @@ def respond(
         answer: Any = {"approved": decision == "approve", "comment": comment}
     else:
         answer = parse_json(data or "null", "data")
-    wait = waiting["wait"]
-    if wait["kind"] == "token":
+    wait = {**waiting["wait"], **_person(waiting)}
+    if wait["kind"] in ("token", "any"):
         engine.complete_token(wait["token"], answer)
     else:
         payload = {

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -184,3 +185,33 @@ def test_sigkill_inside_a_branch_resumes_there(tmp_path: Path, db_url: str) -> N
     calls = [json.loads(line)["step"] for line in (tmp_path / "calls.log").read_text().splitlines()]
     assert sorted(calls) == sorted(["start", "thumb", "thumb_size", "thumb_size", "ocr"])
     assert ("thumb_size", 1, "crashed") in attempts
+
+
+def test_two_workers_run_two_branches_at_the_same_time(engine: Engine) -> None:
+    """Each branch's step waits until the other's has begun: only two workers executing
+    both branches at once let the run complete."""
+    import threading
+
+    from engine.runner import new_lease
+
+    machine = engine.workflow("meet")
+    new = engine.new_run(machine, {}, {"kind": "manual"})
+    run_id = worker(engine).start(machine, {}, new=new).id
+
+    def executor(name: str) -> None:
+        lease = new_lease()
+        runner = Runner(engine.store, lease, foreground=False, host=engine)
+        deadline = time.time() + 10
+        while (run := engine.store.claim_next_run(lease, engine.store.now())) is None:
+            assert time.time() < deadline, "no branch to claim"
+            time.sleep(0.01)  # another executor's claim was under way
+        runner.drive_claimed(run)
+
+    threads = [threading.Thread(target=executor, args=(n,), name=n) for n in ("w1", "w2")]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=30)
+    done = worker(engine).drive(run_id)
+    assert done.status == RunStatus.COMPLETED, done.error
+    assert sorted(done.output.values()) == ["w1", "w2"]  # one branch on each worker

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 
 from engine import NonRetryableError, StepContext, step
@@ -23,3 +24,13 @@ def echo(value: object, ctx: StepContext, fail: bool = False) -> object:
         os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(float(os.environ.get("PAR_SECONDS", "0")))
     return value
+
+
+MEETING = threading.Barrier(2, timeout=20)
+
+
+@step("par.meet")
+def meet(ctx: StepContext) -> str:
+    """Returns only once the other branch's step has come too: both run at once."""
+    MEETING.wait()
+    return threading.current_thread().name
