@@ -428,6 +428,7 @@ class Engine(Operations):
                     f"start it again with `durable-yaml runs replay {run_id}`"
                 )
             step, reopen = point
+            pause_point("service.resume.checked")
             self.store.reopen_failed_run(run_id, step, runner.lease, self.store.now(), reopen)
         return runner.drive(run_id)
 
