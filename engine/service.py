@@ -434,8 +434,9 @@ class Engine(Operations):
 
     def resume_point_of(self, run: Run) -> tuple[str, dict[str, dict[str, Any]]] | None:
         """The step whose failure failed the run, and the blocks it reopens (engine/blocks.py).
-        Read outside the run's lock: a failed run's steps change only by a reopen, which
-        the store makes only while the run is still failed."""
+        Read outside the run's lock: the store reopens the run only while it, and the step
+        read here, are still failed (another resume in between makes this one change
+        nothing)."""
         machine = Machine.from_json(self.store.load_definition(run.definition_hash))
         steps = {s.step_key: s for s in self.store.get_steps(run.id)}
         return resume_point(machine, steps, self.store.now())
