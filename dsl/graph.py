@@ -68,6 +68,11 @@ def _mermaid(text: str) -> str:
     return " ".join(text.split()).replace(";", ",").replace("%%", "%")
 
 
+def _mermaid_quoted(text: str) -> str:
+    """Mermaid text for inside `"..."` (a composite state's name): no `"` to close it."""
+    return '"' + _mermaid(text).replace('"', "'") + '"'
+
+
 def render_graph(machine: Machine, fmt: str = "mermaid") -> str:
     """The machine as text: `mermaid` (stateDiagram-v2) or `dot`."""
     edges = _edges(machine)
@@ -90,7 +95,9 @@ def render_graph(machine: Machine, fmt: str = "mermaid") -> str:
     lines += _mermaid_nodes(machine, None, None, "  ")
     for a, b, label in edges:
         end = "[*]" if b in (COMPLETED,) else _name(b)
-        lines.append(f"  {_name(a)} --> {end}" + (f" : {label}" if label else ""))
+        # a label may be a user's expression (a case's `when`): on one line, or a line
+        # break in it would start statements of its own
+        lines.append(f"  {_name(a)} --> {end}" + (f" : {_mermaid(label)}" if label else ""))
     lines.append("  failed --> [*]")
     return "\n".join(lines) + "\n"
 
@@ -121,7 +128,7 @@ def _mermaid_nodes(machine: Machine, parent: str | None, branch: str | None, pad
         lines.append(f"{pad}{s.id} : {_mermaid(_describe(s))}")
         for inner, _ in branch_lists(machine, s.id):
             box = f"{s.id}__{_mermaid_id(inner)}"
-            lines.append(f'{pad}state "{_mermaid(list_label(machine, s, inner))}" as {box}')
+            lines.append(f"{pad}state {_mermaid_quoted(list_label(machine, s, inner))} as {box}")
             lines.append(f"{pad}state {box} {{")
             lines += _mermaid_nodes(machine, s.id, inner, pad + "  ")
             lines.append(f"{pad}}}")

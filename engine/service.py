@@ -427,13 +427,15 @@ class Engine(Operations):
                     f"start it again with `durable-yaml runs replay {run_id}`"
                 )
             step, reopen = point
+            pause_point("service.resume.checked")
             self.store.reopen_failed_run(run_id, step, runner.lease, self.store.now(), reopen)
         return runner.drive(run_id)
 
     def resume_point_of(self, run: Run) -> tuple[str, dict[str, dict[str, Any]]] | None:
         """The step whose failure failed the run, and the blocks it reopens (engine/blocks.py).
-        Read outside the run's lock: a failed run's steps change only by a reopen, which
-        the store makes only while the run is still failed."""
+        Read outside the run's lock: the store reopens the run only while it, and the step
+        read here, are still failed (another resume in between makes this one change
+        nothing)."""
         machine = Machine.from_json(self.store.load_definition(run.definition_hash))
         steps = {s.step_key: s for s in self.store.get_steps(run.id)}
         return resume_point(machine, steps, self.store.now())

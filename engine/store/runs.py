@@ -432,7 +432,8 @@ class Runs:
         numbers continue; history is kept). `reopen`: other failed step rows (the blocks
         the failure left) and the columns each takes, and the step's own if it is not to
         be a retry. All under the run's lock, each row only while it is still failed; a run
-        that is not failed is returned as is (a second resume in between changes nothing)."""
+        that is not failed, or whose step is no longer failed, is returned as is (a second
+        resume in between changes nothing)."""
         rows = {step_key: {"status": StepStatus.RETRYING.value, "wake_at": now}, **(reopen or {})}
 
         def work(c: Connection) -> Run:
@@ -440,7 +441,7 @@ class Runs:
             if row["status"] != RunStatus.FAILED.value:
                 return run_from_row(row)
             for key, columns in rows.items():
-                c.execute(
+                changed = c.execute(
                     update(t.steps)
                     .where(
                         t.steps.c.run_id == run_id,
@@ -448,7 +449,12 @@ class Runs:
                         t.steps.c.status == StepStatus.FAILED.value,
                     )
                     .values(**columns, finished_at=None)
-                )
+                    .returning(t.steps.c.step_key)
+                ).first()
+                if key == step_key and changed is None:
+                    # the step was read failed, but another resume retried it since and the
+                    # run failed again elsewhere: going on at it would run it again
+                    return run_from_row(row)
             values = {
                 **self.db.lease_values(lease, now),
                 "status": RunStatus.WAITING.value,

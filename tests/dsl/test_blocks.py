@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -221,6 +222,36 @@ def test_mermaid_graph_nests_lists_in_composite_states(tmp_path: Path) -> None:
         "  check --> poll : ok\n"
         "  failed --> [*]\n"
     )
+
+
+def test_mermaid_keeps_a_users_case_expression_on_its_own_line(tmp_path: Path) -> None:
+    """A `when` written over two lines (a YAML block) with quotes in it: its edge label broke
+    onto a line of its own (a statement of the user's making) and its composite state's
+    quoted name was closed by the expression's own quotes."""
+    from dsl.graph import render_graph
+
+    body = """\
+steps:
+  - id: route
+    switch:
+      - when: |
+          payload.x == 1
+          or payload.y == "a]b; --> completed"
+        steps: [{id: big, log: x}]
+      - default: [{id: small, log: y}]
+    catch:
+      on: ['Odd"Name']
+      steps: [{id: h, log: z}]
+"""
+    m, problems = compile_text(tmp_path, body)
+    assert m is not None, problems
+    shapes = re.compile(
+        r'stateDiagram-v2|\w+ : [^"]*|state "[^"]*" as \w+|state \w+ \{|\}'
+        r"|(\[\*\]|\w+) --> (\[\*\]|\w+)( : .*)?"
+    )
+    lines = render_graph(m, "mermaid").splitlines()
+    assert [line for line in lines if not shapes.fullmatch(line.strip())] == []
+    assert '  route --> big : when payload.x == 1 or payload.y == "a]b, --> completed"' in lines
 
 
 def test_dot_graph_draws_each_list_as_a_cluster(tmp_path: Path) -> None:

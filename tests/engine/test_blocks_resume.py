@@ -14,6 +14,7 @@ import pytest
 from engine import StepContext, step
 from engine.errors import EngineError
 from engine.models import Lease, RunStatus
+from engine.pauses import pause_at
 from engine.runner import Runner
 from engine.service import Engine
 from engine.settings import resolve_settings
@@ -293,3 +294,33 @@ def test_a_run_failed_after_a_caught_failure_has_no_step_to_resume(
     app = create_app(engine, None, port=8080)
     page = TestClient(app, base_url="http://127.0.0.1:8080").get(f"/runs/{run_id}")
     assert page.status_code == 200 and 'id="resume"' not in page.text
+
+
+@pytest.mark.parametrize("path", ["resume", "queue_resume"])
+def test_a_resume_that_read_a_step_another_resume_retried_since_changes_nothing(
+    engine: Engine, tmp_path: Path, path: str
+) -> None:
+    """The other writer: a second resume, between this one's reading of the failed step and
+    its reopening. The second retries `first` (it succeeds) and the run fails again at
+    `second`. This resume's reopening of `first`, no longer failed, is refused: it had set
+    the run back to `first`, which then ran again."""
+    text = """
+steps:
+  - {id: first, call: rs.maybe, with: {value: 1}, retry: {max_attempts: 1}}
+  - {id: second, call: rs.fail, retry: {max_attempts: 1}}
+"""
+    run_id = failed_run(engine, tmp_path, text)
+    other: list[str] = []
+
+    def another_resume() -> None:
+        if not other:
+            other.append("resuming")  # its own pass through the point goes straight on
+            other[0] = engine.resume(run_id).status.value
+
+    with pause_at("service.resume.checked", another_resume):
+        getattr(engine, path)(run_id)
+    assert other == ["failed"]
+    run = engine.store.get_run(run_id)
+    assert run.status == RunStatus.FAILED and run.error is not None and "second" in run.error
+    Runner(engine.store, foreground=False, host=engine).drive(run_id)  # nothing to claim
+    assert [c[0] for c in CALLS] == ["first", "second"]  # `first` ran once after the failure
