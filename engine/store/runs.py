@@ -481,7 +481,9 @@ class Runs:
         order a finishing child takes: itself, then its parent), so the two never deadlock.
         The tree is read again once its rows are locked: a parent's commit that started
         children after the first read (PostgreSQL reads without locks) held the parent's
-        lock, so they are seen now, and cancelled too; none is left running on its own."""
+        lock, so they are seen now, and cancelled too; none is left running on its own.
+        (Those are locked after their parent: against one finishing at that moment,
+        PostgreSQL may pick a deadlock victim, and `transact` runs that one again.)"""
         tree: list[str] = []
         frontier = [run_id]
         while frontier:
