@@ -484,25 +484,46 @@ class Runs:
 
     def cancel_tree(self, c: Connection, run_id: str, now: float) -> None:
         """Cancel a run and its active descendants. Rows are locked children first (the
-        order a finishing child takes: itself, then its parent), so the two never deadlock."""
-        tree, frontier = [run_id], [run_id]
+        order a finishing child takes: itself, then its parent), so the two never deadlock.
+        The tree is read again once its rows are locked: a parent's commit that started
+        children after the first read (PostgreSQL reads without locks) held the parent's
+        lock, so they are seen now, and cancelled too; none is left running on its own.
+        (Those are locked after their parent: against one finishing at that moment,
+        PostgreSQL may pick a deadlock victim, and `transact` runs that one again.)"""
+        tree: list[str] = []
+        frontier = [run_id]
         while frontier:
-            frontier = list(
+            found = list(frontier)
+            while frontier:
+                frontier = list(
+                    c.execute(
+                        select(t.runs.c.id).where(
+                            t.runs.c.parent_run_id.in_(frontier),
+                            t.runs.c.status.in_(_ACTIVE),
+                            t.runs.c.id.not_in(tree + found),
+                        )
+                    ).scalars()
+                )
+                found += frontier
+            pause_point("store.cancel.tree_read")  # tests: a parent starts children meanwhile
+            for rid in reversed(found):
+                row = (
+                    c.execute(self.db.locked(select(t.runs).where(t.runs.c.id == rid)))
+                    .mappings()
+                    .first()
+                )
+                if row is not None:
+                    self._cancel_one(c, row, now)
+            tree += found
+            frontier = list(  # started since the read above, before their parent's lock
                 c.execute(
                     select(t.runs.c.id).where(
-                        t.runs.c.parent_run_id.in_(frontier), t.runs.c.status.in_(_ACTIVE)
+                        t.runs.c.parent_run_id.in_(tree),
+                        t.runs.c.status.in_(_ACTIVE),
+                        t.runs.c.id.not_in(tree),
                     )
                 ).scalars()
             )
-            tree += frontier
-        for rid in reversed(tree):
-            row = (
-                c.execute(self.db.locked(select(t.runs).where(t.runs.c.id == rid)))
-                .mappings()
-                .first()
-            )
-            if row is not None:
-                self._cancel_one(c, row, now)
 
     def withdraw_wait(self, c: Connection, row: Any, now: float) -> None:
         """A run is cancelled: its waiting step's wait is answered by the cancel (later

@@ -234,3 +234,61 @@ def test_the_timeout_bounds_the_whole_fan_out_on_the_virtual_clock(engine: Engin
     )
     statuses = sorted(k.status.value for k in children(engine, run_id))
     assert statuses == ["cancelled", "cancelled", "completed"]
+
+
+def test_a_cancel_while_the_parent_starts_children_cancels_them_too(engine: Engine) -> None:
+    """`runs cancel` reads the run's tree of children, then a worker's commit of the parent
+    starts the next children and parks it, then the cancel locks the parked parent: the
+    children it just started are cancelled with it, none is left running on its own.
+    (On SQLite the cancel's transaction holds the write lock from its start: the worker's
+    commit comes after it, and finds the parent cancelled.)"""
+    import threading
+
+    from engine.pauses import pause_at
+
+    run_id = start(engine, [1, 2, 3, 4, 5])
+    kids = children(engine, run_id)
+    assert len(kids) == 3
+    worker(engine).drive(kids[0].id)  # the parent is claimable: one more child to start
+    drove: list[threading.Thread] = []
+
+    def the_parent_goes_on() -> None:
+        if not drove:
+            thread = threading.Thread(target=lambda: worker(engine).drive(run_id))
+            drove.append(thread)
+            thread.start()
+            thread.join(2.0)  # SQLite: it waits for the cancel's transaction
+
+    with pause_at("store.cancel.tree_read", the_parent_goes_on):
+        engine.store.request_cancel(run_id, engine.store.now())
+    drove[0].join(10.0)
+    assert engine.store.get_run(run_id).status == RunStatus.CANCELLED
+    left = {k.id: k.status for k in children(engine, run_id) if not k.finished}
+    assert left == {}, f"children left running after their parent was cancelled: {left}"
+
+
+def test_a_cancel_while_the_parent_is_executing_its_round_leaves_no_child_running(
+    engine: Engine,
+) -> None:
+    """`runs cancel` comes while a worker executes the parent's next round: the parent is
+    claimed but still `waiting`, so the cancel ends it at once with its active children and
+    takes its lease; the round's commit (which would start the next child) finds the lease
+    lost and writes nothing. No child is left running, none is started after the cancel."""
+    from engine.errors import LeaseLost
+    from engine.pauses import pause_at
+
+    run_id = start(engine, [1, 2, 3, 4, 5])
+    first = next(k for k in children(engine, run_id) if k.payload["n"] == 1)
+    worker(engine).drive(first.id)
+    flagged: list[str] = []
+
+    def cancel_now() -> None:
+        if not flagged:
+            flagged.append(run_id)
+            engine.store.request_cancel(run_id, engine.store.now())
+
+    with pause_at("runner.before_commit.waiting", cancel_now), pytest.raises(LeaseLost):
+        worker(engine).drive(run_id)
+    assert engine.store.get_run(run_id).status == RunStatus.CANCELLED
+    after = {k.payload["n"]: k.status for k in children(engine, run_id)}
+    assert after == {1: RunStatus.COMPLETED, 2: RunStatus.CANCELLED, 3: RunStatus.CANCELLED}

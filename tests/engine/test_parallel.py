@@ -215,3 +215,34 @@ def test_two_workers_run_two_branches_at_the_same_time(engine: Engine) -> None:
     done = worker(engine).drive(run_id)
     assert done.status == RunStatus.COMPLETED, done.error
     assert sorted(done.output.values()) == ["w1", "w2"]  # one branch on each worker
+
+
+def test_a_cancel_while_the_parent_starts_its_branches_cancels_them_too(engine: Engine) -> None:
+    """`runs cancel` reads the run's tree (no branch yet), a worker drives the run up to its
+    parallel step, whose commit starts the branches and parks it, then the cancel locks the
+    parked run: its branches are cancelled with it (PostgreSQL left them running; on
+    SQLite the worker waits for the cancel's transaction and finds the run cancelled)."""
+    import threading
+
+    from engine.pauses import pause_at
+
+    machine = engine.workflow("checks")
+    payload = {"url": "u1"}
+    run_id = engine.store.create_run(
+        engine.new_run(machine, payload, {"kind": "manual"}), engine.store.now()
+    ).id
+    drove: list[threading.Thread] = []
+
+    def the_run_goes_on() -> None:
+        if not drove:
+            thread = threading.Thread(target=lambda: worker(engine).drive(run_id))
+            drove.append(thread)
+            thread.start()
+            thread.join(2.0)  # SQLite: it waits for the cancel's transaction
+
+    with pause_at("store.cancel.tree_read", the_run_goes_on):
+        engine.store.request_cancel(run_id, engine.store.now())
+    drove[0].join(10.0)
+    assert engine.store.get_run(run_id).status == RunStatus.CANCELLED
+    left = {name: k.status for name, k in branches(engine, run_id).items() if not k.finished}
+    assert left == {}, f"branches left running after their run was cancelled: {left}"
