@@ -14,7 +14,8 @@
 The runs are generated inside the database (generate_series / a recursive CTE): minutes, not
 hours. PostgreSQL: `DURABLE_YAML_BENCH_OPS_PG` (default postgresql://postgres@127.0.0.1:5432/
 h_ops_bench, created if missing). `BENCH_OPS_RUNS` changes the million; `BENCH_OPS_PURGE=0`
-measures the page and the claim only.
+measures the page and the claim only; `BENCH_OPS_ALONE` (default 0.9) is the share purged
+before the claimers start.
 """
 
 from __future__ import annotations
@@ -225,7 +226,7 @@ def bench(name: str, url_small: str, url_big: str) -> None:
     quiet = latencies_beside(big, None, 3.0)
     # The first 90% alone (the purge's own rate), the rest beside 4 busy claimers, which
     # take SQLite's one write lock most of the time and so slow the purge down on purpose.
-    alone_before = BASE + 0.9 * BIG
+    alone_before = BASE + float(os.environ.get("BENCH_OPS_ALONE", "0.9")) * BIG
     started = time.perf_counter()
     alone = big.purge(big.store.now() - alone_before, [RunStatus.COMPLETED])
     alone_took = time.perf_counter() - started
