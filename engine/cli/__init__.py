@@ -15,6 +15,11 @@ from .common import cli
 __all__ = ["cli", "main"]
 
 
+# Commands that drive a run print its own resume command when interrupted (foreground.py);
+# this is what any other command says (`runs logs --follow`, `serve`, a bulk action).
+INTERRUPTED = "interrupted; what was done so far is stored (`durable-yaml runs list` shows runs)"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: map every error a user can cause to a message and an exit code."""
     try:
@@ -26,13 +31,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:  # click's form of KeyboardInterrupt (and our SIGTERM)
         click.echo(
-            "interrupted; a run's state is kept: continue it with `durable-yaml resume RUN_ID`",
+            INTERRUPTED,
             err=True,
         )
         sys.exit(130)
     except KeyboardInterrupt:
         click.echo(
-            "\ninterrupted; the run's state is kept: continue it with `durable-yaml resume RUN_ID`",
+            f"\n{INTERRUPTED}",
             err=True,
         )
         sys.exit(130)

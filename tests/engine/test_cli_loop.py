@@ -461,3 +461,35 @@ def test_a_projects_relative_sqlite_file_is_in_the_project(
     assert chosen.db_url == f"sqlite:///{proj}/state/app.db"
     assert chosen.modules == ("projsteps",) and chosen.project_dir == str(proj)
     assert chosen.workflows == str(proj / "workflows")
+
+
+def test_ctrl_c_on_runs_logs_follow_says_interrupted_without_a_resume_hint(
+    project: tuple[Path, dict[str, str]],
+) -> None:
+    """Only a command that drives a run prints how to resume it; `runs logs --follow`
+    interrupted said "continue it with `durable-yaml resume RUN_ID`" of a run it never held."""
+    cwd, env = project
+    (cwd / "workflows" / "asks.yaml").write_text(
+        'id: asks\nversion: "1"\ntrigger: {manual: true}\n'
+        "steps:\n  - {id: a, log: hi}\n  - {id: b, wait_for_token: {timeout: 1h}}\n"
+    )
+    waited = cli("run", "asks", cwd=cwd, env=env)
+    assert waited.returncode == 3, waited.stdout + waited.stderr
+    run_id = _run_id(waited.stdout)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine", "runs", "logs", run_id, "--follow"],
+        cwd=cwd,
+        env={**os.environ, **env, "NO_COLOR": "1", "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:  # the run's one line so far, then it follows
+        if "hi" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "resume" not in err and "Traceback" not in err
