@@ -16,6 +16,7 @@ A `wait_for_any` is one wait like any other: its alternatives all answer the sam
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -30,6 +31,8 @@ from . import schema as t
 from .db import Db
 
 __all__ = ["Inbox", "event_winner", "payload_matches"]
+
+NOT_ANSWERED = object()  # a stored event that does not answer the wait looking at it
 
 
 def payload_matches(match: Any, payload: Any) -> bool:
@@ -163,14 +166,36 @@ class Inbox:
         if wait.get("kind") == ANY and wait_names(wait):
             since = run["step_since"] or run["created_at"]
             own = (run["trigger"] or {}).get("event_id")
-            return self._take_stored_any(
-                c, run["id"], step_key, step.attempts, wait, since, now, own
+
+            def alternative(name: str, payload: Any) -> Any:
+                winner = event_winner(wait, name, payload)
+                return NOT_ANSWERED if winner is None else {"winner": winner, "data": payload}
+
+            return self._take_stored(
+                c,
+                run["id"],
+                step_key,
+                step.attempts,
+                wait_names(wait),
+                since,
+                now,
+                own,
+                alternative,
             )
         if wait.get("kind") == "event":
             since = (run["step_since"] or run["created_at"]) - float(wait.get("lookback") or 0)
             own = (run["trigger"] or {}).get("event_id")
-            return self._take_stored_event(
-                c, run["id"], step_key, step.attempts, wait, since, now, own
+            match = wait.get("match") or {}
+            return self._take_stored(
+                c,
+                run["id"],
+                step_key,
+                step.attempts,
+                [wait["event"]],
+                since,
+                now,
+                own,
+                lambda _name, payload: payload if payload_matches(match, payload) else NOT_ANSWERED,
             )
         if wait.get("kind") == "children":  # for_each with run_workflow (engine/fanout.py)
             count = len(self.item_answers(c, run["id"], step_key, step.attempts))
@@ -190,71 +215,29 @@ class Inbox:
                 return self.read(c, run["id"], step_key, step.attempts)
         return None
 
-    def _take_stored_event(
+    def _take_stored(
         self,
         c: Connection,
         run_id: str,
         step_key: str,
         attempt: int,
-        wait: dict[str, Any],
+        names: Sequence[str],
         since: float,
         now: float,
         trigger_event: str | None,
+        answer_of: Callable[[str, Any], Any],
     ) -> Answer | None:
-        """The first matching event recorded since `since` that is not the run's own (the
-        event that started it, or one it sent) and that no other wait of it consumed."""
-        consumed = select(t.inbox.c.event_id).where(
-            t.inbox.c.run_id == run_id, t.inbox.c.event_id.isnot(None)
-        )
-        rows = c.execute(
-            select(t.events.c.id, t.events.c.payload)
-            .where(
-                t.events.c.name == wait["event"],
-                t.events.c.created_at >= since,
-                t.events.c.id.not_in(consumed),
-                sa.or_(t.events.c.source_run_id.is_(None), t.events.c.source_run_id != run_id),
-                t.events.c.id != (trigger_event or ""),
-            )
-            .order_by(t.events.c.created_at, t.events.c.id)
-        )
-        match = wait.get("match") or {}
-        for row in rows:
-            if payload_matches(match, row.payload):
-                if self.deliver(
-                    c,
-                    run_id,
-                    step_key,
-                    attempt,
-                    "event",
-                    row.payload,
-                    now,
-                    event_id=row.id,
-                    wake=False,
-                ):
-                    return Answer("event", row.payload, row.id)
-                return self.read(c, run_id, step_key, attempt)
-        return None
-
-    def _take_stored_any(
-        self,
-        c: Connection,
-        run_id: str,
-        step_key: str,
-        attempt: int,
-        wait: dict[str, Any],
-        since: float,
-        now: float,
-        trigger_event: str | None,
-    ) -> Answer | None:
-        """A wait_for_any's `_take_stored_event`: the first event recorded since `since` that
-        one of its event alternatives matches wins, for that alternative."""
+        """The first event of `names` recorded since `since` that is not the run's own (the
+        event that started it, or one it sent), that no other wait of it consumed, and that
+        `answer_of(name, payload)` turns into the step's answer (NOT_ANSWERED: not this
+        wait's; a null payload is an answer like any other)."""
         consumed = select(t.inbox.c.event_id).where(
             t.inbox.c.run_id == run_id, t.inbox.c.event_id.isnot(None)
         )
         rows = c.execute(
             select(t.events.c.id, t.events.c.name, t.events.c.payload)
             .where(
-                t.events.c.name.in_(wait_names(wait)),
+                t.events.c.name.in_(list(names)),
                 t.events.c.created_at >= since,
                 t.events.c.id.not_in(consumed),
                 sa.or_(t.events.c.source_run_id.is_(None), t.events.c.source_run_id != run_id),
@@ -263,10 +246,9 @@ class Inbox:
             .order_by(t.events.c.created_at, t.events.c.id)
         )
         for row in rows:
-            winner = event_winner(wait, row.name, row.payload)
-            if winner is None:
+            data = answer_of(row.name, row.payload)
+            if data is NOT_ANSWERED:
                 continue
-            data = {"winner": winner, "data": row.payload}
             if self.deliver(
                 c, run_id, step_key, attempt, "event", data, now, event_id=row.id, wake=False
             ):
