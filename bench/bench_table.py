@@ -118,7 +118,7 @@ def queued(url: str, folder: Path, runs: int, flag: str | None = None) -> float:
         deadline = time.time() + 600
         while time.time() < deadline:
             time.sleep(0.1)
-            with engine.store.engine.connect() as c:
+            with engine.store.db.read() as c:  # a snapshot: never the worker's write lock
                 if c.execute(done).scalar_one() >= runs:
                     break
         else:

@@ -9,7 +9,6 @@ import click
 from dsl import DslError, WorkflowInvalid
 
 from ..errors import EngineError
-from . import authoring, foreground, operate, runs  # noqa: F401  (they register commands)
 from .common import cli
 
 __all__ = ["cli", "main"]

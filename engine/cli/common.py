@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from collections.abc import Callable
@@ -71,7 +72,27 @@ def _read_payload(payload: str | None, payload_file: str | None) -> Any:
     return parse_json(payload, "--payload")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# Each command's module, imported when the command is used: `validate` then loads neither
+# the runner nor the store, and `--help` (which lists them all) everything but the engine.
+_COMMANDS = {
+    **dict.fromkeys(("validate", "graph", "init", "test"), "authoring"),
+    **dict.fromkeys(("run", "resume", "send", "complete"), "foreground"),
+    **dict.fromkeys(("worker", "serve", "schedules", "workers", "queues"), "operate"),
+    "runs": "runs",
+}
+
+
+class _Commands(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(self.commands) | set(_COMMANDS))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in _COMMANDS:
+            importlib.import_module(f"{__package__}.{_COMMANDS[cmd_name]}")
+        return self.commands.get(cmd_name)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="durable-yaml")
 @click.pass_context
 def cli(ctx: click.Context) -> None:

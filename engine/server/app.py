@@ -68,7 +68,7 @@ def create_app(
     @app.get("/healthz", tags=["health"], summary="Liveness and database reachability")
     def healthz() -> Response:
         try:
-            with engine.store.engine.connect() as c:
+            with engine.store.db.read() as c:
                 c.execute(sa.text("SELECT 1"))
         except (EngineError, sa.exc.SQLAlchemyError):
             return JSONResponse({"status": "unavailable", "database": "unreachable"}, 503)

@@ -232,7 +232,7 @@ class Queues:
         if queues:
             soonest = soonest.where(t.runs.c.queue.in_(list(queues)))
             rated = rated.where(t.queues.c.name.in_(list(queues)))
-        with self.engine.connect() as c:
+        with self.db.read() as c:
             times = [c.execute(soonest).scalar()]
             for name, period in c.execute(rated).all():
                 waiting = (
@@ -270,7 +270,7 @@ class Queues:
         """Names of queues with a concurrency limit, read at most every 5 seconds."""
         local = time.monotonic()
         if self._limited is None or local - self._limited[0] > 5.0:
-            with self.engine.connect() as c:
+            with self.db.read() as c:
                 names = c.execute(
                     select(t.queues.c.name).where(t.queues.c.concurrency.isnot(None))
                 ).scalars()

@@ -77,7 +77,7 @@ class Schedules:
         `since` (read by primary key)."""
         if not workflow_ids:
             return {}
-        with self.engine.connect() as c:
+        with self.db.read() as c:
             rows = c.execute(
                 select(t.cron_fires.c.workflow_id, t.cron_fires.c.fire_at).where(
                     t.cron_fires.c.workflow_id.in_(list(workflow_ids)),

@@ -6,6 +6,9 @@ backend, cheap to compare, and free of timezone ambiguity.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import sqlalchemy as sa
 from sqlalchemy import (
     JSON,
@@ -20,13 +23,54 @@ from sqlalchemy import (
     Text,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeEngine
 
 __all__ = ["SCHEMA_VERSION", "metadata"]
 
 SCHEMA_VERSION = 6  # bump with a function in migrations.py for the step up
-Json = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
+
+
+class _Json(sa.types.TypeDecorator[object]):
+    """JSON (SQL NULL for None); JSONB on PostgreSQL, whose dialect is imported only when a
+    PostgreSQL database is used (importing it costs a SQLite command ~50 ms of start-up)."""
+
+    impl = JSON
+    cache_ok = True
+
+    def __init__(self) -> None:
+        super().__init__(none_as_null=True)
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[object]:
+        if dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import JSONB
+
+            return dialect.type_descriptor(JSONB(none_as_null=True))
+        return dialect.type_descriptor(JSON(none_as_null=True))
+
+
+Json = _Json()
 metadata = MetaData()
+_PG_WHERE: list[tuple[Index, Callable[[], Any]]] = []
+
+
+def _partial(name: str, *cols: Any, where: Callable[[], Any]) -> None:
+    """A partial index. Its PostgreSQL predicate is set by `for_postgresql`, when a
+    PostgreSQL database is opened: naming it here would import PostgreSQL's dialect in
+    every SQLite process."""
+    _PG_WHERE.append((Index(name, *cols, sqlite_where=where()), where))
+
+
+def for_postgresql() -> None:
+    """Give the partial indexes their PostgreSQL predicates (idempotent)."""
+    for index, where in _PG_WHERE:
+        if "where" not in index.dialect_options["postgresql"]._non_defaults:
+            index.dialect_options["postgresql"]["where"] = where()
+
+
+def _due() -> Any:
+    return runs.c.next_at.isnot(None)
+
 
 meta = Table(
     "dy_meta",
@@ -92,29 +136,16 @@ runs = Table(
 )
 # Claiming reads runs in exactly this order (priority first, then FIFO by next_at), so the
 # scan stops after the first few due rows however many runs are queued.
-Index(
-    "dy_runs_claim",
-    runs.c.priority.desc(),
-    runs.c.next_at,
-    runs.c.id,
-    postgresql_where=runs.c.next_at.isnot(None),
-    sqlite_where=runs.c.next_at.isnot(None),
-)
-Index(
+_partial("dy_runs_claim", runs.c.priority.desc(), runs.c.next_at, runs.c.id, where=_due)
+_partial(
     "dy_runs_claim_queue",
     runs.c.queue,
     runs.c.priority.desc(),
     runs.c.next_at,
     runs.c.id,
-    postgresql_where=runs.c.next_at.isnot(None),
-    sqlite_where=runs.c.next_at.isnot(None),
+    where=_due,
 )
-Index(
-    "dy_runs_next",
-    runs.c.next_at,
-    postgresql_where=runs.c.next_at.isnot(None),
-    sqlite_where=runs.c.next_at.isnot(None),
-)
+_partial("dy_runs_next", runs.c.next_at, where=_due)
 Index("dy_runs_created", runs.c.created_at, runs.c.id)
 Index("dy_runs_status", runs.c.status, runs.c.created_at)
 Index("dy_runs_workflow", runs.c.workflow_id, runs.c.created_at)
@@ -125,11 +156,10 @@ Index("dy_runs_queue_status", runs.c.queue, runs.c.status, runs.c.concurrency_ke
 Index("dy_runs_queue_started", runs.c.queue, runs.c.started_at)
 Index("dy_runs_idempotency", runs.c.idempotency_key)
 # the TTL sweep reads only queued runs with a TTL
-Index(
+_partial(
     "dy_runs_expiry",
     runs.c.expires_at,
-    postgresql_where=sa.and_(runs.c.status == "queued", runs.c.expires_at.isnot(None)),
-    sqlite_where=sa.and_(runs.c.status == "queued", runs.c.expires_at.isnot(None)),
+    where=lambda: sa.and_(runs.c.status == "queued", runs.c.expires_at.isnot(None)),
 )
 
 # One row per tag of a run, stamped with the run's created_at: a tag-filtered, newest-first
@@ -158,12 +188,7 @@ steps = Table(
     Column("wait", Json),
     Column("wait_event", String(200)),
 )
-Index(
-    "dy_steps_wait_event",
-    steps.c.wait_event,
-    postgresql_where=steps.c.wait_event.isnot(None),
-    sqlite_where=steps.c.wait_event.isnot(None),
-)
+_partial("dy_steps_wait_event", steps.c.wait_event, where=lambda: steps.c.wait_event.isnot(None))
 
 attempts = Table(
     "dy_attempts",

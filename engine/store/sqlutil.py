@@ -27,7 +27,6 @@ from typing import Any, ParamSpec, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import insert, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, make_url
 
 from ..errors import DatabaseError, ValueNotStorable
@@ -124,7 +123,7 @@ def move_and_record_statement(
             for k in step_cols
         ]
     ).select_from(moved)
-    record = postgresql.insert(t.steps).from_select(list(step_cols), source)
+    record = dialect_insert("postgresql")(t.steps).from_select(list(step_cols), source)
     record = record.on_conflict_do_update(
         index_elements=["run_id", "step_key"], set_={k: record.excluded[k] for k in step_updates}
     )
@@ -133,12 +132,23 @@ def move_and_record_statement(
     )
 
 
+def dialect_insert(dialect: str) -> Callable[..., Any]:
+    """The INSERT with ON CONFLICT of `dialect` (PostgreSQL's dialect is imported only when
+    it is used: a SQLite process never loads it)."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects import postgresql
+
+        return postgresql.insert
+    from sqlalchemy.dialects import sqlite
+
+    return sqlite.insert
+
+
 @functools.cache
 def upsert_statement(
     dialect: str, table: sa.Table, keys: tuple[str, ...], update_cols: tuple[str, ...]
 ) -> Any:
-    dialect_insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt = dialect_insert(table)
+    stmt = dialect_insert(dialect)(table)
     return stmt.on_conflict_do_update(
         index_elements=list(keys), set_={k: stmt.excluded[k] for k in update_cols}
     )

@@ -21,7 +21,6 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from ..answers import ANY, SEPARATOR, alternative_rows, wait_names
@@ -29,6 +28,7 @@ from ..models import Answer, RunStatus, StepStatus
 from ..pauses import pause_point
 from . import schema as t
 from .db import Db
+from .sqlutil import dialect_insert
 
 __all__ = ["Inbox", "event_winner", "payload_matches"]
 
@@ -96,9 +96,8 @@ class Inbox:
         this answer won. With `wake`, the run becomes claimable now if it is parked, and an
         answer for a run that is gone (purged since the caller looked: a token's, a child's
         result for its parent) is taken back and loses, so no answer outlives its run."""
-        dialect_insert = postgresql.insert if self.db.is_postgres else sqlite.insert
         stmt = (
-            dialect_insert(t.inbox)
+            dialect_insert(self.db.dialect)(t.inbox)
             .values(
                 run_id=run_id,
                 step_key=step_key,

@@ -221,7 +221,7 @@ class Workers:
             .where(t.workers.c.heartbeat_at + t.workers.c.lease_seconds >= now)
             .order_by(t.workers.c.started_at, t.workers.c.id)
         )
-        with self.db.engine.connect() as c:
+        with self.db.read() as c:
             rows = c.execute(q).mappings().all()
         return [
             {

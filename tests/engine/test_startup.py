@@ -24,7 +24,7 @@ try:
     main()
 except SystemExit as exc:
     code = exc.code
-print(json.dumps({"code": code, "modules": sorted({m.split(".")[0] for m in sys.modules})}))
+print(json.dumps({"code": code, "modules": sorted(sys.modules)}))
 """
 
 WORKFLOW = """id: startup
@@ -43,8 +43,9 @@ def greet(name: str) -> str:
 """
 
 
-def loaded(args: list[str], cwd: Path) -> tuple[int, set[str]]:
-    """The exit code of `durable-yaml ARGS` and the top-level packages it imported."""
+def loaded(args: list[str], cwd: Path, *, full: bool = False) -> tuple[int, set[str]]:
+    """The exit code of `durable-yaml ARGS` and the top-level packages it imported (with
+    `full`, every module's dotted name)."""
     out = subprocess.run(
         [sys.executable, "-c", PROBE, json.dumps(args)],
         cwd=cwd,
@@ -54,7 +55,8 @@ def loaded(args: list[str], cwd: Path) -> tuple[int, set[str]]:
         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{ROOT}:{cwd}"},
     )
     last = json.loads(out.stdout.strip().splitlines()[-1])
-    return int(last["code"] or 0), set(last["modules"])
+    names = set(last["modules"])
+    return int(last["code"] or 0), names if full else {m.split(".")[0] for m in names}
 
 
 def project(tmp_path: Path) -> Path:
@@ -70,6 +72,15 @@ def test_validate_imports_no_store_and_no_server(tmp_path: Path) -> None:
     assert code == 0
     assert not modules & (SERVER | STORE), modules & (SERVER | STORE)
     assert {"jsonschema", "jinja2", "yaml"} <= modules  # it did check the file
+
+
+def test_validate_imports_only_its_own_command(tmp_path: Path) -> None:
+    """Commands' modules are imported when used: `validate` loads none of the runner's."""
+    folder = project(tmp_path)
+    code, modules = loaded(["validate", "workflows/startup.yaml"], folder, full=True)
+    assert code == 0 and "engine.cli.authoring" in modules
+    others = {"engine.cli.foreground", "engine.cli.runs", "engine.cli.operate", "engine.runner"}
+    assert not modules & others, modules & others
 
 
 def test_validate_with_step_modules_imports_no_store(tmp_path: Path) -> None:
@@ -101,6 +112,20 @@ def test_run_imports_the_store_but_not_the_server(tmp_path: Path) -> None:
     assert "sqlalchemy" in modules
     assert not modules & SERVER, modules & SERVER
     assert not (folder / "workflows" / ".durable-yaml").exists()
+
+
+def test_a_sqlite_run_never_loads_postgresql(tmp_path: Path) -> None:
+    """PostgreSQL's SQLAlchemy dialect (a third of SQLAlchemy's import time, with its five
+    drivers' modules) is imported only by a process that opens a PostgreSQL database."""
+    folder = project(tmp_path)
+    (folder / "workflows" / "startup.yaml").write_text(
+        WORKFLOW.replace('{cron: "*/5 * * * *"}', "{manual: true}")
+    )
+    args = ["run", "startup", "-m", "startupsteps", "--payload", '{"name": "Ada"}']
+    code, modules = loaded(args, folder, full=True)
+    assert code == 0 and "sqlalchemy.dialects.sqlite" in modules
+    pg = {m for m in modules if m.startswith(("sqlalchemy.dialects.postgresql", "psycopg"))}
+    assert not pg, pg
 
 
 def test_dsl_never_imports_engine() -> None:
