@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -211,7 +211,7 @@ class Db:
             with self.writing(), self.engine.begin() as c:
                 yield c
 
-    def writing(self) -> Any:
+    def writing(self) -> AbstractContextManager[Any]:
         """Held around a write transaction: on SQLite this process's writers take turns
         here (see `_writer_lock`); on PostgreSQL nothing."""
         return self._writers if self._writers is not None else nullcontext()

@@ -62,10 +62,9 @@ def _partial(name: str, *cols: Any, where: Callable[[], Any]) -> None:
 
 
 def for_postgresql() -> None:
-    """Give the partial indexes their PostgreSQL predicates (idempotent)."""
+    """Give the partial indexes their PostgreSQL predicates (again: the same ones)."""
     for index, where in _PG_WHERE:
-        if "where" not in index.dialect_options["postgresql"]._non_defaults:
-            index.dialect_options["postgresql"]["where"] = where()
+        index.dialect_options["postgresql"]["where"] = where()
 
 
 def _due() -> Any:

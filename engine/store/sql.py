@@ -97,7 +97,7 @@ class SqlStore:
     # schema -------------------------------------------------------------------------------
     @translate
     def migrate(self) -> None:
-        with self.engine.begin() as c:
+        with self.db.writing(), self.engine.begin() as c:
             if self.dialect == "postgresql":
                 c.execute(sa.text("SELECT pg_advisory_xact_lock(7218391)"))
             insp = sa.inspect(c)
