@@ -47,10 +47,12 @@ FLOWS = ROOT / "bench" / "flows"
 BASE = 1_700_000_000.0
 
 
-def pg_url() -> str | None:
-    url = os.environ.get(
-        "DURABLE_YAML_BENCH_OPS_PG", "postgresql://postgres@127.0.0.1:5432/h_ops_bench"
-    )
+def pg_url(
+    variable: str = "DURABLE_YAML_BENCH_OPS_PG",
+    default: str = "postgresql://postgres@127.0.0.1:5432/h_ops_bench",
+) -> str | None:
+    """The PostgreSQL URL in `variable` (else `default`), its database created if missing."""
+    url = os.environ.get(variable, default)
     server, _, name = url.rpartition("/")
     admin = sa.create_engine(
         server.replace("postgresql://", "postgresql+psycopg://") + "/postgres",
@@ -80,9 +82,9 @@ def fresh(url: str) -> Engine:
     return engine
 
 
-def populate(engine: Engine, n: int) -> None:
-    """n runs, the last QUEUED of them queued, the others completed with one step row;
-    each with one tag, in dy_runs.tags and dy_run_tags."""
+def populate(engine: Engine, n: int, queued: int = QUEUED, base: float = BASE) -> None:
+    """n runs, the last `queued` of them queued, the others completed with one step row;
+    each with one tag, in dy_runs.tags and dy_run_tags; run i created at `base` + i."""
     pg = engine.store.dialect == "postgresql"
     seq = f"generate_series(1, {n}) AS s(i)" if pg else "seq"
     with_seq = (
@@ -90,30 +92,30 @@ def populate(engine: Engine, n: int) -> None:
         if pg
         else f"WITH RECURSIVE seq(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM seq WHERE i < {n}) "
     )
-    done = f"i <= {n - QUEUED}"
+    done = f"i <= {n - queued}"
     rid = "'r' || lpad(i::text, 8, '0')" if pg else "printf('r%08d', i)"
     tag = f"'tenant:' || (i % {TAGS})::text" if pg else f"'tenant:' || (i % {TAGS})"
     json_tags = f"jsonb_build_array({tag})" if pg else f"json_array({tag})"
     empty = "'{}'::jsonb" if pg else "'{}'"
     status = f"CASE WHEN {done} THEN 'completed' ELSE 'queued' END"
-    finished = f"CASE WHEN {done} THEN {BASE} + i + 0.5 ELSE NULL END"
-    next_at = f"CASE WHEN {done} THEN NULL ELSE {BASE} + i END"
+    finished = f"CASE WHEN {done} THEN {base} + i + 0.5 ELSE NULL END"
+    next_at = f"CASE WHEN {done} THEN NULL ELSE {base} + i END"
     runs = (
         f"{with_seq}INSERT INTO dy_runs (id, workflow_id, version, definition_hash, status, "
         "payload, current_step, queue, priority, trigger, created_at, updated_at, started_at, "
         "finished_at, next_at, tags, step_since) "
         f"SELECT {rid}, 'bench', '1', 'bench-hash', {status}, {empty}, 's', 'bench', 0, "
-        f"{empty}, {BASE} + i, {BASE} + i, CASE WHEN {done} THEN {BASE} + i ELSE NULL END, "
-        f"{finished}, {next_at}, {json_tags}, {BASE} + i FROM {seq}"
+        f"{empty}, {base} + i, {base} + i, CASE WHEN {done} THEN {base} + i ELSE NULL END, "
+        f"{finished}, {next_at}, {json_tags}, {base} + i FROM {seq}"
     )
     tags = (
         f"{with_seq}INSERT INTO dy_run_tags (tag, created_at, run_id) "
-        f"SELECT {tag}, {BASE} + i, {rid} FROM {seq}"
+        f"SELECT {tag}, {base} + i, {rid} FROM {seq}"
     )
     steps = (
         f"{with_seq}INSERT INTO dy_steps (run_id, step_key, status, attempts, output, "
-        f"started_at, finished_at) SELECT {rid}, 's', 'completed', 1, {empty}, {BASE} + i, "
-        f"{BASE} + i + 0.5 FROM {seq} WHERE {done}"
+        f"started_at, finished_at) SELECT {rid}, 's', 'completed', 1, {empty}, {base} + i, "
+        f"{base} + i + 0.5 FROM {seq} WHERE {done}"
     )
     with engine.store.engine.begin() as c:
         for statement in (runs, tags, steps):

@@ -104,12 +104,8 @@ class Queues:
         candidates = self._candidates(c, now, queues, full, width)
         if not candidates:
             return None, set(), True
-        names = {row["queue"] for row in candidates}
-        limits = self._limits(c, names)
         # read under the queue rows' locks: a pause that returned is seen here
-        paused = self._paused(c, names - set(limits)) | {
-            q.name for q in limits.values() if q.paused
-        }
+        limits, paused = self._queue_state(c, {row["queue"] for row in candidates})
         pause_point("store.claim.queues_locked")
         # Count and stamp with the time at which this claim holds its locks: a `now`
         # taken before waiting for them would let a rate window admit one too many.
@@ -147,11 +143,42 @@ class Queues:
     ) -> list[Any]:
         q = _candidates_statement(self.dialect, bool(queues))
         params: dict[str, Any] = {"now": now, "width": width}
+        if not queues and not full and not self.db.is_postgres:
+            # the common look, on the driver's cursor (issue #15: SQLAlchemy's result
+            # machinery cost more than SQLite's reading of the rows)
+            return self.db.direct_query(q, ("now", "width")).mappings(c, params)
         if queues:
             params["queues"] = list(queues)
         if full:
             q = _excluding(q, full)
         return list(c.execute(q, params).mappings().all())
+
+    def _queue_state(
+        self, c: Connection, names: set[str]
+    ) -> tuple[dict[str, QueueLimits], set[str]]:
+        """The limits of the limited queues among `names`, and which of `names` are paused.
+        PostgreSQL: the limited queues' rows locked FOR UPDATE, the others' FOR SHARE;
+        SQLite (its write lock held already): one read of the rows."""
+        if self.db.is_postgres:
+            limits = self._limits(c, names)
+            paused = self._paused(c, names - set(limits))
+            return limits, paused | {q.name for q in limits.values() if q.paused}
+        if len(names) == 1:  # the common look: one queue, on the driver's cursor
+            (name,) = names
+            rows: Any = self.db.direct_query(_queue_row_statement(), ("name",)).mappings(
+                c, {"name": name}
+            )
+        else:
+            rows = c.execute(_queue_rows_statement(), {"names": sorted(names)}).mappings()
+        limits, paused = {}, set()
+        for r in rows:
+            if r["paused"]:
+                paused.add(r["name"])
+            if r["concurrency"] is not None or r["rate_limit"] is not None:
+                limits[r["name"]] = QueueLimits(
+                    r["name"], r["concurrency"], r["rate_limit"], r["rate_period"], r["paused"]
+                )
+        return limits, paused
 
     def _limits(self, c: Connection, names: set[str]) -> dict[str, QueueLimits]:
         rows = c.execute(_limits_statement(self.dialect), {"names": sorted(names)}).mappings()
@@ -199,10 +226,8 @@ class Queues:
 
     def admits(self, c: Connection, row: Any, now: float) -> bool:
         """Whether the limits of the locked run's queue let it start now."""
-        limits = self._limits(c, {row["queue"]})
-        if row["queue"] in self._paused(c, {row["queue"]} - set(limits)) or any(
-            q.paused for q in limits.values()
-        ):
+        limits, paused = self._queue_state(c, {row["queue"]})
+        if row["queue"] in paused:
             return False
         return self._allowed(c, row, limits.get(row["queue"]), now) == "ok"
 
@@ -376,3 +401,21 @@ def _paused_statement(dialect: str) -> sa.Select[Any]:
     if dialect == "postgresql":
         q = q.order_by(t.queues.c.name).with_for_update(read=True)
     return q
+
+
+@functools.cache
+def _queue_rows_statement() -> sa.Select[Any]:
+    """SQLite: the rows of the queues among `names`, limited or not."""
+    q = t.queues.c
+    return select(q.name, q.concurrency, q.rate_limit, q.rate_period, q.paused).where(
+        q.name.in_(sa.bindparam("names", expanding=True))
+    )
+
+
+@functools.cache
+def _queue_row_statement() -> sa.Select[Any]:
+    """SQLite: the row of the queue `name`, limited or not."""
+    q = t.queues.c
+    return select(q.name, q.concurrency, q.rate_limit, q.rate_period, q.paused).where(
+        q.name == sa.bindparam("name")
+    )

@@ -111,7 +111,12 @@ class Runs:
         values.update(self._begin_current_step(c, row, now))
         if row["started_at"] is None and values.get("status") == RunStatus.RUNNING.value:
             values["started_at"] = now
-        c.execute(_update_run_statement(tuple(values)), {**values, "w_id": row["id"]})
+        params = {**values, "w_id": row["id"]}
+        if self.db.is_postgres:
+            c.execute(_update_run_statement(tuple(values)), params)
+        else:  # on the driver's cursor (see `Direct`)
+            keys = (*values, "w_id")
+            self.db.direct(_update_run_statement(tuple(values)), keys).execute(c, params)
         return run_from_row({**row, **values})
 
     def _lock_run(self, c: Connection, run_id: str) -> Any:
@@ -163,13 +168,22 @@ class Runs:
             return _begin(row["current_attempt"] + 1, now)
         if step_key is None:
             return {"status": RunStatus.RUNNING.value}
-        step = c.execute(_CURRENT_STEP, {"w_run": row["id"], "w_key": step_key}).first()
-        if step is None:
+        key = {"w_run": row["id"], "w_key": step_key}
+        found: Any
+        if self.db.is_postgres:
+            found = c.execute(_CURRENT_STEP, key).mappings().first()
+        else:  # on the driver's cursor (see `Direct`)
+            found = next(
+                iter(self.db.direct_query(_CURRENT_STEP, tuple(key)).mappings(c, key)), None
+            )
+        if found is None:
             return _begin(1, now)
-        due = step.wake_at is not None and step.wake_at <= now
-        if step.status == StepStatus.RETRYING.value:
-            return _begin(step.attempts + 1, now) if due else {"status": RunStatus.WAITING.value}
-        if step.status == StepStatus.WAITING.value:
+        due = found["wake_at"] is not None and found["wake_at"] <= now
+        if found["status"] == StepStatus.RETRYING.value:
+            if due:
+                return _begin(found["attempts"] + 1, now)
+            return {"status": RunStatus.WAITING.value}
+        if found["status"] == StepStatus.WAITING.value:
             return {"status": RunStatus.WAITING.value}  # the runner reads its inbox
         return {"status": RunStatus.RUNNING.value}
 

@@ -7,6 +7,7 @@ __all__ = [
     "INSERT_RUN",
     "NO_LEASE",
     "Direct",
+    "DirectQuery",
     "TransactionCounter",
     "move_and_record_statement",
     "move_statement",
@@ -187,6 +188,27 @@ class Direct:
             ) from exc
         finally:
             cursor.close()
+
+
+class DirectQuery(Direct):
+    """A `Direct` SELECT whose rows come back as dicts by column key, each value through
+    its column's own result processor (JSON decoded as SQLAlchemy decodes it): the claim's
+    read of its candidates (issue #15). No expanding (IN-list) parameters."""
+
+    def __init__(self, statement: Any, dialect: sa.engine.Dialect, keys: Sequence[str]) -> None:
+        super().__init__(statement, dialect, keys)
+        columns = self.compiled._result_columns
+        self.columns = [
+            (entry.keyname, entry.type.dialect_impl(dialect).result_processor(dialect, None))
+            for entry in columns
+        ]
+
+    def mappings(self, c: Connection, params: dict[str, Any]) -> list[dict[str, Any]]:
+        columns = self.columns
+        return [
+            {key: fn(value) if fn else value for (key, fn), value in zip(columns, row, strict=True)}
+            for row in self.execute(c, params)
+        ]
 
 
 NO_LEASE: dict[str, Any] = {

@@ -87,6 +87,40 @@ def test_a_driver_error_on_the_direct_path_is_sqlalchemys(tmp_path: Path) -> Non
     store.close()
 
 
+def test_the_claims_direct_read_returns_what_sqlalchemy_returns(tmp_path: Path) -> None:
+    """The claim's look at its candidates (SQLite, the driver's cursor): every column of a
+    run, JSON decoded, NULLs and numbers as SQLAlchemy's own result gives them."""
+    from engine.store.queueing import _candidates_statement
+
+    store = open_store(f"sqlite:///{tmp_path}/state.db")
+    store.migrate()
+    for i, payload in enumerate(({"x": [1, 2.5, None, True], "s": "é"}, None, [], "text")):
+        new = NewRun(
+            id=f"c-{i}",
+            workflow_id="wf",
+            version="1",
+            definition_hash="h",
+            payload=payload,
+            first_step="a",
+            queue="q",
+            tags=("t:1", "t 2") if i == 0 else (),
+            priority=i,
+        )
+        store.create_run(new, store.now())
+    statement = _candidates_statement("sqlite", False)
+    params = {"now": store.now() + 1, "width": 8}
+
+    def both(c: sa.Connection) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+        direct = store.db.direct_query(statement, ("now", "width")).mappings(c, params)
+        return direct, [dict(r) for r in c.execute(statement, params).mappings()]
+
+    direct, expected = store.db.transact(both)
+    assert len(direct) == 4 and direct == expected
+    assert [r["id"] for r in direct] == ["c-3", "c-2", "c-1", "c-0"]  # priority first
+    assert direct[3]["payload"] == {"x": [1, 2.5, None, True], "s": "é"}
+    store.close()
+
+
 def test_a_dead_idle_connection_is_replaced_without_an_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -2,12 +2,21 @@
 file locked sleep in growing steps (1, 2, 5 … 100 ms) rather than until the lock is free.
 A worker's executor threads therefore queue for SQLite's lock on a lock of this process
 (`Db.writing`) and never meet the busy handler among themselves (issue #15: a worker's
-eight executors spent their time asleep behind each other). Other processes still meet at
-SQLite's own lock. On PostgreSQL writers of different rows go at once: no such lock."""
+eight executors spent their time asleep behind each other). Processes queue on a `flock`
+of the file's `-writer` companion (issue #12: a worker process that lost SQLite's race a
+few times in a row waited over 100 ms for a claim). On PostgreSQL writers of different rows
+go at once: no such lock."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 import threading
+import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -69,13 +78,152 @@ def test_two_stores_of_one_file_share_the_lock_and_memory_stores_do_not(tmp_path
     b.close()
 
 
+WRITER = textwrap.dedent(
+    """
+    import sys
+    import sqlalchemy as sa
+    from engine.store import open_store
+    from engine.store import schema as t
+
+    store = open_store(sys.argv[1])
+    store.migrate()
+    sa.event.listen(
+        store.engine, "connect", lambda conn, _rec: conn.execute("PRAGMA busy_timeout=0")
+    )
+    store.engine.dispose()
+    refused = []
+    original = store.db.retryable
+
+    def retryable(exc):
+        refused.append(exc)
+        return original(exc)
+
+    store.db.retryable = retryable
+    while not __import__("os").path.exists(sys.argv[3]):  # all start together
+        pass
+    for i in range(int(sys.argv[4])):
+        store.db.transact(
+            lambda c, key=f"{sys.argv[2]}-{i}": c.execute(
+                sa.insert(t.meta).values(key=key, value="x")
+            )
+        )
+    print(len(refused))
+    """
+)
+
+
+def test_writers_of_four_processes_never_find_the_file_locked(tmp_path: Path) -> None:
+    """Four processes, each with SQLite's busy handler off, write at once: every write
+    succeeds first time, because they take turns on the companion file's flock."""
+    url = f"sqlite:///{tmp_path}/p.db"
+    open_store(url).migrate()
+    go = tmp_path / "go"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, url, f"p{n}", str(go), "150"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for n in range(4)
+    ]
+    time.sleep(1.5)  # all four have opened the database and wait for the go
+    go.write_text("")
+    outs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0]
+    assert outs == ["0", "0", "0", "0"]
+    store = open_store(url)
+    with store.db.read() as c:
+        written = c.execute(
+            sa.select(sa.func.count()).select_from(t.meta).where(t.meta.c.key.like("p%-%"))
+        ).scalar_one()
+    store.close()
+    assert written == 4 * 150
+    assert (tmp_path / "p.db-writer").exists()
+
+
+HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    import sqlalchemy as sa
+    from engine.store import open_store
+    from engine.store import schema as t
+
+    store = open_store(sys.argv[1])
+    with store.db.writing():
+        print("holding", flush=True)
+        time.sleep(600)
+    """
+)
+
+
+def test_a_killed_writer_leaves_no_lock_held(tmp_path: Path) -> None:
+    """A process killed (SIGKILL) while it holds the writers' lock: the next writer, in
+    another process, goes on at once (the kernel drops a dead process's flock)."""
+    url = f"sqlite:///{tmp_path}/k.db"
+    store = open_store(url)
+    store.migrate()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, url], stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout is not None
+    assert holder.stdout.readline().strip() == "holding"
+    wrote = threading.Event()
+
+    def write() -> None:
+        store.db.transact(lambda c: c.execute(sa.insert(t.meta).values(key="after", value="x")))
+        wrote.set()
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    assert not wrote.wait(0.5)  # it waits its turn behind the holder
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    assert wrote.wait(10)
+    store.close()
+
+
+def test_a_forked_child_takes_its_own_turn(tmp_path: Path) -> None:
+    """A process forked while its parent holds the writers' lock starts with nothing held:
+    its write waits for the parent's turn to end (no inherited RLock, no shared flock)."""
+    store = open_store(f"sqlite:///{tmp_path}/f.db")
+    store.migrate()
+    with store.db.writing():
+        started = time.monotonic()
+        pid = os.fork()
+        if pid == 0:  # the child: its write must wait for the parent's turn, then succeed
+            code = 1
+            try:
+                child = open_store(f"sqlite:///{tmp_path}/f.db")
+                child.db.transact(
+                    lambda c: c.execute(sa.insert(t.meta).values(key="child", value="x"))
+                )
+                code = 0 if time.monotonic() - started >= 0.4 else 2
+            finally:
+                os._exit(code)
+        time.sleep(0.5)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    store.close()
+
+
+def test_a_companion_file_that_cannot_be_opened_leaves_sqlites_own_lock(
+    tmp_path: Path,
+) -> None:
+    """Where the companion cannot be opened (say, a folder the process may not write), the
+    lock is the process's threads' only and writers of other processes meet at SQLite's."""
+    lock = store_db.WriterLock(tmp_path / "missing" / "r.db-writer")  # no such folder
+    with lock, lock:  # reentrant, and no flock to take
+        pass
+    assert lock._companion is None
+
+
 @pytest.mark.skipif(PG_URL is None, reason=PG_REASON)
 def test_postgresql_writers_take_no_process_lock_and_keep_partial_indexes() -> None:
     """On PostgreSQL nothing is serialised in the process, and the claim's partial indexes
     (their predicates given when a PostgreSQL database is opened) have their WHERE."""
     assert PG_URL is not None
     store = open_store(PG_URL)
-    assert not isinstance(store.db.writing(), type(threading.RLock()))
+    assert isinstance(store.db.writing(), nullcontext)
     with store.db.read() as c:
         defs = dict(
             c.execute(
