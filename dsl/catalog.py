@@ -87,6 +87,17 @@ def is_test_file(path: FsPath) -> bool:
     return path.name.endswith((".test.yaml", ".test.yml"))
 
 
+def find_test_files(paths: Iterable[str | FsPath]) -> list[FsPath]:
+    """The `*.test.yaml` files in these folders (sorted), and the files named."""
+    found: list[FsPath] = []
+    for p in map(FsPath, paths):
+        if p.is_dir():
+            found += sorted(q for q in p.rglob("*.test.y*ml") if q.is_file())
+        elif p.is_file():
+            found.append(p)
+    return found
+
+
 def find_workflow_files(paths: Iterable[str | FsPath]) -> list[FsPath]:
     """Files as given, and every *.yaml / *.yml below each folder, sorted."""
     found: list[FsPath] = []

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from dsl import DurationError, Machine, Problem, parse_duration
+from dsl.catalog import find_test_files  # listing needs no engine: validate imports only it
 from dsl.limits import YAML_BYTES_MAX
 from dsl.loader import Loaded, _field, load_yaml
 from dsl.schema_check import closest
@@ -55,16 +56,6 @@ class TestFileError(Exception):
     def __init__(self, message: str, where: tuple[str | int, ...] = ()) -> None:
         super().__init__(message)
         self.where = where
-
-
-def find_test_files(paths: Sequence[str | Path]) -> list[Path]:
-    found: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found += sorted(q for q in p.rglob("*.test.y*ml") if q.is_file())
-        elif p.is_file():
-            found.append(p)
-    return found
 
 
 def _read(path: Path) -> tuple[Loaded | None, list[Problem]]:

@@ -28,9 +28,7 @@ def validate(
 ) -> None:
     """Check workflow files or folders (default: the workflows folder)."""
     from dsl import Problem, check_paths
-    from dsl.catalog import is_test_file
-
-    from ..testfiles import check_test_file, find_test_files
+    from dsl.catalog import find_test_files, is_test_file
 
     settings = resolve_settings(modules=modules, workflows=workflows, db_needed=False)
     targets = list(paths) or [settings.workflows]
@@ -48,6 +46,8 @@ def validate(
     # a folder's *.test.yaml files, and the test files named; a workflow file named is not one
     tests = find_test_files([t for t in targets if Path(t).is_dir() or is_test_file(Path(t))])
     if tests:  # SPEC §6: test files are checked as tests, against the workflows they name
+        from ..testfiles import check_test_file
+
         known = dict(catalog.workflows)
         folder = Path(settings.workflows)
         if folder.is_dir() and folder.resolve() not in [Path(t).resolve() for t in targets]:

@@ -9,6 +9,7 @@ cron fires, event order) is the database server's time, read through `Db.now()`.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -40,6 +41,7 @@ from .sqlutil import (
 __all__ = ["NOTIFY_CHANNEL", "Db", "DbClock"]
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 NOTIFY_CHANNEL = "durable_yaml"
 RETRIES = 8  # a transaction that lost a deadlock or a busy lock is tried this many times
 _WRITERS: dict[str, WriterLock] = {}  # per SQLite file: this process's writers queue here
@@ -58,21 +60,21 @@ class WriterLock:
     of a process queue on a reentrant lock and the processes on an exclusive `flock` of the
     file's `-writer` companion, both of which wake the next writer the moment the last one
     is done. The kernel drops the `flock` of a process that dies, so a killed worker
-    leaves nothing held. Where that file cannot be opened (a read-only folder, no `fcntl`),
-    processes meet at SQLite's own lock as before."""
+    leaves nothing held, and a forked child closes what it inherited. Where that file
+    cannot be opened or locked (a read-only folder, another user's database, a file system
+    without locks, no `fcntl`), processes meet at SQLite's own lock as before."""
 
     def __init__(self, companion: Path | None) -> None:
         self._threads = threading.RLock()
         self._companion = companion
-        self._fd: int | None = None
-        self._pid = 0
+        self._fd: int | None = None  # open while this process holds the turn
         self._depth = 0  # how deep the holding thread is (flock is taken at depth 0 only)
 
     def __enter__(self) -> WriterLock:
         self._threads.acquire()
         if self._depth == 0:
             try:
-                self._lock_file()
+                self._fd = self._lock_file()
             except BaseException:
                 self._threads.release()
                 raise
@@ -83,30 +85,59 @@ class WriterLock:
         self._depth -= 1
         try:
             if self._depth == 0 and self._fd is not None:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                fd, self._fd = self._fd, None
+                os.close(fd)  # its only descriptor closed: the flock ends with it
         finally:
             self._threads.release()
 
     def _forget(self) -> None:
         """In a forked child: nothing of the parent's is held here (its threads are gone).
-        The inherited descriptor is closed, never unlocked: its `flock` is the parent's."""
+        An inherited descriptor is closed, never unlocked: its `flock` is the parent's."""
         if self._fd is not None:
             with suppress(OSError):
                 os.close(self._fd)
         self._threads = threading.RLock()
         self._fd, self._depth = None, 0
 
-    def _lock_file(self) -> None:
-        if self._companion is None or fcntl is None:
-            return
-        if self._fd is None or self._pid != os.getpid():  # a forked child opens its own
-            try:
-                self._fd = os.open(self._companion, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            except OSError:
-                self._companion = None  # SQLite's own lock only
-                return
-            self._pid = os.getpid()
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
+    def _lock_file(self) -> int | None:
+        """The companion opened and locked (opened for each turn: a process keeps no
+        descriptor between writes, however many databases it opens and closes)."""
+        companion = self._companion
+        if companion is None or fcntl is None:
+            return None
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+        try:
+            # the database's owner and group only: any user who could open it could lock
+            # it, and so stall every writer
+            fd = os.open(companion, flags, _companion_mode(companion))
+        except OSError as exc:
+            self._without(f"cannot open {companion}: {exc.strerror or exc}")
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:  # a file system without locks (some NFS and FUSE mounts)
+            os.close(fd)
+            self._without(f"cannot lock {companion}: {exc.strerror or exc}")
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _without(self, why: str) -> None:
+        """From now on this process's writers meet other processes at SQLite's lock."""
+        self._companion = None
+        log.warning("%s; writers of other processes wait in SQLite's busy handler", why)
+
+
+def _companion_mode(companion: Path) -> int:
+    """The database file's read and write bits for its owner and group (0o600 if the
+    database is not made yet)."""
+    database = companion.with_name(companion.name.removesuffix("-writer"))
+    try:
+        return (database.stat().st_mode & 0o660) | 0o600
+    except OSError:
+        return 0o600
 
 
 def _forget_writers() -> None:

@@ -206,6 +206,96 @@ def test_a_forked_child_takes_its_own_turn(tmp_path: Path) -> None:
     store.close()
 
 
+FORKER = textwrap.dedent(
+    """
+    import os, sys, time
+    import sqlalchemy as sa
+    from engine.store import open_store
+    from engine.store import schema as t
+
+    store = open_store(sys.argv[1])
+    store.db.transact(lambda c: c.execute(sa.insert(t.meta).values(key="first", value="x")))
+    if os.fork() == 0:  # a step's child process (multiprocessing's fork), alive for long
+        time.sleep(60)
+        os._exit(0)
+    with store.db.writing():
+        if os.fork() == 0:  # and one forked during the turn
+            time.sleep(60)
+            os._exit(0)
+        print("holding", flush=True)
+        time.sleep(600)
+    """
+)
+
+
+def test_a_killed_writers_forked_children_hold_nothing(tmp_path: Path) -> None:
+    """A worker that forked children (before and during its turn) is killed while it holds
+    the writers' lock: the next writer goes on at once, the children still alive (they
+    share no descriptor of the companion, so the kernel drops the dead worker's flock)."""
+    url = f"sqlite:///{tmp_path}/fk.db"
+    store = open_store(url)
+    store.migrate()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", FORKER, url],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert holder.stdout is not None
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+        started = time.monotonic()
+        store.db.transact(lambda c: c.execute(sa.insert(t.meta).values(key="after", value="x")))
+        assert time.monotonic() - started < 5
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)  # the children
+    store.close()
+
+
+def test_a_process_keeps_no_descriptor_between_writes_and_others_cannot_lock(
+    tmp_path: Path,
+) -> None:
+    """The companion is open only during a turn (a process opening many databases in turn
+    runs out of nothing), and only the database's owner and group may open it (anyone who
+    could would stall every writer by locking it)."""
+
+    def companions() -> list[str]:
+        fds = Path("/proc/self/fd")
+        links = [os.readlink(f) for f in fds.iterdir() if f.is_symlink()]
+        return [x for x in links if x.endswith("-writer")]
+
+    for n in range(20):
+        store = open_store(f"sqlite:///{tmp_path}/m{n}.db")
+        store.migrate()
+        with store.db.writing():
+            assert len(companions()) == 1
+        store.close()
+    assert companions() == []
+    assert (tmp_path / "m0.db-writer").stat().st_mode & 0o007 == 0
+
+
+def test_a_file_system_without_locks_leaves_sqlites_own_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """flock refused (ENOLCK: some NFS and FUSE mounts): the write goes on, once warned."""
+    import errno
+
+    def refuse(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    lock = store_db.WriterLock(tmp_path / "n.db-writer")
+    monkeypatch.setattr(store_db.fcntl, "flock", refuse)
+    with lock:
+        pass
+    with lock:
+        pass
+    assert lock._companion is None
+    assert [r.getMessage() for r in caplog.records if "No locks available" in r.getMessage()]
+    assert len([r for r in caplog.records if "busy handler" in r.getMessage()]) == 1
+
+
 def test_a_companion_file_that_cannot_be_opened_leaves_sqlites_own_lock(
     tmp_path: Path,
 ) -> None:
