@@ -67,6 +67,8 @@ class WriterLock:
     def __init__(self, companion: Path | None) -> None:
         self._threads = threading.RLock()
         self._companion = companion
+        self._path = str(companion)
+        self._mode: int | None = None  # the companion's, from the database's (on first use)
         self._fd: int | None = None  # open while this process holds the turn
         self._depth = 0  # how deep the holding thread is (flock is taken at depth 0 only)
 
@@ -105,11 +107,12 @@ class WriterLock:
         companion = self._companion
         if companion is None or fcntl is None:
             return None
-        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
-        try:
+        if self._mode is None:
             # the database's owner and group only: any user who could open it could lock
             # it, and so stall every writer
-            fd = os.open(companion, flags, _companion_mode(companion))
+            self._mode = _companion_mode(companion)
+        try:
+            fd = os.open(self._path, _OPEN_FLAGS, self._mode)
         except OSError as exc:
             self._without(f"cannot open {companion}: {exc.strerror or exc}")
             return None
@@ -128,6 +131,9 @@ class WriterLock:
         """From now on this process's writers meet other processes at SQLite's lock."""
         self._companion = None
         log.warning("%s; writers of other processes wait in SQLite's busy handler", why)
+
+
+_OPEN_FLAGS = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
 
 
 def _companion_mode(companion: Path) -> int:
