@@ -281,7 +281,18 @@ def sqlite_begin(conn: Connection) -> None:
     """Take SQLite's write lock at BEGIN, so concurrent claimers queue up instead of
     deadlocking on a lock upgrade (sent to the driver directly: this runs per transaction)."""
     read = conn.get_execution_options().get("dy_read", False)
-    conn.connection.dbapi_connection.execute("BEGIN" if read else "BEGIN IMMEDIATE")  # type: ignore[union-attr]
+    statement = "BEGIN" if read else "BEGIN IMMEDIATE"
+    dbapi = conn.dialect.loaded_dbapi
+    try:
+        conn.connection.dbapi_connection.execute(statement)  # type: ignore[union-attr]
+    except dbapi.Error as exc:
+        # raised as SQLAlchemy raises a statement's driver error (SQLAlchemy does not wrap
+        # one from this listener): a lock held past the busy timeout, by a writer outside
+        # the `-writer` turn (the sqlite3 shell, a backup), is then retried by
+        # `Db.transact` and reaches a user as a DatabaseError, not a traceback
+        raise sa.exc.DBAPIError.instance(
+            statement, (), exc, dbapi.Error, dialect=conn.dialect
+        ) from exc
 
 
 class TransactionCounter:

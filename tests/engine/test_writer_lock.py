@@ -296,6 +296,43 @@ def test_a_file_system_without_locks_leaves_sqlites_own_lock(
     assert len([r for r in caplog.records if "busy handler" in r.getMessage()]) == 1
 
 
+def test_a_writer_outside_the_turn_is_waited_out_and_then_named(tmp_path: Path) -> None:
+    """A writer that takes no turn (the sqlite3 shell, a backup) holds SQLite's lock past
+    the busy timeout: BEGIN IMMEDIATE's failure is retried like any busy statement, and
+    once the retries are spent it reaches the caller as a DatabaseError, not the driver's
+    raw exception."""
+    import sqlite3
+
+    from engine.errors import DatabaseError
+    from engine.models import Lease, NewRun
+
+    path = tmp_path / "o.db"
+    store = open_store(f"sqlite:///{path}")
+    store.migrate()
+    new = NewRun(
+        id="r1", workflow_id="w", version="1", definition_hash="h", payload=None,
+        first_step="a", queue="q",
+    )  # fmt: skip
+    store.create_run(new, store.now())
+    sa.event.listen(
+        store.engine, "connect", lambda conn, _r: conn.execute("PRAGMA busy_timeout=50")
+    )
+    store.engine.dispose()
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    threading.Timer(0.4, lambda: other.execute("ROLLBACK")).start()
+    run = store.claim_next_run(Lease("me/0", "here", 1, 30.0), store.now())
+    assert run is not None and run.id == "r1"  # retried until the other writer let go
+    other.execute("BEGIN IMMEDIATE")  # and now for longer than all the retries
+    try:
+        with pytest.raises(DatabaseError, match="locked"):
+            store.claim_next_run(Lease("me/1", "here", 1, 30.0), store.now())
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    store.close()
+
+
 def test_a_companion_file_that_cannot_be_opened_leaves_sqlites_own_lock(
     tmp_path: Path,
 ) -> None:
