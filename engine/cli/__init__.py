@@ -21,6 +21,10 @@ INTERRUPTED = "interrupted; what was done so far is stored (`durable-yaml runs l
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: map every error a user can cause to a message and an exit code."""
+    for arg in sys.argv[1:] if argv is None else argv:
+        if not _utf8(arg):  # bytes the locale could not decode: no store can hold them
+            click.echo(f"error: argument {ascii(arg)[1:-1]} is not valid UTF-8", err=True)
+            sys.exit(2)
     try:
         cli.main(args=argv, prog_name="durable-yaml", standalone_mode=False)
     except click.exceptions.Exit as exc:
@@ -48,3 +52,11 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"error: {exc}", err=True)
         sys.exit(getattr(exc, "exit_code", 1))
     sys.exit(0)
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

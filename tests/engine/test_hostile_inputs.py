@@ -82,6 +82,10 @@ CLI_CASES: list[tuple[list[str], str]] = [
     (["run", "order", "--payload-file", "/dev/zero"], "/dev/zero: larger than 1024 KiB"),
     (["complete", "tok", "--data", "NaN"], "--data: NaN is not a JSON number"),
     (["complete", LONG, "--data", "1"], "token: is 10000 characters long"),
+    # bytes that are not UTF-8 (the shell's $'ab\xff'): named, not a driver's traceback
+    (["runs", "show", "ab\udcff"], "argument ab\\udcff is not valid UTF-8"),
+    (["runs", "cancel", "ab\udcff"], "argument ab\\udcff is not valid UTF-8"),
+    (["send", "order.placed", "--tag", "t:\udcff"], "is not valid UTF-8"),
 ]
 
 
