@@ -147,6 +147,8 @@ def _companion_mode(companion: Path) -> int:
 
 
 def _forget_writers() -> None:
+    global _WRITERS_LOCK
+    _WRITERS_LOCK = threading.Lock()  # another thread of the parent may have held it
     for lock in _WRITERS.values():
         lock._forget()
 

@@ -165,11 +165,9 @@ class Queues:
             return limits, paused | {q.name for q in limits.values() if q.paused}
         if len(names) == 1:  # the common look: one queue, on the driver's cursor
             (name,) = names
-            rows: Any = self.db.direct_query(_queue_row_statement(), ("name",)).mappings(
-                c, {"name": name}
-            )
+            rows: Any = self.db.direct_query(_QUEUE_ROW, ("name",)).mappings(c, {"name": name})
         else:
-            rows = c.execute(_queue_rows_statement(), {"names": sorted(names)}).mappings()
+            rows = c.execute(_QUEUE_ROWS, {"names": sorted(names)}).mappings()
         limits, paused = {}, set()
         for r in rows:
             if r["paused"]:
@@ -181,7 +179,8 @@ class Queues:
         return limits, paused
 
     def _limits(self, c: Connection, names: set[str]) -> dict[str, QueueLimits]:
-        rows = c.execute(_limits_statement(self.dialect), {"names": sorted(names)}).mappings()
+        """PostgreSQL: the limited queues among `names`, their rows locked."""
+        rows = c.execute(_LIMITS, {"names": sorted(names)}).mappings()
         return {
             r["name"]: QueueLimits(
                 r["name"], r["concurrency"], r["rate_limit"], r["rate_period"], r["paused"]
@@ -194,7 +193,7 @@ class Queues:
         (PostgreSQL): a pause waits for this claim, and a claim after it sees the pause."""
         if not names:
             return set()
-        rows = c.execute(_paused_statement(self.dialect), {"names": sorted(names)})
+        rows = c.execute(_PAUSED, {"names": sorted(names)})
         return {r.name for r in rows if r.paused}
 
     def _allowed(self, c: Connection, row: Any, limits: QueueLimits | None, now: float) -> str:
@@ -381,41 +380,33 @@ def _excluding(q: sa.Select[Any], full: frozenset[tuple[str, str | None]]) -> sa
     return q
 
 
-@functools.cache
-def _limits_statement(dialect: str) -> sa.Select[Any]:
-    """The limited queues among `names` (PostgreSQL: their rows locked, counted under it)."""
-    q = select(t.queues).where(
+# PostgreSQL's two reads of the queue rows: the limited ones locked FOR UPDATE (counted under
+# it), the others FOR SHARE (a pause waits for the claim, a claim after it sees the pause)
+_LIMITS = (
+    select(t.queues)
+    .where(
         t.queues.c.name.in_(sa.bindparam("names", expanding=True)),
         sa.or_(t.queues.c.concurrency.isnot(None), t.queues.c.rate_limit.isnot(None)),
     )
-    if dialect == "postgresql":
-        q = q.order_by(t.queues.c.name).with_for_update()
-    return q
+    .order_by(t.queues.c.name)
+    .with_for_update()
+)
+_PAUSED = (
+    select(t.queues.c.name, t.queues.c.paused)
+    .where(t.queues.c.name.in_(sa.bindparam("names", expanding=True)))
+    .order_by(t.queues.c.name)
+    .with_for_update(read=True)
+)
 
-
-@functools.cache
-def _paused_statement(dialect: str) -> sa.Select[Any]:
-    q = select(t.queues.c.name, t.queues.c.paused).where(
-        t.queues.c.name.in_(sa.bindparam("names", expanding=True))
-    )
-    if dialect == "postgresql":
-        q = q.order_by(t.queues.c.name).with_for_update(read=True)
-    return q
-
-
-@functools.cache
-def _queue_rows_statement() -> sa.Select[Any]:
-    """SQLite: the rows of the queues among `names`, limited or not."""
-    q = t.queues.c
-    return select(q.name, q.concurrency, q.rate_limit, q.rate_period, q.paused).where(
-        q.name.in_(sa.bindparam("names", expanding=True))
-    )
-
-
-@functools.cache
-def _queue_row_statement() -> sa.Select[Any]:
-    """SQLite: the row of the queue `name`, limited or not."""
-    q = t.queues.c
-    return select(q.name, q.concurrency, q.rate_limit, q.rate_period, q.paused).where(
-        q.name == sa.bindparam("name")
-    )
+# SQLite's one read of them (its write lock is held already): one queue's row, or several
+_QUEUE_COLUMNS = (
+    t.queues.c.name,
+    t.queues.c.concurrency,
+    t.queues.c.rate_limit,
+    t.queues.c.rate_period,
+    t.queues.c.paused,
+)
+_QUEUE_ROW = select(*_QUEUE_COLUMNS).where(t.queues.c.name == sa.bindparam("name"))
+_QUEUE_ROWS = select(*_QUEUE_COLUMNS).where(
+    t.queues.c.name.in_(sa.bindparam("names", expanding=True))
+)

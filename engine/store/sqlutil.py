@@ -193,7 +193,7 @@ class Direct:
 class DirectQuery(Direct):
     """A `Direct` SELECT whose rows come back as dicts by column key, each value through
     its column's own result processor (JSON decoded as SQLAlchemy decodes it): the claim's
-    read of its candidates (issue #15). No expanding (IN-list) parameters."""
+    reads and `get_steps` on SQLite (issue #15). No expanding (IN-list) parameters."""
 
     def __init__(self, statement: Any, dialect: sa.engine.Dialect, keys: Sequence[str]) -> None:
         super().__init__(statement, dialect, keys)
