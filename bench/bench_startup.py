@@ -8,6 +8,12 @@ machine):
 - a worker's first claim: one run queued, then `durable-yaml worker` started; from the
   process's start to the run's `started_at` in the database (aim <= 0.3 s).
 
+Each command also has a floor: a `python -c` importing only the libraries that command
+needs (click, PyYAML, jsonschema and jinja2 for `validate`; SQLAlchemy too for `run` and a
+worker), so what is ours is the difference. Children may write bytecode caches (a
+PYTHONDONTWRITEBYTECODE in the environment would make every start compile the project from
+source, which no installed copy does), and each command runs once untimed first.
+
 `--importtime` also prints the ten slowest imports of `validate` (python -X importtime).
 """
 
@@ -35,7 +41,7 @@ steps:
   - {id: c, call: bench.noop, with: {i: 3}}
 """
 STEPS = (ROOT / "bench" / "flows" / "benchsteps.py").read_text()
-CLI = [sys.executable, "-c", "from engine.cli import main; main()"]
+CLI = [sys.executable, "-c", "from engine.cli import entry; entry()"]
 
 
 def project() -> Path:
@@ -50,8 +56,36 @@ def project() -> Path:
 
 
 def env_for(folder: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DURABLE_YAML_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("DURABLE_YAML_") and k != "PYTHONDONTWRITEBYTECODE"
+    }
     return {**env, "PYTHONPATH": f"{ROOT}:{folder}"}
+
+
+LANGUAGE = "import click, yaml, jsonschema, jinja2.sandbox"
+STORE = f"{LANGUAGE}, sqlalchemy"
+FLOORS = {  # the libraries each command cannot start without, and its way of exiting
+    "validate": [sys.executable, "-c", f"{LANGUAGE}, os; os._exit(0)"],
+    "store": [sys.executable, "-c", STORE],
+}
+
+
+def imported_at(folder: Path) -> float:
+    """Seconds from starting a process to its import of the store's libraries (the floor
+    of a worker's first claim)."""
+    started = time.time()
+    out = subprocess.run(
+        [sys.executable, "-c", f"{STORE}, time; print(time.time())"],
+        cwd=folder,
+        env=env_for(folder),
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return float(out.stdout) - started
 
 
 def timed(cmd: list[str], folder: Path) -> tuple[float, float]:
@@ -67,9 +101,19 @@ def timed(cmd: list[str], folder: Path) -> tuple[float, float]:
     return wall, cpu
 
 
-def median_of(cmd: list[str], folder: Path) -> tuple[float, float]:
-    samples = [timed(cmd, folder) for _ in range(ROUNDS)]
-    return statistics.median(s[0] for s in samples), statistics.median(s[1] for s in samples)
+def medians_of(cmds: list[list[str]], folder: Path) -> list[tuple[float, float]]:
+    """Wall and CPU medians of each command, the commands taking turns in every round (a
+    machine that slows down for a minute slows every row alike)."""
+    for cmd in cmds:
+        timed(cmd, folder)  # bytecode caches written, files in the page cache
+    samples: list[list[tuple[float, float]]] = [[] for _ in cmds]
+    for _ in range(ROUNDS):
+        for cmd, out in zip(cmds, samples, strict=True):
+            out.append(timed(cmd, folder))
+    return [
+        (statistics.median(s[0] for s in out), statistics.median(s[1] for s in out))
+        for out in samples
+    ]
 
 
 def first_claim(folder: Path) -> float:
@@ -129,14 +173,24 @@ def main() -> None:
     rows = [
         ("python -c pass", [sys.executable, "-c", "pass"]),
         ("durable-yaml --help", [*CLI, "--help"]),
+        ("  floor: click, PyYAML, jsonschema, jinja2", FLOORS["validate"]),
         ("durable-yaml validate (a folder of one file)", [*CLI, "validate", "workflows"]),
+        ("  floor: the same and SQLAlchemy", FLOORS["store"]),
         ("durable-yaml run (3 no-op steps, SQLite)", [*CLI, "run", "noop3"]),
     ]
-    for name, cmd in rows:
-        wall, cpu = median_of(cmd, folder)
+    times = medians_of([cmd for _, cmd in rows], folder)
+    for (name, _), (wall, cpu) in zip(rows, times, strict=True):
         print(f"  {name:44} {wall * 1000:6.0f} ms / {cpu * 1000:6.0f} ms")
-    claims = [first_claim(folder) for _ in range(ROUNDS)]
+    first_claim(folder)
+    claims, floors = [], []
+    for _ in range(ROUNDS):
+        claims.append(first_claim(folder))
+        floors.append(imported_at(folder))
     print(f"  {'worker start -> first claim':44} {statistics.median(claims) * 1000:6.0f} ms")
+    print(
+        f"  {'  floor: start -> the same libraries imported':44} "
+        f"{statistics.median(floors) * 1000:6.0f} ms"
+    )
     print(f"  (load afterwards {os.getloadavg()[0]:.1f})")
     if "--importtime" in sys.argv:
         print("slowest imports of validate (cumulative µs):")

@@ -99,7 +99,7 @@ def queued(url: str, folder: Path, runs: int, flag: str | None = None) -> float:
         "DURABLE_YAML_WORKFLOWS": str(folder),
         "PYTHONPATH": f"{ROOT}:{STEPS}",
     }
-    cmd = [sys.executable, "-c", "from engine.cli import main; main()", "worker"]
+    cmd = [sys.executable, "-c", "from engine.cli import entry; entry()", "worker"]
     started = time.time()
     worker = subprocess.Popen(
         [

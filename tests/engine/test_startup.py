@@ -6,6 +6,7 @@ jsonschema and jinja2; a `run` not the server; `dsl` never imports `engine`."""
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -142,3 +143,78 @@ def test_dsl_never_imports_engine() -> None:
     modules = set(json.loads(out.stdout.strip()))
     assert "dsl" in modules
     assert not modules & ({"engine"} | STORE | SERVER)
+
+
+# The command's exit (engine/cli `entry`): the interpreter's teardown is skipped where
+# nothing needs it, never at the cost of output, an `atexit` handler or the database file.
+
+EXITS = """from engine import step
+import atexit, pathlib
+
+atexit.register(lambda: pathlib.Path("atexit-ran").write_text("yes"))
+
+
+@step("exits.echo")
+def echo(text: str) -> str:
+    return text
+"""
+
+
+def command(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """The real `durable-yaml` entry point (`python -m engine`, as the installed script)."""
+    return subprocess.run(
+        [sys.executable, "-m", "engine", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{ROOT}:{cwd}"},
+    )
+
+
+def exits_project(tmp_path: Path) -> Path:
+    (tmp_path / "workflows").mkdir()
+    (tmp_path / "workflows" / "exits.yaml").write_text(
+        'id: exits\nversion: "1"\ntrigger: {manual: true}\n'
+        "steps:\n  - {id: e, call: exits.echo, with: {text: kept}}\n"
+    )
+    (tmp_path / "exitsteps.py").write_text(EXITS)
+    return tmp_path
+
+
+def test_the_command_exits_with_its_code_and_all_its_output(tmp_path: Path) -> None:
+    folder = project(tmp_path)
+    ok = command(["validate", "--format", "json", "workflows"], folder)
+    assert ok.returncode == 0 and json.loads(ok.stdout)["valid"] is True  # piped: flushed
+    (folder / "workflows" / "broken.yaml").write_text("id: broken\n")
+    bad = command(["validate", "workflows"], folder)
+    assert bad.returncode == 1
+    assert "broken.yaml:1:1: missing required key `steps`" in bad.stdout
+    assert "1 with problems" in bad.stderr
+    usage = command(["validate", "nope.yaml"], folder)
+    assert usage.returncode == 2 and "no such file or folder: nope.yaml" in usage.stderr
+    assert "Traceback" not in bad.stderr + usage.stderr
+
+
+def test_the_command_runs_atexit_handlers(tmp_path: Path) -> None:
+    """`validate -m` imports the step module, which registers a handler: the exit skips
+    the teardown, not the handlers."""
+    folder = exits_project(tmp_path)
+    out = command(["validate", "-m", "exitsteps", "workflows"], folder)
+    assert out.returncode == 0, out.stderr
+    assert (folder / "atexit-ran").read_text() == "yes"
+
+
+def test_a_command_that_opened_the_database_leaves_the_file_whole(tmp_path: Path) -> None:
+    """`run` exits the ordinary way: its connections close, SQLite folds the write-ahead
+    log into the database file, and a copy of that file alone holds the run."""
+    folder = exits_project(tmp_path)
+    out = command(["run", "exits", "-m", "exitsteps"], folder)
+    assert out.returncode == 0, out.stderr
+    assert (folder / "atexit-ran").read_text() == "yes"
+    state = folder / ".durable-yaml" / "state.db"
+    assert not Path(f"{state}-wal").exists()
+    copy = tmp_path / "copy.db"
+    copy.write_bytes(state.read_bytes())
+    with sqlite3.connect(copy) as c:
+        assert c.execute("SELECT status FROM dy_runs").fetchall() == [("completed",)]
