@@ -294,14 +294,26 @@ class Db:
         return make_url(self.url).render_as_string(hide_password=True)
 
     # transactions ---------------------------------------------------------------------------
-    def transact(self, work: Callable[[Connection], T]) -> T:
+    def transact(self, work: Callable[[Connection], T], *, fsync: bool = True) -> T:
         """Run `work` in one transaction, again from the start if the database chose it as a
         deadlock victim or (SQLite) could not take its lock in time. `work` must only touch
-        the database: anything it does is undone with the transaction."""
+        the database: anything it does is undone with the transaction.
+
+        `fsync=False` (SQLite; PostgreSQL ignores it): the COMMIT writes the write-ahead
+        log without waiting for the disk (`PRAGMA synchronous=NORMAL` for this transaction
+        alone). The commit survives any crash of processes; only the machine's crash can
+        lose it, and only together with every commit after it that did not fsync: the log
+        is one file, appended in commit order, so the next fsync'd commit makes it durable
+        too, and nothing written after it is ever durable without it. A claim is such a
+        write (`Queues.claim_next_run`): every process that could hold its lease dies with
+        the machine, and a lost claim leaves the run queued, to be claimed again."""
         for attempt in range(RETRIES):
             try:
-                with self.writing(), self.engine.begin() as c:
-                    return work(c)
+                with self.writing(), self.engine.connect() as c:
+                    if not fsync:
+                        c.execution_options(dy_no_fsync=True)
+                    with c.begin():
+                        return work(c)
             except sa.exc.OperationalError as exc:
                 if attempt + 1 == RETRIES or not self.retryable(exc):
                     raise
@@ -320,6 +332,19 @@ class Db:
         """A connection for reading: on SQLite a plain (deferred) BEGIN, so a reader sees a
         WAL snapshot and never waits for a writer, nor makes one wait."""
         return self.engine.connect().execution_options(dy_read=True)
+
+    @contextmanager
+    def read_one(self) -> Iterator[Connection]:
+        """A connection for a read of one statement: on PostgreSQL in autocommit (a
+        statement is its own snapshot, so it reads what the same statement would read in a
+        transaction of its own, without the BEGIN and ROLLBACK round trips: two of a
+        claimed run's eleven, issue #15); on SQLite `read`'s."""
+        if self.is_postgres:
+            with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+                yield c
+        else:
+            with self.read() as c:
+                yield c
 
     @contextmanager
     def autocommit(self) -> Iterator[Connection]:

@@ -32,9 +32,17 @@ _ACTIVE = [s.value for s in ACTIVE_STATUSES]
 LOOKS = (2, 512)  # candidates per look: from the first, x4 per look up to the last
 
 
+class _LimitedAfterAll(Exception):
+    """PostgreSQL: a queue read under FOR SHARE alone, as unlimited, has limits: the look is
+    rolled back and made again, its rows locked FOR UPDATE this time (see `_queue_state`)."""
+
+
 class Queues:
     def __init__(self, db: Db, runs: Runs, expire_row: Any) -> None:
         self.db, self.runs = db, runs
+        # PostgreSQL: the queues this process last found limited (a hint, never trusted:
+        # whatever it says, the rows read under their locks decide)
+        self._found_limited: frozenset[str] = frozenset()
         self.expire_row = expire_row  # (conn, locked row, now): a queued run past its TTL
         self.engine, self.dialect = db.engine, db.dialect
         self._limited: tuple[float, frozenset[str]] | None = None
@@ -76,16 +84,20 @@ class Queues:
         full: set[tuple[str, str | None]] = set()  # (queue, None): the whole queue is full
         width = LOOKS[0]
         while True:
-            taken, learned, exhausted = self.db.transact(
-                functools.partial(
-                    self._look,
-                    lease=lease,
-                    now=now,
-                    queues=queues,
-                    full=frozenset(full),
-                    width=width,
+            try:
+                taken, learned, exhausted = self.db.transact(
+                    functools.partial(
+                        self._look,
+                        lease=lease,
+                        now=now,
+                        queues=queues,
+                        full=frozenset(full),
+                        width=width,
+                    ),
+                    fsync=False,  # see Db.transact: a claim's loss only requeues the run
                 )
-            )
+            except _LimitedAfterAll:
+                continue  # now known as limited: the same look, with the rows locked to count
             if taken is not None or exhausted:
                 return taken
             full |= learned
@@ -154,13 +166,30 @@ class Queues:
         return list(c.execute(q, params).mappings().all())
 
     def _queue_state(
-        self, c: Connection, names: set[str]
+        self, c: Connection, names: set[str], *, shared_first: bool = True
     ) -> tuple[dict[str, QueueLimits], set[str]]:
         """The limits of the limited queues among `names`, and which of `names` are paused.
-        PostgreSQL: the limited queues' rows locked FOR UPDATE, the others' FOR SHARE;
-        SQLite (its write lock held already): one read of the rows."""
+        PostgreSQL: the limited queues' rows locked FOR UPDATE (claims of a limited queue
+        count its runs one at a time), the others' FOR SHARE (claims of an unlimited queue
+        go at once; a pause or new limits wait for them). SQLite (its write lock held
+        already): one read of the rows.
+
+        On PostgreSQL, when none of `names` was limited when this process last looked
+        (`shared_first`), every row is read in one statement FOR SHARE (a claim's round
+        trips: six instead of seven, issue #15); if one has limits after all (a new
+        definition), `_LimitedAfterAll` rolls the look back to be made again the other way.
+        Taking FOR UPDATE after FOR SHARE on the same row instead would deadlock two
+        claimers that both hold the share."""
         if self.db.is_postgres:
+            if shared_first and not names & self._found_limited:
+                shared = c.execute(_SHARED, {"names": sorted(names)}).mappings().all()
+                limited = {r["name"] for r in shared if _has_limits(r)}
+                if limited:
+                    self._found_limited = self._found_limited | limited
+                    raise _LimitedAfterAll()
+                return {}, {r["name"] for r in shared if r["paused"]}
             limits = self._limits(c, names)
+            self._found_limited = (self._found_limited - names) | set(limits)
             paused = self._paused(c, names - set(limits))
             return limits, paused | {q.name for q in limits.values() if q.paused}
         if len(names) == 1:  # the common look: one queue, on the driver's cursor
@@ -172,7 +201,7 @@ class Queues:
         for r in rows:
             if r["paused"]:
                 paused.add(r["name"])
-            if r["concurrency"] is not None or r["rate_limit"] is not None:
+            if _has_limits(r):
                 limits[r["name"]] = QueueLimits(
                     r["name"], r["concurrency"], r["rate_limit"], r["rate_period"], r["paused"]
                 )
@@ -193,7 +222,7 @@ class Queues:
         (PostgreSQL): a pause waits for this claim, and a claim after it sees the pause."""
         if not names:
             return set()
-        rows = c.execute(_PAUSED, {"names": sorted(names)})
+        rows = c.execute(_SHARED, {"names": sorted(names)})
         return {r.name for r in rows if r.paused}
 
     def _allowed(self, c: Connection, row: Any, limits: QueueLimits | None, now: float) -> str:
@@ -225,7 +254,7 @@ class Queues:
 
     def admits(self, c: Connection, row: Any, now: float) -> bool:
         """Whether the limits of the locked run's queue let it start now."""
-        limits, paused = self._queue_state(c, {row["queue"]})
+        limits, paused = self._queue_state(c, {row["queue"]}, shared_first=False)
         if row["queue"] in paused:
             return False
         return self._allowed(c, row, limits.get(row["queue"]), now) == "ok"
@@ -391,12 +420,22 @@ _LIMITS = (
     .order_by(t.queues.c.name)
     .with_for_update()
 )
-_PAUSED = (
-    select(t.queues.c.name, t.queues.c.paused)
+_SHARED = (  # the named queues' rows FOR SHARE: paused, and whether they are limited
+    select(
+        t.queues.c.name,
+        t.queues.c.concurrency,
+        t.queues.c.rate_limit,
+        t.queues.c.paused,
+    )
     .where(t.queues.c.name.in_(sa.bindparam("names", expanding=True)))
     .order_by(t.queues.c.name)
     .with_for_update(read=True)
 )
+
+
+def _has_limits(row: Any) -> bool:
+    return row["concurrency"] is not None or row["rate_limit"] is not None
+
 
 # SQLite's one read of them (its write lock is held already): one queue's row, or several
 _QUEUE_COLUMNS = (

@@ -359,7 +359,7 @@ class SqlStore:
     # reading ------------------------------------------------------------------------------
     @translate
     def get_run(self, run_id: str) -> Run:
-        with self.db.read() as c:
+        with self.db.read_one() as c:
             row = c.execute(select(t.runs).where(t.runs.c.id == run_id)).mappings().first()
         if row is None:
             raise NotFound(f"no run has id {run_id}")
@@ -397,7 +397,7 @@ class SqlStore:
 
     @translate
     def get_steps(self, run_id: str) -> list[StepState]:
-        with self.db.read() as c:
+        with self.db.read_one() as c:
             if self.db.is_postgres:
                 rows: Any = c.execute(_RUN_STEPS, {"w_run": run_id}).mappings()
             else:  # one SELECT, on the driver's cursor: its own snapshot (issue #15)

@@ -263,11 +263,12 @@ def step_from_row(row: Any) -> StepState:
     return StepState(**r)
 
 
-def sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+def sqlite_connect(dbapi_connection: Any, record: Any) -> None:
     dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
     cur = dbapi_connection.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=FULL")
+    record.info["dy_synchronous"] = "FULL"
     cur.execute("PRAGMA busy_timeout=60000")
     # a large database's indexes stay in memory: pages read through a shared memory map and
     # a 16 MiB page cache per connection (the default 2 MiB makes every write at a million
@@ -280,11 +281,21 @@ def sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
 def sqlite_begin(conn: Connection) -> None:
     """Take SQLite's write lock at BEGIN, so concurrent claimers queue up instead of
     deadlocking on a lock upgrade (sent to the driver directly: this runs per transaction)."""
-    read = conn.get_execution_options().get("dy_read", False)
+    options = conn.get_execution_options()
+    read = options.get("dy_read", False)
     statement = "BEGIN" if read else "BEGIN IMMEDIATE"
     dbapi = conn.dialect.loaded_dbapi
+    driver = conn.connection.dbapi_connection
     try:
-        conn.connection.dbapi_connection.execute(statement)  # type: ignore[union-attr]
+        if not read:  # each write says whether its COMMIT waits for the disk (Db.transact)
+            synchronous = "NORMAL" if options.get("dy_no_fsync") else "FULL"
+            info = conn.connection.info
+            if info.get("dy_synchronous") != synchronous:
+                statement = f"PRAGMA synchronous={synchronous}"
+                driver.execute(statement)  # type: ignore[union-attr]
+                info["dy_synchronous"] = synchronous
+                statement = "BEGIN IMMEDIATE"
+        driver.execute(statement)  # type: ignore[union-attr]
     except dbapi.Error as exc:
         # raised as SQLAlchemy raises a statement's driver error (SQLAlchemy does not wrap
         # one from this listener): a lock held past the busy timeout, by a writer outside

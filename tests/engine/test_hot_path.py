@@ -5,15 +5,26 @@ every checkout, yet one that the server dropped while it sat idle is replaced, u
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
 from engine.errors import DatabaseError, LeaseLost
-from engine.models import Lease, NewRun, RunStatus, StepRecord, StepStatus, Transition
+from engine.models import (
+    Lease,
+    NewRun,
+    QueueLimits,
+    RunStatus,
+    StepRecord,
+    StepStatus,
+    Transition,
+)
 from engine.store import SqlStore, open_store
 from engine.store import db as store_db
 from engine.store import schema as t
@@ -142,5 +153,171 @@ def test_a_dead_idle_connection_is_replaced_without_an_error(
             assert c.execute(sa.text("SELECT pg_backend_pid()")).scalar_one() != pid
     except DatabaseError as exc:  # pragma: no cover - what the ping prevents
         pytest.fail(f"the dead connection was used: {exc}")
+    finally:
+        store.close()
+
+
+@contextmanager
+def libpq_trace(store: SqlStore, path: Path) -> Iterator[list[str]]:
+    """What the store's connections send to PostgreSQL meanwhile (libpq's protocol trace):
+    on exit, the list holds one line per query sent (a `Query`, or an extended protocol
+    `Parse`), each with its SQL."""
+    sent: list[str] = []
+    with path.open("w") as out:
+
+        def traced(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+            dbapi_connection.pgconn.trace(out.fileno())
+
+        def untraced(dbapi_connection: Any, record: Any) -> None:
+            dbapi_connection.pgconn.untrace()
+
+        sa.event.listen(store.engine, "checkout", traced)
+        sa.event.listen(store.engine, "checkin", untraced)
+        try:
+            yield sent
+        finally:
+            sa.event.remove(store.engine, "checkout", traced)
+            sa.event.remove(store.engine, "checkin", untraced)
+    records: list[str] = []  # a message's SQL may span lines; each message starts a line
+    for line in path.read_text().splitlines():  # with its time stamp, then a tab
+        if records and not re.match(r"\d{4}-\d\d-\d\d [\d:.]+\t", line):
+            records[-1] += " " + line
+        else:
+            records.append(line)
+    for record in records:
+        fields = record.split("\t")
+        if len(fields) > 3 and fields[1] == "F" and fields[3] in ("Query", "Parse"):
+            sent.append(" ".join(fields[3:]))
+
+
+def _postgres_store() -> SqlStore:
+    if not PG_URL:
+        pytest.skip(PG_REASON)
+    _reset_postgres(PG_URL)
+    return open_store(PG_URL)
+
+
+def test_one_statement_reads_on_postgresql_send_no_begin_and_no_rollback(
+    tmp_path: Path,
+) -> None:
+    """`get_steps` and `get_run` (a worker reads a claimed run's steps) are one SELECT each,
+    sent in autocommit: no BEGIN or ROLLBACK round trips, and they still read what was
+    committed."""
+    store = _postgres_store()
+    try:
+        run_id, lease = _claimed(store)
+        store.commit_transition(run_id, lease, _step_done({"k": 1}), store.now())
+        with libpq_trace(store, tmp_path / "trace") as sent:
+            (step,) = store.get_steps(run_id)
+            run = store.get_run(run_id)
+        assert step.output == {"k": 1} and run.current_step == "b"
+        assert len(sent) == 2 and all("SELECT" in q for q in sent), sent
+    finally:
+        store.close()
+
+
+def _queued(store: SqlStore, run_id: str, queue: str) -> None:
+    new = NewRun(
+        id=run_id,
+        workflow_id="wf",
+        version="1",
+        definition_hash="h",
+        payload={},
+        first_step="a",
+        queue=queue,
+    )
+    store.create_run(new, store.now())
+
+
+def test_a_claim_on_postgresql_reads_an_unlimited_queue_in_one_statement(
+    tmp_path: Path,
+) -> None:
+    """A claim of an unlimited queue's run: BEGIN, its candidates, the queue's row FOR SHARE
+    (limits and pause in one read), the current step, the take, COMMIT. A limited queue's
+    first claim in a process finds the limits under that share, rolls back and claims with
+    the row FOR UPDATE; later claims go straight there; and the limit holds."""
+    store = _postgres_store()
+    lease = Lease(owner="hot/0", host="here", pid=1, seconds=30.0)
+    try:
+        store.save_queue_limits([QueueLimits("one", concurrency=1)])
+        for i, queue in enumerate(["free", "free", "one", "one", "one"]):
+            _queued(store, f"r{i}", queue)
+        with libpq_trace(store, tmp_path / "free") as sent:
+            assert store.claim_next_run(lease, store.now(), ["free"]) is not None
+        queue_reads = [q for q in sent if q.startswith('Parse  "" "SELECT dy_queues.')]
+        assert len(sent) == 6 and "BEGIN" in sent[0] and sent[-1].endswith('"COMMIT"'), sent
+        assert len(queue_reads) == 1 and "FOR SHARE" in queue_reads[0], sent
+
+        with libpq_trace(store, tmp_path / "first") as sent:
+            first = store.claim_next_run(lease, store.now(), ["one"])
+        assert first is not None and first.queue == "one"
+        reads = [q for q in sent if q.startswith('Parse  "" "SELECT dy_queues.')]
+        assert "FOR SHARE" in reads[0] and "FOR UPDATE" in reads[1], sent
+        assert any(q.endswith('"ROLLBACK"') for q in sent), sent  # the look made again
+
+        store.commit_transition(
+            first.id, lease, Transition(RunStatus.COMPLETED, output=None), store.now()
+        )
+        with libpq_trace(store, tmp_path / "later") as sent:
+            second = store.claim_next_run(lease, store.now(), ["one"])
+        assert second is not None
+        reads = [q for q in sent if q.startswith('Parse  "" "SELECT dy_queues.')]
+        assert len(reads) == 1 and "FOR UPDATE" in reads[0], sent
+        assert not any(q.endswith('"ROLLBACK"') for q in sent), sent
+        assert store.claim_next_run(lease, store.now(), ["one"]) is None  # one at a time
+    finally:
+        store.close()
+
+
+def test_limits_set_by_another_process_hold_for_a_claimer_that_saw_none() -> None:
+    """A claimer that last found the queue unlimited (its hint) reads the row FOR SHARE,
+    finds the limit another process saved since, and counts: the limit holds."""
+    store = _postgres_store()
+    other = open_store(PG_URL or "")
+    lease = Lease(owner="hot/0", host="here", pid=1, seconds=30.0)
+    try:
+        for i in range(3):
+            _queued(store, f"r{i}", "q")
+        assert store.claim_next_run(lease, store.now(), ["q"]) is not None  # q: no limits
+        other.save_queue_limits([QueueLimits("q", concurrency=1)])
+        assert store.claim_next_run(lease, store.now(), ["q"]) is None  # one runs already
+        other.save_queue_limits([QueueLimits("q", concurrency=2)])
+        assert store.claim_next_run(lease, store.now(), ["q"]) is not None
+        assert store.claim_next_run(lease, store.now(), ["q"]) is None
+        other.save_queue_limits([QueueLimits("q")])  # unlimited again: the share suffices
+        assert store.claim_next_run(lease, store.now(), ["q"]) is not None
+    finally:
+        other.close()
+        store.close()
+
+
+def test_a_sqlite_claim_commits_without_waiting_for_the_disk_and_a_step_waits(
+    tmp_path: Path,
+) -> None:
+    """The claim's transaction runs with `synchronous=NORMAL` (its COMMIT is not fsync'd:
+    Db.transact says why that loses nothing a claim needs); the step's commit after it on
+    the same connection is back at FULL, and so is every other write."""
+    store = open_store(f"sqlite:///{tmp_path}/state.db")
+    statements: list[str] = []
+
+    def trace(dbapi_connection: Any, record: Any) -> None:
+        dbapi_connection.set_trace_callback(statements.append)
+
+    try:
+        store.engine.pool.dispose()  # connections made from now on are traced
+        sa.event.listen(store.engine, "connect", trace)
+        run_id, lease = _claimed(store)
+        claim = statements[statements.index("PRAGMA synchronous=NORMAL") :]
+        assert claim[1] == "BEGIN IMMEDIATE" and "COMMIT" in claim
+        assert not any(s.startswith("INSERT INTO dy_runs") for s in claim)  # not the create
+        statements.clear()
+        store.commit_transition(run_id, lease, _step_done({"k": 1}), store.now())
+        assert statements[:2] == ["PRAGMA synchronous=FULL", "BEGIN IMMEDIATE"], statements
+        statements.clear()
+        store.commit_transition(run_id, lease, _step_done({"k": 2}), store.now())
+        assert statements[0] == "BEGIN IMMEDIATE"  # still FULL: no PRAGMA again
+        assert not any("synchronous" in s for s in statements)
+        (step,) = store.get_steps(run_id)
+        assert step.output == {"k": 2}
     finally:
         store.close()
