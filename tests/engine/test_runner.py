@@ -461,3 +461,40 @@ steps:
     nap2 = {s.step_key: s for s in store.get_steps(run.id)}["nap2"]
     assert nap2.started_at == pytest.approx(start + 31)  # the worker's wait, not a new one
     assert clock.now == pytest.approx(start + 61)
+
+
+def test_evolve_makes_what_replace_makes_for_a_run_and_a_transition() -> None:
+    """The runner's per-step copies (`evolve`) skip `__init__`: sound only while Run and
+    Transition have no `__post_init__` and no slots, and then equal to `replace`."""
+    import dataclasses
+
+    from engine.models import Lease, Run, StepRecord, StepStatus, Transition
+    from engine.runner import evolve
+    from engine.store.sqlutil import run_from_row
+
+    for cls in (Run, Transition, StepRecord, Lease):
+        assert dataclasses.is_dataclass(cls) and not hasattr(cls, "__post_init__")
+        assert "__slots__" not in cls.__dict__ and cls.__dataclass_params__.frozen  # type: ignore[attr-defined]
+    run = run_from_row(
+        {
+            "id": "r",
+            "workflow_id": "w",
+            "version": "1",
+            "definition_hash": "h",
+            "status": "running",
+            "queue": "default",
+            "created_at": 1.0,
+            "updated_at": 1.0,
+            "payload": {"a": [1]},
+            "tags": ["x:y"],
+        }
+    )
+    changes: dict[str, Any] = {"status": RunStatus.COMPLETED, "current_step": "b", "output": 3}
+    assert evolve(run, **changes) == dataclasses.replace(run, **changes)
+    assert run.status == RunStatus.RUNNING  # the original is untouched
+    transition = Transition(RunStatus.RUNNING, StepRecord("a", StepStatus.COMPLETED, 1, 1.0))
+    assert evolve(transition, logs=(), has_parent=True) == dataclasses.replace(
+        transition, logs=(), has_parent=True
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        evolve(run, status=RunStatus.FAILED).status = RunStatus.RUNNING  # type: ignore[misc]
