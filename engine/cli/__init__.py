@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import sys
 import threading
@@ -66,16 +67,19 @@ def _utf8(text: str) -> bool:
 
 
 def entry() -> None:
-    """The `durable-yaml` command (and `python -m engine`): `main`, then, for a command that
-    opened no database, an exit that skips the interpreter's teardown. Freeing every module
-    and object of a process about to end cost 40-120 ms (issue #15: a quarter of
-    `validate`); the operating system frees them at once. What Python promises of an exit
-    is still done: the `atexit` handlers run (logging's flush, a tracing exporter's last
-    spans) and stdout and stderr are flushed; a running non-daemon thread makes it the
-    ordinary exit, which waits for it. A command that loaded SQLAlchemy exits the ordinary
-    way too: its teardown closes the connections, and SQLite's last close folds the
-    write-ahead log back into the database file (a copy of the file alone is then whole).
-    An exception `main` does not map to a message propagates as it would without this."""
+    """The `durable-yaml` command (and `python -m engine`): `main`, then an exit that skips
+    the interpreter's teardown. Freeing every module and object of a process about to end
+    cost 40-120 ms of each command (issue #15: a quarter of `validate`, as much of `run`);
+    the operating system frees them at once. What Python promises of an exit is still
+    done: the `atexit` handlers run (logging's flush, a tracing exporter's last spans) and
+    stdout and stderr are flushed; a running non-daemon thread makes it the ordinary exit,
+    which waits for it. What the teardown did that matters is done first: every database
+    the command opened is closed (SQLite's last close folds the write-ahead log into the
+    database file, so a copy of the file alone is whole; PostgreSQL's connections end with
+    a goodbye). Finalizers of objects still alive at exit are not run (Python never
+    promised them: "It is not guaranteed that __del__() methods are called for objects
+    that still exist when the interpreter exits"). An exception `main` does not map to a
+    message propagates as it would without this."""
     try:
         main()
     except SystemExit as exc:
@@ -91,11 +95,13 @@ def _exit_now(code: object) -> None:
         print(code, file=sys.stderr)
         status = 1
     main_thread = threading.main_thread()
-    if "sqlalchemy" in sys.modules or any(
-        t is not main_thread and not t.daemon and t.is_alive() for t in threading.enumerate()
-    ):
+    if any(t is not main_thread and not t.daemon and t.is_alive() for t in threading.enumerate()):
         sys.exit(status)
     atexit._run_exitfuncs()  # the handlers an ordinary exit runs, in the same order
+    store = sys.modules.get("engine.store.db")
+    if store is not None:  # (loaded by every command that opens a database)
+        with contextlib.suppress(Exception):  # one that cannot say goodbye: the OS ends it
+            store.close_all()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from pathlib import Path
@@ -218,6 +219,18 @@ class DbClock:
         return self._offset
 
 
+_OPEN: weakref.WeakSet[Db] = weakref.WeakSet()  # every Db of this process not yet closed
+
+
+def close_all() -> None:
+    """Close every database this process opened (the `durable-yaml` command's exit, which
+    then skips the interpreter's teardown: SQLite's last close folds the write-ahead log
+    into the database file, PostgreSQL's connections end with a goodbye, not a dropped
+    socket)."""
+    for db in list(_OPEN):
+        db.close()
+
+
 class Db:
     def __init__(self, url: str, *, skew: float = 0.0) -> None:
         self.url = url
@@ -229,6 +242,7 @@ class Db:
             # a URL that check_db_url did not see: SQLAlchemy's refusal is a setting's mistake
             raise ConfigError(f"database URL cannot be used: {_first_line(exc)}") from None
         self.clock = DbClock(self._server_time, skew=skew)
+        _OPEN.add(self)
 
     def _create_engine(self, url: str) -> None:
         parsed = make_url(url)
@@ -438,6 +452,7 @@ class Db:
         }
 
     def close(self) -> None:
+        _OPEN.discard(self)
         self.engine.dispose()
 
 

@@ -145,8 +145,8 @@ def test_dsl_never_imports_engine() -> None:
     assert not modules & ({"engine"} | STORE | SERVER)
 
 
-# The command's exit (engine/cli `entry`): the interpreter's teardown is skipped where
-# nothing needs it, never at the cost of output, an `atexit` handler or the database file.
+# The command's exit (engine/cli `entry`): the interpreter's teardown is skipped, never at
+# the cost of output, an `atexit` handler, a running thread or the database file.
 
 EXITS = """from engine import step
 import atexit, pathlib
@@ -206,8 +206,8 @@ def test_the_command_runs_atexit_handlers(tmp_path: Path) -> None:
 
 
 def test_a_command_that_opened_the_database_leaves_the_file_whole(tmp_path: Path) -> None:
-    """`run` exits the ordinary way: its connections close, SQLite folds the write-ahead
-    log into the database file, and a copy of that file alone holds the run."""
+    """`run` closes its database before it exits: SQLite folds the write-ahead log into the
+    database file, and a copy of that file alone holds the run."""
     folder = exits_project(tmp_path)
     out = command(["run", "exits", "-m", "exitsteps"], folder)
     assert out.returncode == 0, out.stderr
@@ -218,3 +218,26 @@ def test_a_command_that_opened_the_database_leaves_the_file_whole(tmp_path: Path
     copy.write_bytes(state.read_bytes())
     with sqlite3.connect(copy) as c:
         assert c.execute("SELECT status FROM dy_runs").fetchall() == [("completed",)]
+
+
+def test_a_running_non_daemon_thread_is_waited_for(tmp_path: Path) -> None:
+    """A step module that starts a (non-daemon) thread: the command exits the ordinary way,
+    which waits for the thread to finish its work."""
+    folder = exits_project(tmp_path)
+    (folder / "exitsteps.py").write_text(
+        EXITS
+        + """
+import threading, time
+
+
+def _late() -> None:
+    time.sleep(0.5)
+    pathlib.Path("thread-done").write_text("yes")
+
+
+threading.Thread(target=_late).start()
+"""
+    )
+    out = command(["validate", "-m", "exitsteps", "workflows"], folder)
+    assert out.returncode == 0, out.stderr
+    assert (folder / "thread-done").read_text() == "yes"
