@@ -32,9 +32,11 @@ _ACTIVE = [s.value for s in ACTIVE_STATUSES]
 LOOKS = (2, 512)  # candidates per look: from the first, x4 per look up to the last
 
 
-class _LimitedAfterAll(Exception):
-    """PostgreSQL: a queue read under FOR SHARE alone, as unlimited, has limits: the look is
-    rolled back and made again, its rows locked FOR UPDATE this time (see `_queue_state`)."""
+class LimitedAfterAll(Exception):
+    """PostgreSQL: a queue whose row was read under FOR SHARE alone, as unlimited, has
+    limits (its hint was stale, or they were committed while the limited rows were being
+    locked): the transaction is rolled back and made again, that row locked FOR UPDATE this
+    time (see `Queues._queue_state`; the callers of a claim retry)."""
 
 
 class Queues:
@@ -96,7 +98,7 @@ class Queues:
                     ),
                     fsync=False,  # see Db.transact: a claim's loss only requeues the run
                 )
-            except _LimitedAfterAll:
+            except LimitedAfterAll:
                 continue  # now known as limited: the same look, with the rows locked to count
             if taken is not None or exhausted:
                 return taken
@@ -176,21 +178,31 @@ class Queues:
 
         On PostgreSQL, when none of `names` was limited when this process last looked
         (`shared_first`), every row is read in one statement FOR SHARE (a claim's round
-        trips: six instead of seven, issue #15); if one has limits after all (a new
-        definition), `_LimitedAfterAll` rolls the look back to be made again the other way.
-        Taking FOR UPDATE after FOR SHARE on the same row instead would deadlock two
-        claimers that both hold the share."""
+        trips: six instead of seven, issue #15). Otherwise the limited rows are locked FOR
+        UPDATE, then the others FOR SHARE. Either way a row that the share finds limited
+        (a new definition, committed meanwhile) raises `LimitedAfterAll`: the transaction is
+        made again, with that row among the ones locked FOR UPDATE. Taking FOR UPDATE after
+        FOR SHARE on the same row instead would deadlock two claimers that both hold the
+        share; counting under the share alone would let two of them start a run each."""
         if self.db.is_postgres:
             if shared_first and not names & self._found_limited:
                 shared = c.execute(_SHARED, {"names": sorted(names)}).mappings().all()
                 limited = {r["name"] for r in shared if _has_limits(r)}
                 if limited:
                     self._found_limited = self._found_limited | limited
-                    raise _LimitedAfterAll()
+                    raise LimitedAfterAll()
                 return {}, {r["name"] for r in shared if r["paused"]}
             limits = self._limits(c, names)
+            others = names - set(limits)
+            shared = (
+                c.execute(_SHARED, {"names": sorted(others)}).mappings().all() if others else []
+            )
+            late = {r["name"] for r in shared if _has_limits(r)}
+            if late:  # limited by a commit after `_limits` read them: not locked to count
+                self._found_limited = self._found_limited | late
+                raise LimitedAfterAll()
             self._found_limited = (self._found_limited - names) | set(limits)
-            paused = self._paused(c, names - set(limits))
+            paused = {r["name"] for r in shared if r["paused"]}
             return limits, paused | {q.name for q in limits.values() if q.paused}
         if len(names) == 1:  # the common look: one queue, on the driver's cursor
             (name,) = names
@@ -216,14 +228,6 @@ class Queues:
             )
             for r in rows
         }
-
-    def _paused(self, c: Connection, names: set[str]) -> set[str]:
-        """Which of these (unlimited) queues are paused, read under FOR SHARE of their rows
-        (PostgreSQL): a pause waits for this claim, and a claim after it sees the pause."""
-        if not names:
-            return set()
-        rows = c.execute(_SHARED, {"names": sorted(names)})
-        return {r.name for r in rows if r.paused}
 
     def _allowed(self, c: Connection, row: Any, limits: QueueLimits | None, now: float) -> str:
         """'ok', or which limit is full: 'queue' or 'key'."""

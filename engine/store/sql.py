@@ -42,7 +42,7 @@ from .control import Control
 from .db import Db
 from .events import Events
 from .migrations import MIGRATIONS
-from .queueing import Queues
+from .queueing import LimitedAfterAll, Queues
 from .retention import Retention
 from .runs import Runs
 from .schedules import Schedules
@@ -54,7 +54,6 @@ from .workers import Workers
 
 __all__ = ["SqlStore", "normalise_url"]
 
-PG_INTEGER_MAX = 2**31 - 1  # the largest value of an `Integer` column on PostgreSQL
 _RUN_STEPS = (  # built once: the runner reads a run's steps at every claim
     select(t.steps)
     .where(t.steps.c.run_id == sa.bindparam("w_run"))
@@ -168,7 +167,11 @@ class SqlStore:
         self, run_id: str, lease: Lease, now: float, *, within_limits: bool = False
     ) -> Run:
         admit = self.queues.admits if within_limits else None
-        return self.runs.claim_run(run_id, lease, now, admit)
+        while True:
+            try:
+                return self.runs.claim_run(run_id, lease, now, admit)
+            except LimitedAfterAll:  # rolled back: again, the queue's row locked to count
+                continue
 
     @translate
     def commit_transition(
@@ -428,9 +431,9 @@ class SqlStore:
 
     @translate
     def get_logs(self, run_id: str, after_id: int = 0, limit: int = 1000) -> list[LogEntry]:
-        # No stored id is beyond the column's range (PostgreSQL: `integer`), so a larger
-        # `after_id` means "after every line"; sent as is it was an error, not no lines.
-        after_id = min(after_id, PG_INTEGER_MAX if self.db.is_postgres else INT_MAX)
+        # No stored id is beyond the column's 64 bits, so a larger `after_id` means "after
+        # every line"; sent as is it was an error, not no lines.
+        after_id = min(after_id, INT_MAX)
         q = (
             select(t.logs)
             .where(t.logs.c.run_id == run_id, t.logs.c.id > after_id)

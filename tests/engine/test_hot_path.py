@@ -321,3 +321,41 @@ def test_a_sqlite_claim_commits_without_waiting_for_the_disk_and_a_step_waits(
         assert step.output == {"k": 2}
     finally:
         store.close()
+
+
+def test_a_limit_committed_while_a_claim_locks_the_limited_rows_holds() -> None:
+    """PostgreSQL, the claim that locks limited rows first (its hint names L): queue X gets
+    a concurrency limit of 1 from a transaction that commits while the claim waits for X's
+    row. The share on X then reads the limit: the claim is made again with X's row locked
+    to count, and X's second run does not start (before, X was taken as unlimited)."""
+    import threading
+
+    import psycopg
+
+    store = _postgres_store()
+    lease = Lease(owner="hot/0", host="here", pid=1, seconds=30.0)
+    try:
+        store.save_queue_limits([QueueLimits("L", concurrency=5), QueueLimits("X")])
+        _queued(store, "x1", "X")
+        _queued(store, "l1", "L")
+        assert store.claim_next_run(lease, store.now(), ["X"]) is not None
+        assert store.claim_next_run(lease, store.now(), ["L"]) is not None  # hint: L limited
+        _queued(store, "x2", "X")
+        with store.engine.begin() as c:  # x2 is the claim's first candidate
+            c.execute(sa.update(t.runs).where(t.runs.c.id == "x2").values(priority=9))
+        _queued(store, "l2", "L")
+        saver = psycopg.connect(PG_URL or "")
+        saver.execute("UPDATE dy_queues SET concurrency = 1 WHERE name = 'X'")  # held open
+        claimed: list[Any] = []
+        claimer = threading.Thread(
+            target=lambda: claimed.append(store.claim_next_run(lease, store.now(), ["L", "X"]))
+        )
+        claimer.start()
+        time.sleep(0.5)  # the claim waits for X's row
+        saver.commit()
+        saver.close()
+        claimer.join(30)
+        assert claimed and claimed[0] is not None and claimed[0].id == "l2", claimed
+        assert store.get_run("x2").status == RunStatus.QUEUED
+    finally:
+        store.close()
