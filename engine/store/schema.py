@@ -12,6 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Column,
     Float,
@@ -28,7 +29,7 @@ from sqlalchemy.types import TypeEngine
 
 __all__ = ["SCHEMA_VERSION", "metadata"]
 
-SCHEMA_VERSION = 6  # bump with a function in migrations.py for the step up
+SCHEMA_VERSION = 7  # bump with a function in migrations.py for the step up
 
 
 class _Json(sa.types.TypeDecorator[object]):
@@ -206,7 +207,11 @@ attempts = Table(
 logs = Table(
     "dy_logs",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    # 64 bits: a log line per step at a million runs a day passes 2**31 in a few years, and
+    # ids are never reused (SQLite's INTEGER PRIMARY KEY is its 64-bit rowid already)
+    Column(
+        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
     Column("run_id", String(40), nullable=False),
     Column("step_key", String(220)),
     Column("attempt", Integer),

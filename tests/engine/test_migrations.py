@@ -95,8 +95,53 @@ def test_v5_database_gets_the_metrics_index(db_url: str) -> None:
     store.close()
     store = open_store(db_url)
     with store.engine.connect() as c:
-        assert c.execute(sa.select(t.meta.c.value)).scalar_one() == "6"
+        assert c.execute(sa.select(t.meta.c.value)).scalar_one() == str(t.SCHEMA_VERSION)
         indexes = {i["name"] for i in sa.inspect(c).get_indexes("dy_runs")}
     assert "dy_runs_workflow_status" in indexes
+    store.migrate()  # idempotent
+    store.close()
+
+
+def test_v6_database_gets_log_ids_of_64_bits(db_url: str) -> None:
+    """v7: a version-6 database (PostgreSQL: `dy_logs.id` a 32-bit SERIAL, made here by
+    narrowing it again) is upgraded in place; log ids then go past 2**31 - 1, where every
+    write of a log line used to fail, and are read back in order after such an id."""
+    from engine.models import Lease, NewLog, NewRun, Transition
+
+    store = open_store(db_url)
+    postgres = store.dialect == "postgresql"
+    with store.engine.begin() as c:
+        if postgres:
+            c.execute(sa.text("ALTER TABLE dy_logs ALTER COLUMN id TYPE INTEGER"))
+            c.execute(sa.text("ALTER SEQUENCE dy_logs_id_seq AS INTEGER"))
+        c.execute(sa.update(t.meta).where(t.meta.c.key == "schema_version").values(value="6"))
+    store.close()
+    store = open_store(db_url)
+    with store.engine.begin() as c:
+        assert c.execute(sa.select(t.meta.c.value)).scalar_one() == str(t.SCHEMA_VERSION)
+        if postgres:
+            kind = c.execute(
+                sa.text(
+                    "SELECT data_type FROM information_schema.columns "
+                    "WHERE table_name = 'dy_logs' AND column_name = 'id'"
+                )
+            ).scalar_one()
+            assert kind == "bigint"
+            c.execute(sa.text("SELECT setval('dy_logs_id_seq', 2147483646)"))
+        else:
+            c.execute(
+                sa.insert(t.logs).values(
+                    id=2147483646, run_id="x", level="info", message="seed", created_at=0.0
+                )
+            )
+    lease = Lease(owner="m/0", host="here", pid=1, seconds=30.0)
+    store.create_run(NewRun("r1", "wf", "1", "h", {}, "a", "q"), store.now())
+    assert store.claim_next_run(lease, store.now()) is not None
+    logs = tuple(NewLog("info", f"line {i}", "a", 1) for i in range(3))
+    store.commit_transition("r1", lease, Transition(RunStatus.RUNNING, logs=logs), store.now())
+    ids = [e.id for e in store.get_logs("r1")]
+    assert ids == [2147483647, 2147483648, 2147483649]
+    assert [e.message for e in store.get_logs("r1", after_id=2147483647)] == ["line 1", "line 2"]
+    assert store.get_logs("r1", after_id=2**63 - 1) == []
     store.migrate()  # idempotent
     store.close()
