@@ -305,11 +305,19 @@ def get_step(name: str) -> RegisteredStep:
         ) from None
 
 
+# Set once a user's step module is imported: the `durable-yaml` command then exits the
+# ordinary way (engine/cli `entry`), whose teardown finalizes what that code holds (a file
+# it wrote and never closed, its own SQLite database, a C library's buffered output).
+user_modules_imported = False
+
+
 def import_modules(modules: Iterable[str], cwd: str = ".") -> None:
     """Import step modules with the current folder on sys.path; ConfigError on failure."""
+    global user_modules_imported
     if cwd not in sys.path:
         sys.path.insert(0, cwd)
     for module in modules:
+        user_modules_imported = True
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:

@@ -67,19 +67,23 @@ def _utf8(text: str) -> bool:
 
 
 def entry() -> None:
-    """The `durable-yaml` command (and `python -m engine`): `main`, then an exit that skips
-    the interpreter's teardown. Freeing every module and object of a process about to end
-    cost 40-120 ms of each command (issue #15: a quarter of `validate`, as much of `run`);
-    the operating system frees them at once. What Python promises of an exit is still
-    done: the `atexit` handlers run (logging's flush, a tracing exporter's last spans) and
-    stdout and stderr are flushed; a running non-daemon thread makes it the ordinary exit,
-    which waits for it. What the teardown did that matters is done first: every database
-    the command opened is closed (SQLite's last close folds the write-ahead log into the
-    database file, so a copy of the file alone is whole; PostgreSQL's connections end with
-    a goodbye). Finalizers of objects still alive at exit are not run (Python never
-    promised them: "It is not guaranteed that __del__() methods are called for objects
-    that still exist when the interpreter exits"). An exception `main` does not map to a
-    message propagates as it would without this."""
+    """The `durable-yaml` command (and `python -m engine`): `main`, then, where nothing needs
+    it, an exit that skips the interpreter's teardown. Freeing every module and object of
+    a process about to end cost 40-120 ms of each command (issue #15: a quarter of
+    `validate`); the operating system frees them at once. What Python promises of an exit
+    is still done: the `atexit` handlers run (logging's flush, a tracing exporter's last
+    spans) and stdout and stderr are flushed; and what the teardown did for the command's
+    own objects is done first: every database it opened is closed (SQLite's last close
+    folds the write-ahead log into the database file, so a copy of the file alone is
+    whole; PostgreSQL's connections end with a goodbye).
+
+    The ordinary exit is taken instead when the teardown may matter to code that is not
+    ours or to someone watching: once a user's step module was imported (what it holds is
+    finalized by the teardown: a file written and never closed, its own SQLite database,
+    a C library's buffered output), while a non-daemon thread runs (the ordinary exit
+    waits for it), and under a profiler or a tracer (cProfile writes its profile after the
+    program returns). An exception `main` does not map to a message propagates as it
+    would without this."""
     try:
         main()
     except SystemExit as exc:
@@ -94,8 +98,16 @@ def _exit_now(code: object) -> None:
     else:  # what `sys.exit("message")` does
         print(code, file=sys.stderr)
         status = 1
+    registry = sys.modules.get("engine.registry")
     main_thread = threading.main_thread()
-    if any(t is not main_thread and not t.daemon and t.is_alive() for t in threading.enumerate()):
+    if (
+        getattr(registry, "user_modules_imported", False)
+        or sys.getprofile() is not None
+        or sys.gettrace() is not None
+        or any(
+            t is not main_thread and not t.daemon and t.is_alive() for t in threading.enumerate()
+        )
+    ):
         sys.exit(status)
     atexit._run_exitfuncs()  # the handlers an ordinary exit runs, in the same order
     store = sys.modules.get("engine.store.db")
@@ -103,6 +115,8 @@ def _exit_now(code: object) -> None:
         with contextlib.suppress(Exception):  # one that cannot say goodbye: the OS ends it
             store.close_all()
     for stream in (sys.stdout, sys.stderr):
+        if stream is None:  # started with that descriptor closed (`>&-`): nothing to flush
+            continue
         try:
             stream.flush()
         except (OSError, ValueError):  # a closed pipe (`| head`), a closed stream

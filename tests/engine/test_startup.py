@@ -6,6 +6,7 @@ jsonschema and jinja2; a `run` not the server; `dsl` never imports `engine`."""
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -197,21 +198,37 @@ def test_the_command_exits_with_its_code_and_all_its_output(tmp_path: Path) -> N
 
 
 def test_the_command_runs_atexit_handlers(tmp_path: Path) -> None:
-    """`validate -m` imports the step module, which registers a handler: the exit skips
-    the teardown, not the handlers."""
-    folder = exits_project(tmp_path)
-    out = command(["validate", "-m", "exitsteps", "workflows"], folder)
-    assert out.returncode == 0, out.stderr
+    """The exit skips the teardown, not the `atexit` handlers (a tracing exporter's flush
+    is one), nor the closing of the databases it opened."""
+    folder = project(tmp_path)
+    probe = (
+        "import atexit, pathlib, sys\n"
+        "atexit.register(lambda: pathlib.Path('atexit-ran').write_text('yes'))\n"
+        "sys.argv = ['durable-yaml', 'validate', 'workflows']\n"
+        "from engine.cli import entry\n"
+        "entry()\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{ROOT}:{folder}"},
+    )
+    assert out.returncode == 0 and "1 file(s) valid" in out.stdout, out.stderr
     assert (folder / "atexit-ran").read_text() == "yes"
 
 
 def test_a_command_that_opened_the_database_leaves_the_file_whole(tmp_path: Path) -> None:
-    """`run` closes its database before it exits: SQLite folds the write-ahead log into the
-    database file, and a copy of that file alone holds the run."""
+    """`runs list` (which imports no step module) closes the database before its quick
+    exit: SQLite folds the write-ahead log into the database file, and a copy of that file
+    alone holds the run."""
     folder = exits_project(tmp_path)
-    out = command(["run", "exits", "-m", "exitsteps"], folder)
-    assert out.returncode == 0, out.stderr
-    assert (folder / "atexit-ran").read_text() == "yes"
+    assert command(["run", "exits", "-m", "exitsteps"], folder).returncode == 0
+    listed = command(["runs", "list", "--json"], folder)
+    assert listed.returncode == 0, listed.stderr
+    assert [r["status"] for r in json.loads(listed.stdout)] == ["completed"]
     state = folder / ".durable-yaml" / "state.db"
     assert not Path(f"{state}-wal").exists()
     copy = tmp_path / "copy.db"
@@ -220,24 +237,86 @@ def test_a_command_that_opened_the_database_leaves_the_file_whole(tmp_path: Path
         assert c.execute("SELECT status FROM dy_runs").fetchall() == [("completed",)]
 
 
-def test_a_running_non_daemon_thread_is_waited_for(tmp_path: Path) -> None:
-    """A step module that starts a (non-daemon) thread: the command exits the ordinary way,
-    which waits for the thread to finish its work."""
+def test_a_command_that_imported_step_modules_keeps_the_teardown(tmp_path: Path) -> None:
+    """A step module's file, written at import and never closed, is flushed by the
+    interpreter's teardown, which the command then does not skip."""
     folder = exits_project(tmp_path)
     (folder / "exitsteps.py").write_text(
-        EXITS
-        + """
-import threading, time
-
-
-def _late() -> None:
-    time.sleep(0.5)
-    pathlib.Path("thread-done").write_text("yes")
-
-
-threading.Thread(target=_late).start()
-"""
+        EXITS + '\nAUDIT = open("audit.txt", "w")\nAUDIT.write("imported\\n")\n'
     )
     out = command(["validate", "-m", "exitsteps", "workflows"], folder)
+    assert out.returncode == 0, out.stderr
+    assert (folder / "audit.txt").read_text() == "imported\n"
+    assert (folder / "atexit-ran").read_text() == "yes"
+
+
+def test_a_closed_stdout_or_stderr_is_no_error(tmp_path: Path) -> None:
+    """Started with descriptor 1 or 2 closed (`>&-`), Python has no sys.stdout or
+    sys.stderr: the exit has nothing to flush there, and exits 0 as the ordinary one."""
+    folder = project(tmp_path)
+    for fd in (1, 2):
+        out = subprocess.run(
+            [sys.executable, "-m", "engine", "validate", "workflows"],
+            cwd=folder,
+            capture_output=False,
+            stdout=subprocess.DEVNULL if fd == 2 else None,
+            stderr=subprocess.PIPE if fd == 1 else None,
+            preexec_fn=lambda fd=fd: os.close(fd),  # type: ignore[misc]
+            timeout=60,
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{ROOT}:{folder}"},
+        )
+        assert out.returncode == 0, (fd, out.stderr)
+        assert not out.stderr or b"Traceback" not in out.stderr
+
+
+def test_under_cprofile_the_profile_is_written(tmp_path: Path) -> None:
+    """Under a profiler (or a tracer) the command exits the ordinary way: cProfile writes
+    its profile after the program returns."""
+    folder = project(tmp_path)
+    profile = tmp_path / "validate.prof"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cProfile",
+            "-o",
+            str(profile),
+            "-m",
+            "engine",
+            "validate",
+            "workflows",
+        ],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{ROOT}:{folder}"},
+    )
+    assert out.returncode == 0, out.stderr
+    assert profile.stat().st_size > 0
+
+
+def test_a_running_non_daemon_thread_is_waited_for(tmp_path: Path) -> None:
+    """A (non-daemon) thread still working at the end: the command exits the ordinary way,
+    which waits for it to finish."""
+    folder = project(tmp_path)
+    probe = (
+        "import pathlib, sys, threading, time\n"
+        "def late():\n"
+        "    time.sleep(0.5)\n"
+        "    pathlib.Path('thread-done').write_text('yes')\n"
+        "threading.Thread(target=late).start()\n"
+        "sys.argv = ['durable-yaml', 'validate', 'workflows']\n"
+        "from engine.cli import entry\n"
+        "entry()\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{ROOT}:{folder}"},
+    )
     assert out.returncode == 0, out.stderr
     assert (folder / "thread-done").read_text() == "yes"
