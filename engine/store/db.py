@@ -351,8 +351,8 @@ class Db:
     def read_one(self) -> Iterator[Connection]:
         """A connection for a read of one statement: on PostgreSQL in autocommit (a
         statement is its own snapshot, so it reads what the same statement would read in a
-        transaction of its own, without the BEGIN and ROLLBACK round trips: two of a
-        claimed run's eleven, issue #15); on SQLite `read`'s."""
+        transaction of its own, without the BEGIN and ROLLBACK round trips: two of the 13
+        a queued three-step run took, issue #15); on SQLite `read`'s."""
         if self.is_postgres:
             with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
                 yield c

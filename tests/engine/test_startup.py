@@ -173,6 +173,25 @@ def command(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+def validate_after(prelude: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`durable-yaml validate workflows` through the real entry point, in a process that ran
+    `prelude` first (what a host of the command might have set up)."""
+    probe = (
+        f"{prelude}import sys\n"
+        "sys.argv = ['durable-yaml', 'validate', 'workflows']\n"
+        "from engine.cli import entry\n"
+        "entry()\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{ROOT}:{cwd}"},
+    )
+
+
 def exits_project(tmp_path: Path) -> Path:
     (tmp_path / "workflows").mkdir()
     (tmp_path / "workflows" / "exits.yaml").write_text(
@@ -201,20 +220,10 @@ def test_the_command_runs_atexit_handlers(tmp_path: Path) -> None:
     """The exit skips the teardown, not the `atexit` handlers (a tracing exporter's flush
     is one), nor the closing of the databases it opened."""
     folder = project(tmp_path)
-    probe = (
-        "import atexit, pathlib, sys\n"
-        "atexit.register(lambda: pathlib.Path('atexit-ran').write_text('yes'))\n"
-        "sys.argv = ['durable-yaml', 'validate', 'workflows']\n"
-        "from engine.cli import entry\n"
-        "entry()\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", probe],
-        cwd=folder,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{ROOT}:{folder}"},
+    out = validate_after(
+        "import atexit, pathlib\n"
+        "atexit.register(lambda: pathlib.Path('atexit-ran').write_text('yes'))\n",
+        folder,
     )
     assert out.returncode == 0 and "1 file(s) valid" in out.stdout, out.stderr
     assert (folder / "atexit-ran").read_text() == "yes"
@@ -300,23 +309,13 @@ def test_a_running_non_daemon_thread_is_waited_for(tmp_path: Path) -> None:
     """A (non-daemon) thread still working at the end: the command exits the ordinary way,
     which waits for it to finish."""
     folder = project(tmp_path)
-    probe = (
-        "import pathlib, sys, threading, time\n"
+    out = validate_after(
+        "import pathlib, threading, time\n"
         "def late():\n"
         "    time.sleep(0.5)\n"
         "    pathlib.Path('thread-done').write_text('yes')\n"
-        "threading.Thread(target=late).start()\n"
-        "sys.argv = ['durable-yaml', 'validate', 'workflows']\n"
-        "from engine.cli import entry\n"
-        "entry()\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", probe],
-        cwd=folder,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{ROOT}:{folder}"},
+        "threading.Thread(target=late).start()\n",
+        folder,
     )
     assert out.returncode == 0, out.stderr
     assert (folder / "thread-done").read_text() == "yes"
