@@ -145,3 +145,38 @@ def test_four_workers_500_runs_limits_and_a_sigkill(tmp_path: Path, db_url: str)
     assert starts[-1] - starts[0] >= 4.0, "100 starts at 20/s take at least 4 s"
     assert all(r.status == RunStatus.COMPLETED for r in engine.store.list_runs(limit=1000))
     engine.close()
+
+
+def test_a_claim_survives_the_sigkill_of_its_worker(tmp_path: Path, db_url: str) -> None:
+    """A worker claims a run (on SQLite a commit that does not wait for the disk), then is
+    SIGKILLed before executing it: the claim is in the database for every other process
+    (the run is running, leased to the dead worker), and once the lease expires another
+    worker finishes the run."""
+    env, engine = _project(tmp_path, db_url)
+    run_id = engine.send_event("load.graceful", {"tag": "t"}).run_ids[0]
+    paused = {**env, "DURABLE_YAML_PAUSE": "worker.drive=60"}  # claimed, not yet driven
+    (first,) = _workers(tmp_path, paused, 1)
+    try:
+        deadline = time.time() + 60
+        while engine.store.get_run(run_id).lease_owner is None and time.time() < deadline:
+            time.sleep(0.05)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    engine.close()
+    engine = Engine(  # another process's view: a fresh store, nothing cached
+        resolve_settings(db=db_url, workflows=str(tmp_path / "workflows")), import_steps=False
+    )
+    run = engine.store.get_run(run_id)
+    assert run.status == RunStatus.RUNNING and run.lease_owner is not None, run
+    assert run.started_at is not None
+    (second,) = _workers(tmp_path, env, 1)
+    try:
+        deadline = time.time() + 60
+        while not engine.store.get_run(run_id).finished and time.time() < deadline:
+            time.sleep(0.1)
+        assert engine.store.get_run(run_id).status == RunStatus.COMPLETED
+    finally:
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(30) == 0
+        engine.close()
