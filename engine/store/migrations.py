@@ -120,19 +120,4 @@ def _v6(c: Connection) -> None:
     _index("dy_runs_workflow_status").create(c, checkfirst=True)
 
 
-def _v7(c: Connection) -> None:
-    """Log ids of 64 bits on PostgreSQL (a SERIAL stops at 2**31 - 1, and every write of a
-    log line with it); SQLite's are already. The table is rewritten, under its lock, once."""
-    if c.dialect.name == "postgresql":
-        c.execute(sa.text("ALTER TABLE dy_logs ALTER COLUMN id TYPE BIGINT"))
-        c.execute(sa.text("ALTER SEQUENCE dy_logs_id_seq AS BIGINT"))
-
-
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {
-    2: _v2,
-    3: _v3,
-    4: _v4,
-    5: _v5,
-    6: _v6,
-    7: _v7,
-}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _v2, 3: _v3, 4: _v4, 5: _v5, 6: _v6}

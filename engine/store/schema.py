@@ -29,7 +29,7 @@ from sqlalchemy.types import TypeEngine
 
 __all__ = ["SCHEMA_VERSION", "metadata"]
 
-SCHEMA_VERSION = 7  # bump with a function in migrations.py for the step up
+SCHEMA_VERSION = 6  # bump with a function in migrations.py for the step up
 
 
 class _Json(sa.types.TypeDecorator[object]):
@@ -208,7 +208,10 @@ logs = Table(
     "dy_logs",
     metadata,
     # 64 bits: a log line per step at a million runs a day passes 2**31 in a few years, and
-    # ids are never reused (SQLite's INTEGER PRIMARY KEY is its 64-bit rowid already)
+    # ids are never reused (SQLite's INTEGER PRIMARY KEY is its 64-bit rowid already). A
+    # PostgreSQL database made before keeps its 32-bit SERIAL: widening it rewrites the table
+    # under an exclusive lock, which no migration should do unasked (README, "Upgrading").
+    # Parameters are bound as BIGINT either way, so `id > 2**40` is no error on either.
     Column(
         "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
     ),
