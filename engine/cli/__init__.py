@@ -81,9 +81,9 @@ def entry() -> None:
     ours or to someone watching: once a user's step module was imported (what it holds is
     finalized by the teardown: a file written and never closed, its own SQLite database,
     a C library's buffered output), while a non-daemon thread runs (the ordinary exit
-    waits for it), and under a profiler or a tracer (cProfile writes its profile after the
-    program returns). An exception `main` does not map to a message propagates as it
-    would without this."""
+    waits for it), under a profiler or a tracer (cProfile writes its profile after the
+    program returns), and with `python -i` (its prompt comes after the program). An
+    exception `main` does not map to a message propagates as it would without this."""
     try:
         main()
     except SystemExit as exc:
@@ -104,6 +104,8 @@ def _exit_now(code: object) -> None:
         getattr(registry, "user_modules_imported", False)
         or sys.getprofile() is not None
         or sys.gettrace() is not None
+        or sys.flags.inspect
+        or os.environ.get("PYTHONINSPECT")
         or any(
             t is not main_thread and not t.daemon and t.is_alive() for t in threading.enumerate()
         )

@@ -319,3 +319,19 @@ def test_a_running_non_daemon_thread_is_waited_for(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert (folder / "thread-done").read_text() == "yes"
+
+
+def test_python_i_still_reaches_its_prompt(tmp_path: Path) -> None:
+    """`python -i -m engine ...`: the prompt comes after the program, so the command exits
+    the ordinary way (the prompt reads its input, here one line that prints)."""
+    folder = project(tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-i", "-m", "engine", "validate", "workflows"],
+        cwd=folder,
+        input="print('at the prompt')\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{ROOT}:{folder}"},
+    )
+    assert "at the prompt" in out.stdout, (out.stdout, out.stderr)
