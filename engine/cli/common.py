@@ -41,6 +41,21 @@ def settings_options(fn: F) -> F:
     return fn
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would raise KeyboardInterrupt, so both end alike."""
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM ends the command as Ctrl-C does (exit 130, what was done kept, the databases
+    closed), instead of killing it where it stands."""
+    import signal
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def new_engine(settings: Settings, *, import_steps: bool = True) -> Engine:
     """The engine, imported here: `--help` and `validate` never load the store, SQLAlchemy
     or the runner (they are imported by the commands that use them)."""

@@ -21,26 +21,20 @@ from ..models import Run, RunStatus
 from ..registry import registered_names
 from ..settings import resolve_settings
 from ..views import last_failure, user_traceback, waiting_view
-from .common import EXIT_WAITING, _engine, _read_payload, cli, new_engine, settings_options
+from .common import (
+    EXIT_WAITING,
+    Terminated,
+    _engine,
+    _read_payload,
+    cli,
+    new_engine,
+    settings_options,
+    stop_on_sigterm,
+)
 from .reporter import LiveReporter
 
 if TYPE_CHECKING:
     from ..service import Engine
-
-
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where Ctrl-C would raise KeyboardInterrupt, so both end alike."""
-
-
-def _stop_on_sigterm() -> None:
-    """A foreground run stopped by SIGTERM ends like Ctrl-C: its lease is released, its
-    state kept, and the command exits 130 saying how to continue."""
-    import signal
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise _Terminated
-
-    signal.signal(signal.SIGTERM, interrupt)
 
 
 class _Remembering(LiveReporter):
@@ -56,7 +50,7 @@ class _Remembering(LiveReporter):
 def _drive_foreground(drive: Callable[[LiveReporter], Run], run_id: str | None = None) -> Run:
     """`drive(reporter)` with SIGTERM and SIGINT ending it cleanly: the runner releases the
     run (its state kept) and this exits 130 printing the exact `resume` command."""
-    _stop_on_sigterm()
+    stop_on_sigterm()  # a run stopped so: its lease released, its state kept, exit 130
     reporter = _Remembering()
     try:
         return drive(reporter)
@@ -65,7 +59,7 @@ def _drive_foreground(drive: Callable[[LiveReporter], Run], run_id: str | None =
         import signal
 
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut this short
-        name = "SIGTERM" if isinstance(exc, _Terminated) else "SIGINT (Ctrl-C)"
+        name = "SIGTERM" if isinstance(exc, Terminated) else "SIGINT (Ctrl-C)"
         shown = reporter.run_id or run_id
         if shown is None:
             click.echo(f"\ninterrupted by {name} before the run started", err=True)

@@ -16,7 +16,7 @@ from ..follow import follow_logs
 from ..models import FINISHED_STATUSES, RunFilter, RunStatus
 from ..settings import resolve_settings
 from ..views import iso, log_view, run_detail, run_summary
-from .common import _engine, _json, cli, new_engine, settings_options
+from .common import _engine, _json, cli, new_engine, settings_options, stop_on_sigterm
 from .foreground import VERBOSE, _drive_foreground, _finish
 
 if TYPE_CHECKING:
@@ -259,6 +259,7 @@ def runs_logs(
     engine = new_engine(resolve_settings(db=db, workflows=workflows), import_steps=False)
     engine.store.get_run(run_id)
     if follow:
+        stop_on_sigterm()
         click.echo(f"following run {run_id} until it ends (Ctrl-C stops)", err=True)
         for entry in follow_logs(engine.store, run_id):
             view = log_view(entry)
