@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
+from contextlib import suppress
 from types import FrameType
 from typing import Any
 
@@ -140,6 +142,13 @@ def serve_app(app: FastAPI, host: str, port: int, grace: int = SHUTDOWN_GRACE) -
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             stopping.set()
             super().handle_exit(sig, frame)
+            if sig == signal.SIGTERM:
+                # a service asked to stop exits 0 once shut down, as a worker does; uvicorn
+                # raises the signal again after its shutdown, which killed the process
+                # before its databases were closed (SQLite's -wal left, PostgreSQL's
+                # connections dropped). Ctrl-C still ends as Ctrl-C does (exit 130).
+                with suppress(ValueError, AttributeError):
+                    self._captured_signals.remove(sig)
 
     config = uvicorn.Config(
         app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=grace

@@ -367,3 +367,6 @@ def test_sigterm_ends_open_streams_and_serve_exits_at_once(db_url: str) -> None:
     assert took < 3.0, f"serve took {took:.1f}s to exit on SIGTERM"
     assert ended == {"run": "closed", "page": "closed"}
     assert "Traceback" not in err
+    assert proc.returncode == 0, err  # stopped as asked, after closing its database
+    if db_url.startswith("sqlite:///"):
+        assert not os.path.exists(db_url.removeprefix("sqlite:///") + "-wal")
