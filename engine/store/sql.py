@@ -9,6 +9,7 @@ holds definitions and the read side.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -53,6 +54,16 @@ from .waits import Inbox
 from .workers import Workers
 
 __all__ = ["SqlStore", "normalise_url"]
+
+log = logging.getLogger(__name__)
+
+PG_INTEGER_MAX = 2**31 - 1  # the largest id of a 32-bit SERIAL
+LOG_IDS_WARN_AT = PG_INTEGER_MAX // 4 * 3
+_LOG_IDS = sa.text(  # (whether dy_logs.id is 32-bit, the last id its sequence gave)
+    "SELECT (SELECT atttypid = 'int4'::regtype FROM pg_attribute "
+    "WHERE attrelid = 'dy_logs'::regclass AND attname = 'id'), "
+    "pg_sequence_last_value(pg_get_serial_sequence('dy_logs', 'id')::regclass)"
+)
 
 _RUN_STEPS = (  # built once: the runner reads a run's steps at every claim
     select(t.steps)
@@ -122,6 +133,29 @@ class SqlStore:
                     .where(t.meta.c.key == "schema_version")
                     .values(value=str(t.SCHEMA_VERSION))
                 )
+        if self.dialect == "postgresql":
+            self._warn_of_32_bit_log_ids()
+
+    def _warn_of_32_bit_log_ids(self) -> None:
+        """A PostgreSQL database made before log ids were 64-bit keeps a 32-bit SERIAL (no
+        migration widens it unasked: README, "Upgrading"); once three quarters of its ids
+        are used, every process that opens the store says so, before log writes, and the
+        steps whose results carry log lines, fail at the last one."""
+        try:
+            with self.db.read_one() as c:
+                narrow, used = c.execute(_LOG_IDS).one()
+        except sa.exc.SQLAlchemyError:  # renamed or dropped by hand: nothing to say
+            return
+        if narrow and used is not None and used >= LOG_IDS_WARN_AT:
+            log.warning(
+                "database %s: dy_logs.id is a 32-bit integer and %s of its %s ids are used; "
+                "writing log lines fails past the last. Widen it at a quiet time (it rewrites "
+                "the table): ALTER TABLE dy_logs ALTER COLUMN id TYPE BIGINT; "
+                "ALTER SEQUENCE dy_logs_id_seq AS BIGINT;",
+                self.db.safe_url,
+                f"{used:,}",
+                f"{PG_INTEGER_MAX:,}",
+            )
 
     # definitions --------------------------------------------------------------------------
     @translate

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
+import pytest
 import sqlalchemy as sa
 
 from engine.models import RunStatus
@@ -143,3 +145,33 @@ def test_log_ids_are_64_bits_and_a_32_bit_column_is_still_read(db_url: str) -> N
         assert store.get_logs("r1", after_id=2**40) == []
         assert store.get_logs("r1", after_id=2**63 - 1) == []
     store.close()
+
+
+def test_a_32_bit_log_id_near_its_end_is_warned_of(caplog: Any) -> None:
+    """PostgreSQL: a database made before keeps 32-bit log ids; from three quarters of them
+    used, opening the store warns, naming the database and the ALTER that widens them. A
+    64-bit column, or a 32-bit one with room, says nothing."""
+    import logging
+
+    from tests.conftest import PG_REASON, PG_URL, _reset_postgres
+
+    if not PG_URL:
+        pytest.skip(PG_REASON)
+    from engine.store.sql import normalise_url
+
+    _reset_postgres(PG_URL)
+    caplog.set_level(logging.WARNING, logger="engine.store.sql")
+    open_store(PG_URL).close()  # a new database: 64-bit
+    engine = sa.create_engine(normalise_url(PG_URL))
+    with engine.begin() as c:
+        c.execute(sa.text("ALTER TABLE dy_logs ALTER COLUMN id TYPE INTEGER"))
+        c.execute(sa.text("ALTER SEQUENCE dy_logs_id_seq AS INTEGER"))
+        c.execute(sa.text("SELECT setval('dy_logs_id_seq', 1000)"))
+    open_store(PG_URL).close()  # 32-bit, with room
+    assert "32-bit" not in caplog.text
+    with engine.begin() as c:
+        c.execute(sa.text("SELECT setval('dy_logs_id_seq', 1800000000)"))
+    open_store(PG_URL).close()
+    engine.dispose()
+    assert "dy_logs.id is a 32-bit integer and 1,800,000,000 of its 2,147,483,647" in caplog.text
+    assert "ALTER TABLE dy_logs ALTER COLUMN id TYPE BIGINT" in caplog.text
