@@ -18,6 +18,7 @@ __all__ = [
     "TokenError",
     "UnknownStep",
     "ValueNotStorable",
+    "copy_error",
 ]
 
 
@@ -89,3 +90,12 @@ class TokenError(EngineError):
 class ValueNotStorable(DatabaseError):
     """The database refused a value (e.g. PostgreSQL and the NUL character): the step that
     produced it fails; it is never executed again for it."""
+
+
+def copy_error(exc: Exception) -> Exception:
+    """A copy of `exc` for another thread to raise (one exception object raised by two
+    threads would share, and mix, its traceback); a DatabaseError if it cannot be made."""
+    try:
+        return type(exc)(*exc.args)
+    except Exception:
+        return DatabaseError(str(exc))

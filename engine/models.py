@@ -129,6 +129,9 @@ class Run:
     metadata: dict[str, Any] = field(default_factory=dict)
     not_before: float | None = None  # a delayed run's start time
     expires_at: float | None = None  # a queued run not started by then ends `expired`
+    # set by the claim that started it (it had never started): no step of it is recorded
+    # yet, so its runner reads none (not stored; not part of the run's value)
+    fresh: bool = field(default=False, compare=False, repr=False)
 
     @property
     def finished(self) -> bool:

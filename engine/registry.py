@@ -216,16 +216,29 @@ class RegisteredStep:
     def signature(self) -> inspect.Signature:
         return inspect.signature(self.fn)
 
+    @functools.cached_property
+    def _verdicts(self) -> dict[frozenset[str], str | None]:
+        return {}
+
     def check_arguments(self, kwargs: dict[str, Any]) -> str | None:
-        """A message if `kwargs` cannot be passed to the function, else None."""
-        params = dict(kwargs)
+        """A message if `kwargs` cannot be passed to the function, else None. Keyword
+        arguments bind by their names alone, so each set of names is checked once (a
+        step's `with` keys rarely change; at most 64 sets are remembered)."""
+        names = frozenset(kwargs)
+        verdicts = self._verdicts
+        if names in verdicts:
+            return verdicts[names]
+        params = dict.fromkeys(kwargs)
         if self.ctx_param:
             params[self.ctx_param] = None
         try:
             self.signature.bind(**params)
+            verdict = None
         except TypeError as exc:
-            return f"{self.name}: {exc}"
-        return None
+            verdict = f"{self.name}: {exc}"
+        if len(verdicts) < 64:
+            verdicts[names] = verdict
+        return verdict
 
     def invoke(self, kwargs: dict[str, Any], ctx: StepContext, timeout: float | None) -> Any:
         """Call the function; TimeoutError after `timeout` seconds (a late result is dropped).

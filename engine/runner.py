@@ -279,7 +279,8 @@ class Runner:
         """Drive a run this runner's lease already holds (claim_run or claim_next_run)."""
         if run.finished or run.lease_owner != self.lease.owner:
             return run
-        steps = {s.step_key: s for s in self.store.get_steps(run.id)}
+        # a run this claim started for the first time has no step recorded: nothing to read
+        steps = {} if run.fresh else {s.step_key: s for s in self.store.get_steps(run.id)}
         return self._drive(_Live(run, self.machine(run.definition_hash), steps, self.clock()))
 
     # the loop ---------------------------------------------------------------------------

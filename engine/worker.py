@@ -11,6 +11,7 @@ lease expiry, the end of a rate window). A full or rate-limited queue never make
 
 On SQLite, executors' step results that are ready together are committed in one transaction
 (group commit, store/group.py): an executor goes on only once its own result is committed.
+Their claims ride along: an executor whose run ended claims its next in the next flush.
 
 Every thread survives any exception: it is logged, what the thread holds is released, and
 the thread goes on (a thread that still dies is restarted). A run whose driving raises
@@ -186,6 +187,13 @@ class Worker:
                 self._commits.grouped,
                 self._commits.flushes,
             )
+        if self._commits is not None and self._commits.claims:
+            log.info(
+                "group commit: %d claims in %d transactions (%d of claims alone)",
+                self._commits.claimed,
+                self._commits.claims,
+                self._commits.claims_alone,
+            )
         try:
             store.deregister_worker(self.id)
         except Exception as exc:
@@ -217,20 +225,20 @@ class Worker:
             host=self.engine,
             should_stop=self.stopping.is_set,
         )
-        store = self.engine.store
         while not self.stopping.is_set():
             seen = self._wake_count  # a wake-up from now on cuts the sleep below short
             try:
                 pause_point("worker.claim")
-                claimed_at = store.now()
                 began = time.monotonic()
-                run = store.claim_next_run(lease, claimed_at, self.queues)
+                run, exhausted, claimed_at = self._claim(lease)
                 observe_claim(run is not None, time.monotonic() - began)
             except Exception as exc:
                 log.error("claiming failed: %s", exc, exc_info=not isinstance(exc, EngineError))
                 self._idle(self.poll_interval, seen)
                 continue
             if run is None:
+                if not exhausted:
+                    continue  # runs were held back by limits or past the look: look again
                 pause_point("worker.after_empty_claim")
                 self._idle_until_claimable(claimed_at, seen)
                 continue
@@ -251,6 +259,16 @@ class Worker:
             finally:
                 self._held.pop(slot, None)
                 self._slot_freed(run)
+
+    def _claim(self, lease: Lease) -> tuple[Run | None, bool, float]:
+        """The next run for `lease` (None if none), whether the candidates ran out, and
+        the time the claim used. With group commit, in the next flush (store/group.py)."""
+        if self._commits is not None:
+            claimed = self._commits.claim(lease, self.queues)
+            return claimed.run, claimed.exhausted, claimed.at
+        claimed_at = self.engine.store.now()
+        run = self.engine.store.claim_next_run(lease, claimed_at, self.queues)
+        return run, run is None, claimed_at
 
     def _release(self, run: Run, lease: Lease) -> None:
         try:

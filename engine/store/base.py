@@ -184,6 +184,14 @@ class Store(Protocol):
         key and rate limits allow, and begin its current step, atomically; safe across
         processes. None when nothing can run now."""
 
+    def claim_next_runs(
+        self, leases: Sequence[Lease], now: float, queues: Sequence[str] | None = None
+    ) -> tuple[list[Run], bool]:
+        """`claim_next_run` for several leases in one transaction: up to one run each, in
+        claim order, the runs taken earlier counting towards the limits of the later; and
+        whether the candidates ran out (a lease left without a run may then wait; else
+        claiming again may find one)."""
+
     def next_due_at(self, queues: Sequence[str] | None = None) -> float | None:
         """When the next run becomes claimable."""
 

@@ -47,6 +47,7 @@ NOTIFY_CHANNEL = "durable_yaml"
 RETRIES = 8  # a transaction that lost a deadlock or a busy lock is tried this many times
 _WRITERS: dict[str, WriterLock] = {}  # per SQLite file: this process's writers queue here
 _WRITERS_LOCK = threading.Lock()
+_INHERITED: list[Any] = []  # a forked child's inherited SQLite connections (Db._forget_kept)
 
 
 class WriterLock:
@@ -92,6 +93,14 @@ class WriterLock:
                 os.close(fd)  # its only descriptor closed: the flock ends with it
         finally:
             self._threads.release()
+
+    def idle(self, timeout: float) -> bool:
+        """Hold this process's turn without the file's lock (no writer of this process
+        writes until `done_idle`); False if it did not come within `timeout` seconds."""
+        return self._threads.acquire(timeout=timeout)
+
+    def done_idle(self) -> None:
+        self._threads.release()
 
     def _forget(self) -> None:
         """In a forked child: nothing of the parent's is held here (its threads are gone).
@@ -152,6 +161,8 @@ def _forget_writers() -> None:
     _WRITERS_LOCK = threading.Lock()  # another thread of the parent may have held it
     for lock in _WRITERS.values():
         lock._forget()
+    for db in list(_OPEN):
+        db._forget_kept()
 
 
 if hasattr(os, "register_at_fork"):  # a child must not inherit a parent's turn (nor its flock)
@@ -242,6 +253,8 @@ class Db:
             # a URL that check_db_url did not see: SQLAlchemy's refusal is a setting's mistake
             raise ConfigError(f"database URL cannot be used: {_first_line(exc)}") from None
         self.clock = DbClock(self._server_time, skew=skew)
+        self._kept: dict[bool, Connection] = {}  # SQLite: see `_write_connection`
+        self._in_kept = False
         _OPEN.add(self)
 
     def _create_engine(self, url: str) -> None:
@@ -260,6 +273,9 @@ class Db:
             event.listen(self.engine, "connect", sqlite_connect)
             event.listen(self.engine, "begin", sqlite_begin)
             self._writers: WriterLock | None = _writer_lock(database)
+            # a file's writers share kept connections; a memory database's pool gives each
+            # thread a database of its own
+            self._keeps = bool(database) and not database.startswith((":", "file:"))
         elif self.dialect == "postgresql":
             # no pool_pre_ping: a ping per checkout was a third of a worker's round trips
             # (issue #15); a connection idle for PING_IDLE_SECONDS is pinged (a restarted
@@ -271,6 +287,7 @@ class Db:
             schema.for_postgresql()
             self.engine = sa.create_engine(url, pool_size=10, max_overflow=20)
             self._writers = None  # row locks: writers of different rows go at once
+            self._keeps = False
             dialect = self.engine.dialect
 
             def ping_if_idle(dbapi_connection: Any, record: Any, proxy: Any) -> None:
@@ -323,16 +340,80 @@ class Db:
         the machine, and a lost claim leaves the run queued, to be claimed again."""
         for attempt in range(RETRIES):
             try:
-                with self.writing(), self.engine.connect() as c:
-                    if not fsync:
-                        c.execution_options(dy_no_fsync=True)
-                    with c.begin():
-                        return work(c)
+                with self.writing(), self._write_connection(fsync) as c, c.begin():
+                    return work(c)
             except sa.exc.OperationalError as exc:
                 if attempt + 1 == RETRIES or not self.retryable(exc):
                     raise
                 time.sleep(min(0.5, 0.005 * 2**attempt))
         raise AssertionError("unreachable")
+
+    @contextmanager
+    def _write_connection(self, fsync: bool) -> Iterator[Connection]:
+        """The connection of a write transaction (its turn held: `writing`).
+
+        SQLite: one connection per kind of write (`fsync` or not) is kept for the Db's
+        life, never returned to the pool: a checkout and a checkin (the pool's events, its
+        reset's ROLLBACK) cost more than a step's statements (issue #15), and each kept
+        connection's `synchronous` stays as its kind needs it. Writers of this process take
+        turns (`WriterLock`), so one thread at a time uses them; a write nested in another
+        (the same thread, its turn held twice) and PostgreSQL take one from the pool."""
+        if not self._keeps or self._in_kept:
+            with self.engine.connect() as c:
+                if not fsync:
+                    c.execution_options(dy_no_fsync=True)
+                yield c
+            return
+        kept = self._kept.get(fsync)
+        if kept is None or kept.closed or kept.invalidated:
+            kept = self._kept[fsync] = self.engine.connect().execution_options(
+                dy_no_fsync=not fsync
+            )
+        c = kept
+        self._in_kept = True
+        try:
+            yield c
+        except BaseException as exc:
+            # A fresh connection next time after the driver's error, and after anything
+            # (a KeyboardInterrupt at BEGIN or COMMIT, a listener's error) that left the
+            # driver inside its transaction: a pool's connection is rolled back when it is
+            # returned, a kept one would keep SQLite's write lock and fail the next BEGIN.
+            if isinstance(exc, sa.exc.DBAPIError) or _in_transaction(c):
+                self._kept.pop(fsync, None)
+                with suppress(Exception):
+                    c.close()  # (its checkin rolls the driver's transaction back)
+            raise
+        finally:
+            self._in_kept = False
+
+    def _close_kept(self) -> None:
+        """Close the kept write connections, once no writer of this process uses them (a
+        writer stuck in its transaction for seconds keeps its own)."""
+        if self._writers is None or not self._kept:
+            return  # (kept only where `_keeps`: SQLite files, whose writers take turns)
+        if not self._writers.idle(timeout=5.0):
+            return
+        try:
+            if self._in_kept:  # this very thread is inside a write: leave it its connection
+                return
+            kept, self._kept = self._kept, {}
+            for c in kept.values():
+                with suppress(Exception):
+                    c.close()
+        finally:
+            self._writers.done_idle()
+
+    def _forget_kept(self) -> None:
+        """In a forked child: the parent's connections, kept and pooled, are never used
+        nor closed by it (closing one could fold the parent's SQLite write-ahead log, or
+        end its PostgreSQL session): the kept ones stay referenced for the child's life,
+        the pool is replaced (SQLAlchemy's `dispose(close=False)`). SQLite itself does not
+        support a child writing a database its parent has open (its lock records are
+        per process): a child should open its databases anew, after exec."""
+        _INHERITED.extend(self._kept.values())
+        self._kept, self._in_kept = {}, False
+        with suppress(Exception):
+            self.engine.dispose(close=False)
 
     def retryable(self, exc: BaseException) -> bool:
         """A deadlock, a serialization failure or a busy/locked SQLite database."""
@@ -453,7 +534,17 @@ class Db:
 
     def close(self) -> None:
         _OPEN.discard(self)
+        self._close_kept()
         self.engine.dispose()
+
+
+def _in_transaction(c: Connection) -> bool:
+    """Whether the driver's connection under `c` is inside a transaction (True if that
+    cannot be told)."""
+    try:
+        return bool(c.connection.dbapi_connection.in_transaction)  # type: ignore[union-attr]
+    except Exception:
+        return True
 
 
 PING_IDLE_SECONDS = 1.0

@@ -7,28 +7,36 @@ what arrives meanwhile waits for the next flush, which starts the moment this on
 timer: an idle worker's lone step is committed at once, and under load one COMMIT (one
 fsync) carries many steps, past the ceiling of one commit per step.
 
+On SQLite an executor looking for its next run hands its claim over the same way (`claim`):
+a flush carries the claims handed over with its steps (`SqlStore.commit_and_claim`), so the
+executors whose runs just ended take their next runs in the steps' transaction instead of a
+transaction each (half a worker's transactions were claims, issue #15). A flush of claims
+alone commits without waiting for the disk, as any claim does (see `Db.transact`).
+
 Nothing is weakened: an executor goes on (its next step, an event it emits, a child it
 starts) only once its own result is committed; a crash before a flush's COMMIT loses that
-flush's results only, whose runs are executed again after their leases, as after any crash
-before a commit. Only `groupable` transitions are grouped (a run's row and its step's row);
-everything else is committed on its own, as before. A lost lease fails its own run alone;
-a value the database refuses is retried alone, so only its run sees the error; any other
-failure of the flush is every waiting executor's (their runs are released and run again).
+flush's results and claims only, whose runs are executed again after their leases (a lost
+claim's run was never begun), as after any crash before a commit. Only `groupable`
+transitions are grouped (a run's row and its step's row); everything else is committed on
+its own, as before. A lost lease fails its own run alone; a value the database refuses is
+retried alone, so only its run sees the error; a flush carrying claims that fails is made
+again as two transactions, steps and claims apart, so neither fails the other; any other
+failure of a flush is every waiting executor's (their runs are released and run again).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..errors import DatabaseError, LeaseLost, ValueNotStorable
-from ..models import Lease, Transition, TransitionResult
+from ..errors import DatabaseError, LeaseLost, ValueNotStorable, copy_error
+from ..models import Lease, Run, Transition, TransitionResult
 from ..pauses import pause_point
 from .runs import groupable
 from .sql import SqlStore
 
-__all__ = ["GroupCommit"]
+__all__ = ["Claimed", "GroupCommit"]
 
 
 class _Handed:
@@ -40,6 +48,23 @@ class _Handed:
         self.outcome: TransitionResult | BaseException | None = None
 
 
+class Claimed:
+    """One executor's claim handed over: once `done`, the run it got (None if none),
+    whether the candidates ran out (only then may it wait for a wake-up: otherwise runs
+    were held back by limits or lay past the look, and it claims again), and the time the
+    claim used, later than the executor's hand-over."""
+
+    __slots__ = ("answered", "at", "done", "error", "exhausted", "lease", "queues", "run")
+
+    def __init__(self, lease: Lease, queues: Sequence[str] | None) -> None:
+        self.lease, self.queues = lease, queues
+        self.done = self.answered = False
+        self.run: Run | None = None
+        self.exhausted = False
+        self.at = 0.0
+        self.error: BaseException | None = None
+
+
 class GroupCommit:
     """The store, with `commit_transition` grouping across the threads that call it; every
     other attribute is the store's own. One per worker process."""
@@ -47,10 +72,13 @@ class GroupCommit:
     def __init__(self, store: SqlStore) -> None:
         self.store = store
         self._cond = threading.Condition()
-        self._handed: list[_Handed] = []
+        self._handed: list[_Handed | Claimed] = []
         self._flushing = False
         self.flushes = 0  # for tests and benchmarks: flushes, and the steps they carried
         self.grouped = 0
+        self.claims = 0  # ... flushes carrying claims, and the claims they carried
+        self.claimed = 0
+        self.claims_alone = 0
         # PostgreSQL commits a lone step in autocommit (one round trip, no BEGIN/COMMIT)
         self._alone_is_cheaper = store.dialect == "postgresql"
 
@@ -63,36 +91,85 @@ class GroupCommit:
         if not groupable(transition):
             return self.store.commit_transition(run_id, lease, transition, now)
         mine = _Handed((run_id, lease, transition, now))
-        with self._cond:
-            self._handed.append(mine)
-            while self._flushing and not mine.done:
-                self._cond.wait()
-            if not mine.done:  # no flush under way: this thread flushes all handed over
-                self._flushing = True
-                batch, self._handed = self._handed, []
-        if not mine.done:
-            try:
-                self._flush(batch)
-            finally:
-                with self._cond:
-                    for handed in batch:
-                        if handed.outcome is None:  # the flush itself was interrupted
-                            handed.outcome = DatabaseError("the group commit was interrupted")
-                        handed.done = True
-                    self._flushing = False
-                    self._cond.notify_all()
+        self._hand_over(mine)
         outcome = mine.outcome
         if isinstance(outcome, BaseException):
             raise outcome
         assert outcome is not None
         return outcome
 
-    def _flush(self, batch: list[_Handed]) -> None:
+    def claim(self, lease: Lease, queues: Sequence[str] | None) -> Claimed:
+        """`claim_next_run` for `lease`, in the next flush (SQLite; on PostgreSQL a claim
+        of its own). Raises what the claim raised."""
+        mine = Claimed(lease, queues)
+        if self._alone_is_cheaper:  # PostgreSQL: see `commit_and_claim`
+            mine.at = self.store.now()
+            mine.run = self.store.claim_next_run(lease, mine.at, queues)
+            mine.exhausted, mine.answered = mine.run is None, True
+            return mine
+        self._hand_over(mine)
+        if mine.error is not None:
+            raise mine.error
+        return mine
+
+    def _hand_over(self, mine: _Handed | Claimed) -> None:
+        """Wait until `mine` is done: by the flush under way's successor, or by this thread
+        flushing everything handed over so far when no flush is under way."""
+        with self._cond:
+            self._handed.append(mine)
+            while self._flushing and not mine.done:
+                self._cond.wait()
+            if mine.done:
+                return
+            self._flushing = True  # no flush under way: this thread flushes all handed over
+            batch, self._handed = self._handed, []
+        try:
+            self._flush(batch)
+        finally:
+            with self._cond:
+                for handed in batch:
+                    if isinstance(handed, Claimed):
+                        if not handed.answered and handed.error is None:
+                            handed.error = DatabaseError("the claim was interrupted")
+                    elif handed.outcome is None:  # the flush itself was interrupted
+                        handed.outcome = DatabaseError("the group commit was interrupted")
+                    handed.done = True
+                self._flushing = False
+                self._cond.notify_all()
+
+    def _flush(self, handed: list[_Handed | Claimed]) -> None:
         pause_point("group.flush")  # tests: the next steps hand over while this one waits
-        self.flushes += 1
-        self.grouped += len(batch)
-        if len(batch) == 1 and self._alone_is_cheaper:
+        batch = [h for h in handed if isinstance(h, _Handed)]
+        claims = [h for h in handed if isinstance(h, Claimed)]
+        if batch:
+            self.flushes += 1
+            self.grouped += len(batch)
+        if claims:
+            self.claims += 1
+            self.claimed += len(claims)
+            if not batch:
+                self.claims_alone += 1
+        if len(batch) == 1 and not claims and self._alone_is_cheaper:
             self._each_alone(batch)
+            return
+        now = self.store.now()  # the claims' time: later than every hand-over
+        if not claims:
+            self._commit_steps(batch)
+            return
+        try:
+            outcomes, runs, exhausted = self.store.commit_and_claim(
+                [h.args for h in batch], [h.lease for h in claims], now, claims[0].queues
+            )
+        except Exception:  # rolled back: steps and claims apart, so neither fails the other
+            self._commit_steps(batch)
+            self._claim_alone(claims)
+            return
+        for h, outcome in zip(batch, outcomes, strict=True):
+            h.outcome = outcome
+        _answer(claims, runs, exhausted, now)
+
+    def _commit_steps(self, batch: list[_Handed]) -> None:
+        if not batch:
             return
         try:
             outcomes: list[Any] = self.store.commit_transitions([h.args for h in batch])
@@ -100,9 +177,9 @@ class GroupCommit:
             self._each_alone(batch)
             return
         except Exception as exc:  # every executor gets the error (its own copy to raise)
-            outcomes = [exc, *(_copy(exc) for _ in batch[1:])]
-        for handed, outcome in zip(batch, outcomes, strict=True):
-            handed.outcome = outcome
+            outcomes = [exc, *(copy_error(exc) for _ in batch[1:])]
+        for h, outcome in zip(batch, outcomes, strict=True):
+            h.outcome = outcome
 
     def _each_alone(self, batch: list[_Handed]) -> None:
         commit: Callable[..., TransitionResult] = self.store.commit_transition
@@ -112,9 +189,20 @@ class GroupCommit:
             except (Exception, LeaseLost) as exc:
                 handed.outcome = exc
 
+    def _claim_alone(self, claims: list[Claimed]) -> None:
+        now = self.store.now()
+        try:
+            runs, exhausted = self.store.claim_next_runs(
+                [h.lease for h in claims], now, claims[0].queues
+            )
+        except Exception as exc:
+            for h in claims:
+                h.error = copy_error(exc)
+            return
+        _answer(claims, runs, exhausted, now)
 
-def _copy(exc: Exception) -> Exception:
-    try:
-        return type(exc)(*exc.args)
-    except Exception:
-        return DatabaseError(str(exc))
+
+def _answer(claims: list[Claimed], runs: list[Run], exhausted: bool, now: float) -> None:
+    for i, h in enumerate(claims):
+        h.run = runs[i] if i < len(runs) else None
+        h.exhausted, h.at, h.answered = exhausted, now, True

@@ -78,19 +78,32 @@ class Queues:
         self, lease: Lease, now: float, queues: Sequence[str] | None = None
     ) -> Run | None:
         """Lease the first claimable run that its queue's limits allow, and begin its
-        current step, atomically. None only when no run is claimable now.
+        current step, atomically. None only when no run is claimable now."""
+        taken, _ = self.claim_next_runs([lease], now, queues)
+        return taken[0] if taken else None
+
+    def claim_next_runs(
+        self, leases: Sequence[Lease], now: float, queues: Sequence[str] | None = None
+    ) -> tuple[list[Run], bool]:
+        """Up to one run per lease (the first run taken to the first lease), in one
+        transaction: each the next claimable run that its queue's limits allow, its current
+        step begun; and whether the candidates ran out (only then may a lease left without
+        a run wait for a wake-up: otherwise runs were held back by limits, or beyond the
+        look's width, and claiming again may find one). No run at all comes only with
+        True.
 
         Each look reads the next candidates in claim-index order, leaving out the queues
-        and (queue, key) pairs found full so far; it widens until a run is taken or the
-        candidates run out, so any number of full keys cannot hide a claimable run."""
+        and (queue, key) pairs found full so far; it widens until every lease has a run or
+        the candidates run out, so any number of full keys cannot hide a claimable run.
+        Runs taken by this transaction count towards their queue's limits for the next."""
         full: set[tuple[str, str | None]] = set()  # (queue, None): the whole queue is full
-        width = LOOKS[0]
+        width = max(LOOKS[0], len(leases))
         while True:
             try:
                 taken, learned, exhausted = self.db.transact(
                     functools.partial(
                         self._look,
-                        lease=lease,
+                        leases=leases,
                         now=now,
                         queues=queues,
                         full=frozenset(full),
@@ -100,24 +113,39 @@ class Queues:
                 )
             except LimitedAfterAll:
                 continue  # now known as limited: the same look, with the rows locked to count
-            if taken is not None or exhausted:
-                return taken
+            if taken or exhausted:
+                return taken, exhausted
+            full |= learned
+            width = min(width * 4, LOOKS[-1])
+
+    def claim_in(
+        self, c: Connection, leases: Sequence[Lease], now: float, queues: Sequence[str] | None
+    ) -> tuple[list[Run], bool]:
+        """SQLite: `claim_next_runs` inside the caller's write transaction (its write lock
+        held: a group commit's flush, store/group.py), widening its looks as that does."""
+        assert not self.db.is_postgres  # (there a stale hint makes the transaction start over)
+        full: set[tuple[str, str | None]] = set()
+        width = max(LOOKS[0], len(leases))
+        while True:
+            taken, learned, exhausted = self._look(c, leases, now, queues, frozenset(full), width)
+            if taken or exhausted:
+                return taken, exhausted
             full |= learned
             width = min(width * 4, LOOKS[-1])
 
     def _look(
         self,
         c: Connection,
-        lease: Lease,
+        leases: Sequence[Lease],
         now: float,
         queues: Sequence[str] | None,
         full: frozenset[tuple[str, str | None]],
         width: int,
-    ) -> tuple[Run | None, set[tuple[str, str | None]], bool]:
-        """One look: (the run taken, the limits found full, whether no candidate is left)."""
+    ) -> tuple[list[Run], set[tuple[str, str | None]], bool]:
+        """One look: (the runs taken, the limits found full, whether no candidate is left)."""
         candidates = self._candidates(c, now, queues, full, width)
         if not candidates:
-            return None, set(), True
+            return [], set(), True
         # read under the queue rows' locks: a pause that returned is seen here
         limits, paused = self._queue_state(c, {row["queue"] for row in candidates})
         pause_point("store.claim.queues_locked")
@@ -125,27 +153,34 @@ class Queues:
         # taken before waiting for them would let a rate window admit one too many.
         locked_at = max(now, self.db.now())
         learned: set[tuple[str, str | None]] = set()
+        taken: list[Run] = []
         for row in candidates:
+            lease = leases[len(taken)]
             if row["status"] == RunStatus.RUNNING.value:  # a lease being recovered
-                return self._take(c, row, lease, locked_at), learned, False
-            queue, key = row["queue"], row["concurrency_key"]
-            if (queue, None) in learned or (queue, key) in learned:
-                continue
-            if row["status"] == RunStatus.QUEUED.value:
-                if queue in paused:
+                taken.append(self._take(c, row, lease, locked_at))
+            else:
+                queue, key = row["queue"], row["concurrency_key"]
+                if (queue, None) in learned or (queue, key) in learned:
+                    continue
+                if row["status"] == RunStatus.QUEUED.value:
+                    if queue in paused:
+                        learned.add((queue, None))
+                        continue
+                    if row["expires_at"] is not None and row["expires_at"] <= locked_at:
+                        self.expire_row(c, row, locked_at)  # its TTL passed: it never starts
+                        continue
+                # (counted in this transaction: the runs it took so far count too)
+                verdict = self._allowed(c, row, limits.get(queue), locked_at)
+                if verdict == "queue":
                     learned.add((queue, None))
                     continue
-                if row["expires_at"] is not None and row["expires_at"] <= locked_at:
-                    self.expire_row(c, row, locked_at)  # its TTL passed: it never starts
+                if verdict == "key":
+                    learned.add((queue, key))
                     continue
-            verdict = self._allowed(c, row, limits.get(queue), locked_at)
-            if verdict == "queue":
-                learned.add((queue, None))
-            elif verdict == "key":
-                learned.add((queue, key))
-            else:
-                return self._take(c, row, lease, locked_at), learned, False
-        return None, learned, len(candidates) < width
+                taken.append(self._take(c, row, lease, locked_at))
+            if len(taken) == len(leases):
+                return taken, learned, False
+        return taken, learned, len(candidates) < width
 
     def _candidates(
         self,

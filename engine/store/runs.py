@@ -109,7 +109,8 @@ class Runs:
         """Lease a locked row and begin its current step."""
         values = {**self.db.lease_values(lease, now), "updated_at": now}
         values.update(self._begin_current_step(c, row, now))
-        if row["started_at"] is None and values.get("status") == RunStatus.RUNNING.value:
+        fresh = row["started_at"] is None and values.get("status") == RunStatus.RUNNING.value
+        if fresh:  # its first start: no step of it can be recorded yet
             values["started_at"] = now
         params = {**values, "w_id": row["id"]}
         if self.db.is_postgres:
@@ -117,7 +118,7 @@ class Runs:
         else:  # on the driver's cursor (see `Direct`)
             keys = (*values, "w_id")
             self.db.direct(_update_run_statement(tuple(values)), keys).execute(c, params)
-        return run_from_row({**row, **values})
+        return run_from_row({**row, **values}, fresh=fresh)
 
     def _lock_run(self, c: Connection, run_id: str) -> Any:
         row = (
@@ -168,6 +169,8 @@ class Runs:
             return _begin(row["current_attempt"] + 1, now)
         if step_key is None:
             return {"status": RunStatus.RUNNING.value}
+        if row["started_at"] is None:  # never started: none of its steps is recorded
+            return _begin(1, now)
         key = {"w_run": row["id"], "w_key": step_key}
         found: Any
         if self.db.is_postgres:
@@ -230,6 +233,12 @@ class Runs:
         is lost writes nothing and gets its LeaseLost, the others go on. All are durable
         together at the COMMIT, or none is (a crash before it loses them all: each run's
         step is executed again after its lease, as after any crash before a commit)."""
+        return self.db.transact(self.group_work(items))
+
+    def group_work(
+        self, items: Sequence[tuple[str, Lease, Transition, float]]
+    ) -> Callable[[Connection], list[TransitionResult | LeaseLost]]:
+        """`commit_group`'s statements, for a transaction of the caller's."""
         prepared = []
         for run_id, lease, tr, now in items:
             assert groupable(tr) and tr.record is not None
@@ -260,7 +269,7 @@ class Runs:
             pause_point("store.group.before_commit")  # every statement run, none committed
             return out
 
-        return self.db.transact(work)
+        return work
 
     def _commit_simple(
         self, c: Connection, run_id: str, rec: StepRecord, values: dict[str, Any], now: float

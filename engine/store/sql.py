@@ -16,6 +16,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy.engine import Connection
 
 from dsl.limits import INT_MAX
 
@@ -222,6 +223,27 @@ class SqlStore:
         return self.runs.commit_group(items)
 
     @translate
+    def commit_and_claim(
+        self,
+        items: Sequence[tuple[str, Lease, Transition, float]],
+        leases: Sequence[Lease],
+        now: float,
+        queues: Sequence[str] | None = None,
+    ) -> tuple[list[TransitionResult | LeaseLost], list[Run], bool]:
+        """SQLite: `commit_transitions(items)` and `claim_next_runs(leases, now, queues)` in
+        ONE transaction (a group commit's flush: the claims of executors whose runs just
+        ended share the steps' COMMIT instead of a transaction each, issue #15). Durable
+        together or not at all; a claim lost with the flush leaves its run queued."""
+        group = self.runs.group_work(items)
+
+        def work(c: Connection) -> tuple[list[TransitionResult | LeaseLost], list[Run], bool]:
+            outcomes = group(c) if items else []
+            runs, exhausted = self.queues.claim_in(c, leases, now, queues)
+            return outcomes, runs, exhausted
+
+        return self.db.transact(work, fsync=bool(items))
+
+    @translate
     def take_answer(
         self, run_id: str, step_key: str, attempt: int, now: float, *, timed_out: bool
     ) -> Answer | None:
@@ -265,6 +287,12 @@ class SqlStore:
         self, lease: Lease, now: float, queues: Sequence[str] | None = None
     ) -> Run | None:
         return self.queues.claim_next_run(lease, now, queues)
+
+    @translate
+    def claim_next_runs(
+        self, leases: Sequence[Lease], now: float, queues: Sequence[str] | None = None
+    ) -> tuple[list[Run], bool]:
+        return self.queues.claim_next_runs(leases, now, queues)
 
     @translate
     def next_due_at(self, queues: Sequence[str] | None = None) -> float | None:

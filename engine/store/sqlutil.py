@@ -219,9 +219,10 @@ NO_LEASE: dict[str, Any] = {
 }
 
 
-def run_from_row(row: Any) -> Run:
+def run_from_row(row: Any, *, fresh: bool = False) -> Run:
     r = dict(row)
     return Run(
+        fresh=fresh,
         id=r["id"],
         workflow_id=r["workflow_id"],
         version=r["version"],

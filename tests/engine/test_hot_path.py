@@ -232,8 +232,9 @@ def _queued(store: SqlStore, run_id: str, queue: str) -> None:
 def test_a_claim_on_postgresql_reads_an_unlimited_queue_in_one_statement(
     tmp_path: Path,
 ) -> None:
-    """A claim of an unlimited queue's run: BEGIN, its candidates, the queue's row FOR SHARE
-    (limits and pause in one read), the current step, the take, COMMIT. A limited queue's
+    """A claim of an unlimited queue's run that never started: BEGIN, its candidates, the
+    queue's row FOR SHARE (limits and pause in one read), the take, COMMIT (no read of its
+    current step: none of its steps can be recorded yet). A limited queue's
     first claim in a process finds the limits under that share, rolls back and claims with
     the row FOR UPDATE; later claims go straight there; and the limit holds."""
     store = _postgres_store()
@@ -245,7 +246,8 @@ def test_a_claim_on_postgresql_reads_an_unlimited_queue_in_one_statement(
         with libpq_trace(store, tmp_path / "free") as sent:
             assert store.claim_next_run(lease, store.now(), ["free"]) is not None
         queue_reads = [q for q in sent if q.startswith('Parse  "" "SELECT dy_queues.')]
-        assert len(sent) == 6 and "BEGIN" in sent[0] and sent[-1].endswith('"COMMIT"'), sent
+        assert len(sent) == 5 and "BEGIN" in sent[0] and sent[-1].endswith('"COMMIT"'), sent
+        assert not any("FROM dy_steps" in q for q in sent), sent
         assert len(queue_reads) == 1 and "FOR SHARE" in queue_reads[0], sent
 
         with libpq_trace(store, tmp_path / "first") as sent:
@@ -295,28 +297,36 @@ def test_a_sqlite_claim_commits_without_waiting_for_the_disk_and_a_step_waits(
     tmp_path: Path,
 ) -> None:
     """The claim's transaction runs with `synchronous=NORMAL` (its COMMIT is not fsync'd:
-    Db.transact says why that loses nothing a claim needs); the step's commit after it on
-    the same connection is back at FULL, and so is every other write."""
+    Db.transact says why that loses nothing a claim needs); the step's commits after it run
+    at FULL (on the write connection kept for fsync'd writes, whose setting never changes),
+    and so does every other write."""
     store = open_store(f"sqlite:///{tmp_path}/state.db")
-    statements: list[str] = []
+    statements: list[tuple[Any, str]] = []
 
     def trace(dbapi_connection: Any, record: Any) -> None:
-        dbapi_connection.set_trace_callback(statements.append)
+        dbapi_connection.set_trace_callback(lambda s: statements.append((dbapi_connection, s)))
+
+    def synchronous(connection: Any) -> int:
+        return int(connection.execute("PRAGMA synchronous").fetchone()[0])  # 1 NORMAL, 2 FULL
 
     try:
-        store.engine.pool.dispose()  # connections made from now on are traced
+        store.db._close_kept()  # connections made from now on are traced
+        store.engine.pool.dispose()
         sa.event.listen(store.engine, "connect", trace)
         run_id, lease = _claimed(store)
-        claim = statements[statements.index("PRAGMA synchronous=NORMAL") :]
+        texts = [s for _, s in statements]
+        claim = texts[texts.index("PRAGMA synchronous=NORMAL") :]
         assert claim[1] == "BEGIN IMMEDIATE" and "COMMIT" in claim
         assert not any(s.startswith("INSERT INTO dy_runs") for s in claim)  # not the create
-        statements.clear()
-        store.commit_transition(run_id, lease, _step_done({"k": 1}), store.now())
-        assert statements[:2] == ["PRAGMA synchronous=FULL", "BEGIN IMMEDIATE"], statements
-        statements.clear()
-        store.commit_transition(run_id, lease, _step_done({"k": 2}), store.now())
-        assert statements[0] == "BEGIN IMMEDIATE"  # still FULL: no PRAGMA again
-        assert not any("synchronous" in s for s in statements)
+        (claimer,) = {c for c, s in statements if s == "PRAGMA synchronous=NORMAL"}
+        for k in (1, 2):
+            statements.clear()
+            store.commit_transition(run_id, lease, _step_done({"k": k}), store.now())
+            assert statements[0][1] == "BEGIN IMMEDIATE", statements
+            assert not any("synchronous" in s for _, s in statements)
+            (committer,) = {c for c, s in statements if s == "COMMIT"}
+            assert committer is not claimer and synchronous(committer) == 2
+        assert synchronous(claimer) == 1
         (step,) = store.get_steps(run_id)
         assert step.output == {"k": 2}
     finally:
