@@ -369,3 +369,45 @@ def test_a_limit_committed_while_a_claim_locks_the_limited_rows_holds() -> None:
         assert store.get_run("x2").status == RunStatus.QUEUED
     finally:
         store.close()
+
+
+def test_a_queued_three_step_run_on_postgresql_takes_eight_round_trips(tmp_path: Path) -> None:
+    """Claimed for its first start and driven as a worker's executor drives it: the claim
+    (BEGIN, candidates, the queue's row, the take, COMMIT) and one autocommit statement per
+    step. No read of its steps: a run that never started has none (`Run.fresh`)."""
+    from engine import step
+    from engine.runner import Runner
+    from engine.service import Engine
+    from engine.settings import resolve_settings
+
+    @step("hot.noop")
+    def noop(i: int) -> int:
+        return i
+
+    if not PG_URL:
+        pytest.skip(PG_REASON)
+    _reset_postgres(PG_URL)
+    (tmp_path / "flows").mkdir()
+    (tmp_path / "flows" / "noop3.yaml").write_text(
+        'id: noop3\nversion: "1"\ntrigger: {event: hot.go}\nsteps:\n'
+        + "".join(f"  - {{id: s{i}, call: hot.noop, with: {{i: {i}}}}}\n" for i in range(3))
+    )
+    engine = Engine(
+        resolve_settings(db=PG_URL, workflows=str(tmp_path / "flows")), import_steps=False
+    )
+    try:
+        engine.save_all_definitions()
+        run_id = engine.send_event("hot.go", {}).run_ids[0]
+        store = engine.store
+        lease = Lease(owner="hot/0", host="here", pid=1, seconds=30.0)
+        runner = Runner(store, lease, foreground=False, host=engine)
+        runner.machine(store.get_run(run_id).definition_hash)  # the definition read first
+        with libpq_trace(store, tmp_path / "run") as sent:
+            run = store.claim_next_run(lease, store.now())
+            assert run is not None and run.fresh
+            assert runner.drive_claimed(run).output == 2
+        assert len(sent) == 8, sent
+        assert not any("FROM dy_steps" in q for q in sent), sent
+        assert store.get_run(run_id).status == RunStatus.COMPLETED
+    finally:
+        engine.close()
