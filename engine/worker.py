@@ -115,7 +115,7 @@ class Worker:
         # which grouping shares; PostgreSQL commits a lone step in one autocommit round trip
         # and shares WAL flushes across connections itself (grouping measured 0.87x there)
         if self.group_commit or (self.group_commit is None and store.dialect == "sqlite"):
-            self._commits = GroupCommit(store)
+            self._commits = GroupCommit(store, busy=self._held.__len__)  # executors with runs
         store.register_worker(self.info, store.now())  # before any lease names this worker
         self.engine.save_all_definitions()
         # listening first: a commit from now on wakes the executors (each listener also

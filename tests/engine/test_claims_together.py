@@ -8,6 +8,9 @@
   such a flush, before its COMMIT, leaves the run it was claiming queued and unleased, and
   the step it was committing unstored; both are taken again. Such a flush that fails is
   made again with its steps and its claims apart: neither fails the other.
+- Under load a flusher yields to the executors that hold runs and have not handed over,
+  while each yield brings one more: theirs join its flush. A yield that brings nothing,
+  or nobody else busy, ends that at once.
 - A run claimed for its first start is `fresh` (no step of it can be recorded: the runner
   reads none); claimed again later, it is not.
 - SQLite keeps its write connections (one for fsync'd writes, one for claims): one that
@@ -316,6 +319,69 @@ def test_sigkill_inside_a_flush_carrying_a_claim_leaves_the_run_queued(tmp_path:
         assert queued.status == RunStatus.QUEUED and queued.lease_owner is None
         again = store.claim_next_run(_lease(3), store.now())
         assert again is not None and again.id == "r2" and again.fresh
+    finally:
+        store.close()
+
+
+def _three_running(store: SqlStore) -> list[tuple[str, Lease]]:
+    for i in range(3):
+        _queue(store, f"r{i}", age=20 - i)
+    runs, _ = store.claim_next_runs([_lease(i) for i in range(3)], store.now())
+    assert [r.id for r in runs] == ["r0", "r1", "r2"]
+    return [(r.id, _lease(i)) for i, r in enumerate(runs)]
+
+
+def test_a_flusher_yields_to_busy_executors_while_each_yield_brings_a_step(
+    tmp_path: Path,
+) -> None:
+    store = _sqlite_store(tmp_path)
+    try:
+        running = _three_running(store)
+        group = GroupCommit(store, busy=lambda: 3)  # three executors hold runs
+        counter = TransactionCounter(store.engine)
+        threads = [
+            threading.Thread(
+                target=group.commit_transition, args=(run_id, lease, _done(i), store.now())
+            )
+            for i, (run_id, lease) in enumerate(running)
+        ]
+        yields: list[int] = []
+
+        def one_more_runs() -> None:  # while the flusher yields, the next executor hands over
+            yields.append(len(group._handed))
+            thread = threads[len(yields)]
+            thread.start()
+            deadline = time.time() + 10
+            while len(group._handed) <= yields[-1] and time.time() < deadline:
+                time.sleep(0.001)
+
+        group._yield = one_more_runs
+        threads[0].start()
+        threads[0].join(10)  # the flusher: it started the others while it yielded
+        for thread in threads[1:]:
+            thread.join(10)
+        counter.close()
+        assert yields == [1, 2]  # two yields, each brought a step; then all three were there
+        assert (group.flushes, group.grouped) == (1, 3) and counter.count == 1
+        assert all(len(store.get_steps(r)) == 1 for r, _ in running)
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("busy", [1, 5])
+def test_a_flusher_does_not_wait_for_nothing(tmp_path: Path, busy: int) -> None:
+    """Nobody else busy: no yield. Others busy but a yield brings nobody (their steps wait
+    on I/O, or compute): one yield, then the flush goes."""
+    store = _sqlite_store(tmp_path)
+    try:
+        running = _three_running(store)
+        group = GroupCommit(store, busy=lambda: busy)
+        yields: list[int] = []
+        group._yield = lambda: yields.append(1)
+        run_id, lease = running[0]
+        assert group.commit_transition(run_id, lease, _done(0), store.now()).output == {"i": 0}
+        assert len(yields) == (0 if busy == 1 else 1)
+        assert (group.flushes, group.grouped) == (1, 1)
     finally:
         store.close()
 
