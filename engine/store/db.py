@@ -90,7 +90,10 @@ class WriterLock:
         try:
             if self._depth == 0 and self._fd is not None:
                 fd, self._fd = self._fd, None
-                os.close(fd)  # its only descriptor closed: the flock ends with it
+                # its only descriptor closed: the flock ends with it (a close that reports
+                # an error closed it all the same, after the writer's COMMIT: never raised)
+                with suppress(OSError):
+                    os.close(fd)
         finally:
             self._threads.release()
 

@@ -24,9 +24,11 @@ flush's results and claims only, whose runs are executed again after their lease
 claim's run was never begun), as after any crash before a commit. Only `groupable`
 transitions are grouped (a run's row and its step's row); everything else is committed on
 its own, as before. A lost lease fails its own run alone; a value the database refuses is
-retried alone, so only its run sees the error; a flush carrying claims that fails is made
-again as two transactions, steps and claims apart, so neither fails the other; any other
-failure of a flush is every waiting executor's (their runs are released and run again).
+retried alone, so only its run sees the error; a flush carrying claims whose statement fails
+(so nothing of it was committed) is made again as two transactions, steps and claims apart,
+so neither fails the other; any other failure of a flush (at BEGIN, at COMMIT or after it,
+when what was committed is not known) is every waiting executor's: their runs are released
+and run again, their claims made again.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from ..errors import DatabaseError, LeaseLost, ValueNotStorable, copy_error
 from ..models import Lease, Run, Transition, TransitionResult
 from ..pauses import pause_point
 from .runs import groupable
-from .sql import SqlStore
+from .sql import RolledBack, SqlStore
 
 __all__ = ["Claimed", "GroupCommit"]
 
@@ -195,9 +197,17 @@ class GroupCommit:
             outcomes, runs, exhausted = self.store.commit_and_claim(
                 [h.args for h in batch], [h.lease for h in claims], now, claims[0].queues
             )
-        except Exception:  # rolled back: steps and claims apart, so neither fails the other
+        except RolledBack:  # a statement failed: steps and claims apart, neither fails the other
             self._commit_steps(batch)
             self._claim_alone(claims)
+            return
+        except Exception as exc:  # at COMMIT or after: it may be committed, so never again
+            errors = [exc, *(copy_error(exc) for _ in handed[1:])]
+            for h, error in zip(handed, errors, strict=True):
+                if isinstance(h, Claimed):
+                    h.error = error
+                else:
+                    h.outcome = error
             return
         for h, outcome in zip(batch, outcomes, strict=True):
             h.outcome = outcome

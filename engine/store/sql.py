@@ -54,9 +54,16 @@ from .stats import Snapshot, Stats
 from .waits import Inbox
 from .workers import Workers
 
-__all__ = ["SqlStore", "normalise_url"]
+__all__ = ["RolledBack", "SqlStore", "normalise_url"]
 
 log = logging.getLogger(__name__)
+
+
+class RolledBack(Exception):
+    """`commit_and_claim`: one of its statements failed (its `__cause__`), so nothing of the
+    transaction was committed and each part may be made again on its own. An error at BEGIN
+    or COMMIT, or after the COMMIT, is raised as it is instead: the work may be committed."""
+
 
 PG_INTEGER_MAX = 2**31 - 1  # the largest id of a 32-bit SERIAL
 LOG_IDS_WARN_AT = PG_INTEGER_MAX // 4 * 3
@@ -233,15 +240,28 @@ class SqlStore:
         """SQLite: `commit_transitions(items)` and `claim_next_runs(leases, now, queues)` in
         ONE transaction (a group commit's flush: the claims of executors whose runs just
         ended share the steps' COMMIT instead of a transaction each, issue #15). Durable
-        together or not at all; a claim lost with the flush leaves its run queued."""
+        together or not at all; a claim lost with the flush leaves its run queued. A failed
+        statement raises `RolledBack`."""
         group = self.runs.group_work(items)
+        raised = False  # by the last attempt's statements: then nothing was committed
 
         def work(c: Connection) -> tuple[list[TransitionResult | LeaseLost], list[Run], bool]:
-            outcomes = group(c) if items else []
-            runs, exhausted = self.queues.claim_in(c, leases, now, queues)
+            nonlocal raised
+            raised = False
+            try:
+                outcomes = group(c) if items else []
+                runs, exhausted = self.queues.claim_in(c, leases, now, queues)
+            except BaseException:
+                raised = True
+                raise
             return outcomes, runs, exhausted
 
-        return self.db.transact(work, fsync=bool(items))
+        try:
+            return self.db.transact(work, fsync=bool(items))
+        except Exception as exc:
+            if raised:  # rolled back: the caller may make the parts again, apart
+                raise RolledBack(str(exc)) from exc
+            raise  # at BEGIN or COMMIT, or after it: whether it committed is not known
 
     @translate
     def take_answer(

@@ -246,6 +246,69 @@ def test_a_flush_carrying_claims_that_fails_is_made_again_apart(
         store.close()
 
 
+def test_an_error_after_the_commit_is_not_made_again(tmp_path: Path) -> None:
+    """An error once a flush's COMMIT has happened (whether it committed is not known to
+    the flusher): every executor in it gets the error and nothing is made again, so no
+    claim is made twice (a second run leased to an executor that drives only one; found by
+    the reviewer helper) and no step committed twice."""
+    store = _sqlite_store(tmp_path)
+    try:
+        running = _three_running(store)
+        for i in range(3, 5):
+            _queue(store, f"r{i}", age=5 - i)
+        group = GroupCommit(store)
+        transact = store.db.transact
+        flushes: list[int] = []
+
+        def then_fail(work: Any, **kwargs: Any) -> Any:
+            out = transact(work, **kwargs)  # committed
+            if len(flushes) == 2:
+                raise OSError(5, "Input/output error")
+            return out
+
+        store.db.transact = then_fail  # type: ignore[method-assign]
+        outcome: dict[str, Any] = {}
+
+        def step(i: int) -> None:
+            try:
+                run_id, lease = running[i]
+                outcome[run_id] = group.commit_transition(run_id, lease, _done(i), store.now())
+            except Exception as exc:
+                outcome[run_id] = exc
+
+        def claim() -> None:
+            try:
+                outcome["claim"] = group.claim(_lease(7), None)
+            except Exception as exc:
+                outcome["claim"] = exc
+
+        def hold_first() -> None:  # r0's step alone, until r1's step and the claim wait
+            flushes.append(1)
+            deadline = time.time() + 10
+            while len(flushes) == 1 and len(group._handed) < 2 and time.time() < deadline:
+                time.sleep(0.005)
+
+        threads = [threading.Thread(target=step, args=(0,))]
+        with pause_at("group.flush", hold_first):
+            threads[0].start()
+            deadline = time.time() + 10
+            while not flushes and time.time() < deadline:
+                time.sleep(0.005)
+            threads += [threading.Thread(target=step, args=(1,)), threading.Thread(target=claim)]
+            for thread in threads[1:]:
+                thread.start()
+            for thread in threads:
+                thread.join(10)
+        store.db.transact = transact  # type: ignore[method-assign]
+        assert outcome["r0"].output == {"i": 0}
+        assert isinstance(outcome["r1"], OSError) and isinstance(outcome["claim"], OSError)
+        assert [len(store.get_steps(r)) for r in ("r0", "r1")] == [1, 1]  # it did commit
+        leased = [r for r in ("r3", "r4") if store.get_run(r).lease_owner == "w/7"]
+        assert leased == ["r3"]  # made once, never again
+    finally:
+        store.close()
+
+
 CHILD = """
 import os, sys, threading, time
 from engine.models import Lease, RunStatus, StepRecord, StepStatus, Transition
