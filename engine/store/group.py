@@ -136,9 +136,15 @@ class GroupCommit:
             if mine.done:
                 return
             self._flushing = True  # no flush under way: this thread flushes all handed over
-            self._gather()
+            try:
+                self._gather()
+                interrupted: BaseException | None = None
+            except BaseException as exc:  # (an optimisation: it must never leave us flushing)
+                interrupted = exc
             batch, self._handed = self._handed, []
         try:
+            if interrupted is not None:
+                raise interrupted  # every item handed over is answered below
             self._flush(batch)
         finally:
             with self._cond:
@@ -170,7 +176,7 @@ class GroupCommit:
             try:
                 self._yield()
             finally:
-                self._cond.acquire()
+                _reacquire(self._cond)
             if len(self._handed) == before:
                 return
 
@@ -245,6 +251,20 @@ class GroupCommit:
                 h.error = copy_error(exc)
             return
         _answer(claims, runs, exhausted, now)
+
+
+def _reacquire(cond: threading.Condition) -> None:
+    """Hold `cond` again, even if a signal's exception interrupts the wait for it (then
+    raised once it is held: the caller's `with` must find it held)."""
+    pending: BaseException | None = None
+    while True:
+        try:
+            cond.acquire()
+            break
+        except BaseException as exc:
+            pending = pending or exc
+    if pending is not None:
+        raise pending
 
 
 def _answer(claims: list[Claimed], runs: list[Run], exhausted: bool, now: float) -> None:

@@ -449,6 +449,48 @@ def test_a_flusher_does_not_wait_for_nothing(tmp_path: Path, busy: int) -> None:
         store.close()
 
 
+@pytest.mark.parametrize("raised", [RuntimeError, KeyboardInterrupt])
+def test_an_exception_while_gathering_answers_everyone_and_leaves_no_flush_open(
+    tmp_path: Path, raised: type[BaseException]
+) -> None:
+    """Gathering is an optimisation: whatever it raises (here in the yield, after another
+    executor handed over during it), every item handed over is answered, and the next
+    hand-over flushes as usual (found by the reviewer helper: before, every later hand-over
+    of the worker waited forever)."""
+    store = _sqlite_store(tmp_path)
+    try:
+        running = _three_running(store)
+        group = GroupCommit(store, busy=lambda: 3)
+        outcome: dict[str, Any] = {}
+
+        def step(i: int) -> None:
+            run_id, lease = running[i]
+            try:
+                outcome[run_id] = group.commit_transition(run_id, lease, _done(i), store.now())
+            except BaseException as exc:
+                outcome[run_id] = exc
+
+        other = threading.Thread(target=step, args=(1,))
+
+        def one_hands_over_then_raise() -> None:
+            other.start()
+            deadline = time.time() + 10
+            while len(group._handed) < 2 and time.time() < deadline:
+                time.sleep(0.001)
+            raise raised("interrupted while gathering")
+
+        group._yield = one_hands_over_then_raise
+        step(0)
+        other.join(10)
+        assert isinstance(outcome["r0"], raised)
+        assert isinstance(outcome["r1"], DatabaseError)  # answered: its executor goes on
+        assert not group._flushing and group._handed == []
+        group.busy = None
+        assert group.commit_transition(*running[2], _done(2), store.now()).output == {"i": 2}
+    finally:
+        store.close()
+
+
 # -- SQLite's kept write connections ----------------------------------------------------------
 
 
