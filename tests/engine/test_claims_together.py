@@ -175,6 +175,32 @@ def test_claims_ride_in_the_flush_with_the_steps_handed_over(tmp_path: Path) -> 
         store.close()
 
 
+def _second_flush_carries_r1_and_a_claim(
+    group: GroupCommit, step: Any, claim: Any, flushes: list[int]
+) -> None:
+    """`step(0)` flushes alone, held until `step(1)` and `claim()` have handed over, so
+    those two share the second flush; `flushes` gets an item per flush (for the caller's
+    hooks, which run meanwhile)."""
+
+    def hold_first() -> None:
+        flushes.append(1)
+        deadline = time.time() + 10
+        while len(flushes) == 1 and len(group._handed) < 2 and time.time() < deadline:
+            time.sleep(0.005)
+
+    threads = [threading.Thread(target=step, args=(0,))]
+    with pause_at("group.flush", hold_first):
+        threads[0].start()
+        deadline = time.time() + 10
+        while not flushes and time.time() < deadline:
+            time.sleep(0.005)
+        threads += [threading.Thread(target=step, args=(1,)), threading.Thread(target=claim)]
+        for thread in threads[1:]:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+
+
 @pytest.mark.parametrize("failing", ["store.group.before_commit", "store.claim.queues_locked"])
 def test_a_flush_carrying_claims_that_fails_is_made_again_apart(
     tmp_path: Path, failing: str
@@ -209,27 +235,12 @@ def test_a_flush_carrying_claims_that_fails_is_made_again_apart(
 
         flushes: list[int] = []
 
-        def hold_first() -> None:  # r0's step alone, until r1's step and the claim wait
-            flushes.append(1)
-            deadline = time.time() + 10
-            while len(flushes) == 1 and len(group._handed) < 2 and time.time() < deadline:
-                time.sleep(0.005)
-
         def fail_after_the_first() -> None:
             if len(flushes) == 2:
                 raise DatabaseError("disk gone")
 
-        threads = [threading.Thread(target=step, args=(0,))]
-        with pause_at(failing, fail_after_the_first), pause_at("group.flush", hold_first):
-            threads[0].start()
-            deadline = time.time() + 10
-            while not flushes and time.time() < deadline:
-                time.sleep(0.005)
-            threads += [threading.Thread(target=step, args=(1,)), threading.Thread(target=claim)]
-            for thread in threads[1:]:
-                thread.start()
-            for thread in threads:
-                thread.join(10)
+        with pause_at(failing, fail_after_the_first):
+            _second_flush_carries_r1_and_a_claim(group, step, claim, flushes)
         assert (group.flushes, group.claims) == (2, 1)
         assert outcome["r0"].output == {"i": 0}  # the first flush committed
         queued = store.get_run("r2")
@@ -282,23 +293,7 @@ def test_an_error_after_the_commit_is_not_made_again(tmp_path: Path) -> None:
             except Exception as exc:
                 outcome["claim"] = exc
 
-        def hold_first() -> None:  # r0's step alone, until r1's step and the claim wait
-            flushes.append(1)
-            deadline = time.time() + 10
-            while len(flushes) == 1 and len(group._handed) < 2 and time.time() < deadline:
-                time.sleep(0.005)
-
-        threads = [threading.Thread(target=step, args=(0,))]
-        with pause_at("group.flush", hold_first):
-            threads[0].start()
-            deadline = time.time() + 10
-            while not flushes and time.time() < deadline:
-                time.sleep(0.005)
-            threads += [threading.Thread(target=step, args=(1,)), threading.Thread(target=claim)]
-            for thread in threads[1:]:
-                thread.start()
-            for thread in threads:
-                thread.join(10)
+        _second_flush_carries_r1_and_a_claim(group, step, claim, flushes)
         store.db.transact = transact  # type: ignore[method-assign]
         assert outcome["r0"].output == {"i": 0}
         assert isinstance(outcome["r1"], OSError) and isinstance(outcome["claim"], OSError)
