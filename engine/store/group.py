@@ -195,10 +195,10 @@ class GroupCommit:
         if len(batch) == 1 and not claims and self._alone_is_cheaper:
             self._each_alone(batch)
             return
-        now = self.store.now()  # the claims' time: later than every hand-over
         if not claims:
             self._commit_steps(batch)
             return
+        now = self.store.now()  # the claims' time: later than every hand-over
         try:
             outcomes, runs, exhausted = self.store.commit_and_claim(
                 [h.args for h in batch], [h.lease for h in claims], now, claims[0].queues

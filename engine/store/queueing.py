@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -30,6 +30,24 @@ __all__ = ["Queues"]
 
 _ACTIVE = [s.value for s in ACTIVE_STATUSES]
 LOOKS = (2, 512)  # candidates per look: from the first, x4 per look up to the last
+
+
+_Look = tuple[list[Run], set[tuple[str, str | None]], bool]  # taken, found full, ran out
+
+
+def _widening(
+    leases: int, look: Callable[[frozenset[tuple[str, str | None]], int], _Look]
+) -> tuple[list[Run], bool]:
+    """Looks from the first width, leaving out what was found full so far and x4 wider each
+    time up to the last, until a run is taken or the candidates run out."""
+    full: set[tuple[str, str | None]] = set()  # (queue, None): the whole queue is full
+    width = max(LOOKS[0], leases)
+    while True:
+        taken, learned, exhausted = look(frozenset(full), width)
+        if taken or exhausted:
+            return taken, exhausted
+        full |= learned
+        width = min(width * 4, LOOKS[-1])
 
 
 class LimitedAfterAll(Exception):
@@ -85,38 +103,36 @@ class Queues:
     def claim_next_runs(
         self, leases: Sequence[Lease], now: float, queues: Sequence[str] | None = None
     ) -> tuple[list[Run], bool]:
-        """Up to one run per lease (the first run taken to the first lease), in one
-        transaction: each the next claimable run that its queue's limits allow, its current
-        step begun; and whether the candidates ran out (only then may a lease left without
+        """Up to one run per lease (the first run taken to the first lease), taken in one
+        look's transaction: each the next claimable run that its queue's limits allow, its
+        current step begun; and whether the candidates ran out (only then may a lease left without
         a run wait for a wake-up: otherwise runs were held back by limits, or beyond the
         look's width, and claiming again may find one). No run at all comes only with
         True.
 
         Each look reads the next candidates in claim-index order, leaving out the queues
-        and (queue, key) pairs found full so far; it widens until every lease has a run or
-        the candidates run out, so any number of full keys cannot hide a claimable run.
+        and (queue, key) pairs found full so far; it widens until a run is taken or the
+        candidates run out, so any number of full keys cannot hide a claimable run.
         Runs taken by this transaction count towards their queue's limits for the next."""
-        full: set[tuple[str, str | None]] = set()  # (queue, None): the whole queue is full
-        width = max(LOOKS[0], len(leases))
-        while True:
-            try:
-                taken, learned, exhausted = self.db.transact(
-                    functools.partial(
-                        self._look,
-                        leases=leases,
-                        now=now,
-                        queues=queues,
-                        full=frozenset(full),
-                        width=width,
-                    ),
-                    fsync=False,  # see Db.transact: a claim's loss only requeues the run
-                )
-            except LimitedAfterAll:
-                continue  # now known as limited: the same look, with the rows locked to count
-            if taken or exhausted:
-                return taken, exhausted
-            full |= learned
-            width = min(width * 4, LOOKS[-1])
+
+        def look(full: frozenset[tuple[str, str | None]], width: int) -> _Look:
+            while True:  # each look its own transaction: the rows it locked go with it
+                try:
+                    return self.db.transact(
+                        functools.partial(
+                            self._look,
+                            leases=leases,
+                            now=now,
+                            queues=queues,
+                            full=full,
+                            width=width,
+                        ),
+                        fsync=False,  # see Db.transact: a claim's loss only requeues the run
+                    )
+                except LimitedAfterAll:
+                    continue  # now known as limited: the same look, the rows locked to count
+
+        return _widening(len(leases), look)
 
     def claim_in(
         self, c: Connection, leases: Sequence[Lease], now: float, queues: Sequence[str] | None
@@ -124,14 +140,9 @@ class Queues:
         """SQLite: `claim_next_runs` inside the caller's write transaction (its write lock
         held: a group commit's flush, store/group.py), widening its looks as that does."""
         assert not self.db.is_postgres  # (there a stale hint makes the transaction start over)
-        full: set[tuple[str, str | None]] = set()
-        width = max(LOOKS[0], len(leases))
-        while True:
-            taken, learned, exhausted = self._look(c, leases, now, queues, frozenset(full), width)
-            if taken or exhausted:
-                return taken, exhausted
-            full |= learned
-            width = min(width * 4, LOOKS[-1])
+        return _widening(
+            len(leases), lambda full, width: self._look(c, leases, now, queues, full, width)
+        )
 
     def _look(
         self,
@@ -141,7 +152,7 @@ class Queues:
         queues: Sequence[str] | None,
         full: frozenset[tuple[str, str | None]],
         width: int,
-    ) -> tuple[list[Run], set[tuple[str, str | None]], bool]:
+    ) -> _Look:
         """One look: (the runs taken, the limits found full, whether no candidate is left)."""
         candidates = self._candidates(c, now, queues, full, width)
         if not candidates:
