@@ -47,7 +47,10 @@ def _validator() -> jsonschema.Draft202012Validator:
 
 
 def _yaml(value: Any) -> str:
-    return {True: "true", False: "false", None: "null"}.get(value, repr(value))  # type: ignore[call-overload]
+    """A scalar as YAML writes it (true, false, null); anything else, a list too, as repr."""
+    if value is True or value is False or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    return repr(value)
 
 
 def _what(value: Any) -> str:
