@@ -7,7 +7,6 @@ import time
 import click
 
 from ..settings import resolve_settings
-from ..views import iso, schedule_views
 from .common import _engine, _json, cli, new_engine, settings_options
 
 
@@ -194,6 +193,8 @@ def schedules_list(
     count: int, as_json: bool, db: str | None, modules: tuple[str, ...], workflows: str | None
 ) -> None:
     """Cron workflows with their next fire times (UTC and local) and last fire."""
+    from ..views import schedule_views  # (not at import: a worker's start does without it)
+
     engine = new_engine(resolve_settings(db=db, workflows=workflows), import_steps=False)
     listed = schedule_views(engine, time.time(), count)
     if as_json:
@@ -222,6 +223,8 @@ def workers_list(
     as_json: bool, db: str | None, modules: tuple[str, ...], workflows: str | None
 ) -> None:
     """Live workers: host, pid, queues, concurrency, running runs, last heartbeat."""
+    from ..views import iso
+
     store = new_engine(resolve_settings(db=db, workflows=workflows), import_steps=False).store
     listed = [
         {**w, "started_at": iso(w["started_at"]), "heartbeat_at": iso(w["heartbeat_at"])}
