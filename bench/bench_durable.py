@@ -98,7 +98,7 @@ def engine_rate(store: SqlStore, runs: int, folder: Path) -> tuple[float, float]
     runner = Runner(store)
     for _ in range(10):
         runner.start(machine, {})
-    counter = TransactionCounter(store.engine)  # COMMITs and autocommit statements
+    counter = TransactionCounter(store.db)  # COMMITs and autocommit statements
     start = time.perf_counter()
     for _ in range(runs):
         run = runner.start(machine, {})

@@ -96,7 +96,7 @@ def drive_all(engine: Engine, root: Run, threads: int) -> tuple[Run, int]:
 def empty_claim_cost(engine: Engine) -> int:
     """The transactions of one claim that finds nothing (taken off the count: a worker
     sleeps until notified instead of polling)."""
-    counter = TransactionCounter(engine.store.db.engine)  # type: ignore[attr-defined]
+    counter = TransactionCounter(engine.store.db)  # type: ignore[attr-defined]
     assert engine.store.claim_next_run(new_lease(), engine.store.now()) is None
     counter.close()
     return counter.count
@@ -107,7 +107,7 @@ def measure(url: str, folder: Path, workflow: str, payload: dict[str, object], i
     try:
         machine = engine.workflow(workflow)
         idle = empty_claim_cost(engine)
-        counter = TransactionCounter(engine.store.db.engine)  # type: ignore[attr-defined]
+        counter = TransactionCounter(engine.store.db)  # type: ignore[attr-defined]
         began = time.perf_counter()
         new = engine.new_run(machine, payload, {"kind": "manual"})
         root = Runner(engine.store, foreground=False, host=engine).start(machine, payload, new=new)

@@ -256,6 +256,8 @@ class Db:
             # a URL that check_db_url did not see: SQLAlchemy's refusal is a setting's mistake
             raise ConfigError(f"database URL cannot be used: {_first_line(exc)}") from None
         self.clock = DbClock(self._server_time, skew=skew)
+        self.alone_statements = 0  # PostgreSQL: how many `alone` ran (for tests and benchmarks)
+        self._counting = threading.Lock()
         self._kept: dict[bool, Connection] = {}  # SQLite: see `_write_connection`
         self._in_kept = False
         _OPEN.add(self)
@@ -297,6 +299,7 @@ class Db:
                 _ping_if_idle(dialect, dbapi_connection, record)
 
             event.listen(self.engine, "checkin", _mark_idle)
+            event.listen(self.engine, "checkin", _out_of_autocommit)
             event.listen(self.engine, "checkout", ping_if_idle)
         else:
             raise ConfigError(
@@ -454,6 +457,31 @@ class Db:
             with self.writing(), self.engine.begin() as c:
                 yield c
 
+    def alone(self, statement: Any, keys: Sequence[str], params: dict[str, Any]) -> list[Any]:
+        """`statement` (compiled once: `direct`) as a whole transaction of its own; the rows
+        it returns. PostgreSQL runs it in the driver's autocommit on a pooled connection:
+        atomic and durable, without BEGIN and COMMIT round trips, and without SQLAlchemy's
+        isolation-level switch and reset around it (issue #15: a worker's common step).
+        The connection goes back to the pool out of autocommit; one interrupted inside the
+        statement (a KeyboardInterrupt), whose state is not known, is discarded instead.
+        SQLite: a write transaction."""
+        direct = self.direct(statement, keys)
+        if not self.is_postgres:
+            return self.transact(lambda c: direct.execute(c, params))
+        with self._counting:
+            self.alone_statements += 1  # (seen by TransactionCounter)
+        with self.engine.connect() as c:
+            # out of autocommit again as the pool takes it back, however this block ends
+            # (`_out_of_autocommit`: an interrupt can land between any two lines here)
+            c.connection.dbapi_connection.autocommit = True  # type: ignore[union-attr]
+            try:
+                return direct.execute(c, params)
+            except sa.exc.DBAPIError:
+                raise  # the statement failed: the connection is idle (or invalidated, if gone)
+            except BaseException:
+                c.invalidate()  # interrupted inside the statement: its state is not known
+                raise
+
     def writing(self) -> AbstractContextManager[Any]:
         """Held around a write transaction: on SQLite this process's writers take turns
         here (see `_writer_lock`); on PostgreSQL nothing."""
@@ -490,7 +518,7 @@ class Db:
         return found
 
     def direct_query(self, statement: Any, keys: Sequence[str]) -> DirectQuery:
-        """A SELECT compiled once, its rows as dicts (see `DirectQuery`); SQLite only."""
+        """A SELECT compiled once, its rows as dicts (see `DirectQuery`)."""
         key = (statement, tuple(keys))
         found = self._queries.get(key)
         if found is None:
@@ -555,6 +583,18 @@ PING_IDLE_SECONDS = 1.0
 
 def _mark_idle(dbapi_connection: Any, record: Any) -> None:
     record.info["dy_idle_since"] = time.monotonic()
+
+
+def _out_of_autocommit(dbapi_connection: Any, record: Any) -> None:
+    """Checkin (PostgreSQL): a connection that `Db.alone` switched to the driver's
+    autocommit goes back to the pool out of it, so the next transaction on it is one; one
+    the driver will not switch (a statement still in flight) is closed instead."""
+    if dbapi_connection is None or not dbapi_connection.autocommit:
+        return
+    try:
+        dbapi_connection.autocommit = False
+    except Exception:
+        record.invalidate()
 
 
 def _ping_if_idle(dialect: sa.engine.Dialect, dbapi_connection: Any, record: Any) -> None:

@@ -203,9 +203,9 @@ class Queues:
     ) -> list[Any]:
         q = _candidates_statement(self.dialect, bool(queues))
         params: dict[str, Any] = {"now": now, "width": width}
-        if not queues and not full and not self.db.is_postgres:
+        if not queues and not full:
             # the common look, on the driver's cursor (issue #15: SQLAlchemy's result
-            # machinery cost more than SQLite's reading of the rows)
+            # machinery cost more than the database's reading of the rows)
             return self.db.direct_query(q, ("now", "width")).mappings(c, params)
         if queues:
             params["queues"] = list(queues)
@@ -232,7 +232,7 @@ class Queues:
         share; counting under the share alone would let two of them start a run each."""
         if self.db.is_postgres:
             if shared_first and not names & self._found_limited:
-                shared = c.execute(_SHARED, {"names": sorted(names)}).mappings().all()
+                shared = self._shared(c, names)
                 limited = {r["name"] for r in shared if _has_limits(r)}
                 if limited:
                     self._found_limited = self._found_limited | limited
@@ -240,9 +240,7 @@ class Queues:
                 return {}, {r["name"] for r in shared if r["paused"]}
             limits = self._limits(c, names)
             others = names - set(limits)
-            shared = (
-                c.execute(_SHARED, {"names": sorted(others)}).mappings().all() if others else []
-            )
+            shared = self._shared(c, others) if others else []
             late = {r["name"] for r in shared if _has_limits(r)}
             if late:  # limited by a commit after `_limits` read them: not locked to count
                 self._found_limited = self._found_limited | late
@@ -264,6 +262,13 @@ class Queues:
                     r["name"], r["concurrency"], r["rate_limit"], r["rate_period"], r["paused"]
                 )
         return limits, paused
+
+    def _shared(self, c: Connection, names: set[str]) -> Sequence[Any]:
+        """PostgreSQL: the rows of the queues `names` locked FOR SHARE (see `_SHARED`)."""
+        if len(names) == 1:  # the common look: one queue, on the driver's cursor
+            (name,) = names
+            return self.db.direct_query(_SHARED_ONE, ("name",)).mappings(c, {"name": name})
+        return c.execute(_SHARED, {"names": sorted(names)}).mappings().all()
 
     def _limits(self, c: Connection, names: set[str]) -> dict[str, QueueLimits]:
         """PostgreSQL: the limited queues among `names`, their rows locked."""
@@ -479,6 +484,12 @@ _SHARED = (  # the named queues' rows FOR SHARE: paused, and whether they are li
     )
     .where(t.queues.c.name.in_(sa.bindparam("names", expanding=True)))
     .order_by(t.queues.c.name)
+    .with_for_update(read=True)
+)
+
+_SHARED_ONE = (
+    select(*_SHARED.selected_columns)
+    .where(t.queues.c.name == sa.bindparam("name"))
     .with_for_update(read=True)
 )
 

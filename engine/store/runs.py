@@ -66,9 +66,8 @@ class Runs:
                 step_running=True,
                 step_started_at=now,
             )
-        if new.first_wait_event is None and not new.tags:
-            with self.db.autocommit() as c:
-                c.execute(INSERT_RUN, values)
+        if new.first_wait_event is None and not new.tags:  # one statement, on the driver
+            self.db.alone(INSERT_RUN, tuple(values), values)
             return run_from_row(values)
 
         def work(c: Connection) -> Run:
@@ -113,11 +112,8 @@ class Runs:
         if fresh:  # its first start: no step of it can be recorded yet
             values["started_at"] = now
         params = {**values, "w_id": row["id"]}
-        if self.db.is_postgres:
-            c.execute(_update_run_statement(tuple(values)), params)
-        else:  # on the driver's cursor (see `Direct`)
-            keys = (*values, "w_id")
-            self.db.direct(_update_run_statement(tuple(values)), keys).execute(c, params)
+        keys = (*values, "w_id")  # on the driver's cursor (see `Direct`)
+        self.db.direct(_update_run_statement(tuple(values)), keys).execute(c, params)
         return run_from_row({**row, **values}, fresh=fresh)
 
     def _lock_run(self, c: Connection, run_id: str) -> Any:
@@ -172,13 +168,8 @@ class Runs:
         if row["started_at"] is None:  # never started: none of its steps is recorded
             return _begin(1, now)
         key = {"w_run": row["id"], "w_key": step_key}
-        found: Any
-        if self.db.is_postgres:
-            found = c.execute(_CURRENT_STEP, key).mappings().first()
-        else:  # on the driver's cursor (see `Direct`)
-            found = next(
-                iter(self.db.direct_query(_CURRENT_STEP, tuple(key)).mappings(c, key)), None
-            )
+        # on the driver's cursor (see `Direct`)
+        found = next(iter(self.db.direct_query(_CURRENT_STEP, tuple(key)).mappings(c, key)), None)
         if found is None:
             return _begin(1, now)
         due = found["wake_at"] is not None and found["wake_at"] <= now
@@ -204,15 +195,11 @@ class Runs:
         ):
             # The common step: one statement is a whole transaction, so PostgreSQL runs it in
             # autocommit - atomic and durable, without BEGIN and COMMIT round trips.
-            step, step_updates = _step_values(run_id, tr.record, now)
-            statement = move_and_record_statement(tuple(values), tuple(step), tuple(step_updates))
-            with self.db.autocommit() as c:
-                row = c.execute(
-                    statement, {**values, **{f"s_{k}": v for k, v in step.items()}}
-                ).first()
-            if row is None:
+            statement, params = _move_and_record(values, *_step_values(run_id, tr.record, now))
+            rows = self.db.alone(statement, tuple(params), params)
+            if not rows:
                 raise LeaseLost(f"run {run_id}: this process no longer holds its lease")
-            return TransitionResult(bool(row.cancel_requested), output=tr.record.output)
+            return TransitionResult(bool(rows[0][0]), output=tr.record.output)
         if tr.simple and tr.record is not None and not (finished and tr.has_parent):
             # SQLite's common step: the lease-checked UPDATE, then the step row
             record = tr.record
@@ -250,11 +237,9 @@ class Runs:
             out: list[TransitionResult | LeaseLost] = []
             for run_id, rec, values, step, step_updates in prepared:
                 if self.db.is_postgres:
-                    statement = move_and_record_statement(tuple(values), tuple(step), step_updates)
-                    row = c.execute(
-                        statement, {**values, **{f"s_{k}": v for k, v in step.items()}}
-                    ).first()
-                    cancel = None if row is None else row.cancel_requested
+                    statement, params = _move_and_record(values, step, step_updates)
+                    rows = self.db.direct(statement, tuple(params)).execute(c, params)
+                    cancel = rows[0][0] if rows else None
                 else:
                     keys = tuple(values)
                     rows = self.db.direct(move_statement(keys), keys).execute(c, values)
@@ -657,6 +642,15 @@ _STEP_KEYS = ("run_id", "step_key")
 _CURRENT_STEP = select(t.steps.c.status, t.steps.c.attempts, t.steps.c.wake_at).where(
     t.steps.c.run_id == sa.bindparam("w_run"), t.steps.c.step_key == sa.bindparam("w_key")
 )
+
+
+def _move_and_record(
+    values: dict[str, Any], step: dict[str, Any], step_updates: Sequence[str]
+) -> tuple[Any, dict[str, Any]]:
+    """PostgreSQL: the one statement that moves the run (lease-checked) and records its
+    step, with its parameters (the step's values as `s_<column>`)."""
+    statement = move_and_record_statement(tuple(values), tuple(step), tuple(step_updates))
+    return statement, {**values, **{f"s_{k}": v for k, v in step.items()}}
 
 
 def groupable(tr: Transition) -> bool:

@@ -482,11 +482,8 @@ class SqlStore:
 
     @translate
     def get_steps(self, run_id: str) -> list[StepState]:
-        with self.db.read_one() as c:
-            if self.db.is_postgres:
-                rows: Any = c.execute(_RUN_STEPS, {"w_run": run_id}).mappings()
-            else:  # one SELECT, on the driver's cursor: its own snapshot (issue #15)
-                rows = self.db.direct_query(_RUN_STEPS, ("w_run",)).mappings(c, {"w_run": run_id})
+        with self.db.read_one() as c:  # one SELECT, on the driver's cursor (issue #15)
+            rows = self.db.direct_query(_RUN_STEPS, ("w_run",)).mappings(c, {"w_run": run_id})
             return [step_from_row(r) for r in rows]
 
     @translate

@@ -20,6 +20,7 @@ __all__ = [
     "upsert_statement",
 ]
 
+import contextlib
 import functools
 import inspect
 import os
@@ -157,58 +158,78 @@ def upsert_statement(
 
 class Direct:
     """A statement compiled once (for one dialect and one set of parameter names) and run on
-    the connection's own DBAPI cursor, inside the connection's transaction: SQLAlchemy's
-    per-call machinery (execution context, events, result objects) is skipped where the
-    profile showed it cost more than the statement itself (issue #15: the runner's per-step
-    writes). Parameters go through the columns' own bind processors (JSON encoded once, by
-    SQLAlchemy's serializer); a driver error is raised as SQLAlchemy raises it, so
-    `translate` and `Db.transact`'s retries see what they always saw. SQLite only: there the
-    statement is the cost; on PostgreSQL the round trip is."""
+    the connection's own DBAPI cursor, inside whatever the connection is in (its transaction,
+    or the driver's autocommit: `Db.alone`): SQLAlchemy's per-call machinery (execution
+    context, events, result objects) is skipped where the profile showed it cost more than
+    the statement itself (issue #15: the runner's per-step writes and the claim's reads; on
+    PostgreSQL a worker is bound by its own CPU, not by the round trip). Parameters go
+    through the columns' own bind processors (JSON encoded once, by SQLAlchemy's serializer);
+    a driver error goes through SQLAlchemy's own handling, so `translate` and
+    `Db.transact`'s retries see what they always saw and a disconnect invalidates the pool."""
 
     def __init__(self, statement: Any, dialect: sa.engine.Dialect, keys: Sequence[str]) -> None:
         self.compiled = statement.compile(dialect=dialect, column_keys=list(keys))
         self.sql = self.compiled.string
         self.dialect = dialect
         processors = self.compiled._bind_processors
-        names = self.compiled.positiontup or []
-        self.order = [(name, processors.get(name)) for name in names]
+        # qmark (SQLite) binds by position, pyformat (psycopg) by name
+        self.positional = self.compiled.positiontup is not None
+        names = self.compiled.positiontup or list(self.compiled.bind_names.values())
+        self.order = [(name, processors.get(name)) for name in dict.fromkeys(names)]
+        # known from the statement: psycopg builds `cursor.description` anew at each look
+        self.returns_rows = bool(self.compiled._result_columns)
 
     def execute(self, c: Connection, params: dict[str, Any]) -> list[Any]:
         """The rows the statement returns (RETURNING), as driver tuples."""
         values = self.compiled.construct_params(params)
-        args = [fn(values[name]) if fn else values[name] for name, fn in self.order]
-        dbapi = self.dialect.loaded_dbapi
+        args: Any
+        if self.positional:
+            args = [fn(values[name]) if fn else values[name] for name, fn in self.order]
+        else:
+            args = {name: fn(values[name]) if fn else values[name] for name, fn in self.order}
         cursor = c.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         try:
             cursor.execute(self.sql, args)
-            return list(cursor.fetchall()) if cursor.description else []
-        except dbapi.Error as exc:
-            raise sa.exc.DBAPIError.instance(
-                self.sql, args, exc, dbapi.Error, dialect=self.dialect
-            ) from exc
+            return self._fetch(cursor) if self.returns_rows else []
+        except self.dialect.loaded_dbapi.Error as exc:
+            # SQLAlchemy's own handling: its error class, and on a disconnect the
+            # connection and every other of the pool invalidated (the server restarted:
+            # all of them are dead), its `handle_error` events run
+            c._handle_dbapi_exception(exc, self.sql, args, cursor, None)
         finally:
-            cursor.close()
+            with contextlib.suppress(Exception):  # (a dead connection's cursor)
+                cursor.close()
+
+    def _fetch(self, cursor: Any) -> list[Any]:
+        return list(cursor.fetchall())
 
 
 class DirectQuery(Direct):
     """A `Direct` SELECT whose rows come back as dicts by column key, each value through
     its column's own result processor (JSON decoded as SQLAlchemy decodes it): the claim's
-    reads and `get_steps` on SQLite (issue #15). No expanding (IN-list) parameters."""
+    reads and `get_steps` (issue #15). No expanding (IN-list) parameters."""
 
     def __init__(self, statement: Any, dialect: sa.engine.Dialect, keys: Sequence[str]) -> None:
         super().__init__(statement, dialect, keys)
-        columns = self.compiled._result_columns
-        self.columns = [
-            (entry.keyname, entry.type.dialect_impl(dialect).result_processor(dialect, None))
-            for entry in columns
+        self.columns: list[tuple[str, Any]] | None = None  # from the first rows' description
+
+    def _fetch(self, cursor: Any) -> list[dict[str, Any]]:
+        columns = self.columns
+        if columns is None:
+            # each column's processor as SQLAlchemy picks it: by the driver's type of the
+            # column (psycopg's float oids need none, its numerics do)
+            dialect = self.dialect
+            columns = self.columns = [
+                (entry.keyname, entry.type.dialect_impl(dialect).result_processor(dialect, d[1]))
+                for entry, d in zip(self.compiled._result_columns, cursor.description, strict=True)
+            ]
+        return [
+            {key: fn(value) if fn else value for (key, fn), value in zip(columns, row, strict=True)}
+            for row in cursor.fetchall()
         ]
 
     def mappings(self, c: Connection, params: dict[str, Any]) -> list[dict[str, Any]]:
-        columns = self.columns
-        return [
-            {key: fn(value) if fn else value for (key, fn), value in zip(columns, row, strict=True)}
-            for row in self.execute(c, params)
-        ]
+        return self.execute(c, params)
 
 
 NO_LEASE: dict[str, Any] = {
@@ -308,23 +329,33 @@ def sqlite_begin(conn: Connection) -> None:
 
 
 class TransactionCounter:
-    """Counts the transactions an engine commits: explicit COMMITs and statements run in
-    autocommit (each its own transaction). For tests and benchmarks."""
+    """Counts the transactions a store's `Db` commits: explicit COMMITs, statements run in
+    autocommit through SQLAlchemy, and `Db.alone`'s on the driver (each its own
+    transaction). For tests and benchmarks."""
 
-    def __init__(self, engine: sa.Engine) -> None:
-        self.engine = engine
-        self.count = 0
-        sa.event.listen(engine, "commit", self._commit)
-        sa.event.listen(engine, "after_cursor_execute", self._statement)
+    def __init__(self, db: Any) -> None:
+        self.db, self.engine = db, db.engine
+        self._commits = 0
+        self._alone_before = db.alone_statements
+        sa.event.listen(self.engine, "commit", self._commit)
+        sa.event.listen(self.engine, "after_cursor_execute", self._statement)
+
+    @property
+    def count(self) -> int:
+        alone: int = self.db.alone_statements - self._alone_before
+        return self._commits + alone
+
+    def reset(self) -> None:
+        self._commits, self._alone_before = 0, self.db.alone_statements
 
     def _commit(self, conn: Any) -> None:
-        self.count += 1
+        self._commits += 1
 
     def _statement(
         self, conn: Any, cursor: Any, statement: str, params: Any, context: Any, executemany: bool
     ) -> None:
         if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
-            self.count += 1
+            self._commits += 1
 
     def close(self) -> None:
         sa.event.remove(self.engine, "commit", self._commit)

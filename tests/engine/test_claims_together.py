@@ -129,7 +129,7 @@ def test_claims_ride_in_the_flush_with_the_steps_handed_over(tmp_path: Path) -> 
         for i in range(2, 4):
             _queue(store, f"r{i}", age=10 - i)  # r2, r3: queued
         group = GroupCommit(store)
-        counter = TransactionCounter(store.engine)
+        counter = TransactionCounter(store.db)
         results: dict[str, Any] = {}
 
         def step(i: int, run_id: str, lease: Lease) -> None:
@@ -396,7 +396,7 @@ def test_a_flusher_yields_to_busy_executors_while_each_yield_brings_a_step(
     try:
         running = _three_running(store)
         group = GroupCommit(store, busy=lambda: 3)  # three executors hold runs
-        counter = TransactionCounter(store.engine)
+        counter = TransactionCounter(store.db)
         threads = [
             threading.Thread(
                 target=group.commit_transition, args=(run_id, lease, _done(i), store.now())
@@ -495,7 +495,7 @@ def test_a_kept_connection_that_failed_in_the_driver_is_replaced(tmp_path: Path)
         _queue(store, "r0")
         _queue(store, "r1")
         assert store.claim_next_run(_lease(0), store.now()) is not None  # a kept connection
-        (kept,) = store.db._kept.values()
+        kept = store.db._kept[False]  # the claims' (not fsync'd)
         kept.connection.dbapi_connection.close()  # type: ignore[union-attr]
         with pytest.raises(DatabaseError):
             store.claim_next_run(_lease(1), store.now())

@@ -89,7 +89,7 @@ def _stored_steps(store: SqlStore) -> int:
 def test_steps_handed_over_during_a_flush_share_the_next_commit(store: SqlStore) -> None:
     items = _claimed(store, 4)
     group = GroupCommit(store)
-    counter = TransactionCounter(store.engine)
+    counter = TransactionCounter(store.db)
     first_flush = threading.Event()
 
     def hold_first_flush() -> None:  # the first flush waits until the 3 others handed over

@@ -98,12 +98,12 @@ def test_a_driver_error_on_the_direct_path_is_sqlalchemys(tmp_path: Path) -> Non
     store.close()
 
 
-def test_the_claims_direct_read_returns_what_sqlalchemy_returns(tmp_path: Path) -> None:
-    """The claim's look at its candidates (SQLite, the driver's cursor): every column of a
-    run, JSON decoded, NULLs and numbers as SQLAlchemy's own result gives them."""
-    from engine.store.queueing import _candidates_statement
+def test_the_claims_direct_reads_return_what_sqlalchemy_returns(store: SqlStore) -> None:
+    """The claim's looks at its candidates and at a queue's row (the driver's cursor, both
+    databases): every column, JSON decoded, NULLs and numbers as SQLAlchemy's own result
+    gives them."""
+    from engine.store.queueing import _SHARED_ONE, _candidates_statement
 
-    store = open_store(f"sqlite:///{tmp_path}/state.db")
     store.migrate()
     for i, payload in enumerate(({"x": [1, 2.5, None, True], "s": "é"}, None, [], "text")):
         new = NewRun(
@@ -118,18 +118,24 @@ def test_the_claims_direct_read_returns_what_sqlalchemy_returns(tmp_path: Path) 
             priority=i,
         )
         store.create_run(new, store.now())
-    statement = _candidates_statement("sqlite", False)
+    store.save_queue_limits([QueueLimits("q", rate_limit=3, rate_period=1.5)])
+    statement = _candidates_statement(store.dialect, False)
     params = {"now": store.now() + 1, "width": 8}
+    Rows = list[dict[str, object]]
 
-    def both(c: sa.Connection) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+    def both(c: sa.Connection) -> tuple[Rows, Rows, Rows, Rows]:
         direct = store.db.direct_query(statement, ("now", "width")).mappings(c, params)
-        return direct, [dict(r) for r in c.execute(statement, params).mappings()]
+        expected = [dict(r) for r in c.execute(statement, params).mappings()]
+        queue = store.db.direct_query(_SHARED_ONE, ("name",)).mappings(c, {"name": "q"})
+        queue_expected = [dict(r) for r in c.execute(_SHARED_ONE, {"name": "q"}).mappings()]
+        return direct, expected, queue, queue_expected
 
-    direct, expected = store.db.transact(both)
+    direct, expected, queue, expected_queue = store.db.transact(both)
     assert len(direct) == 4 and direct == expected
     assert [r["id"] for r in direct] == ["c-3", "c-2", "c-1", "c-0"]  # priority first
     assert direct[3]["payload"] == {"x": [1, 2.5, None, True], "s": "é"}
-    store.close()
+    assert isinstance(direct[0]["created_at"], float)
+    assert queue == expected_queue and queue[0]["rate_limit"] == 3 and not queue[0]["paused"]
 
 
 def test_a_dead_idle_connection_is_replaced_without_an_error(
@@ -153,6 +159,127 @@ def test_a_dead_idle_connection_is_replaced_without_an_error(
             assert c.execute(sa.text("SELECT pg_backend_pid()")).scalar_one() != pid
     except DatabaseError as exc:  # pragma: no cover - what the ping prevents
         pytest.fail(f"the dead connection was used: {exc}")
+    finally:
+        store.close()
+
+
+def _pg_store_with_one_connection() -> SqlStore:
+    """A PostgreSQL store whose pool holds exactly one connection, idle."""
+    store = _postgres_store()
+    store.engine.dispose()
+    with store.engine.connect() as c:
+        c.execute(sa.text("SELECT 1"))
+    assert store.engine.pool.checkedin() == 1  # type: ignore[attr-defined]
+    return store
+
+
+_SLEEP = sa.select(sa.func.pg_sleep(sa.bindparam("s", type_=sa.Float)))
+_CAST = sa.select(sa.cast(sa.bindparam("v", type_=sa.Text), sa.Integer))
+
+
+def _autocommit_at_checkin(store: SqlStore) -> list[bool]:
+    """Whether each connection came back to the pool in autocommit (an invalidated one,
+    closed, comes back as None: not listed)."""
+    seen: list[bool] = []
+
+    def checkin(dbapi: Any, record: Any) -> None:
+        if dbapi is not None:
+            seen.append(dbapi.autocommit)
+
+    sa.event.listen(store.engine, "checkin", checkin)
+    return seen
+
+
+def test_a_statement_alone_that_fails_returns_its_connection_out_of_autocommit() -> None:
+    """`Db.alone` (a step's commit on PostgreSQL) switches the driver to autocommit: a
+    statement that fails raises SQLAlchemy's error and leaves the connection in the pool as
+    it was, so the next transaction on it is a transaction (its ROLLBACK undoes it)."""
+    store = _pg_store_with_one_connection()
+    try:
+        seen = _autocommit_at_checkin(store)
+        assert store.db.alone(_CAST, ("v",), {"v": "7"}) == [(7,)]
+        with pytest.raises(sa.exc.DataError):
+            store.db.alone(_CAST, ("v",), {"v": "seven"})
+        assert seen == [False, False]
+        with store.engine.connect() as c:  # the same connection, in a transaction again
+            c.execute(sa.text("CREATE TEMP TABLE probe (x int)"))
+            c.rollback()
+            assert c.execute(sa.text("SELECT to_regclass('pg_temp.probe')")).scalar() is None
+        assert store.engine.pool.checkedin() == 1  # type: ignore[attr-defined]
+    finally:
+        store.close()
+
+
+def test_a_statement_alone_interrupted_discards_its_connection() -> None:
+    """A KeyboardInterrupt inside the statement: the connection's state is not known, so it
+    is invalidated, never handed to the next caller; the next statement gets a new one."""
+    import signal
+
+    store = _pg_store_with_one_connection()
+    with store.engine.connect() as c:
+        pid = c.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        seen = _autocommit_at_checkin(store)
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(KeyboardInterrupt):
+            store.db.alone(_SLEEP, ("s",), {"s": 5.0})
+        assert True not in seen
+        assert store.db.alone(_CAST, ("v",), {"v": "1"}) == [(1,)]
+        with store.engine.connect() as c:
+            assert c.execute(sa.text("SELECT pg_backend_pid()")).scalar_one() != pid
+            assert c.connection.dbapi_connection.autocommit is False  # type: ignore[union-attr]
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        store.close()
+
+
+def test_a_connection_left_in_autocommit_goes_back_to_the_pool_out_of_it() -> None:
+    """However a connection came back in the driver's autocommit (an interrupt between
+    `Db.alone`'s switch and its statement, found by the reviewer helper), the pool's
+    checkin switches it back: the next transaction on it is one."""
+    store = _pg_store_with_one_connection()
+    try:
+        with store.engine.connect() as c:
+            c.connection.dbapi_connection.autocommit = True  # type: ignore[union-attr]
+        with store.engine.connect() as c:  # the one connection, in a transaction again
+            assert c.connection.dbapi_connection.autocommit is False  # type: ignore[union-attr]
+            c.execute(sa.text("CREATE TEMP TABLE probe (x int)"))
+            c.rollback()
+            assert c.execute(sa.text("SELECT to_regclass('pg_temp.probe')")).scalar() is None
+    finally:
+        store.close()
+
+
+def test_a_statement_alone_on_a_dropped_connection_invalidates_the_pool() -> None:
+    """The server dropped every pooled connection (a restart; none idle long enough to be
+    pinged): the first statement on the driver fails with SQLAlchemy's disconnect error
+    and, as SQLAlchemy's own handling does, every connection of the pool is replaced, so
+    the statements after it (steps' commits, reads of steps) all succeed. Before, each
+    dead connection failed one statement in turn (found by the reviewer helper: workers
+    recovered slower, and some runs failed as if their process had died six times)."""
+    store = _postgres_store()
+    try:
+        held = [store.engine.connect() for _ in range(4)]
+        pids = [c.execute(sa.text("SELECT pg_backend_pid()")).scalar_one() for c in held]
+        for c in held:
+            c.close()
+        killer = sa.create_engine(store.engine.url)
+        with killer.connect() as c:
+            for pid in pids:
+                assert c.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid}).scalar()
+        killer.dispose()
+        with pytest.raises(sa.exc.DBAPIError) as caught:
+            store.db.alone(_CAST, ("v",), {"v": "1"})
+        assert caught.value.connection_invalidated
+        for i in range(4):
+            assert store.db.alone(_CAST, ("v",), {"v": str(i)}) == [(i,)]
+            assert store.get_steps("no-such-run") == []
     finally:
         store.close()
 

@@ -363,7 +363,7 @@ steps:
 
 
 def test_one_commit_per_step_beyond_the_claim(store: SqlStore, tmp_path: Path) -> None:
-    counter = TransactionCounter(store.engine)
+    counter = TransactionCounter(store.db)
     machine = compile_text(
         tmp_path,
         HEAD
@@ -378,7 +378,7 @@ steps:
     store.save_definition(
         machine.content_hash, machine.workflow_id, machine.version, machine.to_json(), ""
     )
-    counter.count = 0
+    counter.reset()
     run = runner.start(machine, {})
     counter.close()
     assert run.status == RunStatus.COMPLETED and run.output == 3
