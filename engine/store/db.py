@@ -457,15 +457,18 @@ class Db:
             with self.writing(), self.engine.begin() as c:
                 yield c
 
-    def alone(self, statement: Any, keys: Sequence[str], params: dict[str, Any]) -> list[Any]:
-        """`statement` (compiled once: `direct`) as a whole transaction of its own; the rows
-        it returns. PostgreSQL runs it in the driver's autocommit on a pooled connection:
+    def alone(
+        self, statement: Any, keys: Sequence[str], params: dict[str, Any], *, query: bool = False
+    ) -> list[Any]:
+        """`statement` (compiled once: `direct`, or `direct_query` with `query`, whose rows
+        come back as dicts) as a whole transaction of its own; the rows it returns.
+        PostgreSQL runs it in the driver's autocommit on a pooled connection:
         atomic and durable, without BEGIN and COMMIT round trips, and without SQLAlchemy's
         isolation-level switch and reset around it (issue #15: a worker's common step).
         The connection goes back to the pool out of autocommit; one interrupted inside the
         statement (a KeyboardInterrupt), whose state is not known, is discarded instead.
         SQLite: a write transaction."""
-        direct = self.direct(statement, keys)
+        direct = self.direct_query(statement, keys) if query else self.direct(statement, keys)
         if not self.is_postgres:
             return self.transact(lambda c: direct.execute(c, params))
         with self._counting:

@@ -25,6 +25,7 @@ from ..pauses import pause_point
 from . import schema as t
 from .db import Db
 from .runs import Runs
+from .sqlutil import run_from_row
 
 __all__ = ["Queues"]
 
@@ -66,6 +67,9 @@ class Queues:
         self.expire_row = expire_row  # (conn, locked row, now): a queued run past its TTL
         self.engine, self.dialect = db.engine, db.dialect
         self._limited: tuple[float, frozenset[str]] | None = None
+        # PostgreSQL: until when a claim goes straight to the full look (`_claim_fresh`
+        # found a run that needs it: limits, a recovery, a wake-up)
+        self._fresh_off_until = 0.0
 
     def save_queue_limits(self, limits: Iterable[QueueLimits]) -> None:
         """Record each queue's limits (the latest definition wins); idempotent."""
@@ -113,7 +117,14 @@ class Queues:
         Each look reads the next candidates in claim-index order, leaving out the queues
         and (queue, key) pairs found full so far; it widens until a run is taken or the
         candidates run out, so any number of full keys cannot hide a claimable run.
-        Runs taken by this transaction count towards their queue's limits for the next."""
+        Runs taken by this transaction count towards their queue's limits for the next.
+
+        PostgreSQL, one lease: first `_claim_fresh`, the common claim in one statement."""
+        if self.db.is_postgres and len(leases) == 1 and time.monotonic() >= self._fresh_off_until:
+            fresh = self._claim_fresh(leases[0], now, queues)
+            if fresh is not None:
+                return fresh
+            self._fresh_off_until = time.monotonic() + 1.0  # (limits, recoveries: a while)
 
         def look(full: frozenset[tuple[str, str | None]], width: int) -> _Look:
             while True:  # each look its own transaction: the rows it locked go with it
@@ -133,6 +144,38 @@ class Queues:
                     continue  # now known as limited: the same look, the rows locked to count
 
         return _widening(len(leases), look)
+
+    def _claim_fresh(
+        self, lease: Lease, now: float, queues: Sequence[str] | None
+    ) -> tuple[list[Run], bool] | None:
+        """PostgreSQL: the first candidate taken in ONE statement in autocommit, if it is a
+        queued run never started, in a queue neither paused nor limited: what a busy worker
+        claims almost always (issue #15: a claim's transaction was five round trips, the
+        server's CPU as much as the worker's). Its row is locked as the full look locks it
+        (FOR UPDATE SKIP LOCKED), then its queue's row FOR SHARE, read under that lock, as
+        the full look reads it: a pause or new limits committed first are seen, one committed
+        later waits for this statement's end. ([run], False) taken; ([], True) no candidate
+        at all, as the full look would find; None: the first candidate needs the full look
+        (nothing was written, its locks went with the statement)."""
+        at = max(now, self.db.now())  # stamped with the time this claim holds its locks
+        lease_row = self.db.lease_values(lease, at)
+        params: dict[str, Any] = {
+            "now": now,
+            "width": 1,
+            "at": at,
+            "lease_owner": lease.owner,
+            "lease_host": lease.host,
+            "lease_pid": lease.pid,
+            "lease_expires_at": lease_row["lease_expires_at"],
+        }
+        if queues:
+            params["queues"] = list(queues)
+        (row,) = self.db.alone(
+            _claim_fresh_statement(bool(queues)), tuple(params), params, query=True
+        )
+        if row["id"] is not None:
+            return [run_from_row(row, fresh=True)], False
+        return ([], True) if row["dy_found"] == 0 else None
 
     def claim_in(
         self, c: Connection, leases: Sequence[Lease], now: float, queues: Sequence[str] | None
@@ -437,6 +480,68 @@ def _candidates_statement(dialect: str, by_queue: bool) -> sa.Select[Any]:
     if dialect == "postgresql":
         q = q.with_for_update(skip_locked=True)
     return q
+
+
+@functools.cache
+def _claim_fresh_statement(by_queue: bool) -> sa.Select[Any]:
+    """PostgreSQL, `Queues._claim_fresh`: the first candidate (`now`, and `queues` as an
+    array) locked; its queue's row locked FOR SHARE; the candidate leased and its first step
+    begun (`at`, the lease's columns) only if it is a queued run never started, not past its
+    TTL, in a queue neither paused nor limited (or without a row). One row: how many
+    candidates were found (`dy_found`, 0 or 1), and the run as leased or NULLs."""
+    from sqlalchemy.dialects.postgresql import ARRAY
+
+    r = t.runs.c
+    cand = _candidates_statement("postgresql", False).with_only_columns(
+        r.id, r.queue, r.status, r.started_at, r.current_step, r.step_running, r.expires_at
+    )
+    if by_queue:
+        cand = cand.where(r.queue == sa.any_(sa.bindparam("queues", type_=ARRAY(sa.String))))
+    found = cand.cte("cand")
+    queue_row = (
+        select(t.queues.c.paused, t.queues.c.concurrency, t.queues.c.rate_limit)
+        .where(t.queues.c.name.in_(select(found.c.queue)))
+        .with_for_update(read=True)
+        .cte("queue_row")
+    )
+    held_back = select(queue_row.c.paused).where(
+        sa.or_(
+            queue_row.c.paused,
+            queue_row.c.concurrency.isnot(None),
+            queue_row.c.rate_limit.isnot(None),
+        )
+    )
+    at = sa.bindparam("at", type_=sa.Float)
+    expires = sa.bindparam("lease_expires_at", type_=sa.Float)
+    taken = (
+        sa.update(t.runs)
+        .where(
+            r.id == found.c.id,
+            found.c.status == RunStatus.QUEUED.value,
+            found.c.started_at.is_(None),
+            found.c.current_step.isnot(None),
+            sa.not_(found.c.step_running),
+            sa.or_(found.c.expires_at.is_(None), found.c.expires_at > at),
+            ~sa.exists(held_back),
+        )
+        .values(
+            status=RunStatus.RUNNING.value,
+            current_attempt=1,
+            step_running=True,
+            step_started_at=at,
+            started_at=at,
+            updated_at=at,
+            lease_owner=sa.bindparam("lease_owner", type_=sa.String),
+            lease_host=sa.bindparam("lease_host", type_=sa.String),
+            lease_pid=sa.bindparam("lease_pid", type_=sa.Integer),
+            lease_expires_at=expires,
+            next_at=expires,
+        )
+        .returning(*t.runs.c)
+        .cte("taken")
+    )
+    count = select(func.count().label("dy_found")).select_from(found).subquery("found")
+    return select(count.c.dy_found, *taken.c).select_from(count.outerjoin(taken, sa.true()))
 
 
 def _excluding(q: sa.Select[Any], full: frozenset[tuple[str, str | None]]) -> sa.Select[Any]:

@@ -356,14 +356,15 @@ def _queued(store: SqlStore, run_id: str, queue: str) -> None:
     store.create_run(new, store.now())
 
 
-def test_a_claim_on_postgresql_reads_an_unlimited_queue_in_one_statement(
+def test_a_claim_on_postgresql_takes_an_unlimited_queues_run_in_one_statement(
     tmp_path: Path,
 ) -> None:
-    """A claim of an unlimited queue's run that never started: BEGIN, its candidates, the
-    queue's row FOR SHARE (limits and pause in one read), the take, COMMIT (no read of its
-    current step: none of its steps can be recorded yet). A limited queue's
-    first claim in a process finds the limits under that share, rolls back and claims with
-    the row FOR UPDATE; later claims go straight there; and the limit holds."""
+    """A claim of an unlimited queue's run that never started: ONE statement in autocommit
+    (no BEGIN, no COMMIT): the candidate locked, the queue's row FOR SHARE, the take (no read
+    of its current step: none of its steps can be recorded yet). A limited queue's first
+    claim in a process: that statement finds its candidate held back and takes nothing, then
+    the full look finds the limits under the share, rolls back and claims with the row FOR
+    UPDATE; later claims go straight there; and the limit holds."""
     store = _postgres_store()
     lease = Lease(owner="hot/0", host="here", pid=1, seconds=30.0)
     try:
@@ -372,14 +373,14 @@ def test_a_claim_on_postgresql_reads_an_unlimited_queue_in_one_statement(
             _queued(store, f"r{i}", queue)
         with libpq_trace(store, tmp_path / "free") as sent:
             assert store.claim_next_run(lease, store.now(), ["free"]) is not None
-        queue_reads = [q for q in sent if q.startswith('Parse  "" "SELECT dy_queues.')]
-        assert len(sent) == 5 and "BEGIN" in sent[0] and sent[-1].endswith('"COMMIT"'), sent
+        assert len(sent) == 1 and sent[0].startswith('Parse  "" "WITH cand AS'), sent
+        assert "FOR UPDATE SKIP LOCKED" in sent[0] and "FOR SHARE" in sent[0], sent
         assert not any("FROM dy_steps" in q for q in sent), sent
-        assert len(queue_reads) == 1 and "FOR SHARE" in queue_reads[0], sent
 
         with libpq_trace(store, tmp_path / "first") as sent:
             first = store.claim_next_run(lease, store.now(), ["one"])
         assert first is not None and first.queue == "one"
+        assert sent[0].startswith('Parse  "" "WITH cand AS') and "BEGIN" in sent[1], sent
         reads = [q for q in sent if q.startswith('Parse  "" "SELECT dy_queues.')]
         assert "FOR SHARE" in reads[0] and "FOR UPDATE" in reads[1], sent
         assert any(q.endswith('"ROLLBACK"') for q in sent), sent  # the look made again
@@ -498,10 +499,10 @@ def test_a_limit_committed_while_a_claim_locks_the_limited_rows_holds() -> None:
         store.close()
 
 
-def test_a_queued_three_step_run_on_postgresql_takes_eight_round_trips(tmp_path: Path) -> None:
+def test_a_queued_three_step_run_on_postgresql_takes_four_round_trips(tmp_path: Path) -> None:
     """Claimed for its first start and driven as a worker's executor drives it: the claim
-    (BEGIN, candidates, the queue's row, the take, COMMIT) and one autocommit statement per
-    step. No read of its steps: a run that never started has none (`Run.fresh`)."""
+    (one statement: candidate, queue row, take) and one statement per step, each in
+    autocommit. No read of its steps: a run that never started has none (`Run.fresh`)."""
     from engine import step
     from engine.runner import Runner
     from engine.service import Engine
@@ -533,8 +534,122 @@ def test_a_queued_three_step_run_on_postgresql_takes_eight_round_trips(tmp_path:
             run = store.claim_next_run(lease, store.now())
             assert run is not None and run.fresh
             assert runner.drive_claimed(run).output == 2
-        assert len(sent) == 8, sent
-        assert not any("FROM dy_steps" in q for q in sent), sent
+        assert len(sent) == 4, sent
+        assert not any("FROM dy_steps" in q or "BEGIN" in q for q in sent), sent
         assert store.get_run(run_id).status == RunStatus.COMPLETED
     finally:
         engine.close()
+
+
+def test_a_one_statement_claim_waits_for_a_pause_held_open_then_takes_nothing() -> None:
+    """PostgreSQL: another process has paused the queue in a transaction still open (its
+    row locked) when a claim's one statement reaches that row: the claim waits for it, then
+    reads the pause under its share and starts nothing; after the unpause it takes the run."""
+    import threading
+
+    import psycopg
+
+    store = _postgres_store()
+    lease = Lease(owner="hot/0", host="here", pid=1, seconds=30.0)
+    try:
+        store.save_queue_limits([QueueLimits("q")])  # unlimited, with a row
+        _queued(store, "r1", "q")
+        pauser = psycopg.connect(PG_URL or "")
+        pauser.execute("UPDATE dy_queues SET paused = true WHERE name = 'q'")  # held open
+        claimed: list[Any] = []
+        claimer = threading.Thread(
+            target=lambda: claimed.append(store.claim_next_run(lease, store.now()))
+        )
+        claimer.start()
+        claimer.join(0.5)
+        assert claimer.is_alive() and not claimed  # waiting for the queue's row
+        pauser.commit()
+        pauser.close()
+        claimer.join(30)
+        assert claimed == [None]
+        assert store.get_run("r1").status == RunStatus.QUEUED
+        store.set_queue_paused("q", False, store.now())
+        run = store.claim_next_run(lease, store.now())
+        assert run is not None and run.id == "r1"
+    finally:
+        store.close()
+
+
+def test_a_one_statement_claim_returns_the_run_the_full_look_returns() -> None:
+    """PostgreSQL: two identical queued runs, one taken by the one-statement claim and one
+    by the full look (what a limited queue's claim, or one after it, takes): the same Run,
+    every field, apart from the id and the claim's time; and the rows stored alike."""
+    import dataclasses
+
+    store = _postgres_store()
+    lease = Lease(owner="hot/0", host="here", pid=1, seconds=30.0)
+    try:
+        for run_id in ("fast", "full"):
+            new = NewRun(
+                id=run_id,
+                workflow_id="wf",
+                version="1",
+                definition_hash="h",
+                payload={"x": [1, 2.5, None], "s": "é"},
+                first_step="a",
+                queue="q",
+                concurrency_key="k",
+                tags=("t:1",),
+                priority=3 if run_id == "fast" else 2,
+            )
+            store.create_run(new, store.now())
+        fast = store.claim_next_run(lease, store.now())
+        store.queues._fresh_off_until = float("inf")  # as after a claim that needed the look
+        full = store.claim_next_run(lease, store.now())
+        assert fast is not None and full is not None and (fast.id, full.id) == ("fast", "full")
+        assert fast.fresh and full.fresh and fast.step_running and fast.current_attempt == 1
+        clock = ("id", "priority", "lease_expires_at", "next_at", "created_at", "started_at")
+        clock += ("updated_at",)
+
+        def same(run: Any) -> dict[str, Any]:
+            fields = dataclasses.asdict(run)
+            return {k: v for k, v in fields.items() if k not in clock}
+
+        assert same(fast) == same(full)
+        assert same(store.get_run("fast")) == same(store.get_run("full"))
+        assert fast.lease_expires_at == fast.next_at == pytest.approx(fast.started_at + 30.0)
+        stored = store.get_run("fast")
+        assert (stored.started_at, stored.lease_expires_at) == (fast.started_at, fast.next_at)
+    finally:
+        store.close()
+
+
+def test_a_one_statement_claim_leaves_to_the_full_look_what_needs_it() -> None:
+    """PostgreSQL: a first candidate that the one statement must not take - a run whose
+    lease expired (recovered: its crashed attempt recorded), a queued run past its TTL
+    (expired: it never starts) - is left to the full look, which does what it always did."""
+    store = _postgres_store()
+    lease = Lease(owner="hot/0", host="here", pid=1, seconds=30.0)
+    try:
+        _queued(store, "crashed", "q")
+        dead = Lease(owner="dead/0", host="gone", pid=1, seconds=0.01)
+        assert store.claim_next_run(dead, store.now()) is not None  # fast path: leased
+        time.sleep(0.05)  # its lease expires
+        recovered = store.claim_next_run(lease, store.now())
+        assert recovered is not None and recovered.id == "crashed"
+        assert recovered.current_attempt == 2 and recovered.lease_owner == "hot/0"
+        (attempt,) = store.get_attempts("crashed")
+        assert attempt.status == "crashed" and attempt.error_type == "WorkerDied"
+
+        new = NewRun(
+            id="late",
+            workflow_id="wf",
+            version="1",
+            definition_hash="h",
+            payload={},
+            first_step="a",
+            queue="q",
+            ttl=0.01,
+        )
+        store.create_run(new, store.now())
+        time.sleep(0.05)
+        store.queues._fresh_off_until = 0.0  # (the recovery above turned it off a while)
+        assert store.claim_next_run(lease, store.now()) is None
+        assert store.get_run("late").status == RunStatus.EXPIRED
+    finally:
+        store.close()
