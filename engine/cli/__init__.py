@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import os
 import sys
 import threading
@@ -13,6 +14,7 @@ import click
 from dsl import DslError, WorkflowInvalid
 
 from ..errors import EngineError
+from . import common
 from .common import cli
 
 __all__ = ["cli", "entry", "main"]
@@ -83,11 +85,19 @@ def entry() -> None:
     a C library's buffered output), while a non-daemon thread runs (the ordinary exit
     waits for it), under a profiler or a tracer (cProfile writes its profile after the
     program returns), and with `python -i` (its prompt comes after the program). An
-    exception `main` does not map to a message propagates as it would without this."""
+    exception `main` does not map to a message propagates as it would without this.
+
+    The garbage collector is off until the command's start-up is over (see
+    `common.start_up_done`); what start-up froze is unfrozen for an ordinary exit, whose
+    teardown then finalizes it (a step module's unclosed file is flushed)."""
+    gc.disable()
+    common.collector_held = True
     try:
         main()
     except SystemExit as exc:
         _exit_now(exc.code)
+    finally:
+        gc.unfreeze()
 
 
 def _exit_now(code: object) -> None:

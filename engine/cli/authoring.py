@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..settings import resolve_settings
-from .common import _json, cli, new_engine, settings_options
+from .common import _json, cli, new_engine, settings_options, start_up_done
 
 
 @cli.command()
@@ -41,6 +41,7 @@ def validate(
 
         import_modules(settings.modules, settings.project_dir)
         registered = registered_names()
+    start_up_done()
     catalog = check_paths([t for t in targets if not is_test_file(Path(t))], registered)
     problems: list[Problem] = catalog.problems
     # a folder's *.test.yaml files, and the test files named; a workflow file named is not one

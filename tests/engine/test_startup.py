@@ -10,6 +10,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from tests.conftest import ROOT
@@ -335,3 +336,88 @@ def test_python_i_still_reaches_its_prompt(tmp_path: Path) -> None:
         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{ROOT}:{folder}"},
     )
     assert "at the prompt" in out.stdout, (out.stdout, out.stderr)
+
+
+GC_STEPS = """import gc
+
+from engine import step
+
+
+@step("gcstate.read")
+def read() -> dict:
+    return {"enabled": gc.isenabled(), "frozen": gc.get_freeze_count()}
+"""
+
+
+def gc_project(tmp_path: Path) -> Path:
+    (tmp_path / "workflows").mkdir()
+    (tmp_path / "workflows" / "gcstate.yaml").write_text(
+        'id: gcstate\nversion: "1"\ntrigger: {event: gc.go}\n'
+        "steps:\n  - {id: read, call: gcstate.read}\n"
+    )
+    (tmp_path / "gcsteps.py").write_text(GC_STEPS)
+    return tmp_path
+
+
+def test_the_garbage_collector_is_on_when_steps_run(tmp_path: Path, db_url: str) -> None:
+    """The command's start-up runs without the garbage collector (issue #15); a step, in
+    `run` or in a worker, runs with it on, what start-up built frozen out of it."""
+    import signal
+
+    from engine.service import Engine
+    from engine.settings import resolve_settings
+
+    folder = gc_project(tmp_path)
+    ran = command(["run", "gcstate", "-m", "gcsteps", "--db", db_url], folder)
+    assert ran.returncode == 0, ran.stderr
+    engine = Engine(
+        resolve_settings(db=db_url, workflows=str(folder / "workflows")), import_steps=False
+    )
+    try:
+        (first,) = engine.store.list_runs()
+        assert first.output["enabled"] is True and first.output["frozen"] > 10_000, first.output
+        run_id = engine.send_event("gc.go", {}).run_ids[0]
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "engine", "worker", "--concurrency", "1", "--no-schedules"],
+            cwd=folder,
+            env={
+                "PATH": "/usr/bin:/bin",
+                "PYTHONPATH": f"{ROOT}:{folder}",
+                "DURABLE_YAML_DB": db_url,
+                "DURABLE_YAML_MODULES": "gcsteps",
+                "DURABLE_YAML_WORKFLOWS": "workflows",
+            },
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.time() + 60
+            while not engine.store.get_run(run_id).finished and time.time() < deadline:
+                time.sleep(0.1)
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(30)
+        output = engine.store.get_run(run_id).output
+        assert output["enabled"] is True and output["frozen"] > 10_000, output
+    finally:
+        engine.close()
+
+
+def test_main_in_a_process_of_its_own_leaves_the_collector_alone(tmp_path: Path) -> None:
+    """`main` called by a host (a test, an embedding program) changes nothing of its
+    garbage collector: only the `durable-yaml` entry point turns it off for start-up."""
+    import gc
+
+    from engine.cli import main
+
+    folder = gc_project(tmp_path)
+    frozen = gc.get_freeze_count()
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        main(["validate", "workflows"])
+    except SystemExit as exc:
+        assert exc.code == 0
+    finally:
+        os.chdir(cwd)
+    assert gc.isenabled() and gc.get_freeze_count() == frozen
