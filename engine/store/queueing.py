@@ -154,25 +154,24 @@ class Queues:
         server's CPU as much as the worker's). Its row is locked as the full look locks it
         (FOR UPDATE SKIP LOCKED), then its queue's row FOR SHARE, read under that lock, as
         the full look reads it: a pause or new limits committed first are seen, one committed
-        later waits for this statement's end. ([run], False) taken; ([], True) no candidate
-        at all, as the full look would find; None: the first candidate needs the full look
-        (nothing was written, its locks went with the statement)."""
-        at = max(now, self.db.now())  # stamped with the time this claim holds its locks
-        lease_row = self.db.lease_values(lease, at)
+        later waits for this statement's end. Stamped, as the full look stamps, with the time
+        at which it holds those locks (the server's clock, or `now` if later): its lease,
+        its start and its TTL's check, however long it waited for the queue's row.
+        ([run], False) taken; ([], True) no candidate at all, as the full look would find;
+        None: the first candidate needs the full look (nothing was written, its locks went
+        with the statement)."""
         params: dict[str, Any] = {
             "now": now,
             "width": 1,
-            "at": at,
             "lease_owner": lease.owner,
             "lease_host": lease.host,
             "lease_pid": lease.pid,
-            "lease_expires_at": lease_row["lease_expires_at"],
+            "lease_seconds": lease.seconds,
         }
         if queues:
             params["queues"] = list(queues)
-        (row,) = self.db.alone(
-            _claim_fresh_statement(bool(queues)), tuple(params), params, query=True
-        )
+        statement = _claim_fresh_statement(bool(queues))
+        (row,) = self.db.alone(statement, tuple(params), params, query=True)
         if row["id"] is not None:
             return [run_from_row(row, fresh=True)], False
         return ([], True) if row["dy_found"] == 0 else None
@@ -485,9 +484,10 @@ def _candidates_statement(dialect: str, by_queue: bool) -> sa.Select[Any]:
 @functools.cache
 def _claim_fresh_statement(by_queue: bool) -> sa.Select[Any]:
     """PostgreSQL, `Queues._claim_fresh`: the first candidate (`now`, and `queues` as an
-    array) locked; its queue's row locked FOR SHARE; the candidate leased and its first step
-    begun (`at`, the lease's columns) only if it is a queued run never started, not past its
-    TTL, in a queue neither paused nor limited (or without a row). One row: how many
+    array) locked; its queue's row locked FOR SHARE; then the time read (the server's clock,
+    or `now` if later: `stamp`), and the candidate leased for `lease_seconds` and its first
+    step begun at that time, only if it is a queued run never started, not past its TTL
+    then, in a queue neither paused nor limited (or without a row). One row: how many
     candidates were found (`dy_found`, 0 or 1), and the run as leased or NULLs."""
     from sqlalchemy.dialects.postgresql import ARRAY
 
@@ -504,6 +504,17 @@ def _claim_fresh_statement(by_queue: bool) -> sa.Select[Any]:
         .with_for_update(read=True)
         .cte("queue_row")
     )
+    # the clock read once the queue's row is locked: an aggregate over its (locked) rows
+    # reads the clock after fetching all of them
+    clock = sa.func.extract("epoch", sa.func.clock_timestamp())
+    stamp = (
+        select(
+            sa.func.greatest(sa.bindparam("now", type_=sa.Float), clock).label("at"),
+            func.count().label("rows"),
+        )
+        .select_from(queue_row)
+        .cte("stamp")
+    )
     held_back = select(queue_row.c.paused).where(
         sa.or_(
             queue_row.c.paused,
@@ -511,8 +522,8 @@ def _claim_fresh_statement(by_queue: bool) -> sa.Select[Any]:
             queue_row.c.rate_limit.isnot(None),
         )
     )
-    at = sa.bindparam("at", type_=sa.Float)
-    expires = sa.bindparam("lease_expires_at", type_=sa.Float)
+    at = sa.cast(stamp.c.at, sa.Float)
+    expires = at + sa.bindparam("lease_seconds", type_=sa.Float)
     taken = (
         sa.update(t.runs)
         .where(
@@ -521,8 +532,9 @@ def _claim_fresh_statement(by_queue: bool) -> sa.Select[Any]:
             found.c.started_at.is_(None),
             found.c.current_step.isnot(None),
             sa.not_(found.c.step_running),
-            sa.or_(found.c.expires_at.is_(None), found.c.expires_at > at),
             ~sa.exists(held_back),
+            stamp.c.rows >= 0,  # (joins the stamp: one row)
+            sa.or_(found.c.expires_at.is_(None), found.c.expires_at > at),
         )
         .values(
             status=RunStatus.RUNNING.value,

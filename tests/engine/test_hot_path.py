@@ -653,3 +653,61 @@ def test_a_one_statement_claim_leaves_to_the_full_look_what_needs_it() -> None:
         assert store.get_run("late").status == RunStatus.EXPIRED
     finally:
         store.close()
+
+
+def test_a_one_statement_claim_is_stamped_once_it_holds_the_queue_row() -> None:
+    """PostgreSQL: a claim that waited for its queue's row (another transaction held it a
+    second) is stamped with the time it took the row, as the full look is: its lease runs
+    from then (stamped before the wait, it expired as soon as it was given, and another
+    worker recovered the run while it was executing: found by the reviewer helper), and a
+    run whose TTL passed during the wait is expired, not started."""
+    import threading
+
+    import psycopg
+
+    store = _postgres_store()
+    lease = Lease(owner="hot/0", host="here", pid=1, seconds=3.0)
+    try:
+        store.save_queue_limits([QueueLimits("q")])  # unlimited, with a row
+        _queued(store, "r1", "q")
+        new = NewRun(
+            id="late",
+            workflow_id="wf",
+            version="1",
+            definition_hash="h",
+            payload={},
+            first_step="a",
+            queue="q",
+            priority=-1,  # after r1
+            ttl=0.5,
+        )
+        store.create_run(new, store.now())
+
+        def held(claim: Any) -> tuple[Any, float]:
+            holder = psycopg.connect(PG_URL or "")
+            holder.execute("SELECT name FROM dy_queues WHERE name = 'q' FOR UPDATE")
+            claimed: list[Any] = []
+            claimer = threading.Thread(target=lambda: claimed.append(claim()))
+            claimer.start()
+            time.sleep(1.0)
+            released = store.now()
+            holder.commit()
+            holder.close()
+            claimer.join(30)
+            return claimed[0], released
+
+        run, released = held(lambda: store.claim_next_run(lease, store.now()))
+        assert run is not None and run.id == "r1"
+        assert run.started_at >= released - 0.05, (run.started_at, released)
+        assert run.lease_expires_at == pytest.approx(run.started_at + 3.0)
+        stored = store.get_run("r1")
+        assert (stored.started_at, stored.lease_expires_at) == (run.started_at, run.next_at)
+        other = Lease(owner="other/0", host="there", pid=2, seconds=3.0)
+        assert store.claim_next_run(other, store.now()) is None  # r1's lease holds
+
+        store.queues._fresh_off_until = 0.0
+        nothing, _ = held(lambda: store.claim_next_run(other, store.now()))
+        assert nothing is None
+        assert store.get_run("late").status == RunStatus.EXPIRED
+    finally:
+        store.close()
