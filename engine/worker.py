@@ -49,6 +49,7 @@ __all__ = ["Worker"]
 log = logging.getLogger("durable_yaml.worker")
 RETENTION_EVERY = 60.0  # seconds between retention purges (the first at a random point)
 MAX_IDLE = 5.0  # while notifications flow, one idle executor looks this often anyway
+MISSED_FIRST = 0.05  # a due run a claim left behind: looked for again this soon, then 2x
 LONG_IDLE = 60.0  # ... and the other idle executors this often (a look that finds work
 # wakes them all)
 TRANSIENT = (DatabaseError, LeaseLost, RunBusy)  # the run is fine: someone drives it later
@@ -225,6 +226,7 @@ class Worker:
             host=self.engine,
             should_stop=self.stopping.is_set,
         )
+        missed = 0  # empty claims in a row that left a due run behind (see below)
         while not self.stopping.is_set():
             seen = self._wake_count  # a wake-up from now on cuts the sleep below short
             try:
@@ -240,8 +242,9 @@ class Worker:
                 if not exhausted:
                     continue  # runs were held back by limits or past the look: look again
                 pause_point("worker.after_empty_claim")
-                self._idle_until_claimable(claimed_at, seen)
+                missed = self._idle_until_claimable(claimed_at, seen, missed)
                 continue
+            missed = 0
             self.wake()  # there may be more: the next sleeping executor looks too
             self._held[slot] = (run.id, lease)
             try:
@@ -302,11 +305,18 @@ class Worker:
         if limited:
             self.wake()
 
-    def _idle_until_claimable(self, claimed_at: float, seen: int) -> None:
+    def _idle_until_claimable(self, claimed_at: float, seen: int, missed: int = 0) -> int:
         """Sleep after a claim at `claimed_at` found nothing, until a wake-up or the
         earliest time a run may become claimable by itself. While notifications flow,
         one idle executor (the poller) also looks every MAX_IDLE seconds in case one was
-        missed, the others every LONG_IDLE; without them, every `poll_interval`."""
+        missed, the others every LONG_IDLE; without them, every `poll_interval`.
+
+        A run due by then that the claim did not take (`next_claim_at` gives `claimed_at`:
+        on PostgreSQL, a transaction held its row locked while the claim looked, and let
+        it go without taking it or sending a NOTIFY) is looked for again after MISSED_FIRST
+        seconds, twice as long each time it is still so (`missed`, returned: how many
+        times in a row), up to the longest sleep: before, it waited for the poller, up to
+        MAX_IDLE (found by the reviewer helper)."""
         poller = self._poller.acquire(blocking=False)
         try:
             if not self._notified.is_set():
@@ -320,7 +330,11 @@ class Worker:
             except Exception as exc:
                 log.warning("could not read when runs are due: %s", exc)
                 due, now, longest = None, 0.0, self.poll_interval
+            if due is not None and due <= claimed_at:  # a due run left behind
+                self._idle(min(longest, MISSED_FIRST * 2 ** min(missed, 16)), seen)
+                return missed + 1
             self._idle(longest if due is None else max(0.0, min(longest, due - now)), seen)
+            return 0
         finally:
             if poller:
                 self._poller.release()

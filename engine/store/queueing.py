@@ -31,6 +31,7 @@ __all__ = ["Queues"]
 
 _ACTIVE = [s.value for s in ACTIVE_STATUSES]
 LOOKS = (2, 512)  # candidates per look: from the first, x4 per look up to the last
+MISSED_LOOK = 64  # due runs in claim order `next_claim_at` looks at for one left behind
 
 
 _Look = tuple[list[Run], set[tuple[str, str | None]], bool]  # taken, found full, ran out
@@ -371,18 +372,46 @@ class Queues:
     def next_claim_at(self, after: float, queues: Sequence[str] | None = None) -> float | None:
         """After a claim at `after` found nothing: the earliest time a run may become
         claimable with no other commit. That is the next `next_at` after `after` (a timer,
-        a delayed run, a back-off, a lease expiry; a run due by now that the claim missed
-        gives a time in the past: claim again), or the end of a rate window of a limited
-        queue with due runs. Runs due but held back by a full queue or key are not
+        a delayed run, a back-off, a lease expiry), or the end of a rate window of a limited
+        queue with due runs. A run due by `after` that the claim missed gives `after`
+        itself (claim again): among the first MISSED_LOOK due runs in claim order, one in a
+        queue neither paused nor limited, or a lease to recover - on PostgreSQL, a run some transaction held locked while the claim looked
+        (SKIP LOCKED passed it by) and then let go without taking it, or a run committed
+        after the claim's snapshot. Runs due but held back by a full queue or key are not
         counted: only a release or a finished run frees them, and those NOTIFY."""
         soonest = select(func.min(t.runs.c.next_at)).where(t.runs.c.next_at > after)
+        held_back = select(t.queues.c.name).where(
+            sa.or_(
+                t.queues.c.paused,
+                t.queues.c.concurrency.isnot(None),
+                t.queues.c.rate_limit.isnot(None),
+            )
+        )
+        # the first due rows in claim order (the claim index: a bounded read however many
+        # runs are held back), of which one not held back
+        due = select(t.runs.c.status, t.runs.c.queue).where(t.runs.c.next_at <= after)
         rated = select(t.queues.c.name, t.queues.c.rate_period).where(
             t.queues.c.rate_limit.isnot(None), t.queues.c.rate_period.isnot(None)
         )
         if queues:
             soonest = soonest.where(t.runs.c.queue.in_(list(queues)))
+            due = due.where(t.runs.c.queue.in_(list(queues)))
             rated = rated.where(t.queues.c.name.in_(list(queues)))
+        first = (
+            due.order_by(t.runs.c.priority.desc(), t.runs.c.next_at, t.runs.c.id)
+            .limit(MISSED_LOOK)
+            .subquery()
+        )
+        missed = (
+            select(first.c.queue)
+            .where(
+                sa.or_(first.c.status == RunStatus.RUNNING.value, first.c.queue.not_in(held_back))
+            )
+            .limit(1)
+        )
         with self.db.read() as c:
+            if c.execute(missed).first() is not None:
+                return after
             times = [c.execute(soonest).scalar()]
             for name, period in c.execute(rated).all():
                 waiting = (

@@ -253,6 +253,87 @@ def test_next_claim_at_ignores_runs_held_back_by_a_full_queue(store: SqlStore) -
     assert store.next_claim_at(NOW + 2, ["q"]) == NOW + 31
 
 
+def test_next_claim_at_is_now_for_a_due_run_the_claim_left_behind(store: SqlStore) -> None:
+    """A due run in a queue neither paused nor limited that an empty claim did not take (on
+    PostgreSQL: another transaction held it locked) makes `next_claim_at` say: now."""
+    queued(store, "due")
+    assert store.next_claim_at(NOW + 2) == NOW + 2
+    assert store.next_claim_at(NOW + 2, ["q"]) == NOW + 2
+    assert store.next_claim_at(NOW + 2, ["elsewhere"]) is None
+    store.save_queue_limits([QueueLimits("q", concurrency=5)])  # limited: a NOTIFY frees it
+    assert store.next_claim_at(NOW + 2) is None
+    store.save_queue_limits([QueueLimits("q")])
+    store.set_queue_paused("q", True, NOW)  # paused: its resume NOTIFYs
+    assert store.next_claim_at(NOW + 2) is None
+
+
+def test_a_due_run_a_claim_passed_by_while_it_was_locked_is_taken_soon(
+    tmp_path: Path,
+) -> None:
+    """PostgreSQL, a real worker whose notifications flow: a due run is held locked by a
+    transaction that lets it go without taking it or sending a NOTIFY, while a wake-up makes
+    the worker claim (SKIP LOCKED passes the run by: the claim is empty). The worker takes
+    the run within a second of its release, not after the poller's MAX_IDLE (found by the
+    reviewer helper: 4.2-4.7 s)."""
+    import os
+    import signal
+
+    import psycopg
+
+    from tests.conftest import PG_REASON, PG_URL, _reset_postgres
+
+    if not PG_URL:
+        pytest.skip(PG_REASON)
+    _reset_postgres(PG_URL)
+    folder = tmp_path / "flows"
+    folder.mkdir()
+    (folder / "quick.yaml").write_text(WORKFLOWS["quick.yaml"])
+    (tmp_path / "missedsteps.py").write_text(
+        "from engine import step\n\n\n@step('liveness.quick')\n"
+        "def quick(tag: str) -> dict:\n    return {'tag': tag}\n"
+    )
+    engine = Engine(resolve_settings(db=PG_URL, workflows=str(folder)), import_steps=False)
+    engine.save_all_definitions()
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "engine", "worker", "--concurrency", "2", "--no-schedules"],
+        cwd=tmp_path,
+        env={
+            **os.environ,
+            "DURABLE_YAML_DB": PG_URL,
+            "DURABLE_YAML_MODULES": "missedsteps",
+            "DURABLE_YAML_WORKFLOWS": str(folder),
+            "PYTHONPATH": f"{Path(__file__).resolve().parents[2]}:{tmp_path}",
+        },
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        first = engine.send_event("t.quick", {"tag": "first"}).run_ids[0]
+        deadline = time.time() + 60
+        while not engine.store.get_run(first).finished and time.time() < deadline:
+            time.sleep(0.05)
+        assert engine.store.get_run(first).finished  # the worker is up, notifications flow
+        time.sleep(0.5)  # its executors idle again
+        machine = engine.workflow("quick")
+        new = engine.new_run(machine, {"tag": "locked"}, {"kind": "manual"})
+        locker = psycopg.connect(PG_URL)
+        engine.store.create_run(new, engine.store.now())  # committed, no NOTIFY
+        locker.execute("SELECT id FROM dy_runs WHERE id = %s FOR UPDATE", (new.id,))
+        with engine.store.db.autocommit() as c:  # some other commit wakes the worker
+            engine.store.db.notify(c)
+        time.sleep(0.3)  # its claim passes the locked run by
+        locker.rollback()  # let go: due, unlocked, and nobody says so
+        locker.close()
+        released = time.time()
+        while engine.store.get_run(new.id).started_at is None and time.time() < released + 30:
+            time.sleep(0.02)
+        assert time.time() - released < 1.0, time.time() - released
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(30)
+        engine.close()
+
+
 def test_next_claim_at_is_the_end_of_the_rate_window(store: SqlStore) -> None:
     store.save_queue_limits([QueueLimits("q", rate_limit=1, rate_period=10)])
     queued(store, "first")
