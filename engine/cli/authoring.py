@@ -36,12 +36,12 @@ def validate(
         if not Path(target).exists():
             raise click.UsageError(f"no such file or folder: {target}")
     registered = None
+    start_up_done()  # (before the user's step modules: see there)
     if settings.modules:  # the steps they register, not the store
         from ..registry import import_modules, registered_names
 
         import_modules(settings.modules, settings.project_dir)
         registered = registered_names()
-    start_up_done()
     catalog = check_paths([t for t in targets if not is_test_file(Path(t))], registered)
     problems: list[Problem] = catalog.problems
     # a folder's *.test.yaml files, and the test files named; a workflow file named is not one
@@ -144,6 +144,9 @@ def test_command(
     files = find_test_files(targets)
     if not files:
         raise click.UsageError(f"no *.test.yaml files in {', '.join(targets)}")
+    from .. import testing  # noqa: F401  (its engine's modules: start-up, before user code)
+
+    start_up_done()  # (its engines are made by engine.testing, not `new_engine`)
     failed = 0
     for path in files:
         result = run_test_file(path, settings.workflows, settings.modules, settings.project_dir)

@@ -59,13 +59,13 @@ def stop_on_sigterm() -> None:
 
 def new_engine(settings: Settings, *, import_steps: bool = True) -> Engine:
     """The engine, imported here: `--help` and `validate` never load the store, SQLAlchemy
-    or the runner (they are imported by the commands that use them). Its making ends the
-    command's start-up (`start_up_done`)."""
+    or the runner (they are imported by the commands that use them). The engine's modules
+    imported, the command's start-up is over (`start_up_done`): the user's step modules,
+    which making the engine imports, are imported with the garbage collector on."""
     from ..service import Engine
 
-    engine = Engine(settings, import_steps=import_steps)
     start_up_done()
-    return engine
+    return Engine(settings, import_steps=import_steps)
 
 
 # Whether `entry` (the `durable-yaml` process itself) turned the garbage collector off for
@@ -74,14 +74,17 @@ collector_held = False
 
 
 def start_up_done() -> None:
-    """The command's start-up is over (its imports, the user's step modules, its engine):
-    the garbage collector, which `entry` turned off, is on again, and what start-up built is
-    frozen out of its collections (`gc.freeze`). While start-up imports modules, each
-    collection walks every object built so far: 40-50 ms of the 0.3-0.4 s before a worker's
-    first claim or a `run`'s first step (issue #15). Frozen, the modules, classes and
-    definitions that live as long as the process are not walked again by a worker's
-    collections either. What start-up left unreachable in cycles stays (a worker's: about
-    1,500 objects). In a process that did not start at `entry` (a test calling `main`),
+    """The command's start-up is over (its own imports and its libraries', before any user
+    code): the garbage collector, which `entry` turned off, is on again, and what start-up
+    built is frozen out of its collections (`gc.freeze`). While start-up imports modules,
+    each collection walks every object built so far: 40-50 ms of the 0.3-0.4 s before a
+    worker's first claim or a `run`'s first step (issue #15). Frozen, the modules and
+    classes that live as long as the process are not walked again by a worker's collections
+    either. What our start-up left unreachable in cycles stays (a worker's: about 1,500
+    objects); the user's step modules come after, so what they leave is collected (found
+    by the reviewer helper: frozen, a module's import garbage stayed for the process's
+    life). Every command that runs user code calls this first: `new_engine`, `validate`
+    and `test`. In a process that did not start at `entry` (a test calling `main`),
     nothing changes."""
     global collector_held
     if collector_held:

@@ -156,13 +156,15 @@ class Queues:
         (FOR UPDATE SKIP LOCKED), then its queue's row FOR SHARE, read under that lock, as
         the full look reads it: a pause or new limits committed first are seen, one committed
         later waits for this statement's end. Stamped, as the full look stamps, with the time
-        at which it holds those locks (the server's clock, or `now` if later): its lease,
-        its start and its TTL's check, however long it waited for the queue's row.
+        at which it holds those locks (`max(now, store's clock)` at the statement's start,
+        plus how long the server's clock says it waited): its lease, its start and its
+        TTL's check, however long it waited for the queue's row.
         ([run], False) taken; ([], True) no candidate at all, as the full look would find;
         None: the first candidate needs the full look (nothing was written, its locks went
         with the statement)."""
         params: dict[str, Any] = {
             "now": now,
+            "base": max(now, self.db.now()),  # (the statement adds how long it waited)
             "width": 1,
             "lease_owner": lease.owner,
             "lease_host": lease.host,
@@ -513,10 +515,10 @@ def _candidates_statement(dialect: str, by_queue: bool) -> sa.Select[Any]:
 @functools.cache
 def _claim_fresh_statement(by_queue: bool) -> sa.Select[Any]:
     """PostgreSQL, `Queues._claim_fresh`: the first candidate (`now`, and `queues` as an
-    array) locked; its queue's row locked FOR SHARE; then the time read (the server's clock,
-    or `now` if later: `stamp`), and the candidate leased for `lease_seconds` and its first
-    step begun at that time, only if it is a queued run never started, not past its TTL
-    then, in a queue neither paused nor limited (or without a row). One row: how many
+    array) locked; its queue's row locked FOR SHARE; then the time read (`base` plus the
+    wait since the statement began: `stamp`), and the candidate leased for `lease_seconds`
+    and its first step begun at that time, only if it is a queued run never started, not
+    past its TTL then, in a queue neither paused nor limited (or without a row). One row: how many
     candidates were found (`dy_found`, 0 or 1), and the run as leased or NULLs."""
     from sqlalchemy.dialects.postgresql import ARRAY
 
@@ -533,12 +535,15 @@ def _claim_fresh_statement(by_queue: bool) -> sa.Select[Any]:
         .with_for_update(read=True)
         .cte("queue_row")
     )
-    # the clock read once the queue's row is locked: an aggregate over its (locked) rows
-    # reads the clock after fetching all of them
-    clock = sa.func.extract("epoch", sa.func.clock_timestamp())
+    # the clock read once the queue's row is locked (an aggregate over its locked rows reads
+    # it after fetching all of them): the store's time at the statement's start (`base`:
+    # the store's clock may be a virtual one) plus what the server's clock says passed since
+    waited = sa.func.extract("epoch", sa.func.clock_timestamp()) - sa.func.extract(
+        "epoch", sa.func.statement_timestamp()
+    )
     stamp = (
         select(
-            sa.func.greatest(sa.bindparam("now", type_=sa.Float), clock).label("at"),
+            (sa.bindparam("base", type_=sa.Float) + sa.cast(waited, sa.Float)).label("at"),
             func.count().label("rows"),
         )
         .select_from(queue_row)

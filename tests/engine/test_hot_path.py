@@ -711,3 +711,29 @@ def test_a_one_statement_claim_is_stamped_once_it_holds_the_queue_row() -> None:
         assert store.get_run("late").status == RunStatus.EXPIRED
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("offset", [-1000.0, 0.0, 1_000_000.0])
+def test_a_one_statement_claim_stamps_the_stores_clock_as_the_full_look(offset: float) -> None:
+    """PostgreSQL: with the store's clock behind or ahead of the server's (a virtual clock,
+    `engine.testing`), the one-statement claim stamps the start and the lease with the
+    store's time, as the full look does, not the server's (found by the reviewer helper:
+    1,000 s behind, it stamped 1,000 s late)."""
+    from engine.testing import VirtualClock
+
+    store = _postgres_store()
+    lease = Lease(owner="hot/0", host="here", pid=1, seconds=30.0)
+    try:
+        store.db.clock = VirtualClock(store.now() + offset)  # type: ignore[assignment]
+        _queued(store, "fast", "q")
+        _queued(store, "full", "q")
+        at = store.now()
+        fast = store.claim_next_run(lease, at)
+        store.queues._fresh_off_until = float("inf")  # the full look
+        full = store.claim_next_run(lease, at)
+        assert fast is not None and full is not None and (fast.id, full.id) == ("fast", "full")
+        assert fast.started_at == pytest.approx(at, abs=0.05)
+        assert fast.started_at == pytest.approx(full.started_at, abs=0.05)
+        assert fast.lease_expires_at == pytest.approx(at + 30.0, abs=0.05)
+    finally:
+        store.close()

@@ -339,13 +339,42 @@ def test_python_i_still_reaches_its_prompt(tmp_path: Path) -> None:
 
 
 GC_STEPS = """import gc
+import weakref
 
 from engine import step
 
 
+class Garbage:
+    pass
+
+
+# what a step module leaves unreachable in cycles at import: collectable, never frozen
+IMPORT_GARBAGE = []
+for _ in range(1000):
+    cycle = Garbage()
+    cycle.me = cycle
+    IMPORT_GARBAGE.append(weakref.ref(cycle))
+del cycle
+
+
 @step("gcstate.read")
 def read() -> dict:
-    return {"enabled": gc.isenabled(), "frozen": gc.get_freeze_count()}
+    gc.collect()
+    left = sum(ref() is not None for ref in IMPORT_GARBAGE)
+    return {"enabled": gc.isenabled(), "import_garbage_left": left}
+
+
+@step("gcstate.frozen")
+def frozen() -> int:
+    return gc.get_freeze_count()
+"""
+
+GC_TEST = """workflow: gcstate
+payload: {}
+expect:
+  status: completed
+  steps:
+    read: {status: completed, output: {enabled: true, import_garbage_left: 0}}
 """
 
 
@@ -353,21 +382,25 @@ def gc_project(tmp_path: Path) -> Path:
     (tmp_path / "workflows").mkdir()
     (tmp_path / "workflows" / "gcstate.yaml").write_text(
         'id: gcstate\nversion: "1"\ntrigger: {event: gc.go}\n'
-        "steps:\n  - {id: read, call: gcstate.read}\n"
+        "steps:\n  - {id: read, call: gcstate.read}\n  - {id: frozen, call: gcstate.frozen}\n"
     )
+    (tmp_path / "workflows" / "gcstate.test.yaml").write_text(GC_TEST)
     (tmp_path / "gcsteps.py").write_text(GC_STEPS)
     return tmp_path
 
 
 def test_the_garbage_collector_is_on_when_steps_run(tmp_path: Path, db_url: str) -> None:
     """The command's start-up runs without the garbage collector (issue #15); a step, in
-    `run` or in a worker, runs with it on, what start-up built frozen out of it."""
+    `run`, in a worker or in `test`, runs with it on, what start-up built frozen out of it,
+    and what its step module left unreachable at import collected (the reviewer helper
+    found it frozen for good, and `test` running with the collector off)."""
     import signal
 
     from engine.service import Engine
     from engine.settings import resolve_settings
 
     folder = gc_project(tmp_path)
+    collected = {"enabled": True, "import_garbage_left": 0}
     ran = command(["run", "gcstate", "-m", "gcsteps", "--db", db_url], folder)
     assert ran.returncode == 0, ran.stderr
     engine = Engine(
@@ -375,7 +408,8 @@ def test_the_garbage_collector_is_on_when_steps_run(tmp_path: Path, db_url: str)
     )
     try:
         (first,) = engine.store.list_runs()
-        assert first.output["enabled"] is True and first.output["frozen"] > 10_000, first.output
+        assert engine.store.get_steps(first.id)[0].output == collected
+        assert first.output > 10_000  # frozen: start-up's objects
         run_id = engine.send_event("gc.go", {}).run_ids[0]
         worker = subprocess.Popen(
             [sys.executable, "-m", "engine", "worker", "--concurrency", "1", "--no-schedules"],
@@ -397,10 +431,12 @@ def test_the_garbage_collector_is_on_when_steps_run(tmp_path: Path, db_url: str)
         finally:
             worker.send_signal(signal.SIGTERM)
             worker.wait(30)
-        output = engine.store.get_run(run_id).output
-        assert output["enabled"] is True and output["frozen"] > 10_000, output
+        assert engine.store.get_steps(run_id)[0].output == collected
+        assert engine.store.get_run(run_id).output > 10_000
     finally:
         engine.close()
+    tested = command(["test", "-m", "gcsteps"], folder)
+    assert tested.returncode == 0 and "1 passed, 0 failed" in tested.stdout, tested.stdout
 
 
 def test_main_in_a_process_of_its_own_leaves_the_collector_alone(tmp_path: Path) -> None:
