@@ -21,7 +21,7 @@ def store_for(url: str) -> SqlStore:
 class FakeClock:
     """time.time/time.sleep stand-ins: sleeping advances the clock, nothing waits."""
 
-    def __init__(self, start: float = 1_800_000_000.0) -> None:
+    def __init__(self, start: float = 2_147_155_200.0) -> None:  # 2038-01-15T08:00:00Z
         self.now = start
         self.slept: list[float] = []
 

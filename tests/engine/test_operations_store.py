@@ -15,7 +15,7 @@ from engine.models import Lease, NewRun, QueueLimits, RunFilter, RunStatus, Work
 from engine.pauses import pause_at
 from engine.store import SqlStore, open_store
 
-NOW = 1_800_000_000.0
+NOW = 2_147_155_200.0  # 2038-01-15T08:00:00Z: ahead of the real clock (claims stamp the later of the two)
 
 
 @pytest.fixture
@@ -242,7 +242,7 @@ def test_blocked_by_names_each_reason_from_the_real_state(store: SqlStore) -> No
     assert why("r") == "queue_paused: queue q is paused"
     store.set_queue_paused("q", False, NOW)
     queue(store, "later", available_at=NOW + 3600)
-    assert why("later") == "delayed: delayed until 2027-01-15T09:00:00+00:00"
+    assert why("later") == "delayed: delayed until 2038-01-15T09:00:00+00:00"
     assert store.get_run("later").not_before == NOW + 3600
     # concurrency 1: one running fills the queue
     store.save_queue_limits([QueueLimits("one", concurrency=1)])
@@ -265,7 +265,7 @@ def test_blocked_by_names_each_reason_from_the_real_state(store: SqlStore) -> No
     assert store.claim_next_run(Lease("wk/2", "h", os.getpid()), NOW + 1, ["rated"]) is not None
     found = store.blocked_by(store.get_run("s2"), NOW + 2)
     assert found is not None and found["reason"] == "rate_limited"
-    assert found["until"] == "2027-01-15T08:01:01+00:00"
+    assert found["until"] == "2038-01-15T08:01:01+00:00"
     # every executor slot of the only worker serving the queue is busy
     store.deregister_worker("wk")
     store.save_queue_limits([QueueLimits("solo")])

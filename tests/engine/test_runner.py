@@ -272,14 +272,14 @@ steps:
     call: rt.echo
     with: {value: ok}
 """,
-        payload={"at": "2027-01-16T00:00:00Z"},
+        payload={"at": "2038-01-16T00:00:00Z"},
         clock=clock,
         sleep=clock.sleep,
     )
     assert run.status == RunStatus.COMPLETED
     steps = {s.step_key: s for s in store.get_steps(run.id)}
     assert steps["nap"].wake_at == start + 5400
-    until = 1_800_057_600.0  # 2027-01-16T00:00:00Z, 16 h after the start
+    until = 2_147_212_800.0  # 2038-01-16T00:00:00Z, 16 h after the start
     assert steps["until"].wake_at == until
     assert clock.slept == [5400, until - (start + 5400)]
     assert run.output == "ok"
