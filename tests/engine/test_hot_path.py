@@ -343,7 +343,7 @@ def test_one_statement_reads_on_postgresql_send_no_begin_and_no_rollback(
         store.close()
 
 
-def _queued(store: SqlStore, run_id: str, queue: str) -> None:
+def _queued(store: SqlStore, run_id: str, queue: str, **options: Any) -> None:
     new = NewRun(
         id=run_id,
         workflow_id="wf",
@@ -352,6 +352,7 @@ def _queued(store: SqlStore, run_id: str, queue: str) -> None:
         payload={},
         first_step="a",
         queue=queue,
+        **options,
     )
     store.create_run(new, store.now())
 
@@ -636,17 +637,7 @@ def test_a_one_statement_claim_leaves_to_the_full_look_what_needs_it() -> None:
         (attempt,) = store.get_attempts("crashed")
         assert attempt.status == "crashed" and attempt.error_type == "WorkerDied"
 
-        new = NewRun(
-            id="late",
-            workflow_id="wf",
-            version="1",
-            definition_hash="h",
-            payload={},
-            first_step="a",
-            queue="q",
-            ttl=0.01,
-        )
-        store.create_run(new, store.now())
+        _queued(store, "late", "q", ttl=0.01)
         time.sleep(0.05)
         store.queues._fresh_off_until = 0.0  # (the recovery above turned it off a while)
         assert store.claim_next_run(lease, store.now()) is None
@@ -670,18 +661,7 @@ def test_a_one_statement_claim_is_stamped_once_it_holds_the_queue_row() -> None:
     try:
         store.save_queue_limits([QueueLimits("q")])  # unlimited, with a row
         _queued(store, "r1", "q")
-        new = NewRun(
-            id="late",
-            workflow_id="wf",
-            version="1",
-            definition_hash="h",
-            payload={},
-            first_step="a",
-            queue="q",
-            priority=-1,  # after r1
-            ttl=0.5,
-        )
-        store.create_run(new, store.now())
+        _queued(store, "late", "q", priority=-1, ttl=0.5)  # after r1
 
         def held(claim: Any) -> tuple[Any, float]:
             holder = psycopg.connect(PG_URL or "")
