@@ -389,12 +389,15 @@ def gc_project(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_the_garbage_collector_is_on_when_steps_run(tmp_path: Path, db_url: str) -> None:
+def test_the_garbage_collector_is_on_when_steps_run(tmp_path: Path, sqlite_url: str) -> None:
     """The command's start-up runs without the garbage collector (issue #15); a step, in
     `run`, in a worker or in `test`, runs with it on, what start-up built frozen out of it,
     and what its step module left unreachable at import collected (the reviewer helper
-    found it frozen for good, and `test` running with the collector off)."""
+    found it frozen for good, and `test` running with the collector off). (The database
+    plays no part: SQLite only.)"""
     import signal
+
+    db_url = sqlite_url
 
     from engine.service import Engine
     from engine.settings import resolve_settings
