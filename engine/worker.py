@@ -315,8 +315,9 @@ class Worker:
         on PostgreSQL, a transaction held its row locked while the claim looked, and let
         it go without taking it or sending a NOTIFY) is looked for again after MISSED_FIRST
         seconds, twice as long each time it is still so (`missed`, returned: how many
-        times in a row), up to the longest sleep: before, it waited for the poller, up to
-        MAX_IDLE (found by the reviewer helper)."""
+        times in a row), up to the longest sleep, each sleep jittered by a quarter so that
+        executors which missed it together do not look again together: before, it waited
+        for the poller, up to MAX_IDLE (found by the reviewer helper)."""
         poller = self._poller.acquire(blocking=False)
         try:
             if not self._notified.is_set():
@@ -331,7 +332,9 @@ class Worker:
                 log.warning("could not read when runs are due: %s", exc)
                 due, now, longest = None, 0.0, self.poll_interval
             if due is not None and due <= claimed_at:  # a due run left behind
-                self._idle(min(longest, MISSED_FIRST * 2 ** min(missed, 16)), seen)
+                # (jittered: executors that missed it together do not look again together)
+                backoff = MISSED_FIRST * 2 ** min(missed, 16) * random.uniform(0.75, 1.25)
+                self._idle(min(longest, backoff), seen)
                 return missed + 1
             self._idle(longest if due is None else max(0.0, min(longest, due - now)), seen)
             return 0

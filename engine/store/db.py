@@ -458,10 +458,18 @@ class Db:
                 yield c
 
     def alone(
-        self, statement: Any, keys: Sequence[str], params: dict[str, Any], *, query: bool = False
+        self,
+        statement: Any,
+        keys: Sequence[str],
+        params: dict[str, Any],
+        *,
+        query: bool = False,
+        late: Callable[[dict[str, Any]], None] | None = None,
     ) -> list[Any]:
         """`statement` (compiled once: `direct`, or `direct_query` with `query`, whose rows
-        come back as dicts) as a whole transaction of its own; the rows it returns.
+        come back as dicts) as a whole transaction of its own; the rows it returns. `late`
+        fills `params` in once the connection is held, just before the statement is sent
+        (a time stamped as late as it can be: not before a wait for the pool).
         PostgreSQL runs it in the driver's autocommit on a pooled connection:
         atomic and durable, without BEGIN and COMMIT round trips, and without SQLAlchemy's
         isolation-level switch and reset around it (issue #15: a worker's common step).
@@ -470,7 +478,13 @@ class Db:
         SQLite: a write transaction."""
         direct = self.direct_query(statement, keys) if query else self.direct(statement, keys)
         if not self.is_postgres:
-            return self.transact(lambda c: direct.execute(c, params))
+
+            def work(c: Connection) -> list[Any]:
+                if late is not None:
+                    late(params)
+                return direct.execute(c, params)
+
+            return self.transact(work)
         with self._counting:
             self.alone_statements += 1  # (seen by TransactionCounter)
         with self.engine.connect() as c:
@@ -478,6 +492,8 @@ class Db:
             # (`_out_of_autocommit`: an interrupt can land between any two lines here)
             c.connection.dbapi_connection.autocommit = True  # type: ignore[union-attr]
             try:
+                if late is not None:
+                    late(params)
                 return direct.execute(c, params)
             except sa.exc.DBAPIError:
                 raise  # the statement failed: the connection is idle (or invalidated, if gone)

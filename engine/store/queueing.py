@@ -156,15 +156,17 @@ class Queues:
         (FOR UPDATE SKIP LOCKED), then its queue's row FOR SHARE, read under that lock, as
         the full look reads it: a pause or new limits committed first are seen, one committed
         later waits for this statement's end. Stamped, as the full look stamps, with the time
-        at which it holds those locks (`max(now, store's clock)` at the statement's start,
-        plus how long the server's clock says it waited): its lease, its start and its
-        TTL's check, however long it waited for the queue's row.
+        at which it holds those locks (`max(now, store's clock)` read once its connection is
+        held, plus how long the server's clock says the statement waited): its lease, its
+        start and its TTL's check, however long it waited for a connection (found by the
+        reviewer helper: read before, a wait for the pool went uncounted) or for the
+        queue's row.
         ([run], False) taken; ([], True) no candidate at all, as the full look would find;
         None: the first candidate needs the full look (nothing was written, its locks went
         with the statement)."""
         params: dict[str, Any] = {
             "now": now,
-            "base": max(now, self.db.now()),  # (the statement adds how long it waited)
+            "base": now,  # set once the connection is held (the statement adds its wait)
             "width": 1,
             "lease_owner": lease.owner,
             "lease_host": lease.host,
@@ -174,7 +176,11 @@ class Queues:
         if queues:
             params["queues"] = list(queues)
         statement = _claim_fresh_statement(bool(queues))
-        (row,) = self.db.alone(statement, tuple(params), params, query=True)
+
+        def stamp(p: dict[str, Any]) -> None:  # (after any wait for the pool)
+            p["base"] = max(now, self.db.now())
+
+        (row,) = self.db.alone(statement, tuple(params), params, query=True, late=stamp)
         if row["id"] is not None:
             return [run_from_row(row, fresh=True)], False
         return ([], True) if row["dy_found"] == 0 else None

@@ -717,3 +717,43 @@ def test_a_one_statement_claim_stamps_the_stores_clock_as_the_full_look(offset: 
         assert fast.lease_expires_at == pytest.approx(at + 30.0, abs=0.05)
     finally:
         store.close()
+
+
+def test_a_one_statement_claim_is_stamped_after_waiting_for_a_connection() -> None:
+    """PostgreSQL: a claim that waited for a pooled connection (all 30 held a second) is
+    stamped once it holds one: a run whose TTL passed meanwhile is expired, not started,
+    and a run's lease is whole (found by the reviewer helper: stamped before the wait, a
+    run started 1.1 s past its TTL, its lease that much short)."""
+    import threading
+
+    store = _postgres_store()
+    lease = Lease(owner="hot/0", host="here", pid=1, seconds=30.0)
+    try:
+        _queued(store, "late", "q", priority=1, ttl=0.5)  # first in claim order
+        _queued(store, "r1", "q")
+
+        def after_the_pool_waited() -> Any:
+            held = [store.engine.connect() for _ in range(30)]  # pool_size + max_overflow
+            claimed: list[Any] = []
+            claimer = threading.Thread(
+                target=lambda: claimed.append(store.claim_next_run(lease, store.now()))
+            )
+            claimer.start()
+            time.sleep(1.0)
+            released = store.now()
+            for c in held:
+                c.close()
+            claimer.join(30)
+            return claimed[0], released
+
+        first, _ = after_the_pool_waited()  # `late` past its TTL: left to the full look,
+        assert first is not None and first.id == "r1"  # which expires it and takes r1
+        assert store.get_run("late").status == RunStatus.EXPIRED
+        _queued(store, "r2", "q")
+        store.queues._fresh_off_until = 0.0
+        run, released = after_the_pool_waited()
+        assert run is not None and run.id == "r2"
+        assert run.started_at >= released - 0.05, (run.started_at, released)
+        assert run.lease_expires_at == pytest.approx(run.started_at + 30.0)
+    finally:
+        store.close()
