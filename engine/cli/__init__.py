@@ -88,8 +88,8 @@ def entry() -> None:
     exception `main` does not map to a message propagates as it would without this.
 
     The garbage collector is off until the command's start-up is over (see
-    `common.start_up_done`); what start-up froze is unfrozen for an ordinary exit, whose
-    teardown then finalizes it (a step module's unclosed file is flushed)."""
+    `common.start_up_done`); what start-up froze is unfrozen for an ordinary exit, so its
+    teardown finalizes what it would without the freeze."""
     gc.disable()
     common.collector_held = True
     try:

@@ -383,10 +383,11 @@ class Queues:
         a delayed run, a back-off, a lease expiry), or the end of a rate window of a limited
         queue with due runs. A run due by `after` that the claim missed gives `after`
         itself (claim again): among the first MISSED_LOOK due runs in claim order, one in a
-        queue neither paused nor limited, or a lease to recover - on PostgreSQL, a run some transaction held locked while the claim looked
-        (SKIP LOCKED passed it by) and then let go without taking it, or a run committed
-        after the claim's snapshot. Runs due but held back by a full queue or key are not
-        counted: only a release or a finished run frees them, and those NOTIFY."""
+        queue neither paused nor limited, or a lease to recover - on PostgreSQL, a run some
+        transaction held locked while the claim looked (SKIP LOCKED passed it by) and then
+        let go without taking it, or a run committed after the claim's snapshot. Runs due
+        but held back by a full queue or key are not counted: only a release or a finished
+        run frees them, and those NOTIFY."""
         soonest = select(func.min(t.runs.c.next_at)).where(t.runs.c.next_at > after)
         held_back = select(t.queues.c.name).where(
             sa.or_(
@@ -524,8 +525,8 @@ def _claim_fresh_statement(by_queue: bool) -> sa.Select[Any]:
     array) locked; its queue's row locked FOR SHARE; then the time read (`base` plus the
     wait since the statement began: `stamp`), and the candidate leased for `lease_seconds`
     and its first step begun at that time, only if it is a queued run never started, not
-    past its TTL then, in a queue neither paused nor limited (or without a row). One row: how many
-    candidates were found (`dy_found`, 0 or 1), and the run as leased or NULLs."""
+    past its TTL then, in a queue neither paused nor limited (or without a row). One row:
+    how many candidates were found (`dy_found`, 0 or 1), and the run as leased or NULLs."""
     from sqlalchemy.dialects.postgresql import ARRAY
 
     r = t.runs.c
@@ -542,8 +543,9 @@ def _claim_fresh_statement(by_queue: bool) -> sa.Select[Any]:
         .cte("queue_row")
     )
     # the clock read once the queue's row is locked (an aggregate over its locked rows reads
-    # it after fetching all of them): the store's time at the statement's start (`base`:
-    # the store's clock may be a virtual one) plus what the server's clock says passed since
+    # it after fetching all of them): the store's time read just before the statement was
+    # sent (`base`: the store's clock may be a virtual one) plus what the server's clock
+    # says passed since the statement began
     waited = sa.func.extract("epoch", sa.func.clock_timestamp()) - sa.func.extract(
         "epoch", sa.func.statement_timestamp()
     )

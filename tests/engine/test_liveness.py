@@ -29,7 +29,7 @@ from engine.store.workers import lease_owner
 from engine.worker import Worker
 from tests.conftest import cli
 
-NOW = 2_147_155_200.0  # 2038-01-15T08:00:00Z: ahead of the real clock (claims stamp the later of the two)
+NOW = 2_147_155_200.0  # 2038-01-15T08:00:00Z: ahead of the real clock (claims stamp the later)
 GATE = threading.Event()  # the `liveness.hold` step runs until this is set
 
 

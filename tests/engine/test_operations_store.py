@@ -15,7 +15,7 @@ from engine.models import Lease, NewRun, QueueLimits, RunFilter, RunStatus, Work
 from engine.pauses import pause_at
 from engine.store import SqlStore, open_store
 
-NOW = 2_147_155_200.0  # 2038-01-15T08:00:00Z: ahead of the real clock (claims stamp the later of the two)
+NOW = 2_147_155_200.0  # 2038-01-15T08:00:00Z: ahead of the real clock (claims stamp the later)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from engine.store import SqlStore, open_store
 from engine.store import schema as t
 from engine.store.workers import pid_namespace
 
-NOW = 2_147_155_200.0  # 2038-01-15T08:00:00Z: ahead of the real clock (claims stamp the later of the two)
+NOW = 2_147_155_200.0  # 2038-01-15T08:00:00Z: ahead of the real clock (claims stamp the later)
 HOST = socket.gethostname()
 
 
