@@ -148,9 +148,10 @@ def side(script: str, *args: str) -> float | None:
 
 def side_fresh(script: str, count: int, *args: str) -> float | None:
     """A competitor's rate timed as a `durable-yaml worker` is timed: its backlog made by
-    one process (`enqueue`), then a fresh process (`consume`) from its spawn to the end
-    it prints, so its interpreter's start and imports are included as ours are."""
-    if _side_line(script, *args, "enqueue") is None:
+    one process (`enqueue`, which prints nothing), then a fresh process (`consume`) from
+    its spawn to the end it prints, so its interpreter's start and imports are included as
+    ours are."""
+    if _run_side(script, *args, "enqueue") is None:
         return None
     started = time.time()
     ended = _side_line(script, *args, "consume")
@@ -158,6 +159,19 @@ def side_fresh(script: str, count: int, *args: str) -> float | None:
 
 
 def _side_line(script: str, *args: str) -> str | None:
+    """The last line a competitor's script printed; None if it failed or printed none."""
+    out = _run_side(script, *args)
+    if out is None:
+        return None
+    lines = out.strip().splitlines()
+    if not lines:
+        print(f"  {script} printed nothing")
+        return None
+    return lines[-1]
+
+
+def _run_side(script: str, *args: str) -> str | None:
+    """A competitor's script's output; None (its error shown) if it failed."""
     out = subprocess.run(
         [sys.executable, str(ROOT / "bench" / script), *args],
         capture_output=True,
@@ -167,8 +181,7 @@ def _side_line(script: str, *args: str) -> str | None:
     if out.returncode != 0:
         print(f"  {script} failed:", (out.stderr.strip().splitlines() or ["?"])[-1])
         return None
-    lines = out.stdout.strip().splitlines()
-    return lines[-1] if lines else ""
+    return out.stdout
 
 
 def pg_plain(url: str) -> str:

@@ -469,7 +469,8 @@ class Db:
         """`statement` (compiled once: `direct`, or `direct_query` with `query`, whose rows
         come back as dicts) as a whole transaction of its own; the rows it returns. `late`
         fills `params` in once the connection is held, just before the statement is sent
-        (a time stamped as late as it can be: not before a wait for the pool).
+        (a time stamped after any wait for the pool; it must not query: a second
+        connection then could wait for the one held).
         PostgreSQL runs it in the driver's autocommit on a pooled connection:
         atomic and durable, without BEGIN and COMMIT round trips, and without SQLAlchemy's
         isolation-level switch and reset around it (issue #15: a worker's common step).

@@ -156,11 +156,11 @@ class Queues:
         (FOR UPDATE SKIP LOCKED), then its queue's row FOR SHARE, read under that lock, as
         the full look reads it: a pause or new limits committed first are seen, one committed
         later waits for this statement's end. Stamped, as the full look stamps, with the time
-        at which it holds those locks (`max(now, store's clock)` read once its connection is
-        held, plus how long the server's clock says the statement waited): its lease, its
-        start and its TTL's check, however long it waited for a connection (found by the
-        reviewer helper: read before, a wait for the pool went uncounted) or for the
-        queue's row.
+        at which it holds those locks (`max(now, store's clock)`, plus the wait for a pooled
+        connection, plus how long the server's clock says the statement waited): its lease,
+        its start and its TTL's check, however long it waited for a connection (found by
+        the reviewer helper: uncounted, a wait for the pool started a run past its TTL) or
+        for the queue's row.
         ([run], False) taken; ([], True) no candidate at all, as the full look would find;
         None: the first candidate needs the full look (nothing was written, its locks went
         with the statement)."""
@@ -177,8 +177,12 @@ class Queues:
             params["queues"] = list(queues)
         statement = _claim_fresh_statement(bool(queues))
 
-        def stamp(p: dict[str, Any]) -> None:  # (after any wait for the pool)
-            p["base"] = max(now, self.db.now())
+        # the store's time now, plus the wait for a pooled connection once one is held
+        # (measured on this host's monotonic clock: no query, with the connection held)
+        base, asked = max(now, self.db.now()), time.monotonic()
+
+        def stamp(p: dict[str, Any]) -> None:
+            p["base"] = base + (time.monotonic() - asked)
 
         (row,) = self.db.alone(statement, tuple(params), params, query=True, late=stamp)
         if row["id"] is not None:
@@ -389,13 +393,7 @@ class Queues:
         but held back by a full queue or key are not counted: only a release or a finished
         run frees them, and those NOTIFY."""
         soonest = select(func.min(t.runs.c.next_at)).where(t.runs.c.next_at > after)
-        held_back = select(t.queues.c.name).where(
-            sa.or_(
-                t.queues.c.paused,
-                t.queues.c.concurrency.isnot(None),
-                t.queues.c.rate_limit.isnot(None),
-            )
-        )
+        held_back = select(t.queues.c.name).where(_holds_back(t.queues.c))
         # the first due rows in claim order (the claim index: a bounded read however many
         # runs are held back), of which one not held back
         due = select(t.runs.c.status, t.runs.c.queue).where(t.runs.c.next_at <= after)
@@ -543,9 +541,9 @@ def _claim_fresh_statement(by_queue: bool) -> sa.Select[Any]:
         .cte("queue_row")
     )
     # the clock read once the queue's row is locked (an aggregate over its locked rows reads
-    # it after fetching all of them): the store's time read just before the statement was
-    # sent (`base`: the store's clock may be a virtual one) plus what the server's clock
-    # says passed since the statement began
+    # it after fetching all of them): the store's time as the statement was sent (`base`:
+    # the store's clock may be a virtual one) plus what the server's clock says passed
+    # since the statement began
     waited = sa.func.extract("epoch", sa.func.clock_timestamp()) - sa.func.extract(
         "epoch", sa.func.statement_timestamp()
     )
@@ -557,13 +555,7 @@ def _claim_fresh_statement(by_queue: bool) -> sa.Select[Any]:
         .select_from(queue_row)
         .cte("stamp")
     )
-    held_back = select(queue_row.c.paused).where(
-        sa.or_(
-            queue_row.c.paused,
-            queue_row.c.concurrency.isnot(None),
-            queue_row.c.rate_limit.isnot(None),
-        )
-    )
+    held_back = select(queue_row.c.paused).where(_holds_back(queue_row.c))
     at = sa.cast(stamp.c.at, sa.Float)
     expires = at + sa.bindparam("lease_seconds", type_=sa.Float)
     taken = (
@@ -651,6 +643,12 @@ _SHARED_ONE = (
     .where(t.queues.c.name == sa.bindparam("name"))
     .with_for_update(read=True)
 )
+
+
+def _holds_back(queue: Any) -> Any:
+    """SQL: a queue row (its columns `queue`) that holds its queued runs back: paused or
+    limited."""
+    return sa.or_(queue.paused, queue.concurrency.isnot(None), queue.rate_limit.isnot(None))
 
 
 def _has_limits(row: Any) -> bool:
